@@ -24,6 +24,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0  # already set up for this pyproject.toml
 fi
 
+# pip 23's resolver backtracks for minutes over boto3/botocore pairs; a current pip takes seconds.
+"${PIP[@]}" install --upgrade "pip>=25"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     echo "==> installing $TORCH_SPEC"
     "${PIP[@]}" install "$TORCH_SPEC"

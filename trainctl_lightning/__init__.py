@@ -1,0 +1,43 @@
+"""trainctl-lightning: train PyTorch Lightning models on remote GPUs from your own script.
+
+Never lose a checkpoint (:class:`CheckpointSync`, :func:`resume_path`), never leak an instance.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("trainctl-lightning")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+from trainctl_lightning.checkpoint.resume import resume_path
+from trainctl_lightning.checkpoint.sync import CheckpointSync
+from trainctl_lightning.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    ConflictError,
+    IntegrityError,
+    StoreError,
+    TrainctlError,
+    UploadError,
+)
+from trainctl_lightning.manifest import CheckpointManifest, FileEntry
+from trainctl_lightning.store import RunStore
+
+__all__ = [
+    "CheckpointManifest",
+    "CheckpointNotFoundError",
+    "CheckpointSync",
+    "ConfigError",
+    "ConflictError",
+    "FileEntry",
+    "IntegrityError",
+    "RunStore",
+    "StoreError",
+    "TrainctlError",
+    "UploadError",
+    "__version__",
+    "resume_path",
+]

@@ -1,0 +1,352 @@
+"""Background publishing of checkpoint files to the run store.
+
+The publisher owns a few worker threads. Each job is one checkpoint file that is already
+complete on local disk (in a private staging name that nothing else writes, deletes or
+replaces), and is published with :meth:`RunStore.publish_checkpoint`: data first, manifest
+last. Around that it keeps the remote side a mirror of what ``ModelCheckpoint`` keeps locally:
+
+* a file that is saved again under the same local path (``last.ckpt``) supersedes its earlier
+  version: a queued older version is skipped, a published one is deleted once the new one is
+  published;
+* a file that ``ModelCheckpoint`` rotates away (top-k) is skipped if its upload has not
+  started, and deleted remotely only after every checkpoint saved before the rotation was
+  published (so the store never holds fewer good checkpoints than before);
+* ``keep_last`` trims the store to the newest N complete checkpoints.
+
+Failures never stop training: a transient one is retried in the background, a permanent one
+is logged at ERROR at once and reported again, with every name, when the run flushes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fsspec.callbacks import Callback
+
+from trainctl_lightning.errors import TrainctlError
+from trainctl_lightning.manifest import CheckpointManifest
+from trainctl_lightning.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    UPLOADING = "uploading"
+    PUBLISHED = "published"
+    SKIPPED = "skipped"  # superseded or rotated away before its upload started
+    FAILED = "failed"
+
+    def is_terminal(self) -> bool:
+        return self in (JobState.PUBLISHED, JobState.SKIPPED, JobState.FAILED)
+
+
+@dataclass
+class PublishJob:
+    """One checkpoint file waiting to be published."""
+
+    seq: int
+    """Order in which the save happened (monotonic per publisher)."""
+    local_path: str
+    """Where ModelCheckpoint sees the file (may be replaced or removed while we upload)."""
+    staged_path: str
+    """Our private hard link to the same content; deleted once the job ends."""
+    meta: dict[str, Any]
+    """Manifest fields: epoch, global_step, created_at, monitor, monitor_value, metrics."""
+    size: int = 0
+    uploaded: int = 0
+    state: JobState = JobState.QUEUED
+    error: str | None = None
+    manifest: CheckpointManifest | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.local_path)
+
+
+class _Progress(Callback):
+    def __init__(self, job: PublishJob) -> None:
+        super().__init__()
+        self.job = job
+
+    def relative_update(self, inc: int = 1) -> None:
+        self.job.uploaded += inc
+
+    def call(self, *args: Any, **kwargs: Any) -> None:  # absolute updates from some backends
+        self.job.uploaded = max(self.job.uploaded, int(self.value or 0))
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    """What a flush left behind: empty lists mean everything saved was published."""
+
+    published: list[str]
+    failed: list[str]
+    unfinished: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.unfinished
+
+    def describe(self) -> str:
+        parts = []
+        if self.failed:
+            parts.append(f"failed: {', '.join(self.failed)}")
+        if self.unfinished:
+            parts.append(f"still uploading when the wait ended: {', '.join(self.unfinished)}")
+        return "; ".join(parts)
+
+
+class Publisher:
+    """Publishes staged checkpoint files in the background.
+
+    Args:
+        store: where to publish.
+        workers: checkpoints uploaded at once (each also uses the store's multipart concurrency).
+        mirror_deletes: delete remote copies of checkpoints ModelCheckpoint rotates away or
+            saves over, once their replacements are published.
+        keep_last: keep at most this many newest complete checkpoints in the store.
+        keep_local: keep local files after they are published; when False a local file is
+            deleted once published, unless a newer save replaced it meanwhile.
+        session: short id of this writer, recorded in manifests.
+    """
+
+    def __init__(
+        self,
+        store: RunStore,
+        *,
+        workers: int = 2,
+        mirror_deletes: bool = True,
+        keep_last: int | None = None,
+        keep_local: bool = True,
+        session: str = "",
+    ) -> None:
+        self.store = store
+        self.mirror_deletes = mirror_deletes
+        self.keep_last = keep_last
+        self.keep_local = keep_local
+        self.session = session
+        self._lock = threading.RLock()
+        self._queue: queue.Queue[PublishJob | None] = queue.Queue()
+        self._jobs: list[PublishJob] = []
+        self._published: dict[str, list[CheckpointManifest]] = {}  # local path -> this session's versions
+        self._pending_removals: list[tuple[str, int]] = []  # (local path, last seq saved before it)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"trainctl-publish-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # ----------------------------------------------------------- producer side
+    def submit(self, job: PublishJob) -> None:
+        with self._lock:
+            job.size = os.path.getsize(job.staged_path)
+            for other in self._jobs:
+                if other.local_path == job.local_path and other.state is JobState.QUEUED:
+                    other.state = JobState.SKIPPED
+                    other.error = f"superseded by a newer save of {job.name}"
+            self._jobs.append(job)
+        self._queue.put(job)
+
+    def local_removed(self, local_path: str, after_seq: int) -> None:
+        """ModelCheckpoint removed ``local_path``; mirror that once it is safe."""
+        with self._lock:
+            for job in self._jobs:
+                if job.local_path == local_path and job.state is JobState.QUEUED:
+                    job.state = JobState.SKIPPED
+                    job.error = "rotated away by ModelCheckpoint before its upload started"
+            if self.mirror_deletes:
+                self._pending_removals.append((local_path, after_seq))
+        self._run_removals()
+
+    # ---------------------------------------------------------------- workers
+    def _worker(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            try:
+                self._process(job)
+            except BaseException as exc:  # a bug here must not silently kill the worker
+                log.exception("trainctl publisher: unexpected error on %s", job.name)
+                self._finish(job, JobState.FAILED, f"{type(exc).__name__}: {exc}")
+
+    def _process(self, job: PublishJob) -> None:
+        with self._lock:
+            skipped = job.state is JobState.SKIPPED
+            if not skipped:
+                job.state = JobState.UPLOADING
+        if skipped:
+            self._finish(job, JobState.SKIPPED, job.error)
+            return
+        meta = job.meta
+        try:
+            manifest = self.store.publish_checkpoint(
+                [(job.staged_path, job.name)],
+                name=job.name,
+                epoch=meta.get("epoch"),
+                global_step=meta.get("global_step"),
+                created_at=meta.get("created_at"),
+                monitor=meta.get("monitor"),
+                monitor_value=meta.get("monitor_value"),
+                metrics=meta.get("metrics"),
+                source={"local_path": job.local_path, "session": self.session},
+                callback=_Progress(job),
+                stop=self._stop,
+                verify_unchanged=False,  # staged files are private: nothing else can write them
+            )
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("trainctl: could not publish checkpoint %s to %s: %s", job.name, self.store.url, reason)
+            self._finish(job, JobState.FAILED, reason)
+            return
+        job.manifest = manifest
+        log.info("trainctl: published %s as %s", job.name, self.store.url_of("checkpoints", manifest.id))
+        with self._lock:
+            replaced = self._published.get(job.local_path, [])
+            self._published[job.local_path] = [manifest]
+        if self.mirror_deletes:
+            for old in replaced:
+                self._delete(old, why=f"{job.name} was saved again")
+        if not self.keep_local:
+            self._drop_local(job)
+        self._finish(job, JobState.PUBLISHED, None)
+        self._apply_retention()
+
+    def _finish(self, job: PublishJob, state: JobState, error: str | None) -> None:
+        try:
+            os.unlink(job.staged_path)
+        except FileNotFoundError:
+            pass
+        with self._lock:
+            job.state = state
+            job.error = error
+            job.done.set()
+        self._run_removals()
+
+    def _drop_local(self, job: PublishJob) -> None:
+        try:
+            same = os.path.samefile(job.local_path, job.staged_path)
+        except FileNotFoundError:
+            return
+        if same:  # not replaced by a newer save meanwhile
+            os.unlink(job.local_path)
+
+    def _run_removals(self) -> None:
+        to_delete: list[tuple[str, CheckpointManifest]] = []
+        with self._lock:
+            keep: list[tuple[str, int]] = []
+            for path, after_seq in self._pending_removals:
+                before = [j for j in self._jobs if j.seq <= after_seq and j.local_path != path]
+                own = [j for j in self._jobs if j.local_path == path]
+                if not all(j.state.is_terminal() for j in before + own):
+                    keep.append((path, after_seq))
+                    continue
+                if any(j.state is JobState.FAILED for j in before):
+                    log.warning(
+                        "trainctl: keeping the remote copy of %s, which ModelCheckpoint rotated away, "
+                        "because a checkpoint saved before that was not published",
+                        os.path.basename(path),
+                    )
+                    continue
+                for manifest in self._published.pop(path, []):
+                    to_delete.append((path, manifest))
+            self._pending_removals = keep
+        for path, manifest in to_delete:
+            self._delete(manifest, why=f"ModelCheckpoint removed {os.path.basename(path)}")
+
+    def _apply_retention(self) -> None:
+        if not self.keep_last:
+            return
+        try:
+            complete = self.store.list_checkpoints()
+        except TrainctlError as exc:
+            log.warning("trainctl: keep_last: cannot list %s: %s", self.store.url, exc)
+            return
+        for manifest in complete[: max(0, len(complete) - self.keep_last)]:
+            self._delete(manifest, why=f"keep_last={self.keep_last}")
+
+    def _delete(self, manifest: CheckpointManifest, why: str) -> None:
+        try:
+            self.store.delete_checkpoint(manifest)
+            log.info("trainctl: deleted remote checkpoint %s (%s)", manifest.id, why)
+        except Exception as exc:
+            log.error("trainctl: could not delete remote checkpoint %s (%s): %s", manifest.id, why, exc)
+
+    # ------------------------------------------------------------------ flush
+    def pending(self) -> list[PublishJob]:
+        with self._lock:
+            return [j for j in self._jobs if not j.state.is_terminal()]
+
+    def wait(self, timeout: float | None = None, progress: bool = True) -> FlushResult:
+        """Wait for every submitted job to end, for at most ``timeout`` seconds.
+
+        When time runs out, retries in progress are abandoned and the unfinished jobs are
+        reported. The jobs' outcomes are reported once: a later wait only covers newer jobs.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = self.pending()
+        if pending and progress:
+            _show_progress(self, pending, deadline, self.store.url)
+        for job in pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job.done.wait(left)
+        with self._lock:
+            jobs, self._jobs = self._jobs, [j for j in self._jobs if not j.state.is_terminal()]
+        self._run_removals()
+        return FlushResult(
+            published=[j.name for j in jobs if j.state is JobState.PUBLISHED],
+            failed=[f"{j.name} ({j.error})" for j in jobs if j.state is JobState.FAILED],
+            unfinished=[j.name for j in jobs if not j.state.is_terminal()],
+        )
+
+    def close(self, timeout: float | None = None) -> FlushResult:
+        """Flush, then stop the workers; abandoned uploads are reported as unfinished."""
+        result = self.wait(timeout)
+        self._stop.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+        return result
+
+
+def _show_progress(publisher: Publisher, jobs: list[PublishJob], deadline: float | None, url: str) -> None:
+    """A rich progress bar over the bytes still to go up, until done or the deadline."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = sum(j.size for j in jobs)
+    log.info("trainctl: waiting for %d checkpoint upload(s) (%.1f MB) to %s", len(jobs), total / 1e6, url)
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]publishing {task.fields[n]} checkpoint(s)"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task("publish", total=total or 1, n=len(jobs))
+        while True:
+            left = [j for j in jobs if not j.state.is_terminal()]
+            done_bytes = sum(j.size if j.state.is_terminal() else min(j.uploaded, j.size) for j in jobs)
+            bar.update(task, completed=done_bytes, n=len(left))
+            if not left or (deadline is not None and time.monotonic() >= deadline):
+                return
+            left[0].done.wait(0.2)
+
+
+def staged_name(session: str, seq: int, name: str) -> str:
+    return f"{session}-{seq:06d}-{Path(name).name}"

@@ -1,0 +1,40 @@
+"""The one exception hierarchy of trainctl-lightning.
+
+Every error we raise on purpose derives from :class:`TrainctlError`, so a caller can catch
+everything of ours in one place. Each message says what was wrong, with the value, and what
+to do next, in one line.
+"""
+
+from __future__ import annotations
+
+
+class TrainctlError(Exception):
+    """Root of every error raised by trainctl-lightning."""
+
+
+class ConfigError(TrainctlError, ValueError):
+    """An argument or setting is invalid; nothing was created or changed."""
+
+
+class StoreError(TrainctlError):
+    """The run store cannot be reached or used (missing bucket, credentials, permissions)."""
+
+
+class CheckpointNotFoundError(StoreError, LookupError):
+    """No complete checkpoint matches what was asked for."""
+
+
+class IntegrityError(StoreError):
+    """A stored object does not match its manifest (corrupt, truncated or replaced)."""
+
+
+class ConflictError(StoreError):
+    """A create-only write found the object already there; nothing was overwritten."""
+
+
+class UploadError(TrainctlError):
+    """Checkpoints could not be published; the message names every one that did not make it."""
+
+    def __init__(self, message: str, failed: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.failed: list[str] = list(failed or [])
