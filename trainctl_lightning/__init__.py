@@ -12,8 +12,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
+from typing import TYPE_CHECKING, Any
+
 from trainctl_lightning.checkpoint.resume import resume_path
-from trainctl_lightning.checkpoint.sync import CheckpointSync
 from trainctl_lightning.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -25,6 +26,19 @@ from trainctl_lightning.errors import (
 )
 from trainctl_lightning.manifest import CheckpointManifest, FileEntry
 from trainctl_lightning.store import RunStore
+
+if TYPE_CHECKING:
+    from trainctl_lightning.checkpoint.sync import CheckpointSync
+
+
+def __getattr__(name: str) -> Any:
+    # Lightning takes seconds to import; the CLI and store tools should not pay for it.
+    if name == "CheckpointSync":
+        from trainctl_lightning.checkpoint.sync import CheckpointSync
+
+        return CheckpointSync
+    raise AttributeError(f"module 'trainctl_lightning' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointManifest",

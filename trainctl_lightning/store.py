@@ -44,6 +44,8 @@ from trainctl_lightning.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
+#: Set by the trainctl agent on an instance: the run's store URL, used when none is given.
+RUN_URL_ENV = "TRAINCTL_RUN_URL"
 CHECKPOINTS_DIR = "checkpoints"
 LocalFile = Union[str, "os.PathLike[str]", tuple[str, str]]
 _HASH_CHUNK = 8 * 2**20
@@ -200,7 +202,7 @@ class RunStore:
             epoch, global_step, monitor, monitor_value, metrics: recorded in the manifest.
             created_at: when the checkpoint was taken (defaults to now).
             source: informational fields (host, pid, local path).
-            checkpoint_id: reuse an id (only for retrying the same publish); default is a new one.
+            checkpoint_id: publish under this id instead of a fresh one; it must not exist yet.
             callback: fsspec callback told about bytes as they go up (progress display).
             stop: a ``threading.Event`` that aborts retries when set.
             verify_unchanged: hash each local file again after its upload and refuse to publish
@@ -219,6 +221,11 @@ class RunStore:
         name = name or Path(entries[0][1]).name
         ckpt_id = checkpoint_id or self.new_checkpoint_id(name, global_step)
         base = self.path(CHECKPOINTS_DIR, ckpt_id)
+        if checkpoint_id is not None and self.fs.exists(f"{base}/{MANIFEST_NAME}"):
+            # Generated ids are never reused; a caller-chosen one must not clobber data either.
+            raise ConflictError(
+                f"checkpoint {ckpt_id} already exists in {self.url}; it was not overwritten (use a new id)"
+            )
         try:
             manifest_files = self._upload_entries(entries, base, ckpt_id, callback, stop, verify_unchanged)
             manifest = CheckpointManifest(

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainctl_lightning.checkpoint.sync import RUN_URL_ENV
 from trainctl_lightning.errors import ConfigError
-from trainctl_lightning.store import RunStore
+from trainctl_lightning.store import RUN_URL_ENV, RunStore
 
 CACHE_ENV = "TRAINCTL_CACHE_DIR"
 

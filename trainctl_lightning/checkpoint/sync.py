@@ -17,13 +17,9 @@ from trainctl_lightning.checkpoint.publisher import Publisher
 from trainctl_lightning.errors import ConfigError, StoreError, TrainctlError, UploadError
 from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.retry import RetryPolicy
-from trainctl_lightning.store import RunStore, validate_url
+from trainctl_lightning.store import RUN_URL_ENV, RunStore, validate_url
 
 log = logging.getLogger(__name__)
-
-#: Set by the trainctl agent on an instance: the run's place in the store.
-RUN_URL_ENV = "TRAINCTL_RUN_URL"
-
 
 class CheckpointSync(Callback):
     r"""Upload every checkpoint Lightning saves to a run store, without stalling training.

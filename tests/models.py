@@ -1,0 +1,61 @@
+"""Tiny real Lightning models and scripts the tests train."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyRegressor(LightningModule):
+    """A linear model on a fixed random regression problem; trains in milliseconds per step."""
+
+    def __init__(self, width: int = 32, fail_at_step: int | None = None, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        if self.hparams.fail_at_step is not None and self.global_step == self.hparams.fail_at_step:
+            raise RuntimeError(f"boom at step {self.global_step}")
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+    def train_dataloader(self):
+        return _loader(seed=0)
+
+    def val_dataloader(self):
+        return _loader(seed=1)
+
+
+def _loader(seed: int, n: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def trainer_kwargs(**overrides):
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,104 @@
+"""``trainctl ckpt``: list, download, upload and verify a run's checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from trainctl_lightning.checkpoint import api
+from trainctl_lightning.cli.common import OutputOption, handle_errors
+from trainctl_lightning.cli.output import Format, emit_json, human_age, human_size, stdout, transfer_progress
+from trainctl_lightning.manifest import CheckpointManifest
+
+app = typer.Typer(help="List, download, upload and verify a run's checkpoints.", no_args_is_help=True)
+
+URL = typer.Argument(..., help="The run's store URL, e.g. s3://bucket/runs/exp1 or file:///data/runs/exp1.")
+REF = typer.Argument(None, help="Checkpoint id or name (e.g. last.ckpt); default: the latest.")
+
+
+def _summary(m: CheckpointManifest, **extra: object) -> dict[str, object]:
+    return {**m.to_dict(), "size": m.size, **extra}
+
+
+@app.command("ls")
+@handle_errors
+def ls(url: str = URL, output: Format = OutputOption) -> None:
+    """List the run's complete checkpoints, oldest first; the latest is marked *."""
+    found = api.list_checkpoints(url)
+    if output is Format.json:
+        emit_json({"url": url, "checkpoints": [_summary(m, latest=(m is found[-1])) for m in found]})
+        return
+    if not found:
+        stdout.print(f"no complete checkpoints in {url}")
+        return
+    table = Table(title=f"checkpoints in {url}", title_justify="left")
+    for col, justify in (("", "left"), ("ID", "left"), ("NAME", "left"), ("EPOCH", "right"), ("STEP", "right"),
+                         ("SIZE", "right"), ("MONITOR", "left"), ("TAKEN", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for m in found:
+        monitor = f"{m.monitor}={m.monitor_value:.4g}" if m.monitor and m.monitor_value is not None else ""
+        table.add_row(
+            "*" if m is found[-1] else "",
+            m.id,
+            m.name,
+            "" if m.epoch is None else str(m.epoch),
+            "" if m.global_step is None else str(m.global_step),
+            human_size(m.size),
+            monitor,
+            human_age(m.created),
+        )
+    stdout.print(table)
+
+
+@app.command("download")
+@handle_errors
+def download(
+    url: str = URL,
+    ref: Optional[str] = REF,
+    dest: Path = typer.Option(Path("."), "-o", "--dest", help="Directory to download into."),
+    output: Format = OutputOption,
+) -> None:
+    """Download a checkpoint (the latest by default), verifying every object's checksum."""
+    manifest = api.RunStore(url).get_checkpoint(ref)
+    with transfer_progress(f"downloading {manifest.name}", manifest.size, output) as cb:
+        _, path = api.download_checkpoint(url, manifest.id, dest, callback=cb)
+    if output is Format.json:
+        emit_json(_summary(manifest, local_path=str(path)))
+    else:
+        stdout.print(f"downloaded {manifest.id} ({human_size(manifest.size)}, verified) to {path}")
+
+
+@app.command("upload")
+@handle_errors
+def upload(
+    file: Path = typer.Argument(..., help="Local checkpoint file (or folder) to publish."),
+    url: str = URL,
+    name: Optional[str] = typer.Option(None, help="Name in the store (default: the file name)."),
+    step: Optional[int] = typer.Option(None, help="Global step to record (default: read from the file)."),
+    epoch: Optional[int] = typer.Option(None, help="Epoch to record (default: read from the file)."),
+    output: Format = OutputOption,
+) -> None:
+    """Publish a local checkpoint to the run: data first, then its manifest."""
+    size = sum(p.stat().st_size for p in ([file] if file.is_file() else file.rglob("*"))) if file.exists() else 0
+    with transfer_progress(f"uploading {file.name}", size, output) as cb:
+        manifest = api.upload_checkpoint(file, url, name=name, epoch=epoch, global_step=step, callback=cb)
+    if output is Format.json:
+        emit_json(_summary(manifest))
+    else:
+        stdout.print(f"published {file} as {manifest.id} ({human_size(manifest.size)}) in {url}")
+
+
+@app.command("verify")
+@handle_errors
+def verify(url: str = URL, ref: Optional[str] = REF, output: Format = OutputOption) -> None:
+    """Re-read a stored checkpoint (the latest by default) and check every object's checksum."""
+    manifest = api.RunStore(url).get_checkpoint(ref)
+    with transfer_progress(f"verifying {manifest.name}", manifest.size, output) as cb:
+        api.verify_checkpoint(url, manifest.id, callback=cb)
+    if output is Format.json:
+        emit_json(_summary(manifest, verified=True))
+    else:
+        stdout.print(f"ok: {manifest.id} ({len(manifest.files)} file(s), {human_size(manifest.size)}) matches its manifest")

@@ -1,0 +1,31 @@
+"""Pieces every CLI command shares: the --output option and turning our errors into one line."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, TypeVar
+
+import typer
+
+from trainctl_lightning.cli.output import Format, emit_json, stderr
+from trainctl_lightning.errors import TrainctlError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+OutputOption = typer.Option(Format.table, "--output", help="table for people, json for programs.", case_sensitive=False)
+
+
+def handle_errors(fn: F) -> F:
+    """Print a TrainctlError as one line (and as JSON in --output json) and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TrainctlError as exc:
+            if kwargs.get("output") is Format.json:
+                emit_json({"error": str(exc), "type": type(exc).__name__})
+            stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]

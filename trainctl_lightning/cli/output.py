@@ -1,0 +1,81 @@
+"""Rendering for the CLI: rich tables for people, one JSON document for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Iterator
+
+from fsspec.callbacks import Callback
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def human_size(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_age(when: datetime) -> str:
+    seconds = max(0, int((datetime.now(timezone.utc) - when).total_seconds()))
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+class _RichCallback(Callback):
+    """fsspec progress callback that drives one rich progress task."""
+
+    def __init__(self, progress: Progress, task: Any) -> None:
+        super().__init__()
+        self.progress = progress
+        self.task = task
+
+    def set_size(self, size: int) -> None:
+        pass  # the task's total is known up front from the manifest
+
+    def relative_update(self, inc: int = 1) -> None:
+        self.progress.advance(self.task, inc)
+
+    def absolute_update(self, value: int) -> None:
+        self.progress.update(self.task, completed=value)
+
+
+@contextmanager
+def transfer_progress(description: str, total: int, fmt: Format) -> Iterator[Callback | None]:
+    """A byte progress bar on stderr for long transfers (only on a terminal, never in JSON mode)."""
+    if fmt is Format.json or not stderr.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total or None)
+        yield _RichCallback(progress, task)
