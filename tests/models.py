@@ -10,10 +10,12 @@ from torch.utils.data import DataLoader, TensorDataset
 class TinyRegressor(LightningModule):
     """A linear model on a fixed random regression problem; trains in milliseconds per step."""
 
-    def __init__(self, width: int = 32, fail_at_step: int | None = None, lr: float = 0.05) -> None:
+    def __init__(self, width: int = 32, fail_at_step: int | None = None, lr: float = 0.05, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+        with torch.random.fork_rng():  # same initial weights every run, global RNG untouched
+            torch.manual_seed(seed)
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -138,7 +138,8 @@ class Publisher:
         self._lock = threading.RLock()
         self._queue: queue.Queue[PublishJob | None] = queue.Queue()
         self._jobs: list[PublishJob] = []
-        self._published: dict[str, list[CheckpointManifest]] = {}  # local path -> this session's versions
+        # local path -> (seq, manifest) of the newest version this session published
+        self._published: dict[str, tuple[int, CheckpointManifest]] = {}
         self._pending_removals: list[tuple[str, int]] = []  # (local path, last seq saved before it)
         self._stop = threading.Event()
         self._threads = [
@@ -212,12 +213,16 @@ class Publisher:
             return
         job.manifest = manifest
         log.info("trainctl: published %s as %s", job.name, self.store.url_of("checkpoints", manifest.id))
+        # Uploads finish out of order: only the newest save of a local path stays remote.
         with self._lock:
-            replaced = self._published.get(job.local_path, [])
-            self._published[job.local_path] = [manifest]
-        if self.mirror_deletes:
-            for old in replaced:
-                self._delete(old, why=f"{job.name} was saved again")
+            current = self._published.get(job.local_path)
+            if current is None or current[0] < job.seq:
+                self._published[job.local_path] = (job.seq, manifest)
+                stale = current[1] if current else None
+            else:
+                stale = manifest
+        if self.mirror_deletes and stale is not None:
+            self._delete(stale, why=f"{job.name} was saved again")
         if not self.keep_local:
             self._drop_local(job)
         self._finish(job, JobState.PUBLISHED, None)
@@ -259,8 +264,9 @@ class Publisher:
                         os.path.basename(path),
                     )
                     continue
-                for manifest in self._published.pop(path, []):
-                    to_delete.append((path, manifest))
+                published = self._published.pop(path, None)
+                if published is not None:
+                    to_delete.append((path, published[1]))
             self._pending_removals = keep
         for path, manifest in to_delete:
             self._delete(manifest, why=f"ModelCheckpoint removed {os.path.basename(path)}")
