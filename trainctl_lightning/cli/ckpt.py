@@ -35,9 +35,13 @@ def ls(url: str = URL, output: Format = OutputOption) -> None:
         stdout.print(f"no complete checkpoints in {url}")
         return
     table = Table(title=f"checkpoints in {url}", title_justify="left")
-    for col, justify in (("", "left"), ("ID", "left"), ("NAME", "left"), ("EPOCH", "right"), ("STEP", "right"),
-                         ("SIZE", "right"), ("MONITOR", "left"), ("TAKEN", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_column("")
+    table.add_column("ID", overflow="fold")
+    table.add_column("NAME", overflow="fold")
+    for col in ("EPOCH", "STEP", "SIZE"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("MONITOR", overflow="fold")
+    table.add_column("TAKEN", justify="right", no_wrap=True)
     for m in found:
         monitor = f"{m.monitor}={m.monitor_value:.4g}" if m.monitor and m.monitor_value is not None else ""
         table.add_row(
