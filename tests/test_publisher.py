@@ -1,0 +1,123 @@
+"""Rotation and replacement while uploads are in flight, driven through the publisher directly."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from trainctl_lightning import RunStore
+from trainctl_lightning.checkpoint.publisher import JobState, Publisher, PublishJob
+from trainctl_lightning.manifest import utc_now
+
+
+class GatedStore(RunStore):
+    """A real store whose uploads of chosen files wait for a gate, and which records what it
+    could see whenever it deleted something."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.gates: dict[str, threading.Event] = {}
+        self.started: dict[str, threading.Event] = {}
+        self.fail: set[str] = set()
+        self.seen_at_delete: list[tuple[str, list[str]]] = []
+
+    def _upload_file(self, local, remote, callback):
+        name = Path(remote).name
+        self.started.setdefault(name, threading.Event()).set()
+        if name in self.fail:
+            raise PermissionError(f"AccessDenied for {name}")
+        gate = self.gates.get(name)
+        if gate is not None:
+            assert gate.wait(30)
+        super()._upload_file(local, remote, callback)
+
+    def delete_checkpoint(self, manifest):
+        self.seen_at_delete.append((manifest.name, [m.name for m in self.list_checkpoints()]))
+        super().delete_checkpoint(manifest)
+
+
+_seq = iter(range(1, 10_000))
+
+
+def _job(tmp_path: Path, name: str, step: int) -> PublishJob:
+    visible = tmp_path / name
+    visible.write_bytes(os.urandom(4096))
+    staged = tmp_path / f".stage-{step}-{name}"
+    if staged.exists():
+        staged.unlink()
+    os.link(visible, staged)
+    return PublishJob(seq=next(_seq), local_path=str(visible), staged_path=str(staged),
+                      meta={"global_step": step, "created_at": utc_now()})
+
+
+@pytest.fixture
+def store(file_url):
+    return GatedStore(file_url)
+
+
+def test_rotated_away_mid_upload_is_published_whole_then_deleted_after_its_replacement(store, tmp_path):
+    store.gates["a.ckpt"] = threading.Event()
+    pub = Publisher(store, workers=2)
+    a, b = _job(tmp_path, "a.ckpt", 1), _job(tmp_path, "b.ckpt", 2)
+    pub.submit(a)
+    assert store.started.setdefault("a.ckpt", threading.Event()).wait(10)
+    pub.submit(b)
+    os.unlink(a.local_path)  # ModelCheckpoint rotates a.ckpt away while it is uploading
+    pub.local_removed(a.local_path, after_seq=b.seq)
+    store.gates["a.ckpt"].set()
+    result = pub.close(timeout=30)
+
+    assert a.state is JobState.PUBLISHED, "an upload in flight completes (all or nothing)"
+    assert result.ok
+    assert [m.name for m in store.list_checkpoints()] == ["b.ckpt"]
+    assert store.seen_at_delete == [("a.ckpt", ["a.ckpt", "b.ckpt"])], "deleted only once b was published"
+
+
+def test_rotated_away_before_upload_started_is_never_uploaded(store, tmp_path):
+    store.gates["a.ckpt"] = threading.Event()
+    pub = Publisher(store, workers=1)
+    a, b, c = _job(tmp_path, "a.ckpt", 1), _job(tmp_path, "b.ckpt", 2), _job(tmp_path, "c.ckpt", 3)
+    pub.submit(a)
+    pub.submit(b)  # queued behind a
+    pub.submit(c)
+    pub.local_removed(b.local_path, after_seq=c.seq)
+    store.gates["a.ckpt"].set()
+    pub.close(timeout=30)
+    assert b.state is JobState.SKIPPED
+    assert "b.ckpt" not in store.started, "no byte of b was sent"
+    assert [m.name for m in store.list_checkpoints()] == ["a.ckpt", "c.ckpt"]
+    assert not Path(b.staged_path).exists()
+
+
+def test_remote_copy_is_kept_when_its_replacement_fails(store, tmp_path):
+    pub = Publisher(store, workers=1)
+    a = _job(tmp_path, "a.ckpt", 1)
+    pub.submit(a)
+    assert a.done.wait(10)
+    store.fail.add("b.ckpt")
+    b = _job(tmp_path, "b.ckpt", 2)
+    pub.submit(b)
+    pub.local_removed(a.local_path, after_seq=b.seq)
+    result = pub.close(timeout=30)
+    assert [m.name for m in store.list_checkpoints()] == ["a.ckpt"], "the only good checkpoint survives"
+    assert result.failed and "b.ckpt" in result.failed[0] and "AccessDenied" in result.failed[0]
+
+
+def test_older_save_of_the_same_file_finishing_last_does_not_win(store, tmp_path):
+    gate = threading.Event()
+    store.gates["last.ckpt"] = gate
+    pub = Publisher(store, workers=2)
+    old = _job(tmp_path, "last.ckpt", 1)
+    pub.submit(old)
+    assert store.started.setdefault("last.ckpt", threading.Event()).wait(10)
+    del store.gates["last.ckpt"]  # the newer save of last.ckpt uploads at once...
+    new = _job(tmp_path, "last.ckpt", 2)
+    pub.submit(new)
+    assert new.done.wait(10) and new.state is JobState.PUBLISHED
+    gate.set()  # ...and the older one finishes after it
+    pub.close(timeout=30)
+    assert old.state is JobState.PUBLISHED
+    assert [(m.name, m.global_step) for m in store.list_checkpoints()] == [("last.ckpt", 2)]
