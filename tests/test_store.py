@@ -300,3 +300,33 @@ def test_throttling_and_5xx_client_errors_are_transient():
     wrapped = OSError("wrapped")
     wrapped.__cause__ = NoCredentialsError()
     assert not is_transient(wrapped)
+
+
+# ------------------------------------------------------------------ resume_path
+def test_resume_path_returns_none_then_the_newest_verified_checkpoint(store_url, tmp_path):
+    from trainctl_lightning import resume_path
+
+    assert resume_path(store_url, cache_dir=tmp_path / "cache") is None
+    store = RunStore(store_url)
+    store.publish_checkpoint([_ckpt_file(tmp_path, "a.ckpt")], global_step=1)
+    newest = store.publish_checkpoint([_ckpt_file(tmp_path, "b.ckpt", seed=2)], global_step=2)
+    path = resume_path(store_url, cache_dir=tmp_path / "cache")
+    assert path.endswith(f"{newest.id}/b.ckpt")
+    assert open(path, "rb").read() == (tmp_path / "b.ckpt").read_bytes()
+    # cached: a second call with the file in place downloads nothing (delete the store copy to prove it)
+    store.fs.rm_file(store.path("checkpoints", newest.id, "b.ckpt"))
+    assert resume_path(store_url, cache_dir=tmp_path / "cache") == path
+
+
+def test_resume_path_skips_a_corrupt_newest_checkpoint_loudly(store_url, tmp_path, caplog):
+    from trainctl_lightning import resume_path
+
+    store = RunStore(store_url)
+    older = store.publish_checkpoint([_ckpt_file(tmp_path, "a.ckpt")], global_step=1)
+    newest = store.publish_checkpoint([_ckpt_file(tmp_path, "b.ckpt", seed=2)], global_step=2)
+    _put(store, store.path("checkpoints", newest.id, "b.ckpt"), b"garbage")
+    path = resume_path(store_url, cache_dir=tmp_path / "cache")
+    assert path.endswith(f"{older.id}/a.ckpt")
+    assert f"not resuming from {newest.id}" in caplog.text
+    with pytest.raises(IntegrityError, match="b.ckpt is 7 bytes"):
+        resume_path(store_url, cache_dir=tmp_path / "cache2", fallback=False)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.errors import ConfigError, IntegrityError
 from trainctl_lightning.store import RUN_URL_ENV, RunStore
 
 CACHE_ENV = "TRAINCTL_CACHE_DIR"
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -26,6 +28,7 @@ def resume_path(
     *,
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    fallback: bool = True,
 ) -> str | None:
     """Download the run's newest complete checkpoint (verified) and return its local path.
 
@@ -38,9 +41,13 @@ def resume_path(
         storage_options: fsspec options (credentials, endpoint).
         cache_dir: where downloads are kept (default: ``~/.cache/trainctl``); a checkpoint
             already there with the right checksum is not downloaded again.
+        fallback: when the newest checkpoint fails verification, log an error naming it and
+            use the next older one that verifies (an unattended restart should not die on one
+            bad object); with ``False``, raise instead.
 
     Raises:
-        IntegrityError: the newest checkpoint's objects do not match its manifest.
+        IntegrityError: no published checkpoint verifies (or the newest does not, without
+            ``fallback``).
         StoreError: the store cannot be read.
 
     Example::
@@ -51,9 +58,16 @@ def resume_path(
     if not url:
         raise ConfigError(f"resume_path() needs the run's store URL, or ${RUN_URL_ENV} set")
     store = RunStore(url, storage_options)
-    latest = store.latest_checkpoint()
-    if latest is None:
+    candidates = store.list_checkpoints()[::-1]
+    if not candidates:
         return None
     run_key = hashlib.sha256(store.url.encode()).hexdigest()[:16]
-    dest = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return str(store.download_checkpoint(latest, dest / "checkpoints" / run_key / latest.id))
+    dest = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "checkpoints" / run_key
+    for manifest in candidates:
+        try:
+            return str(store.download_checkpoint(manifest, dest / manifest.id))
+        except IntegrityError as exc:
+            if not fallback or manifest is candidates[-1]:
+                raise
+            log.error("trainctl: not resuming from %s: %s; trying the next older checkpoint", manifest.id, exc)
+    raise AssertionError("unreachable")  # the loop returns or raises
