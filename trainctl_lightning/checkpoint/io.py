@@ -57,6 +57,7 @@ class _Save:
     path: str
     storage_options: Any
     meta: dict[str, Any]
+    written: threading.Event
 
 
 @dataclass
@@ -104,6 +105,8 @@ class SnapshotCheckpointIO(CheckpointIO):
         self.flush_timeout = flush_timeout
         self.active = False
         """True while a fit runs; outside one, a save is written and published before it returns."""
+        self.raise_outside_fit = True
+        """Whether such a save raises UploadError when it cannot be published (else: logged)."""
         self._new_publisher = publisher
         self.publisher: Publisher | None = None
         self._slots = threading.BoundedSemaphore(max_pending_snapshots)
@@ -112,7 +115,8 @@ class SnapshotCheckpointIO(CheckpointIO):
         self._start_lock = threading.Lock()
         self._seq = 0
         self._error: BaseException | None = None
-        self._written: dict[str, threading.Event] = {}
+        self._written: dict[str, threading.Event] = {}  # path -> its newest save's "on disk" event
+        self._written_lock = threading.Lock()
         self._cleaned_dirs: set[str] = set()
         self._started_at = time.time()
         self.snapshot_wait_s = 0.0
@@ -155,8 +159,10 @@ class SnapshotCheckpointIO(CheckpointIO):
             self._slots.release()
             raise
         self._seq += 1
-        self._written[path] = threading.Event()
-        self._ops.put(_Save(self._seq, snapshot, path, storage_options, meta))
+        written = threading.Event()
+        with self._written_lock:
+            self._written[path] = written
+        self._ops.put(_Save(self._seq, snapshot, path, storage_options, meta, written))
         if not self.active:
             self._flush_or_raise()
 
@@ -168,7 +174,8 @@ class SnapshotCheckpointIO(CheckpointIO):
             self._flush_or_raise()
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
-        pending = self._written.get(_local_path(path))
+        with self._written_lock:
+            pending = self._written.get(_local_path(path))
         if pending is not None:
             pending.wait()  # a checkpoint we are still writing: read it once it is complete
         kwargs = {} if weights_only is None else {"weights_only": weights_only}
@@ -180,13 +187,21 @@ class SnapshotCheckpointIO(CheckpointIO):
         Never raises, so Lightning's own teardown always completes; the outcome is kept in
         :attr:`last_flush` and logged at ERROR when anything did not make it.
         """
+        self.active = False
         self.flush()
         self.inner.teardown()
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Write and publish everything queued, waiting at most ``timeout`` (default
-        ``flush_timeout``) seconds; then stop the background threads."""
+        ``flush_timeout``) seconds; then stop the background threads.
+
+        Returns what this flush saw; :attr:`last_flush` accumulates every flush since
+        :meth:`start_fit`, so a later, empty flush (Lightning tears down twice when a fit
+        fails at its very end) cannot hide earlier failures.
+        """
         timeout = self.flush_timeout if timeout is None else timeout
+        if self._writer is None and self.publisher is None:
+            return FlushResult([], [], [])
         write_failures: list[str] = []
         if self._writer is not None:
             done = threading.Event()
@@ -209,14 +224,19 @@ class SnapshotCheckpointIO(CheckpointIO):
             except OSError:
                 pass
         self._cleaned_dirs.clear()
-        self.last_flush = result
+        self.last_flush = result if self.last_flush is None else self.last_flush.merged(result)
         if not result.ok:
             log.error("trainctl: not every checkpoint was published: %s", result.describe())
         return result
 
+    def start_fit(self) -> None:
+        """A fit begins: saves go to the background until :meth:`teardown`."""
+        self.active = True
+        self.last_flush = None
+
     def _flush_or_raise(self) -> None:
         result = self.flush()
-        if not result.ok:
+        if not result.ok and self.raise_outside_fit:
             raise UploadError(
                 f"checkpoint not published: {result.describe()}", failed=result.failed + result.unfinished
             )
@@ -245,7 +265,28 @@ class SnapshotCheckpointIO(CheckpointIO):
 
     def _write(self, op: _Save) -> None:
         target = Path(op.path)
+        try:
+            staged = self._write_staged(op, target)
+            # A second name for the staged inode, renamed over the target: readers of the target
+            # path see the old file or the new one, never a partial one.
+            tmp = target.with_name(f".{target.name}.{self.session}.tmp")
+            try:
+                os.link(staged, tmp)
+            except OSError:  # no hard links here (some network filesystems): a copy will do
+                shutil.copyfile(staged, tmp)
+            os.replace(tmp, target)
+        finally:
+            op.written.set()
+            with self._written_lock:
+                if self._written.get(op.path) is op.written:
+                    del self._written[op.path]
+        assert self.publisher is not None
+        self.publisher.submit(PublishJob(seq=op.seq, local_path=op.path, staged_path=str(staged), meta=op.meta))
+
+    def _write_staged(self, op: _Save, target: Path) -> Path:
+        """Write the snapshot to a private staging file; free its memory and slot either way."""
         staging_dir = target.parent / STAGING_DIR
+        partial: Path | None = None
         try:
             self._clean_staging(staging_dir)
             staged = staging_dir / staged_name(self.session, op.seq, target.name)
@@ -258,18 +299,13 @@ class SnapshotCheckpointIO(CheckpointIO):
             else:
                 self.inner.save_checkpoint(op.snapshot.checkpoint, partial, storage_options=op.storage_options)
             os.replace(partial, staged)
+            partial = None
+            return staged
         finally:
             op.snapshot = None  # type: ignore[assignment]  # free host memory before the slot
             self._slots.release()
-        tmp = target.with_name(f".{target.name}.{self.session}.tmp")
-        try:
-            os.link(staged, tmp)
-        except OSError:  # no hard links here (some network filesystems): a copy will do
-            shutil.copyfile(staged, tmp)
-        os.replace(tmp, target)
-        self._written.pop(op.path, threading.Event()).set()
-        assert self.publisher is not None
-        self.publisher.submit(PublishJob(seq=op.seq, local_path=op.path, staged_path=str(staged), meta=op.meta))
+            if partial is not None:
+                partial.unlink(missing_ok=True)
 
     def _remove(self, op: _Remove) -> None:
         self.inner.remove_checkpoint(op.path)

@@ -97,6 +97,11 @@ class FlushResult:
     def ok(self) -> bool:
         return not self.failed and not self.unfinished
 
+    def merged(self, other: FlushResult) -> FlushResult:
+        return FlushResult(
+            self.published + other.published, self.failed + other.failed, self.unfinished + other.unfinished
+        )
+
     def describe(self) -> str:
         parts = []
         if self.failed:

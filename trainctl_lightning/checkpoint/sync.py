@@ -116,6 +116,7 @@ class CheckpointSync(Callback):
         self.store: RunStore | None = None
         self._io: SnapshotCheckpointIO | None = None
         self._trainer: pl.Trainer | None = None
+        self._end_error: UploadError | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointSync({self.url!r})"
@@ -132,6 +133,8 @@ class CheckpointSync(Callback):
     # ----------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return  # validate/test/predict save nothing
         self._trainer = trainer
         error: tuple[str, str] | None = None
         if trainer.is_global_zero:
@@ -152,11 +155,13 @@ class CheckpointSync(Callback):
         if error:
             kind, message = error
             raise (ConfigError if kind == "ConfigError" else StoreError)(message)
-        if stage != "fit" or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
+        self._end_error = None
         current = trainer.strategy.checkpoint_io
         if isinstance(current, SnapshotCheckpointIO) and current is self._io:
-            self._io.active = True
+            self._io.start_fit()
+            self._io.raise_outside_fit = True
             return
         self._io = SnapshotCheckpointIO(
             current,
@@ -166,7 +171,7 @@ class CheckpointSync(Callback):
             flush_timeout=self.flush_timeout,
             metadata=self._metadata,
         )
-        self._io.active = True
+        self._io.start_fit()
         trainer.strategy.checkpoint_io = self._io
 
     @override
@@ -190,22 +195,23 @@ class CheckpointSync(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._io is None or stage != "fit":
             return
-        self._io.active = False
         # The strategy's teardown already flushed (it calls checkpoint_io.teardown); a fit that
         # ends normally but left checkpoints behind must not look like a success.
         result = self._io.last_flush
-        if result is None:
-            result = self._io.flush()
-        if not result.ok:
-            raise UploadError(
+        if result is not None and not result.ok:
+            self._end_error = UploadError(
                 f"CheckpointSync({self.url!r}): not every checkpoint was published: {result.describe()}",
                 failed=result.failed + result.unfinished,
             )
+            raise self._end_error
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._io is not None:
-            self._io.active = False  # saves after this point (on-exception checkpoints) publish at once
+        if self._io is not None and exception is self._end_error:
+            # Our own end-of-fit error makes Lightning run every on_exception hook, and
+            # OnExceptionCheckpoint saves once more. Publish that save, but let a failure be
+            # logged rather than replace the error that names what the run lost.
+            self._io.raise_outside_fit = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
