@@ -116,8 +116,10 @@ def test_restarted_run_keeps_publishing_to_the_same_url_and_resumes_from_the_pub
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=4, save_last=True),
                    CheckpointSync(url), StartStep()],
     )
-    trainer.fit(TinyRegressor(), ckpt_path=resume_path(url))
+    with caplog.at_level(logging.INFO, logger="trainctl_lightning"):
+        trainer.fit(TinyRegressor(), ckpt_path=resume_path(url))
     assert starts == [8]
+    assert "last.ckpt also exists in the store from an earlier attempt" in caplog.text, "a name clash is not silent"
     after = RunStore(url).list_checkpoints()
     # nothing the first attempt published was overwritten: every old id still verifies
     for old in first.values():

@@ -123,6 +123,8 @@ class Publisher:
         keep_local: keep local files after they are published; when False a local file is
             deleted once published, unless a newer save replaced it meanwhile.
         session: short id of this writer, recorded in manifests.
+        existing: checkpoints already in the store when the run started (earlier attempts);
+            publishing a name one of them has is logged, never an overwrite.
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class Publisher:
         keep_last: int | None = None,
         keep_local: bool = True,
         session: str = "",
+        existing: list[CheckpointManifest] | None = None,
     ) -> None:
         self.store = store
         self.mirror_deletes = mirror_deletes
@@ -146,6 +149,7 @@ class Publisher:
         # local path -> (seq, manifest) of the newest version this session published
         self._published: dict[str, tuple[int, CheckpointManifest]] = {}
         self._pending_removals: list[tuple[str, int]] = []  # (local path, last seq saved before it)
+        self._earlier = {m.name: m for m in existing or []}
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._worker, name=f"trainctl-publish-{i}", daemon=True) for i in range(workers)
@@ -218,6 +222,16 @@ class Publisher:
             return
         job.manifest = manifest
         log.info("trainctl: published %s as %s", job.name, self.store.url_of("checkpoints", manifest.id))
+        earlier = self._earlier.pop(job.name, None)
+        if earlier is not None:
+            log.info(
+                "trainctl: %s also exists in the store from an earlier attempt (%s, step %s); both are kept, "
+                "and %s is now the newest with that name",
+                job.name,
+                earlier.id,
+                earlier.global_step,
+                manifest.id,
+            )
         # Uploads finish out of order: only the newest save of a local path stays remote.
         with self._lock:
             current = self._published.get(job.local_path)

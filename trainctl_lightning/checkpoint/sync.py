@@ -117,6 +117,7 @@ class CheckpointSync(Callback):
         self._io: SnapshotCheckpointIO | None = None
         self._trainer: pl.Trainer | None = None
         self._end_error: UploadError | None = None
+        self._existing: list[Any] = []
 
     def __repr__(self) -> str:
         return f"CheckpointSync({self.url!r})"
@@ -148,6 +149,15 @@ class CheckpointSync(Callback):
                 )
                 if self.check_store:
                     self.store.check_writable()
+                self._existing = self.store.list_checkpoints()
+                if self._existing:
+                    log.info(
+                        "trainctl: %s already holds %d checkpoint(s), newest %s at step %s; new ones are added beside them",
+                        self.store.url,
+                        len(self._existing),
+                        self._existing[-1].name,
+                        self._existing[-1].global_step,
+                    )
             except TrainctlError as exc:
                 error = (type(exc).__name__, str(exc))
         # Every rank raises together, so DDP never hangs on one rank's bad URL.
@@ -233,6 +243,7 @@ class CheckpointSync(Callback):
             keep_last=self.keep_last,
             keep_local=self.keep_local,
             session=self.session,
+            existing=self._existing,
         )
 
     def _metadata(self, checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
