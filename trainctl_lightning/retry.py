@@ -67,7 +67,8 @@ _TRANSIENT_NAMES = {
 _PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError", "ProfileNotFound"}
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and every exception it was raised from or while handling, outermost first."""
     seen: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and cur not in seen:
@@ -78,7 +79,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether waiting and trying again can fix ``exc``."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     if any(type(e).__name__ in _PERMANENT_NAMES for e in chain):
         return False
     for e in chain:

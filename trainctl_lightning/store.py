@@ -40,7 +40,7 @@ from trainctl_lightning.errors import (
     StoreError,
 )
 from trainctl_lightning.manifest import MANIFEST_NAME, CheckpointManifest, FileEntry, utc_now
-from trainctl_lightning.retry import RetryPolicy
+from trainctl_lightning.retry import RetryPolicy, exception_chain
 
 log = logging.getLogger(__name__)
 
@@ -515,16 +515,6 @@ class RunStore:
             shutil.rmtree(folder, ignore_errors=True)
         self.fs.invalidate_cache(folder)
 
-    def with_options(self, **changes: Any) -> RunStore:
-        """A copy of this store with other retry/concurrency settings, sharing the filesystem."""
-        new = object.__new__(RunStore)
-        new.__dict__.update(self.__dict__)
-        for key, value in changes.items():
-            if key not in {"retry", "max_concurrency", "part_size"}:
-                raise ConfigError(f"with_options() cannot change {key!r}")
-            setattr(new, key, value)
-        return new
-
 
 def _check_entry(where: str, entry: FileEntry, digest: str, size: int) -> None:
     if size != entry.size:
@@ -586,11 +576,7 @@ def explain_store_error(exc: BaseException, url: str, action: str) -> StoreError
     """Turn a backend exception into a one-line StoreError that says what to do."""
     if isinstance(exc, StoreError):
         return exc
-    chain: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in chain:
-        chain.append(cur)
-        cur = cur.__cause__ or cur.__context__
+    chain = exception_chain(exc)
     names = {type(e).__name__ for e in chain}
     text = " ".join(str(e) for e in chain)
     if names & {"NoCredentialsError", "PartialCredentialsError"}:
