@@ -29,6 +29,7 @@ from trainctl_lightning.store import RunStore
 
 if TYPE_CHECKING:
     from trainctl_lightning.checkpoint.sync import CheckpointSync
+    from trainctl_lightning.metrics.reporter import MetricsReporter
 
 
 def __getattr__(name: str) -> Any:
@@ -37,6 +38,10 @@ def __getattr__(name: str) -> Any:
         from trainctl_lightning.checkpoint.sync import CheckpointSync
 
         return CheckpointSync
+    if name == "MetricsReporter":
+        from trainctl_lightning.metrics.reporter import MetricsReporter
+
+        return MetricsReporter
     raise AttributeError(f"module 'trainctl_lightning' has no attribute {name!r}")
 
 
@@ -48,6 +53,7 @@ __all__ = [
     "ConflictError",
     "FileEntry",
     "IntegrityError",
+    "MetricsReporter",
     "RunStore",
     "StoreError",
     "TrainctlError",

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 #: Set by the trainctl agent on an instance: the run's store URL, used when none is given.
 RUN_URL_ENV = "TRAINCTL_RUN_URL"
 CHECKPOINTS_DIR = "checkpoints"
+METRICS_DIR = "metrics"
+STATUS_NAME = "status.json"
 LocalFile = Union[str, "os.PathLike[str]", tuple[str, str]]
 _HASH_CHUNK = 8 * 2**20
 _ID_SAFE = re.compile(r"[^A-Za-z0-9=._+-]+")
@@ -495,6 +497,79 @@ class RunStore:
                     "but missing from the store"
                 ) from None
             _check_entry(self.fs.unstrip_protocol(remote), entry, digest, size)
+
+    # ------------------------------------------------------ metrics and status
+    def write_metrics_segment(self, name: str, data: bytes) -> None:
+        """Add one immutable metrics segment (JSON Lines) under ``metrics/``, create-only.
+
+        Object stores cannot append, so a writer adds segments; names carry the writer's start
+        time and session, so segments list in the order they were written and never collide.
+
+        Raises:
+            ConflictError: a segment of that name exists (it is left as it was).
+        """
+        if "/" in name or not name.endswith(".jsonl"):
+            raise ConfigError(f"metrics segment name must be a plain '*.jsonl' file name, got {name!r}")
+        path = self.path(METRICS_DIR, name)
+        try:
+            self.retry.call(lambda: self._write_bytes(path, data, create_only=True), what=f"write {self.url_of(METRICS_DIR, name)}")
+        except FileExistsError:
+            raise ConflictError(f"metrics segment {self.url_of(METRICS_DIR, name)} already exists; not overwritten") from None
+
+    def read_metrics_segments(self) -> list[tuple[str, bytes]]:
+        """Every metrics segment as (name, content), in name order (= order written)."""
+        base = self.path(METRICS_DIR)
+
+        def read() -> dict[str, bytes]:
+            self.fs.invalidate_cache(base)
+            try:
+                paths = self.fs.glob(f"{base}/*.jsonl")
+            except FileNotFoundError:
+                return {}
+            return self.fs.cat(paths, on_error="omit") if paths else {}
+
+        try:
+            raw = self.retry.call(read, what=f"read {self.url_of(METRICS_DIR)}")
+        except Exception as exc:
+            raise explain_store_error(exc, self.url, "read metrics from") from exc
+        return sorted(((p.rstrip("/").split("/")[-1], data) for p, data in raw.items()), key=lambda x: x[0])
+
+    def write_status(self, data: bytes) -> None:
+        """Replace the run's ``status.json`` (the one object a live run keeps rewriting)."""
+        path = self.path(STATUS_NAME)
+        self.retry.call(lambda: self._write_bytes(path, data), what=f"write {self.url_of(STATUS_NAME)}")
+
+    def read_status(self) -> bytes | None:
+        """The run's ``status.json``, or None when the run never reported one."""
+        path = self.path(STATUS_NAME)
+
+        def read() -> bytes | None:
+            self.fs.invalidate_cache(path)
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+
+        try:
+            return self.retry.call(read, what=f"read {self.url_of(STATUS_NAME)}")
+        except Exception as exc:
+            raise explain_store_error(exc, self.url, "read the status of") from exc
+
+    def child_runs(self) -> list[str]:
+        """URLs of runs directly below this prefix (folders with a status or checkpoints)."""
+        def find() -> list[str]:
+            self.fs.invalidate_cache(self.root)
+            try:
+                found = self.fs.glob(f"{self.root}/*/{STATUS_NAME}") + self.fs.glob(f"{self.root}/*/{CHECKPOINTS_DIR}")
+            except FileNotFoundError:
+                return []
+            return sorted({p.rstrip("/").rsplit("/", 2)[-2] for p in found})
+
+        try:
+            names = self.retry.call(find, what=f"list runs in {self.url}")
+        except Exception as exc:
+            raise explain_store_error(exc, self.url, "list runs in") from exc
+        return [self.url_of(name) for name in names]
 
     # --------------------------------------------------------------- deleting
     def delete_checkpoint(self, manifest: CheckpointManifest) -> None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fsspec.callbacks import Callback
 
@@ -125,6 +125,7 @@ class Publisher:
         session: short id of this writer, recorded in manifests.
         existing: checkpoints already in the store when the run started (earlier attempts);
             publishing a name one of them has is logged, never an overwrite.
+        on_published: called (on a worker thread) with each manifest once it is published.
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class Publisher:
         keep_local: bool = True,
         session: str = "",
         existing: list[CheckpointManifest] | None = None,
+        on_published: Callable[[CheckpointManifest], None] | None = None,
     ) -> None:
         self.store = store
         self.mirror_deletes = mirror_deletes
@@ -150,6 +152,7 @@ class Publisher:
         self._published: dict[str, tuple[int, CheckpointManifest]] = {}
         self._pending_removals: list[tuple[str, int]] = []  # (local path, last seq saved before it)
         self._earlier = {m.name: m for m in existing or []}
+        self._on_published = on_published
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._worker, name=f"trainctl-publish-{i}", daemon=True) for i in range(workers)
@@ -222,6 +225,8 @@ class Publisher:
             return
         job.manifest = manifest
         log.info("trainctl: published %s as %s", job.name, self.store.url_of("checkpoints", manifest.id))
+        if self._on_published is not None:
+            self._on_published(manifest)
         earlier = self._earlier.pop(job.name, None)
         if earlier is not None:
             log.info(

@@ -118,6 +118,7 @@ class CheckpointSync(Callback):
         self._trainer: pl.Trainer | None = None
         self._end_error: UploadError | None = None
         self._existing: list[Any] = []
+        self._last_published: Any = None
 
     def __repr__(self) -> str:
         return f"CheckpointSync({self.url!r})"
@@ -125,6 +126,11 @@ class CheckpointSync(Callback):
     @property
     def state_key(self) -> str:
         return f"CheckpointSync{{url={self.url!r}}}"
+
+    @property
+    def last_published(self) -> Any:
+        """Manifest of the newest checkpoint this callback published (None before the first)."""
+        return self._last_published
 
     @property
     def last_flush(self) -> Any:
@@ -244,7 +250,12 @@ class CheckpointSync(Callback):
             keep_local=self.keep_local,
             session=self.session,
             existing=self._existing,
+            on_published=self._note_published,
         )
+
+    def _note_published(self, manifest: Any) -> None:
+        if self._last_published is None or manifest.sort_key() > self._last_published.sort_key():
+            self._last_published = manifest
 
     def _metadata(self, checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
         """Manifest fields for one save, read on the training thread at save time."""

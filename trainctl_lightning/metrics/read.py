@@ -1,0 +1,119 @@
+"""Reading a run's metrics and status back from the store: what ``trainctl runs/monitor/metrics/plot`` call.
+
+Example::
+
+    from trainctl_lightning.metrics import read
+    status = read.read_status("s3://bucket/runs/exp1")
+    print(status.state(), status.global_step, status.eta_s)
+    for record in read.read_metrics("s3://bucket/runs/exp1"):
+        print(record.step, record.metrics.get("train_loss"))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from trainctl_lightning.errors import IntegrityError
+from trainctl_lightning.metrics.records import MetricRecord, RunStatus
+from trainctl_lightning.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run as ``trainctl runs ls`` shows it."""
+
+    url: str
+    status: RunStatus | None
+    """None for a run that has checkpoints but never reported a status."""
+    checkpoints: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "state": self.status.state() if self.status else "unknown",
+            "status": self.status.to_dict() if self.status else None,
+            "checkpoints": self.checkpoints,
+        }
+
+
+def read_status(url: str, storage_options: dict[str, Any] | None = None) -> RunStatus | None:
+    """The run's latest status, or None if it never reported one.
+
+    Raises:
+        IntegrityError: ``status.json`` exists but is not a status this version can read.
+    """
+    raw = RunStore(url, storage_options).read_status()
+    if raw is None:
+        return None
+    try:
+        return RunStatus.from_json(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{url}/status.json is not a readable trainctl status ({exc})") from exc
+
+
+def read_metrics(url: str, storage_options: dict[str, Any] | None = None) -> list[MetricRecord]:
+    """Every metric record of the run, in the order written (all attempts, segment by segment)."""
+    records: list[MetricRecord] = []
+    for name, data in RunStore(url, storage_options).read_metrics_segments():
+        for number, line in enumerate(data.decode().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError:
+                log.warning("skipping unreadable line %d of metrics segment %s", number, name)
+                continue
+            if "metrics" in item:
+                records.append(
+                    MetricRecord(
+                        step=int(item.get("step", 0)),
+                        time=str(item.get("t", "")),
+                        metrics={k: (float(v) if v is not None else float("nan")) for k, v in item["metrics"].items()},
+                    )
+                )
+    return records
+
+
+def read_hparams(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hyperparameters the run logged (later logs win)."""
+    merged: dict[str, Any] = {}
+    for _, data in RunStore(url, storage_options).read_metrics_segments():
+        for line in data.decode().splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(item.get("hparams"), dict):
+                merged.update(item["hparams"])
+    return merged
+
+
+def metric_names(records: list[MetricRecord]) -> list[str]:
+    """Every metric name, in first-seen order (``epoch`` last)."""
+    seen: dict[str, None] = {}
+    for r in records:
+        for k in r.metrics:
+            seen.setdefault(k, None)
+    names = [k for k in seen if k != "epoch"]
+    return names + (["epoch"] if "epoch" in seen else [])
+
+
+def list_runs(url: str, storage_options: dict[str, Any] | None = None) -> list[RunSummary]:
+    """The run at ``url``, or every run directly below it (a prefix holding several runs)."""
+    store = RunStore(url, storage_options)
+    urls = [store.url] if store.read_status() is not None or store.list_checkpoints() else store.child_runs()
+    out = []
+    for run_url in urls:
+        run = RunStore(run_url, storage_options)
+        try:
+            status = read_status(run_url, storage_options)
+        except IntegrityError as exc:
+            log.warning("%s", exc)
+            status = None
+        out.append(RunSummary(url=run.url, status=status, checkpoints=len(run.list_checkpoints())))
+    return out

@@ -1,0 +1,379 @@
+"""``MetricsReporter``: a Lightning logger that reports metrics and a live status to the run store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+import weakref
+from argparse import Namespace
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.metrics.records import GpuInfo, MetricRecord, Phase, RunStatus
+from trainctl_lightning.retry import RetryPolicy
+from trainctl_lightning.store import RUN_URL_ENV, RunStore, validate_url
+
+log = logging.getLogger(__name__)
+
+
+class MetricsReporter(Logger):
+    """Report metrics and a live status to a run store, beside any other logger.
+
+    Metric records are buffered in memory and written in the background as immutable JSON
+    Lines segments (object stores cannot append), every ``flush_interval`` seconds or
+    ``flush_every`` records, and at the end. A restarted run adds segments; nothing is ever
+    overwritten. ``status.json`` is rewritten every ``status_interval`` seconds with the phase,
+    epoch, step, steps/s, ETA, the newest published checkpoint, host and GPU.
+
+    The training loop only appends to a list: all I/O happens on a background thread, and no
+    device synchronisation is added beyond Lightning's own conversion of logged values.
+
+    Args:
+        url: the run's store URL; defaults to ``$TRAINCTL_RUN_URL`` (set when launched by
+            trainctl). Use the same URL as ``CheckpointSync`` so a run is one URL.
+        storage_options: fsspec options (credentials, endpoint); never logged.
+        flush_interval: seconds between metric segment writes.
+        flush_every: also write a segment once this many records are buffered.
+        status_interval: seconds between status refreshes (at most 10).
+
+    Raises:
+        ConfigError: an invalid argument (raised here, before training).
+
+    Example::
+
+        trainer = Trainer(logger=[MetricsReporter("s3://bucket/runs/exp1"), CSVLogger("logs")])
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        flush_interval: float = 5.0,
+        flush_every: int = 1000,
+        status_interval: float = 5.0,
+    ) -> None:
+        super().__init__()
+        url = url if url is not None else os.environ.get(RUN_URL_ENV)
+        if not url:
+            raise ConfigError(
+                "MetricsReporter() needs a store URL, e.g. MetricsReporter('s3://bucket/runs/exp1'), "
+                f"or ${RUN_URL_ENV} set (trainctl launch sets it)"
+            )
+        validate_url(url)
+        if not (0 < flush_interval <= 3600):
+            raise ConfigError(f"MetricsReporter(flush_interval={flush_interval!r}): must be seconds in (0, 3600]")
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ConfigError(f"MetricsReporter(flush_every={flush_every!r}): must be an integer >= 1")
+        if not (0 < status_interval <= 10):
+            raise ConfigError(f"MetricsReporter(status_interval={status_interval!r}): must be seconds in (0, 10]")
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.flush_interval = flush_interval
+        self.flush_every = flush_every
+        self.status_interval = status_interval
+        self.session = uuid.uuid4().hex[:8]
+        self._started = datetime.now(timezone.utc)
+        self._segment_prefix = f"{self._started:%Y%m%dT%H%M%S}-{self.session}"
+        self._segments_written = 0
+        self._buffer: list[str] = []  # JSON lines waiting for the next segment
+        self._latest: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._store: RunStore | None = None
+        self._trainer_ref: weakref.ReferenceType[pl.Trainer] | None = None
+        self._phase = Phase.STARTING
+        self._error: str | None = None
+        self._rate: deque[tuple[float, int]] = deque(maxlen=120)
+        self.write_errors = 0
+        """Failed background writes so far (each logged); training is never stopped by them."""
+
+    def __repr__(self) -> str:
+        return f"MetricsReporter({self.url!r})"
+
+    # ---------------------------------------------------------- Logger API
+    @property
+    @override
+    def name(self) -> str:
+        return "trainctl"
+
+    @property
+    @override
+    def version(self) -> str:
+        return self.session
+
+    @property
+    def store(self) -> RunStore:
+        if self._store is None:
+            self._store = RunStore(self.url, self.storage_options, retry=RetryPolicy(deadline_s=60))
+        return self._store
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any] | Namespace | None = None, *args: Any, **kwargs: Any) -> None:
+        self._attach()
+        if params is None:
+            return
+        params = vars(params) if isinstance(params, Namespace) else dict(params)
+        line = json.dumps({"t": utc_now(), "hparams": _jsonable(params)}, sort_keys=True)
+        with self._lock:
+            self._buffer.append(line)
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._thread is None:
+            self._attach()
+        values = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+        line = MetricRecord(step=int(step or 0), time=utc_now(), metrics=values).to_json_line()
+        with self._lock:
+            self._buffer.append(line)
+            self._latest.update(values)
+            full = len(self._buffer) >= self.flush_every
+        if full:
+            self._wake.set()
+
+    @override
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """End of a fit/validate/test: write what is buffered and a final status."""
+        if self._thread is None:
+            return
+        phase = {"success": Phase.FINISHED, "finished": Phase.FINISHED, "failed": Phase.FAILED}.get(status, Phase.INTERRUPTED)
+        error = sys.exc_info()[1]  # Lightning finalizes "failed" loggers while handling the exception
+        if phase is Phase.FAILED and isinstance(error, (KeyboardInterrupt, SystemExit)):
+            phase = Phase.INTERRUPTED  # Ctrl-C, or SIGTERM (Lightning's SIGTERMException)
+        elif phase is Phase.FAILED and error is not None:
+            self.mark_failed(error)
+        self._phase = phase
+        self.close()
+
+    def close(self) -> None:
+        """Stop the background thread after a last flush (called by ``finalize``)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=60)
+        self._thread = None
+        self._stop.clear()
+
+    def mark_failed(self, error: BaseException) -> None:
+        """Record a failure (the status says ``failed`` with the error's first line)."""
+        self._phase = Phase.FAILED
+        self._error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+    # ------------------------------------------------------------- internals
+    def _attach(self) -> None:
+        """Start reporting: find the Trainer that is logging to us, start the writer thread."""
+        if self._trainer_ref is None:
+            trainer = _trainer_from_stack()
+            if trainer is not None:
+                self._trainer_ref = weakref.ref(trainer)
+        if self._thread is None:
+            self._stop.clear()
+            self._phase = Phase.STARTING if self._phase.is_terminal() else self._phase
+            self._thread = threading.Thread(target=self._run, name="trainctl-metrics", daemon=True)
+            self._thread.start()
+
+    def _trainer(self) -> pl.Trainer | None:
+        return self._trainer_ref() if self._trainer_ref is not None else None
+
+    def _run(self) -> None:
+        next_flush = time.monotonic() + self.flush_interval
+        next_status = time.monotonic()
+        while True:
+            stopping = self._stop.is_set()
+            now = time.monotonic()
+            if stopping or now >= next_flush or len(self._buffer) >= self.flush_every:
+                self._flush_segment()
+                next_flush = now + self.flush_interval
+            if stopping or now >= next_status:
+                self._write_status()
+                next_status = now + self.status_interval
+            if stopping:
+                return
+            self._wake.wait(max(0.05, min(next_flush, next_status) - time.monotonic()))
+            self._wake.clear()
+
+    def _flush_segment(self) -> None:
+        with self._lock:
+            records, self._buffer = self._buffer, []
+        if not records:
+            return
+        name = f"{self._segment_prefix}-{self._segments_written:06d}.jsonl"
+        data = ("\n".join(records) + "\n").encode()
+        try:
+            self.store.write_metrics_segment(name, data)
+            self._segments_written += 1
+        except Exception as exc:
+            self.write_errors += 1
+            with self._lock:  # keep them for the next try, in order
+                self._buffer[:0] = records
+            log.error("trainctl: could not write metrics to %s (%s); will retry", self.url, exc)
+
+    def _write_status(self) -> None:
+        try:
+            self.store.write_status(self._status().to_json())
+        except Exception as exc:
+            self.write_errors += 1
+            log.error("trainctl: could not write status to %s: %s", self.url, exc)
+
+    def _status(self) -> RunStatus:
+        trainer = self._trainer()
+        epoch = step = total = None
+        phase = self._phase
+        if trainer is not None:
+            epoch, step = trainer.current_epoch, trainer.global_step
+            total = _total_steps(trainer)
+            if not phase.is_terminal():
+                phase = Phase.VALIDATING if trainer.validating or trainer.sanity_checking else (
+                    Phase.TESTING if trainer.testing else Phase.TRAINING if trainer.training else phase
+                )
+        rate = self._steps_per_s(step)
+        eta = (total - step) / rate if rate and total is not None and step is not None and total >= step else None
+        with self._lock:
+            latest = dict(self._latest)
+        return RunStatus(
+            phase=phase,
+            updated_at=utc_now(),
+            started_at=self._started.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            refresh_interval_s=self.status_interval,
+            epoch=epoch,
+            global_step=step,
+            max_steps=total,
+            steps_per_s=round(rate, 4) if rate else None,
+            eta_s=round(eta, 1) if eta is not None else None,
+            last_checkpoint=_last_checkpoint(trainer),
+            metrics=latest,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            session=self.session,
+            gpu=_gpu_info(trainer),
+            error=self._error,
+        )
+
+    def _steps_per_s(self, step: int | None) -> float | None:
+        if step is None:
+            return None
+        now = time.monotonic()
+        if not self._rate or self._rate[-1][1] != step:
+            self._rate.append((now, step))
+        while len(self._rate) > 2 and now - self._rate[0][0] > 60:
+            self._rate.popleft()
+        (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+
+def _trainer_from_stack(max_depth: int = 8) -> pl.Trainer | None:
+    """The Trainer whose logger connector is calling us.
+
+    Lightning gives loggers no Trainer reference, but every ``log_metrics`` /
+    ``log_hyperparams`` call comes from Lightning code holding one (``self.trainer`` in the
+    logger connector, ``trainer`` in ``_log_hyperparams``). This is the only place we look at
+    Lightning's call stack; ``tests/test_lifecycle.py`` fails loudly if it stops working.
+    """
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        for name in ("trainer", "self"):
+            candidate = frame.f_locals.get(name)
+            if isinstance(candidate, pl.Trainer):
+                return candidate
+            inner = getattr(candidate, "trainer", None) if name == "self" else None
+            if isinstance(inner, pl.Trainer):
+                return inner
+        frame = frame.f_back
+    return None
+
+
+def _total_steps(trainer: pl.Trainer) -> int | None:
+    if trainer.max_steps and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    batches = trainer.num_training_batches
+    if trainer.max_epochs and trainer.max_epochs > 0 and isinstance(batches, (int, float)) and math.isfinite(batches):
+        per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        return int(trainer.max_epochs * per_epoch)
+    return None
+
+
+def _last_checkpoint(trainer: pl.Trainer | None) -> dict[str, Any] | None:
+    if trainer is None:
+        return None
+    from trainctl_lightning.checkpoint.sync import CheckpointSync
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, CheckpointSync) and cb.last_published is not None:
+            m = cb.last_published
+            return {"name": m.name, "id": m.id, "global_step": m.global_step, "url": cb.url}
+    ckpt = trainer.checkpoint_callback
+    path = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+    return {"name": os.path.basename(path), "local_path": path} if path else None
+
+
+def _gpu_info(trainer: pl.Trainer | None) -> GpuInfo | None:
+    if trainer is None:
+        return None
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return None
+    import torch
+
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        util: float | None
+        try:
+            util = float(torch.cuda.utilization(device))
+        except Exception:  # NVML (pynvml) missing: utilisation unknown, everything else still reported
+            util = None
+        return GpuInfo(
+            name=torch.cuda.get_device_name(device),
+            memory_used_mb=round((total - free) / 2**20, 1),
+            memory_total_mb=round(total / 2**20, 1),
+            utilization_pct=util,
+        )
+    except Exception as exc:
+        log.debug("trainctl: GPU status unavailable: %s", exc)
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    """Hyperparameters as JSON: containers kept, numbers and strings as they are, the rest repr'd."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return repr(value)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, str)
+
