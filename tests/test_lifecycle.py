@@ -56,7 +56,7 @@ def test_sigterm_saves_publishes_and_exits(s3, tmp_path):
     assert local <= {m.name for m in store.list_checkpoints()}
 
 
-def test_only_global_rank_zero_uploads_under_ddp(file_url, tmp_path):
+def test_only_global_rank_zero_uploads_and_reports_under_ddp(file_url, tmp_path):
     proc = _run("ddp_train.py", file_url, str(tmp_path / "c"), env={"PYTHONUNBUFFERED": "1"})
     try:
         out, _ = proc.communicate(timeout=240)
@@ -70,6 +70,13 @@ def test_only_global_rank_zero_uploads_under_ddp(file_url, tmp_path):
     published = RunStore(file_url).list_checkpoints()
     assert [m.global_step for m in published] == [2, 4, 6], "each checkpoint exactly once"
     assert {m.source["pid"] for m in published} == pids, "published by rank zero's process only"
+    # metrics too: one writer (rank zero), every step once
+    from trainctl_lightning.metrics.read import read_metrics, read_status
+
+    segments = RunStore(file_url).read_metrics_segments()
+    assert len({name.split("-")[1] for name, _ in segments}) == 1
+    assert read_status(file_url).pid in pids
+    assert [r.step for r in read_metrics(file_url) if "train_loss" in r.metrics] == list(range(6))
 
 
 class _RecordingIO(TorchCheckpointIO):
@@ -127,3 +134,17 @@ def test_lightning_seams_we_rely_on(tmp_path, fail):
         "remove epoch=0-step=4.ckpt",
         "teardown",
     ]
+
+
+def test_metrics_reporter_finds_the_trainer_logging_to_it(memory_url):
+    """Lightning gives loggers no Trainer; MetricsReporter finds it on the call stack of
+    log_hyperparams/log_metrics (its one look at Lightning internals). If Lightning moves that
+    call, the status loses epoch, step and ETA: this fails loudly instead."""
+    from trainctl_lightning import MetricsReporter
+
+    reporter = MetricsReporter(memory_url)
+    kwargs = trainer_kwargs(max_steps=3, limit_val_batches=0, log_every_n_steps=1)
+    kwargs["logger"] = [reporter]
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(TinyRegressor())
+    assert reporter._trainer() is trainer

@@ -9,12 +9,14 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from tests.models import TinyRegressor, trainer_kwargs  # noqa: E402
-from trainctl_lightning import CheckpointSync  # noqa: E402
+from trainctl_lightning import CheckpointSync, MetricsReporter  # noqa: E402
 
 if __name__ == "__main__":
     url, ckpt_dir = sys.argv[1], sys.argv[2]
+    kwargs = trainer_kwargs(strategy="ddp", devices=2, max_steps=6, limit_val_batches=0, log_every_n_steps=1)
+    kwargs["logger"] = [MetricsReporter(url)]
     trainer = pl.Trainer(
-        **trainer_kwargs(strategy="ddp", devices=2, max_steps=6, limit_val_batches=0),
+        **kwargs,
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1), CheckpointSync(url)],
     )
     trainer.fit(TinyRegressor())

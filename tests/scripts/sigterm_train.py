@@ -10,7 +10,7 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint  # noqa: E402
 
 from tests.models import TinyRegressor, trainer_kwargs  # noqa: E402
-from trainctl_lightning import CheckpointSync  # noqa: E402
+from trainctl_lightning import CheckpointSync, MetricsReporter  # noqa: E402
 
 
 class Slow(Callback):
@@ -22,8 +22,11 @@ class Slow(Callback):
 
 if __name__ == "__main__":
     url, ckpt_dir = sys.argv[1], sys.argv[2]
+    kwargs = trainer_kwargs(max_steps=100_000, limit_val_batches=0, log_every_n_steps=1)
+    if "--metrics" in sys.argv:
+        kwargs["logger"] = [MetricsReporter(url, status_interval=0.5)]
     trainer = pl.Trainer(
-        **trainer_kwargs(max_steps=100_000, limit_val_batches=0),
+        **kwargs,
         callbacks=[
             Slow(),
             ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2),
