@@ -9,6 +9,8 @@ a run and its later restarts. Any fsspec URL works (``s3://bucket/prefix``, ``fi
         <checkpoint id>/          one published checkpoint, immutable once its manifest exists
           <file name>             data object(s), uploaded first
           MANIFEST.json           written last, create-only; without it the checkpoint does not exist
+      metrics/<start>-<session>-<seq>.jsonl   immutable metric segments (MetricsReporter)
+      status.json                 live status, rewritten every few seconds
 
 Checkpoint ids are ``<global step, 10 digits>-<name stem>-<8 hex>``: they sort by step, say what
 they hold, and are never reused, so a restarted run writing to the same URL can never overwrite
