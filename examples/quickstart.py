@@ -1,9 +1,10 @@
-"""Quickstart: never lose a checkpoint, with one callback.
+"""Quickstart: never lose a checkpoint, and see the run, with one callback and one logger.
 
-Trains a small classifier with Lightning's own ModelCheckpoint writing to fast local disk, and
-CheckpointSync publishing every checkpoint to a run store in the background. Then it does what a
-preempted job does: starts again, finds the newest complete checkpoint with resume_path(), and
-carries on from that step.
+Trains a small classifier with Lightning's own ModelCheckpoint writing to fast local disk,
+CheckpointSync publishing every checkpoint to a run store in the background, and MetricsReporter
+reporting metrics and a live status to the same store. Then it does what a preempted job does:
+starts again, finds the newest complete checkpoint with resume_path(), and carries on from that
+step.
 
 The store here is a local folder (file://), so no cloud account is needed; pass an s3:// URL
 instead and nothing else changes:
@@ -25,7 +26,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainctl_lightning import CheckpointSync, RunStore, resume_path
+from trainctl_lightning import CheckpointSync, MetricsReporter, RunStore, resume_path
+from trainctl_lightning.metrics.read import read_status
 
 
 class Classifier(pl.LightningModule):
@@ -64,11 +66,11 @@ def train(store: str, ckpt_dir: Path, max_epochs: int, cache_dir: Path) -> pl.Tr
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
-        logger=False,
+        logger=MetricsReporter(store),  # metrics + live status, in the same store
         enable_model_summary=False,
         callbacks=[
             # Lightning's own checkpointing, to fast local disk...
-            ModelCheckpoint(dirpath=ckpt_dir, monitor="val_acc", mode="max", save_top_k=2, save_last=True),
+            ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", save_top_k=2, save_last=True),
             # ...and every file it saves goes to the store in the background.
             CheckpointSync(store),
         ],
@@ -102,7 +104,12 @@ def main() -> None:
     print(f"\n== what the store holds now ({store}):")
     for m in RunStore(store).list_checkpoints():
         print(f"   {m.id:48s} {m.name:28s} step {m.global_step:5d}  {m.size / 1e6:.1f} MB")
-    print(f"\nTry: .venv/bin/trainctl ckpt ls {store}\n     .venv/bin/trainctl ckpt verify {store}")
+    status = read_status(store)
+    print(f"\n== status: {status.state()} at step {status.global_step}, "
+          f"val_acc={status.metrics.get('val_acc', float('nan')):.3f}, last checkpoint {status.last_checkpoint['name']}")
+    print(f"\nTry: .venv/bin/trainctl ckpt ls {store}\n     .venv/bin/trainctl ckpt verify {store}"
+          f"\n     .venv/bin/trainctl runs ls {store}\n     .venv/bin/trainctl metrics {store} --output csv"
+          f"\n     .venv/bin/trainctl plot {store} -o demo-runs/quickstart.png")
 
 
 if __name__ == "__main__":
