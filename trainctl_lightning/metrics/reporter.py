@@ -91,8 +91,10 @@ class MetricsReporter(Logger):
         self._started = datetime.now(timezone.utc)
         self._segment_prefix = f"{self._started:%Y%m%dT%H%M%S}-{self.session}"
         self._segments_written = 0
-        self._buffer: list[str] = []  # JSON lines waiting for the next segment
-        self._latest: dict[str, float] = {}
+        # Logged but not yet written: ("m", unix time, step, values) or ("h", unix time, params).
+        # Encoding happens on the writer thread; the training thread only appends.
+        self._buffer: list[tuple[Any, ...]] = []
+        self._latest: dict[str, float] = {}  # latest value of each metric already written
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -132,20 +134,17 @@ class MetricsReporter(Logger):
         if params is None:
             return
         params = vars(params) if isinstance(params, Namespace) else dict(params)
-        line = json.dumps({"t": utc_now(), "hparams": _jsonable(params)}, sort_keys=True)
         with self._lock:
-            self._buffer.append(line)
+            self._buffer.append(("h", time.time(), _jsonable(params)))
 
     @override
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self._thread is None:
             self._attach()
-        values = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-        line = MetricRecord(step=int(step or 0), time=utc_now(), metrics=values).to_json_line()
+        entry = ("m", time.time(), step, dict(metrics))
         with self._lock:
-            self._buffer.append(line)
-            self._latest.update(values)
+            self._buffer.append(entry)
             full = len(self._buffer) >= self.flush_every
         if full:
             self._wake.set()
@@ -215,18 +214,19 @@ class MetricsReporter(Logger):
 
     def _flush_segment(self) -> None:
         with self._lock:
-            records, self._buffer = self._buffer, []
-        if not records:
+            entries, self._buffer = self._buffer, []
+        if not entries:
             return
         name = f"{self._segment_prefix}-{self._segments_written:06d}.jsonl"
-        data = ("\n".join(records) + "\n").encode()
+        data = ("\n".join(_encode(e) for e in entries) + "\n").encode()
         try:
             self.store.write_metrics_segment(name, data)
             self._segments_written += 1
+            self._latest.update(_latest_values(entries))
         except Exception as exc:
             self.write_errors += 1
             with self._lock:  # keep them for the next try, in order
-                self._buffer[:0] = records
+                self._buffer[:0] = entries
             log.error("trainctl: could not write metrics to %s (%s); will retry", self.url, exc)
 
     def _write_status(self) -> None:
@@ -250,7 +250,8 @@ class MetricsReporter(Logger):
         rate = self._steps_per_s(step)
         eta = (total - step) / rate if rate and total is not None and step is not None and total >= step else None
         with self._lock:
-            latest = dict(self._latest)
+            pending = list(self._buffer)
+        latest = {**self._latest, **_latest_values(pending)}
         return RunStatus(
             phase=phase,
             updated_at=utc_now(),
@@ -353,6 +354,23 @@ def _gpu_info(trainer: pl.Trainer | None) -> GpuInfo | None:
     except Exception as exc:
         log.debug("trainctl: GPU status unavailable: %s", exc)
         return None
+
+
+def _encode(entry: tuple[Any, ...]) -> str:
+    """One buffered entry as a JSON line of a metrics segment (format in docs/run-store.md)."""
+    when = datetime.fromtimestamp(entry[1], timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    if entry[0] == "h":
+        return json.dumps({"t": when, "hparams": entry[2]}, sort_keys=True)
+    values = {k: float(v) for k, v in entry[3].items() if _is_number(v)}
+    return MetricRecord(step=int(entry[2] or 0), time=when, metrics=values).to_json_line()
+
+
+def _latest_values(entries: list[tuple[Any, ...]]) -> dict[str, float]:
+    latest: dict[str, float] = {}
+    for entry in entries:
+        if entry[0] == "m":
+            latest.update({k: float(v) for k, v in entry[3].items() if _is_number(v)})
+    return latest
 
 
 def _jsonable(value: Any) -> Any:
