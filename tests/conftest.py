@@ -21,6 +21,9 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("TRAINCTL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("TRAINCTL_RUN_URL", raising=False)
+    # Whatever a test writes to a relative path (Lightning's default checkpoint and log folders)
+    # lands in its own temp dir, never in the checkout.
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")

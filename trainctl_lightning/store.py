@@ -518,9 +518,14 @@ class RunStore:
         except FileExistsError:
             raise ConflictError(f"metrics segment {self.url_of(METRICS_DIR, name)} already exists; not overwritten") from None
 
-    def read_metrics_segments(self) -> list[tuple[str, bytes]]:
-        """Every metrics segment as (name, content), in name order (= order written)."""
+    def read_metrics_segments(self, skip: Iterable[str] = ()) -> list[tuple[str, bytes]]:
+        """Metrics segments as (name, content), in name order (= order written).
+
+        Args:
+            skip: names already read; segments never change, so a follower fetches only new ones.
+        """
         base = self.path(METRICS_DIR)
+        known = set(skip)
 
         def read() -> dict[str, bytes]:
             self.fs.invalidate_cache(base)
@@ -528,6 +533,7 @@ class RunStore:
                 paths = self.fs.glob(f"{base}/*.jsonl")
             except FileNotFoundError:
                 return {}
+            paths = [p for p in paths if p.rstrip("/").rsplit("/", 1)[-1] not in known]
             return self.fs.cat(paths, on_error="omit") if paths else {}
 
         try:

@@ -13,7 +13,8 @@ import sys
 import typer
 
 from trainctl_lightning import __version__
-from trainctl_lightning.cli import ckpt
+from trainctl_lightning.cli import ckpt, runs
+from trainctl_lightning.cli import metrics as metrics_cli
 
 app = typer.Typer(
     name="trainctl",
@@ -23,6 +24,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(ckpt.app, name="ckpt")
+app.add_typer(runs.app, name="runs")
+app.command("monitor")(metrics_cli.monitor)
+app.command("metrics")(metrics_cli.metrics)
+app.command("plot")(metrics_cli.plot)
 
 
 def _version(value: bool) -> None:

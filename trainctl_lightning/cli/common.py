@@ -23,7 +23,7 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TrainctlError as exc:
-            if kwargs.get("output") is Format.json:
+            if getattr(kwargs.get("output"), "value", kwargs.get("output")) == Format.json.value:
                 emit_json({"error": str(exc), "type": type(exc).__name__})
             stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

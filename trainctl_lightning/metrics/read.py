@@ -58,24 +58,40 @@ def read_status(url: str, storage_options: dict[str, Any] | None = None) -> RunS
 
 def read_metrics(url: str, storage_options: dict[str, Any] | None = None) -> list[MetricRecord]:
     """Every metric record of the run, in the order written (all attempts, segment by segment)."""
-    records: list[MetricRecord] = []
-    for name, data in RunStore(url, storage_options).read_metrics_segments():
-        for number, line in enumerate(data.decode().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError:
-                log.warning("skipping unreadable line %d of metrics segment %s", number, name)
-                continue
-            if "metrics" in item:
-                records.append(
-                    MetricRecord(
-                        step=int(item.get("step", 0)),
-                        time=str(item.get("t", "")),
-                        metrics={k: (float(v) if v is not None else float("nan")) for k, v in item["metrics"].items()},
-                    )
-                )
+    return MetricsFollower(url, storage_options).records()
+
+
+class MetricsFollower:
+    """Every record of a run, re-read on each call without re-downloading what it already has.
+
+    Segments are immutable (written create-only, never changed), so each call lists them and
+    fetches only new ones: a long run has thousands. This is what ``trainctl monitor`` polls.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.store = RunStore(url, storage_options)
+        self._segments: dict[str, list[MetricRecord]] = {}
+
+    def records(self) -> list[MetricRecord]:
+        for name, data in self.store.read_metrics_segments(skip=self._segments):
+            self._segments[name] = parse_segment(name, data)
+        return [r for name in sorted(self._segments) for r in self._segments[name]]
+
+
+def parse_segment(name: str, data: bytes) -> list[MetricRecord]:
+    """The metric records of one segment; unreadable lines are skipped with a warning."""
+    records = []
+    for number, line in enumerate(data.decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            log.warning("skipping unreadable line %d of metrics segment %s", number, name)
+            continue
+        if "metrics" in item:
+            metrics = {k: (float(v) if v is not None else float("nan")) for k, v in item["metrics"].items()}
+            records.append(MetricRecord(step=int(item.get("step", 0)), time=str(item.get("t", "")), metrics=metrics))
     return records
 
 

@@ -1,0 +1,64 @@
+"""``trainctl runs``: the runs under a store URL, with their state, progress and latest metrics."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from trainctl_lightning.cli.common import OutputOption, handle_errors
+from trainctl_lightning.cli.output import Format, emit_json, stdout
+from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.metrics import read, view
+
+app = typer.Typer(help="List runs: state, progress and latest metrics.", no_args_is_help=True)
+
+
+def run_name(url: str) -> str:
+    """The last path part of a run URL (``s3://b/runs/exp1`` -> ``exp1``)."""
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+@app.command("ls")
+@handle_errors
+def ls(
+    url: str = typer.Argument(..., help="A run's store URL, or a prefix holding runs (e.g. s3://bucket/runs)."),
+    metric: Optional[List[str]] = typer.Option(
+        None, "--metric", "-m", help="Metric to show (repeatable); default: the first 3 by name, epoch left out."
+    ),
+    output: Format = OutputOption,
+) -> None:
+    """List the run at URL, or every run directly below it.
+
+    STATE is the phase the run last reported (training, finished, failed...) or "stale" when it stopped reporting without ending (killed, hung, machine gone). AGE is the time since its status was last refreshed. Exits 1 if there is no run at URL.
+    """
+    runs = read.list_runs(url)
+    if not runs:
+        raise ConfigError(f"no runs at {url}: no status.json or checkpoints there or in the folders directly below it")
+    now = datetime.now(timezone.utc)
+    if output is Format.json:
+        emit_json({"url": url, "runs": [{"name": run_name(r.url), **r.to_dict()} for r in runs]})
+        return
+    table = Table(title=f"runs in {url}", title_justify="left")
+    table.add_column("RUN", overflow="fold", min_width=10)
+    table.add_column("STATE", no_wrap=True)
+    for col in ("EPOCH", "STEP", "STEPS/S", "ETA", "AGE", "CKPTS"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("METRICS", overflow="fold")
+    for r in runs:
+        s = r.status
+        state = s.state(now) if s else "unknown"
+        table.add_row(
+            run_name(r.url),
+            view.state_text(state),
+            "-" if s is None or s.epoch is None else str(s.epoch),
+            view.format_step(s),
+            view.format_rate(s.steps_per_s if s else None),
+            view.format_eta(s, now),
+            view.human_ago(s.age_s(now)) if s else "-",
+            str(r.checkpoints),
+            view.latest_metrics_text(s.metrics, metric).replace(" ", "\n") if s else "",
+        )
+    stdout.print(table)
