@@ -50,10 +50,8 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -76,6 +74,17 @@ TARGET_S3_RATIO = 8.0
 # =============================================================================================
 # Child process: one training run
 # =============================================================================================
+
+
+from _harness import loadavg as _loadavg  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
+from _harness import proc_cpu_s as _proc_cpu_s  # noqa: E402
+from _harness import round_or_none as _round  # noqa: E402
+from _harness import start_server, stop_server as _stop_server  # noqa: E402
+from _harness import run_child  # noqa: E402
+
+
+def _run_child(spec: dict[str, Any], env: dict[str, str], log_path: str, timeout: float, verbose: bool) -> dict[str, Any]:
+    return run_child(__file__, spec["mode"], spec, env, log_path, timeout, verbose)
 
 
 def _child(spec_path: str) -> None:
@@ -322,89 +331,9 @@ def _child(spec_path: str) -> None:
         json.dump(result, f)
 
 
-def _proc_cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) used so far by process ``pid``; None where /proc is missing."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 # =============================================================================================
 # Parent process: server, runs, report
 # =============================================================================================
-
-
-class ServerError(RuntimeError):
-    pass
-
-
-def _start_server(env: dict[str, str], nice: int, timeout: float = 60.0) -> tuple[subprocess.Popen[str], str]:
-    prefix = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
-    proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "trainctl_lightning.testing", "serve"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout)
-    endpoint = line[0].strip() if line else ""
-    if not endpoint.startswith("http"):
-        _stop_server(proc)
-        raise ServerError(f"the local S3 server did not print its endpoint within {timeout:.0f}s (got {endpoint!r})")
-    return proc, endpoint
-
-
-def _stop_server(proc: subprocess.Popen[str]) -> None:
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()  # the server stops when its stdin closes
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def _run_child(spec: dict[str, Any], env: dict[str, str], log_path: str, timeout: float, verbose: bool) -> dict[str, Any]:
-    spec_path = spec["result"] + ".spec.json"
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", spec_path]
-    with open(log_path, "w") as log:
-        try:
-            proc = subprocess.run(
-                cmd,
-                env=env,
-                stdout=None if verbose else log,
-                stderr=None if verbose else subprocess.STDOUT,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"run {spec['mode']!r} took longer than {timeout:.0f}s; killed") from None
-    if proc.returncode != 0 or not os.path.exists(spec["result"]):
-        tail = ""
-        if not verbose:
-            with open(log_path) as f:
-                tail = "".join(f.readlines()[-40:])
-        raise RuntimeError(f"run {spec['mode']!r} failed (exit code {proc.returncode}):\n{tail}")
-    with open(spec["result"]) as f:
-        return json.load(f)
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
 
 
 def _median(values: list[float]) -> float:
@@ -413,12 +342,6 @@ def _median(values: list[float]) -> float:
 
 def _fmt(values: list[float]) -> str:
     return " ".join(f"{v:.3f}" for v in values)
-
-
-def _round(x: float | None, nd: int = 4) -> float | None:
-    if x is None or not math.isfinite(x):
-        return None
-    return round(x, nd)
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -494,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     with tempfile.TemporaryDirectory(prefix="checkpoint-stall-", dir=args.workdir) as tmp:
         try:
-            server, endpoint = _start_server(env, args.server_nice)
+            server, endpoint = start_server(env, args.server_nice)
             env["AWS_ENDPOINT_URL"] = endpoint  # botocore (and so s3fs) honours it: native s3:// goes there
             import boto3
 

@@ -1,0 +1,108 @@
+"""What the benchmarks share: the local S3 server process, one fresh process per run, CPU and load readings.
+
+Each benchmark runs every measured configuration in a fresh Python process (``--child SPEC``), so
+that nothing one run leaves behind (threads, caches, allocator state) colours the next, and runs
+moto's S3 server as a separate process, so that it does not share the training loop's GIL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from typing import Any
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by process ``pid``; None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start_server(env: dict[str, str], nice: int = 0, timeout: float = 60.0) -> tuple[subprocess.Popen[str], str]:
+    """Start ``python -m trainctl_lightning.testing serve`` and return it with its endpoint."""
+    prefix = ["nice", "-n", str(nice)] if nice and shutil.which("nice") else []
+    proc = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "trainctl_lightning.testing", "serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout)
+    endpoint = line[0].strip() if line else ""
+    if not endpoint.startswith("http"):
+        stop_server(proc)
+        raise ServerError(f"the local S3 server did not print its endpoint within {timeout:.0f}s (got {endpoint!r})")
+    return proc, endpoint
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()  # the server stops when its stdin closes
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def run_child(
+    script: str, label: str, spec: dict[str, Any], env: dict[str, str], log_path: str, timeout: float, verbose: bool
+) -> dict[str, Any]:
+    """Run ``script --child SPEC`` in a fresh process and return the JSON it wrote to ``spec["result"]``."""
+    spec_path = spec["result"] + ".spec.json"
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    cmd = [sys.executable, os.path.abspath(script), "--child", spec_path]
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run(
+                cmd,
+                env=env,
+                stdout=None if verbose else log,
+                stderr=None if verbose else subprocess.STDOUT,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"run {label!r} took longer than {timeout:.0f}s; killed") from None
+    if proc.returncode != 0 or not os.path.exists(spec["result"]):
+        tail = ""
+        if not verbose:
+            with open(log_path) as f:
+                tail = "".join(f.readlines()[-40:])
+        raise RuntimeError(f"run {label!r} failed (exit code {proc.returncode}):\n{tail}")
+    with open(spec["result"]) as f:
+        return json.load(f)
+
+
+def loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def round_or_none(x: float | None, nd: int = 4) -> float | None:
+    """``x`` rounded, or None for a missing or non-finite figure (JSON has no NaN)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return round(x, nd)
