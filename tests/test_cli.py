@@ -112,3 +112,21 @@ def test_version_and_help():
     helped = trainctl("ckpt", "--help")
     for command in ("ls", "download", "upload", "verify"):
         assert command in helped.stdout
+
+
+def test_gc_lists_then_deletes_orphaned_upload_data(file_url, tmp_path):
+    store = RunStore(file_url)
+    good = store.publish_checkpoint([_lightning_like_ckpt(tmp_path / "good.ckpt", 1)], global_step=1)
+    orphan = Path(store.path("checkpoints", "0000000009-half-0badf00d", "half.ckpt"))
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"partial")
+
+    listed = trainctl("ckpt", "gc", file_url, "--older-than", "0")
+    assert listed.returncode == 0 and "would delete" in listed.stdout and "0000000009-half-0badf00d" in listed.stdout
+    assert orphan.exists()
+    young = trainctl("ckpt", "gc", file_url, "--yes", "--output", "json")  # default: only folders older than 1 h
+    assert json.loads(young.stdout)["orphans"] == [] and orphan.exists()
+    deleted = trainctl("ckpt", "gc", file_url, "--older-than", "0", "--yes", "--output", "json")
+    assert json.loads(deleted.stdout)["orphans"] == [{"id": "0000000009-half-0badf00d", "deleted_objects": 1}]
+    assert not orphan.exists()
+    assert [m.id for m in store.list_checkpoints()] == [good.id]

@@ -329,3 +329,21 @@ def test_resume_path_skips_a_corrupt_newest_checkpoint_loudly(store_url, tmp_pat
     assert f"not resuming from {newest.id}" in caplog.text
     with pytest.raises(IntegrityError, match="b.ckpt is 7 bytes"):
         resume_path(store_url, cache_dir=tmp_path / "cache2", fallback=False)
+
+
+def test_orphaned_upload_data_is_found_and_collected_only_when_old(store_url, tmp_path):
+    from trainctl_lightning.checkpoint.api import collect_orphans
+
+    store = RunStore(store_url)
+    good = store.publish_checkpoint([_ckpt_file(tmp_path, "good.ckpt")], global_step=1)
+    _put(store, store.path("checkpoints", "0000000002-half-deadbeef", "half.ckpt"), b"partial data")
+    assert store.find_orphans(older_than_s=3600) == [], "a fresh folder may be an upload in flight"
+    assert store.find_orphans(older_than_s=0) == ["0000000002-half-deadbeef"]
+    assert collect_orphans(store_url, older_than_s=0) == [{"id": "0000000002-half-deadbeef", "deleted_objects": 0}]
+    assert store.find_orphans(older_than_s=0) == ["0000000002-half-deadbeef"], "listing deletes nothing"
+    assert collect_orphans(store_url, older_than_s=0, delete=True) == [{"id": "0000000002-half-deadbeef", "deleted_objects": 1}]
+    assert store.find_orphans(older_than_s=0) == []
+    assert store.list_checkpoints() == [good]
+    store.verify_checkpoint(good)
+    with pytest.raises(ConflictError, match="is complete"):
+        store.delete_orphan(good.id)

@@ -28,6 +28,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -500,6 +501,62 @@ class RunStore:
                 ) from None
             _check_entry(self.fs.unstrip_protocol(remote), entry, digest, size)
 
+    def find_orphans(self, older_than_s: float = 3600.0) -> list[str]:
+        """Checkpoint folders with data objects but no manifest, untouched for ``older_than_s``.
+
+        A writer killed mid-upload leaves these behind. Readers never see them; they only take
+        space. The age limit keeps uploads that are still in flight out of the list.
+
+        Returns:
+            Checkpoint ids (folder names under ``checkpoints/``), oldest first.
+        """
+        base = self.path(CHECKPOINTS_DIR)
+
+        def scan() -> list[tuple[datetime, str]]:
+            self.fs.invalidate_cache(base)
+            try:
+                files = self.fs.find(base)
+            except FileNotFoundError:
+                return []
+            folders: dict[str, list[str]] = {}
+            for f in files:
+                rel = f[len(base) + 1 :] if f.startswith(base + "/") else ""
+                if "/" in rel:
+                    folders.setdefault(rel.split("/", 1)[0], []).append(f)
+            now = datetime.now(timezone.utc)
+            found = []
+            for ckpt_id, members in folders.items():
+                if any(m.rsplit("/", 1)[-1] == MANIFEST_NAME for m in members):
+                    continue
+                newest = max(_modified(self.fs, m) for m in members)
+                if (now - newest).total_seconds() >= older_than_s:
+                    found.append((newest, ckpt_id))
+            return sorted(found)
+
+        try:
+            return [ckpt_id for _, ckpt_id in self.retry.call(scan, what=f"scan {self.url_of(CHECKPOINTS_DIR)}")]
+        except Exception as exc:
+            raise explain_store_error(exc, self.url, "scan") from exc
+
+    def delete_orphan(self, ckpt_id: str) -> int:
+        """Delete the data objects of a checkpoint that has no manifest; returns how many.
+
+        Raises:
+            ConflictError: the checkpoint has a manifest (it is complete: use delete_checkpoint).
+        """
+        folder = self.path(CHECKPOINTS_DIR, ckpt_id)
+        if not ckpt_id or "/" in ckpt_id:
+            raise ConfigError(f"refusing to delete checkpoint folder with unsafe id {ckpt_id!r}")
+        if self.fs.exists(f"{folder}/{MANIFEST_NAME}"):
+            raise ConflictError(f"checkpoint {ckpt_id} is complete (it has a manifest); not deleting it as an orphan")
+        members = self.fs.find(folder)
+        for member in members:
+            self.retry.call(lambda: self.fs.rm_file(member), what=f"delete {self.fs.unstrip_protocol(member)}")
+        if self._is_local:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.fs.invalidate_cache(folder)
+        return len(members)
+
     # ------------------------------------------------------ metrics and status
     def write_metrics_segment(self, name: str, data: bytes) -> None:
         """Add one immutable metrics segment (JSON Lines) under ``metrics/``, create-only.
@@ -597,6 +654,11 @@ class RunStore:
         if self._is_local:
             shutil.rmtree(folder, ignore_errors=True)
         self.fs.invalidate_cache(folder)
+
+
+def _modified(fs: fsspec.AbstractFileSystem, path: str) -> datetime:
+    when = fs.modified(path)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def _check_entry(where: str, entry: FileEntry, digest: str, size: int) -> None:

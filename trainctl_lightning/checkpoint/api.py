@@ -116,3 +116,21 @@ def read_progress(path: Path) -> dict[str, int]:
     if not isinstance(data, dict):
         return {}
     return {k: int(data[k]) for k in ("epoch", "global_step") if isinstance(data.get(k), int)}
+
+
+def collect_orphans(
+    url: str,
+    *,
+    older_than_s: float = 3600.0,
+    delete: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Find (and with ``delete=True`` remove) data a killed upload left without a manifest.
+
+    Returns:
+        One ``{"id", "deleted_objects"}`` per orphaned checkpoint folder (``deleted_objects`` is 0
+        when only listing).
+    """
+    store = RunStore(url, storage_options)
+    found = store.find_orphans(older_than_s)
+    return [{"id": ckpt_id, "deleted_objects": store.delete_orphan(ckpt_id) if delete else 0} for ckpt_id in found]

@@ -106,3 +106,28 @@ def verify(url: str = URL, ref: Optional[str] = REF, output: Format = OutputOpti
         emit_json(_summary(manifest, verified=True))
     else:
         stdout.print(f"ok: {manifest.id} ({len(manifest.files)} file(s), {human_size(manifest.size)}) matches its manifest")
+
+
+@app.command("gc")
+@handle_errors
+def gc(
+    url: str = URL,
+    older_than: float = typer.Option(1.0, "--older-than", min=0.0, help="Only folders untouched for this many hours."),
+    yes: bool = typer.Option(False, "--yes", help="Delete them (default: only list)."),
+    output: Format = OutputOption,
+) -> None:
+    """List (and with --yes delete) data that killed uploads left without a manifest.
+
+    Readers never see such data; it only takes space. Folders younger than --older-than are left
+    alone, so uploads still in flight are safe.
+    """
+    found = api.collect_orphans(url, older_than_s=older_than * 3600, delete=yes)
+    if output is Format.json:
+        emit_json({"url": url, "deleted": yes, "orphans": found})
+        return
+    if not found:
+        stdout.print(f"no orphaned checkpoint data in {url}")
+        return
+    verb = "deleted" if yes else "would delete (run again with --yes)"
+    for item in found:
+        stdout.print(f"{verb}: checkpoints/{item['id']}/" + (f" ({item['deleted_objects']} object(s))" if yes else ""))
