@@ -211,10 +211,7 @@ def test_permanent_failure_is_loud_and_named_but_training_finishes(s3, tmp_path,
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.append(trainer.global_step)
             if trainer.global_step == 2:  # the bucket vanishes under the run
-                client = s3.server.client()
-                for obj in client.list_objects_v2(Bucket=s3.bucket).get("Contents", []):
-                    client.delete_object(Bucket=s3.bucket, Key=obj["Key"])
-                client.delete_bucket(Bucket=s3.bucket)
+                s3.server.delete_bucket(s3.bucket)
 
     trainer = pl.Trainer(
         **trainer_kwargs(max_steps=6, limit_val_batches=0),

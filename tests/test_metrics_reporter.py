@@ -175,21 +175,6 @@ def test_a_killed_run_shows_stale(s3, tmp_path):
     assert summary.status.session == status.session
 
 
-def _drop_bucket(s3) -> None:
-    """Delete the bucket under a writer that keeps adding objects to it."""
-    client = s3.server.client()
-    for _ in range(50):
-        for obj in client.list_objects_v2(Bucket=s3.bucket).get("Contents", []):
-            client.delete_object(Bucket=s3.bucket, Key=obj["Key"])
-        try:
-            client.delete_bucket(Bucket=s3.bucket)
-            return
-        except client.exceptions.ClientError as exc:
-            if "BucketNotEmpty" not in str(exc):
-                raise
-    raise AssertionError("could not delete the bucket")
-
-
 def test_write_failures_never_stop_training(s3, caplog):
     url = s3.url()
     reporter = MetricsReporter(url, flush_interval=0.1, status_interval=0.1)
@@ -198,7 +183,7 @@ def test_write_failures_never_stop_training(s3, caplog):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             time.sleep(0.01)
             if trainer.global_step == 5:
-                _drop_bucket(s3)
+                s3.server.delete_bucket(s3.bucket)
 
     trainer = pl.Trainer(**_kwargs(max_steps=30, limit_val_batches=0), logger=[reporter], callbacks=[DropBucket()])
     with caplog.at_level(logging.ERROR):

@@ -228,7 +228,6 @@ def _doomed_fit(server: LocalS3, tmp_path, *, max_steps: int = 8, delete_at_step
     Returns (trainer, sync, ckpt, pace, the UploadError fit raised, time of the deletion).
     """
     url = f"s3://{BUCKET}/runs/doomed"
-    client = server.client()
     deleted_at: list[float] = []
 
     def delete_bucket(trainer) -> None:
@@ -238,18 +237,7 @@ def _doomed_fit(server: LocalS3, tmp_path, *, max_steps: int = 8, delete_at_step
         while publisher.pending():
             assert time.monotonic() < deadline, "uploads before the deletion never finished"
             time.sleep(0.01)
-        for attempt in range(50):
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                if keys:
-                    client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
-            try:
-                client.delete_bucket(Bucket=BUCKET)
-                break
-            except client.exceptions.ClientError as exc:  # a background delete raced the listing
-                if "BucketNotEmpty" not in str(exc) or attempt == 49:
-                    raise
-                time.sleep(0.05)
+        server.delete_bucket(BUCKET)
         deleted_at.append(time.time())
 
     sync = CheckpointSync(url, retry_timeout=30, flush_timeout=60)

@@ -99,6 +99,22 @@ class LocalS3:
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
 
+    def delete_bucket(self, name: str, attempts: int = 50) -> None:
+        """Empty and delete a bucket, even while a writer keeps adding objects to it."""
+        client = self.client()
+        for attempt in range(attempts):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    client.delete_objects(Bucket=name, Delete={"Objects": keys})
+            try:
+                client.delete_bucket(Bucket=name)
+                return
+            except client.exceptions.ClientError as exc:  # a writer added an object after the listing
+                if "BucketNotEmpty" not in str(exc) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05)
+
     def __enter__(self) -> LocalS3:
         return self.start()
 
