@@ -94,6 +94,18 @@ def run_child(
         return json.load(f)
 
 
+def load_child_spec(spec_path: str) -> dict[str, Any]:
+    """In a child run: read its spec, and keep Lightning's hints and warnings out of its log."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")  # num_workers hints etc.
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    with open(spec_path) as f:
+        return json.load(f)
+
+
 def loadavg() -> float | None:
     try:
         return os.getloadavg()[0]

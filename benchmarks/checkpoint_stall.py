@@ -80,7 +80,7 @@ from _harness import loadavg as _loadavg  # noqa: E402  (benchmarks/ is on sys.p
 from _harness import proc_cpu_s as _proc_cpu_s  # noqa: E402
 from _harness import round_or_none as _round  # noqa: E402
 from _harness import start_server, stop_server as _stop_server  # noqa: E402
-from _harness import run_child  # noqa: E402
+from _harness import load_child_spec, run_child  # noqa: E402
 
 
 def _run_child(spec: dict[str, Any], env: dict[str, str], log_path: str, timeout: float, verbose: bool) -> dict[str, Any]:
@@ -88,16 +88,7 @@ def _run_child(spec: dict[str, Any], env: dict[str, str], log_path: str, timeout
 
 
 def _child(spec_path: str) -> None:
-    with open(spec_path) as f:
-        spec = json.load(f)
-
-    import warnings
-
-    warnings.filterwarnings("ignore")  # num_workers hints etc.; they go to the child's log only
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    spec = load_child_spec(spec_path)
 
     import torch
     from lightning.pytorch import Callback, LightningModule, Trainer
