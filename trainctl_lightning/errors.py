@@ -38,3 +38,29 @@ class UploadError(TrainctlError):
     def __init__(self, message: str, failed: list[str] | None = None) -> None:
         super().__init__(message)
         self.failed: list[str] = list(failed or [])
+
+
+class ProviderError(TrainctlError):
+    """A provider could not create, find or control an instance."""
+
+
+class InstanceNotFoundError(ProviderError, LookupError):
+    """No instance created by trainctl has this id (with this provider)."""
+
+
+class JobError(TrainctlError):
+    """A job could not be started, found or followed (not: the job's own script failed)."""
+
+
+class RunNotFoundError(JobError, LookupError):
+    """No run with this id or URL exists in the store."""
+
+
+class RunFailedError(JobError):
+    """The job ran and ended without success; carries its exit code and the tail of its output."""
+
+    def __init__(self, message: str, exit_code: int | None = None, error_tail: str = "", run_id: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.error_tail = error_tail
+        self.run_id = run_id

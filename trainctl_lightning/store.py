@@ -52,6 +52,8 @@ RUN_URL_ENV = "TRAINCTL_RUN_URL"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_DIR = "metrics"
 STATUS_NAME = "status.json"
+#: Written by ``trainctl launch`` (trainctl_lightning.jobs); listed here so runs without metrics show up.
+JOB_NAME = "job.json"
 LocalFile = Union[str, "os.PathLike[str]", tuple[str, str]]
 _HASH_CHUNK = 8 * 2**20
 _ID_SAFE = re.compile(r"[^A-Za-z0-9=._+-]+")
@@ -620,12 +622,85 @@ class RunStore:
         except Exception as exc:
             raise explain_store_error(exc, self.url, "read the status of") from exc
 
+    # ----------------------------------------------------- small named objects
+    def write_object(self, rel: str, data: bytes, create_only: bool = False) -> None:
+        """Write one small object at ``<run>/<rel>`` (job spec, job state, a log chunk, ...).
+
+        Raises:
+            ConflictError: ``create_only`` and the object exists (it is left as it was).
+            StoreError: the store cannot be written.
+        """
+        path = self.path(rel)
+        try:
+            self.retry.call(lambda: self._write_bytes(path, data, create_only=create_only), what=f"write {self.url_of(rel)}")
+        except FileExistsError:
+            raise ConflictError(f"{self.url_of(rel)} already exists; not overwritten") from None
+        except Exception as exc:
+            raise explain_store_error(exc, self.url, "write to") from exc
+
+    def read_object(self, rel: str) -> bytes | None:
+        """The object at ``<run>/<rel>``, or None when there is none."""
+        path = self.path(rel)
+
+        def read() -> bytes | None:
+            self.fs.invalidate_cache(path)
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+
+        try:
+            return self.retry.call(read, what=f"read {self.url_of(rel)}")
+        except Exception as exc:
+            raise explain_store_error(exc, self.url, "read") from exc
+
+    def exists(self, rel: str) -> bool:
+        path = self.path(rel)
+        self.fs.invalidate_cache(path)
+        try:
+            return bool(self.retry.call(lambda: self.fs.exists(path), what=f"check {self.url_of(rel)}"))
+        except Exception as exc:
+            raise explain_store_error(exc, self.url, "read") from exc
+
+    def read_new_objects(self, rel_dir: str, pattern: str = "*", skip: Iterable[str] = ()) -> list[tuple[str, bytes]]:
+        """Objects directly in ``<run>/<rel_dir>`` matching ``pattern``, not named in ``skip``,
+        as (name, content) in name order. For immutable, append-only series (log chunks)."""
+        base = self.path(rel_dir)
+        known = set(skip)
+
+        def read() -> dict[str, bytes]:
+            self.fs.invalidate_cache(base)
+            try:
+                paths = self.fs.glob(f"{base}/{pattern}")
+            except FileNotFoundError:
+                return {}
+            paths = [p for p in paths if p.rstrip("/").rsplit("/", 1)[-1] not in known]
+            return self.fs.cat(paths, on_error="omit") if paths else {}
+
+        try:
+            raw = self.retry.call(read, what=f"read {self.url_of(rel_dir)}")
+        except Exception as exc:
+            raise explain_store_error(exc, self.url, "read") from exc
+        return sorted(((p.rstrip("/").split("/")[-1], data) for p, data in raw.items()), key=lambda x: x[0])
+
+    def delete_object(self, rel: str) -> None:
+        path = self.path(rel)
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(path)
+
     def child_runs(self) -> list[str]:
-        """URLs of runs directly below this prefix (folders with a status or checkpoints)."""
+        """URLs of runs directly below this prefix (folders with a job, a status or checkpoints)."""
         def find() -> list[str]:
             self.fs.invalidate_cache(self.root)
             try:
-                found = self.fs.glob(f"{self.root}/*/{STATUS_NAME}") + self.fs.glob(f"{self.root}/*/{CHECKPOINTS_DIR}")
+                found = (
+                    self.fs.glob(f"{self.root}/*/{STATUS_NAME}")
+                    + self.fs.glob(f"{self.root}/*/{CHECKPOINTS_DIR}")
+                    + self.fs.glob(f"{self.root}/*/{JOB_NAME}")
+                )
             except FileNotFoundError:
                 return []
             return sorted({p.rstrip("/").rsplit("/", 2)[-2] for p in found})

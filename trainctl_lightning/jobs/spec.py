@@ -1,0 +1,236 @@
+"""Typed records of a job: what to run (``job.json``) and how it is going (``job-state.json``).
+
+The launcher writes ``job.json`` once; the agent on the instance reads it and rewrites
+``job-state.json`` as the job moves on. Both are JSON in the run store (``docs/run-store.md``);
+readers ignore fields they do not know, writers never remove one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.manifest import parse_time, utc_now
+
+JOB_FORMAT = "trainctl.job/1"
+JOB_STATE_FORMAT = "trainctl.job-state/1"
+#: A job whose agent has not refreshed its heartbeat for this long is shown as lost.
+LOST_AFTER_S = 60.0
+_RUN_ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SECRET_NAME = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+
+
+def new_run_id(stem: str) -> str:
+    """``<script stem>-<UTC yyyymmdd-hhmmss>-<4 hex>``: sorts by time, says what ran, never reused."""
+    clean = re.sub(r"[^A-Za-z0-9]+", "-", stem).strip("-").lower()[:40] or "run"
+    return f"{clean}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def validate_run_id(run_id: str) -> str:
+    if not isinstance(run_id, str) or not _RUN_ID_OK.match(run_id):
+        raise ConfigError(
+            f"run id {run_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return run_id
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable's name suggests a credential (never stored in a job spec)."""
+    return bool(_SECRET_NAME.search(name))
+
+
+class JobPhase(str, Enum):
+    """Where a job is, as its agent last reported."""
+
+    QUEUED = "queued"
+    """Written by the launcher: the job spec is in the store, the agent has not picked it up."""
+    FETCHING = "fetching"
+    """The agent is downloading and verifying the job and its code."""
+    SETTING_UP = "setting_up"
+    """The agent is preparing the Python environment (setup commands, dependencies)."""
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    """The script exited non-zero, or the agent could not start it (``error`` says which)."""
+    CANCELLED = "cancelled"
+    """Stopped on request (``trainctl stop``/Ctrl-C then cancel, or a SIGTERM to the agent)."""
+    TIMED_OUT = "timed_out"
+    """Stopped by the agent at the job's max runtime."""
+    PREEMPTED = "preempted"
+    """The instance was reclaimed (spot interruption); the job saved what it could."""
+
+    def is_terminal(self) -> bool:
+        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED, JobPhase.TIMED_OUT, JobPhase.PREEMPTED)
+
+
+class EnvMode(str, Enum):
+    """How the agent gets a Python environment for the job."""
+
+    AUTO = "auto"
+    """Reuse ``python`` if it already satisfies the project's requirements, else build one."""
+    REUSE = "reuse"
+    """Run with ``python`` as it is, installing nothing."""
+    ISOLATED = "isolated"
+    """Always build a fresh environment (uv when available, else venv + pip)."""
+
+
+@dataclass(frozen=True)
+class CodeRef:
+    """The code bundle of a job: a content-addressed manifest in the store."""
+
+    manifest_url: str
+    """URL of the bundle manifest (JSON: relative path -> sha256, size, mode)."""
+    manifest_sha256: str
+    """SHA-256 of the manifest's bytes; the agent refuses a manifest that does not match."""
+    blobs_url: str
+    """Prefix holding file contents by SHA-256, shared by every run in the store."""
+    files: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to run, written once by the launcher to ``<run>/job.json``."""
+
+    run_id: str
+    run_url: str
+    created_at: str
+    script: str | None = None
+    """Path of the script relative to the code root (``python SCRIPT ARGS...``)."""
+    module: str | None = None
+    """Or a module to run (``python -m MODULE ARGS...``)."""
+    args: list[str] = field(default_factory=list)
+    code: CodeRef | None = None
+    """None: no code is synced (the module must already be importable)."""
+    workdir: str = "."
+    """Directory, relative to the code root, the job runs in."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables for the job (no secrets; see ``forward_env``)."""
+    forward_env: list[str] = field(default_factory=list)
+    """Names of variables passed from the launcher's environment without being stored."""
+    setup: list[str] = field(default_factory=list)
+    """Shell commands run (in the code root) before the job, e.g. ``apt-get install -y ...``."""
+    env_mode: EnvMode = EnvMode.AUTO
+    python: str | None = None
+    """Interpreter to reuse (local provider: the launcher's own); None: the instance's ``python3``."""
+    max_runtime_s: float | None = None
+    """The agent stops the job (SIGTERM, then SIGKILL after ``stop_grace_s``) after this long."""
+    stop_grace_s: float = 60.0
+    provider: str = "local"
+    instance_id: str | None = None
+    terminate_instance_after: bool = False
+    """The agent terminates its instance once the job ends (set for instances a launch created)."""
+    log_interval_s: float = 1.0
+    """Log chunks are shipped at most this long after the job prints them."""
+    heartbeat_interval_s: float = 5.0
+    trainctl_version: str = ""
+    format: str = JOB_FORMAT
+
+    def __post_init__(self) -> None:
+        validate_run_id(self.run_id)
+        if (self.script is None) == (self.module is None):
+            raise ConfigError("a job runs exactly one of a script or a module")
+        for name, value in self.env.items():
+            if looks_secret(name):
+                raise ConfigError(
+                    f"env {name} looks like a secret and would be stored with the job: forward it instead "
+                    f"(--env {name} without a value passes it from your environment)"
+                )
+            if not isinstance(value, str):
+                raise ConfigError(f"env {name} must be a string, got {value!r}")
+        if self.max_runtime_s is not None and not self.max_runtime_s > 0:
+            raise ConfigError(f"max runtime must be > 0 seconds, got {self.max_runtime_s!r}")
+
+    def command(self, python: str) -> list[str]:
+        """The job's argv with ``python`` as the interpreter."""
+        head = [python, "-u", self.script] if self.script else [python, "-u", "-m", str(self.module)]
+        return head + list(self.args)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["env_mode"] = self.env_mode.value
+        return json.dumps(data, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "JobSpec":
+        data = json.loads(raw)
+        if not str(data.get("format", "")).startswith("trainctl.job/"):
+            raise ConfigError(f"not a trainctl job spec (format {data.get('format')!r})")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("code"):
+            code = known["code"]
+            known["code"] = CodeRef(**{k: v for k, v in code.items() if k in CodeRef.__dataclass_fields__})
+        known["env_mode"] = EnvMode(known.get("env_mode", "auto"))
+        return cls(**known)
+
+
+@dataclass
+class JobState:
+    """How a job is going, rewritten by the agent to ``<run>/job-state.json``."""
+
+    run_id: str
+    phase: JobPhase
+    updated_at: str
+    """UTC time of the last heartbeat; a job whose agent stops refreshing is shown as lost."""
+    instance_id: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    """The job's process id on the instance, while it runs."""
+    exit_code: int | None = None
+    error: str | None = None
+    """One line: why the job failed, was cancelled or timed out (agent-level, not the script's)."""
+    error_tail: str = ""
+    """The last lines of the job's output when it failed (its traceback, usually)."""
+    queued_at: str | None = None
+    started_at: str | None = None
+    """When the agent picked the job up."""
+    running_at: str | None = None
+    """When the script itself started."""
+    ended_at: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in ``fetch``, ``setup``, ``run`` and ``total``."""
+    python: str | None = None
+    env_mode: str | None = None
+    """What the agent did about the environment: ``reused`` or ``isolated (uv)`` / ``isolated (venv)``."""
+    heartbeat_interval_s: float = 5.0
+    format: str = JOB_STATE_FORMAT
+
+    @property
+    def age_s(self) -> float:
+        return (datetime.now(timezone.utc) - parse_time(self.updated_at)).total_seconds()
+
+    @property
+    def lost(self) -> bool:
+        """The agent stopped refreshing while the job was not finished."""
+        return not self.phase.is_terminal() and self.age_s > max(LOST_AFTER_S, 6 * self.heartbeat_interval_s)
+
+    def state(self) -> str:
+        """The phase to show: ``lost`` when the agent went quiet before the job ended."""
+        return "lost" if self.lost else self.phase.value
+
+    def touch(self) -> None:
+        self.updated_at = utc_now()
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["phase"] = self.phase.value
+        return json.dumps(data, indent=2, sort_keys=True).encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = json.loads(self.to_json())
+        data["state"] = self.state()
+        return data
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "JobState":
+        data = json.loads(raw)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["phase"] = JobPhase(known["phase"])
+        return cls(**known)
