@@ -21,6 +21,9 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("TRAINCTL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("TRAINCTL_RUN_URL", raising=False)
+    monkeypatch.delenv("TRAINCTL_PROFILE", raising=False)
+    # local-provider instances and the default store live under TRAINCTL_HOME
+    monkeypatch.setenv("TRAINCTL_HOME", str(tmp_path_factory.mktemp("trainctl-home")))
     # Whatever a test writes to a relative path (Lightning's default checkpoint and log folders)
     # lands in its own temp dir, never in the checkout.
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
