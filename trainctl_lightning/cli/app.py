@@ -14,6 +14,7 @@ import typer
 
 from trainctl_lightning import __version__
 from trainctl_lightning.cli import ckpt, runs
+from trainctl_lightning.cli import config as config_cli
 from trainctl_lightning.cli import metrics as metrics_cli
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(ckpt.app, name="ckpt")
 app.add_typer(runs.app, name="runs")
+app.add_typer(config_cli.app, name="config")
 app.command("monitor")(metrics_cli.monitor)
 app.command("metrics")(metrics_cli.metrics)
 app.command("plot")(metrics_cli.plot)
