@@ -13,7 +13,8 @@ import sys
 import typer
 
 from trainctl_lightning import __version__
-from trainctl_lightning.cli import ckpt, runs
+from trainctl_lightning.cli import ckpt, instances, runs
+from trainctl_lightning.cli import launch as launch_cli
 from trainctl_lightning.cli import config as config_cli
 from trainctl_lightning.cli import metrics as metrics_cli
 
@@ -30,6 +31,13 @@ app.add_typer(config_cli.app, name="config")
 app.command("monitor")(metrics_cli.monitor)
 app.command("metrics")(metrics_cli.metrics)
 app.command("plot")(metrics_cli.plot)
+app.command("launch", context_settings={"allow_interspersed_args": False})(launch_cli.launch)
+app.command("status")(launch_cli.status)
+app.command("logs")(launch_cli.logs)
+app.command("create")(instances.create)
+app.command("ls")(instances.ls)
+app.command("stop")(instances.stop)
+app.command("terminate")(instances.terminate)
 
 
 def _version(value: bool) -> None:
