@@ -97,7 +97,10 @@ class Settings:
     tags: dict[str, str] = field(default_factory=dict)
     """Extra tags on everything the provider creates (beside trainctl's own)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Provider-specific options, checked by the provider (aws: subnet_id, security_group_ids, key_name, iam_instance_profile, ...)."""
+    """Provider-specific options, checked by the provider.
+
+    aws: ``subnet_id``, ``security_group_ids``, ``key_name``, ``iam_instance_profile``, ...
+    """
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -142,7 +145,8 @@ class ResolvedConfig:
     profile: str | None
     """The profile applied, or None."""
     sources: dict[str, str]
-    """Field name -> ``"default"``, ``"<file>"``, ``"<file> [profile NAME]"``, ``"env TRAINCTL_..."`` or ``"command line"``."""
+    """Field name -> where its value came from: ``"default"``, ``"<file>"``, ``"<file> [profile NAME]"``,
+    ``"env TRAINCTL_..."`` or ``"command line"``."""
     files: list[str]
     """The config file read (at most one), as an absolute path."""
 
@@ -203,20 +207,21 @@ def read_config_file(path: str | Path) -> ConfigFile:
         prefix = "tool.trainctl."
         table = document.get("tool", {}).get("trainctl") if isinstance(document.get("tool"), dict) else None
         if table is None:
-            raise ConfigError(f"{where}no [tool.trainctl] table: add one, or put the settings in {CONFIG_FILE}")
+            raise ConfigError(f"{where}has no tool.trainctl table: add one, or put the settings in {CONFIG_FILE}")
         if not isinstance(table, dict):
-            raise _invalid(where, "tool.trainctl", table, "must be a table ([tool.trainctl])")
+            raise _invalid(where, "tool.trainctl", table, f"must be a table, got {_toml_type(table)}")
 
     base = _read_settings(table, prefix, where, extra=("profiles", "default_profile"))
 
     raw_profiles = table.get("profiles", {})
     if not isinstance(raw_profiles, dict):
-        raise _invalid(where, f"{prefix}profiles", raw_profiles, "must be a table of profiles, like [profiles.gpu]")
+        problem = f"must be a table with one table per profile, got {_toml_type(raw_profiles)}"
+        raise _invalid(where, f"{prefix}profiles", raw_profiles, problem)
     profiles: dict[str, dict[str, Any]] = {}
     for name, body in raw_profiles.items():
         key = f"{prefix}profiles.{name}"
         if not isinstance(body, dict):
-            raise _invalid(where, key, body, f"must be a table, like [{key}]")
+            raise _invalid(where, key, body, f"must be a table of settings, got {_toml_type(body)}")
         profiles[name] = _read_settings(body, f"{key}.", where)
 
     default = table.get("default_profile")
@@ -224,7 +229,8 @@ def read_config_file(path: str | Path) -> ConfigFile:
         if not isinstance(default, str):
             raise _invalid(where, f"{prefix}default_profile", default, f"must be a string, got {_toml_type(default)}")
         if default not in profiles:
-            raise _invalid(where, f"{prefix}default_profile", default, f"is not a profile in this file; {_known_profiles(profiles)}")
+            problem = f"is not a profile in this file; {_known_profiles(profiles)}"
+            raise _invalid(where, f"{prefix}default_profile", default, problem)
     return ConfigFile(path=path, base=base, profiles=profiles, default_profile=default, prefix=prefix)
 
 
@@ -275,7 +281,7 @@ def load_config(
             searched = Path(start if start is not None else os.getcwd()).expanduser().resolve()
             raise ConfigError(
                 f"unknown profile {chosen!r}{asked_by}: no config file in {searched} or above "
-                f"(create {CONFIG_FILE}, or add [tool.trainctl] to {PYPROJECT_FILE})"
+                f"(create {CONFIG_FILE}, or add a tool.trainctl table to {PYPROJECT_FILE})"
             )
         if chosen not in config.profiles:
             raise ConfigError(f"unknown profile {chosen!r}{asked_by}: {_known_profiles(config.profiles, config.path)}")
@@ -364,7 +370,7 @@ def _choose_profile(profile: str | None, config: ConfigFile | None) -> tuple[str
 def _known_profiles(profiles: dict[str, Any], path: Path | None = None) -> str:
     place = f" {path}" if path else " this file"
     if not profiles:
-        return f"{place.strip()} defines no profiles (add a [profiles.NAME] table)"
+        return f"{place.strip()} defines no profiles (add a profiles.NAME table)"
     return f"profiles in{place}: {', '.join(sorted(profiles))}"
 
 
@@ -453,7 +459,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def _env_name(name: Any, key: str, where: str) -> str:
     if not isinstance(name, str) or not _ENV_NAME.match(name):
-        raise _invalid(where, key, name, "is not an environment variable name (letters, digits and '_', not starting with a digit)")
+        problem = "is not an environment variable name (letters, digits and '_', not starting with a digit)"
+        raise _invalid(where, key, name, problem)
     return name
 
 
@@ -465,7 +472,8 @@ def _table(value: Any, key: str, where: str, example: str) -> dict[str, Any]:
 
 def _string_list(value: Any, key: str, where: str, example: str) -> list[str]:
     if not isinstance(value, (list, tuple)):
-        raise _invalid(where, key, value, f"must be an array of strings, like {key} = {example}, got {_toml_type(value)}")
+        problem = f"must be an array of strings, like {key} = {example}, got {_toml_type(value)}"
+        raise _invalid(where, key, value, problem)
     for i, item in enumerate(value):
         _text(item, f"{key}[{i}]", where)
     return list(value)
@@ -478,7 +486,8 @@ def _env(value: Any, key: str, where: str) -> dict[str, str]:
         if looks_secret(name):
             raise ConfigError(
                 f"{where}{key}.{name} looks like a secret and {key} is stored with the job: "
-                f'list it in forward_env instead (forward_env = ["{name}"] passes it from your environment, never stored)'
+                f'list it in forward_env instead (forward_env = ["{name}"] passes it from your environment, '
+                "never stored)"
             )
         if not isinstance(item, str):
             raise _invalid(where, f"{key}.{name}", item, f"must be a string (quote it), got {_toml_type(item)}")

@@ -16,7 +16,7 @@ from trainctl_lightning.config import CONFIG_FILE, PYPROJECT_FILE, find_config_f
 from trainctl_lightning.errors import ConfigError
 
 app = typer.Typer(
-    help="Show and check launch defaults (trainctl.toml, or [tool.trainctl] in pyproject.toml).",
+    help="Show and check launch defaults (trainctl.toml, or the tool.trainctl table of pyproject.toml).",
     no_args_is_help=True,
 )
 
@@ -43,7 +43,7 @@ def show(
 ) -> None:
     """Show the settings a launch from this directory would use, and where each comes from.
 
-    The config file is the first trainctl.toml, or pyproject.toml with [tool.trainctl], found from here upward. Exits 1 if it (or a TRAINCTL_* variable, or the profile) is invalid.
+    The config file is the first trainctl.toml, or pyproject.toml with a tool.trainctl table, found from here upward. Exits 1 if it (or a TRAINCTL_* variable, or the profile) is invalid.
     """
     resolved = load_config(profile=profile)
     settings = resolved.settings
@@ -85,7 +85,7 @@ def validate(
         found = find_config_file()
         if found is None:
             raise ConfigError(
-                f"no config file in {os.getcwd()} or above: create {CONFIG_FILE}, or add [tool.trainctl] to {PYPROJECT_FILE}"
+                f"no config file in {os.getcwd()} or above: create {CONFIG_FILE}, or add a tool.trainctl table to {PYPROJECT_FILE}"
             )
         path = found
     elif path.is_dir():
