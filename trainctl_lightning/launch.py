@@ -82,8 +82,8 @@ def resolve_run_url(ref: str, store: str | None = None, profile: str | None = No
     """A run's URL from a run id (looked up in the configured store) or a URL/path given as is."""
     if not ref:
         raise ConfigError("a run id or run URL is required")
-    if "://" in ref or ref.startswith(("/", ".", "~")):
-        return ref if "://" in ref else f"file://{Path(ref).expanduser().resolve()}"
+    if "://" in ref or "/" in ref or ref.startswith(("~", ".")) or os.path.exists(ref):
+        return ref  # a URL or a local path, used as it is
     validate_run_id(ref)
     store_url = store or _settings(None, profile, {}).store_url()
     return run_url_in(store_url, ref)

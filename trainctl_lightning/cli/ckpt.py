@@ -9,13 +9,15 @@ import typer
 from rich.table import Table
 
 from trainctl_lightning.checkpoint import api
-from trainctl_lightning.cli.common import OutputOption, handle_errors
+from trainctl_lightning.cli.common import OutputOption, handle_errors, resolve_run
 from trainctl_lightning.cli.output import Format, emit_json, human_age, human_size, stdout, transfer_progress
 from trainctl_lightning.manifest import CheckpointManifest
 
 app = typer.Typer(help="List, download, upload and verify a run's checkpoints.", no_args_is_help=True)
 
-URL = typer.Argument(..., help="The run's store URL, e.g. s3://bucket/runs/exp1 or file:///data/runs/exp1.")
+URL = typer.Argument(
+    ..., help="The run's store URL (s3://bucket/runs/exp1, file:///data/runs/exp1) or a launched run's id.", callback=resolve_run
+)
 REF = typer.Argument(None, help="Checkpoint id or name (e.g. last.ckpt); default: the latest.")
 
 

@@ -15,6 +15,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 OutputOption = typer.Option(Format.table, "--output", help="table for people, json for programs.", case_sensitive=False)
 
 
+def resolve_run(value: str | None) -> str | None:
+    """Argument callback: a run id becomes its URL in the configured store; URLs and paths pass."""
+    if value is None:
+        return None
+    from trainctl_lightning.launch import resolve_run_url
+
+    try:
+        return resolve_run_url(value)
+    except TrainctlError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def handle_errors(fn: F) -> F:
     """Print a TrainctlError as one line (and as JSON in --output json) and exit 1."""
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 import typer
 from rich.live import Live
 
-from trainctl_lightning.cli.common import OutputOption, handle_errors
+from trainctl_lightning.cli.common import OutputOption, handle_errors, resolve_run
 from trainctl_lightning.cli.output import Format, emit_json, stderr, stdout
 from trainctl_lightning.errors import ConfigError, TrainctlError
 from trainctl_lightning.metrics import read, view
@@ -35,7 +35,9 @@ EXIT_INTERRUPTED = 3
 EXIT_STALE = 4
 EXIT_CTRL_C = 130
 
-RUN = typer.Argument(..., help="The run's store URL, e.g. s3://bucket/runs/exp1 or file:///data/runs/exp1.")
+RUN = typer.Argument(
+    ..., help="The run's store URL (s3://bucket/runs/exp1, file:///data/runs/exp1) or a launched run's id.", callback=resolve_run
+)
 METRIC = typer.Option(None, "--metric", "-m", help="Only this metric (repeatable); default: every metric.")
 
 
@@ -71,7 +73,7 @@ def load_run(url: str) -> tuple[RunStatus | None, list[MetricRecord]]:
 
 # ------------------------------------------------------------------ monitor
 def monitor(
-    url: str = typer.Argument(..., help="The run's store URL (or a prefix holding exactly one run)."),
+    url: str = typer.Argument(..., help="The run's store URL (or a prefix holding exactly one run), or a launched run's id.", callback=resolve_run),
     interval: float = typer.Option(2.0, "--interval", "-n", min=0.2, help="Seconds between refreshes."),
     once: bool = typer.Option(False, "--once", help="Print one frame and exit 0 (for scripts); exit 1 if the run has no status."),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Only this metric (repeatable)."),

@@ -24,7 +24,9 @@ def run_name(url: str) -> str:
 @app.command("ls")
 @handle_errors
 def ls(
-    url: str = typer.Argument(..., help="A run's store URL, or a prefix holding runs (e.g. s3://bucket/runs)."),
+    url: Optional[str] = typer.Argument(
+        None, help="A run's store URL, or a prefix holding runs (e.g. s3://bucket/runs); default: the configured store."
+    ),
     metric: Optional[List[str]] = typer.Option(
         None, "--metric", "-m", help="Metric to show (repeatable); default: the first 3 by name, epoch left out."
     ),
@@ -34,6 +36,10 @@ def ls(
 
     STATE is the phase the run last reported (training, finished, failed...) or "stale" when it stopped reporting without ending (killed, hung, machine gone). AGE is the time since its status was last refreshed. Exits 1 if there is no run at URL.
     """
+    if url is None:
+        from trainctl_lightning.launch import store_url_for
+
+        url = store_url_for()
     runs = read.list_runs(url)
     if not runs:
         raise ConfigError(f"no runs at {url}: no status.json or checkpoints there or in the folders directly below it")
