@@ -1,0 +1,466 @@
+"""One run on an instance: fetch the job and its code, set up Python, run it, watch it, report.
+
+Everything the launcher and ``trainctl status``/``logs`` see comes from here, through the run
+store: ``job-state.json`` (rewritten on every phase change and every heartbeat) and the job's
+output as immutable log chunks. The order of the last two writes is a promise to readers: the
+final log chunk is in the store before the terminal state is.
+
+The agent outlives store trouble: a failed write during the run is retried on the next tick
+and never stops the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainctl_lightning.agent.environment import SetupError, SetupStopped, prepare_environment
+from trainctl_lightning.errors import ConflictError, TrainctlError
+from trainctl_lightning.jobs.spec import JobPhase, JobSpec, JobState, validate_run_id
+from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
+from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.retry import RetryPolicy
+from trainctl_lightning.store import RUN_URL_ENV
+
+log = logging.getLogger("trainctl_lightning.agent")
+
+RUN_ID_ENV = "TRAINCTL_RUN_ID"
+INSTANCE_ID_ENV = "TRAINCTL_INSTANCE_ID"
+#: How often the agent looks for a cancel request (one small GET).
+CANCEL_POLL_S = 1.0
+#: Lines of output kept for the error tail of a job that did not succeed.
+TAIL_LINES = 50
+NOTE_PREFIX = "[trainctl agent] "
+# During the run a write that keeps failing is retried on the next tick instead of blocking
+# heartbeats and cancel checks; the final writes ride out longer trouble.
+_TICK_RETRY = RetryPolicy(deadline_s=5.0, initial_backoff_s=0.2, max_backoff_s=2.0)
+_FINAL_RETRY = RetryPolicy(deadline_s=60.0)
+
+
+class AgentFailure(TrainctlError):
+    """Something the agent itself could not do; the message becomes the job state's ``error``."""
+
+
+@dataclass
+class Outcome:
+    phase: JobPhase
+    exit_code: int | None
+    error: str | None = None
+
+
+def format_duration(seconds: float) -> str:
+    """``7200`` -> ``2h00m``, ``90`` -> ``1m30s``, ``1.5`` -> ``1.5s``."""
+    if seconds < 60:
+        return f"{seconds:g}s"
+    hours, rest = divmod(int(round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class LogPump:
+    """The job's output on its way to the store: buffered, shipped as chunks, kept locally too.
+
+    ``feed`` never blocks on the store (the job must not stall on a full pipe while an upload
+    is slow); ``ship`` writes what has accumulated as one chunk and keeps it for the next
+    attempt when the write fails.
+    """
+
+    MAX_CHUNK = 8 * 2**20
+
+    def __init__(self, writer: LogChunkWriter, local_path: Path, tail_bytes: int = 64 * 1024) -> None:
+        self.writer = writer
+        self.local_path = local_path
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = open(local_path, "ab")
+        self._buf = bytearray()
+        self._tail = bytearray()
+        self._tail_bytes = tail_bytes
+        self._lock = threading.Lock()
+        self._ship_lock = threading.Lock()
+
+    def feed(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+            self._tail += data
+            del self._tail[: -self._tail_bytes]
+            self._write_local(data)
+
+    def note(self, text: str) -> None:
+        """An agent line in the job's log (what it did, why it stopped)."""
+        self.feed(f"{NOTE_PREFIX}{text}\n".encode())
+
+    def note_local(self, text: str) -> None:
+        """An agent line only in the local log (the store could not be written)."""
+        with self._lock:
+            self._write_local(f"{NOTE_PREFIX}{text}\n".encode())
+
+    def _write_local(self, data: bytes) -> None:
+        try:
+            self._local.write(data)
+            self._local.flush()
+        except OSError:  # a full disk must not stop the job; the store copy is what matters
+            pass
+
+    def ship(self) -> bool:
+        """Write the buffered output to the store; False (data kept) when that failed."""
+        with self._ship_lock:
+            while True:
+                with self._lock:
+                    data = bytes(self._buf[: self.MAX_CHUNK])
+                    del self._buf[: len(data)]
+                if not data:
+                    return True
+                try:
+                    self.writer.write(data)
+                except ConflictError:
+                    # an earlier attempt that "failed" did land: that chunk is there, move on
+                    self.writer.seq += 1
+                except Exception as exc:
+                    with self._lock:
+                        self._buf[:0] = data
+                    log.warning("could not ship %d bytes of output (will retry): %s", len(data), one_line(exc))
+                    return False
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        with self._lock:
+            text = self._tail.decode(errors="replace")
+        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+    def close(self) -> None:
+        self._local.close()
+
+
+class Agent:
+    """Runs the job at ``run_url`` with ``workdir`` as its scratch space.
+
+    Layout of ``workdir``: ``runs/<run id>/`` (the code root when no code is synced, else its
+    ``code/``), ``envs/<digest>/`` (cached isolated environments), ``logs/<run id>.log``.
+    """
+
+    def __init__(self, run_url: str, workdir: Path) -> None:
+        self.run_url = run_url
+        self.workdir = Path(workdir).resolve()
+        self.jobs = JobStore(run_url)
+        self.jobs.store.retry = _TICK_RETRY
+        self.spec: JobSpec | None = None
+        self.state: JobState | None = None
+        self.pump: LogPump | None = None
+        self.timings: dict[str, float] = {}
+        self._stop_request: tuple[JobPhase, str] | None = None
+        self._stop_event = threading.Event()
+        self._done = threading.Event()
+        self._state_lock = threading.Lock()  # held across snapshot *and* write: writes land in order
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------ entry point
+
+    def run(self) -> int:
+        """Run the job to its end; the job's exit code (1 when the agent itself failed)."""
+        self._install_signal_handlers()
+        try:
+            self.spec = spec = self.jobs.read_spec()
+        except Exception as exc:
+            return self._fail_without_spec(exc)
+        self.pump = LogPump(self.jobs.log_writer(), self.workdir / "logs" / f"{spec.run_id}.log")
+        now = utc_now()
+        self.state = JobState(
+            run_id=spec.run_id,
+            phase=JobPhase.FETCHING,
+            updated_at=now,
+            instance_id=spec.instance_id,
+            host=socket.gethostname(),
+            queued_at=spec.created_at,
+            started_at=now,
+            heartbeat_interval_s=spec.heartbeat_interval_s,
+        )
+        log.info("run %s: picked up from %s", spec.run_id, self.jobs.url)
+        self._write_state()
+        supervisor = threading.Thread(target=self._supervise, name="agent-supervisor", daemon=True)
+        supervisor.start()
+        try:
+            outcome = self._run_job()
+        except AgentFailure as exc:
+            outcome = Outcome(JobPhase.FAILED, None, one_line(exc))
+        except Exception as exc:  # a bug of ours: still end the job in a terminal state
+            log.exception("agent error")
+            outcome = Outcome(JobPhase.FAILED, None, one_line(f"agent error: {type(exc).__name__}: {exc}"))
+        finally:
+            self._done.set()
+            supervisor.join(timeout=30)
+        self._finish(outcome)
+        self._release_instance()
+        self.pump.close()
+        return outcome.exit_code if outcome.exit_code is not None else 1
+
+    def request_stop(self, phase: JobPhase, reason: str) -> None:
+        """Stop the job (SIGTERM, then SIGKILL after the grace period) and end in ``phase``.
+
+        Safe from a signal handler: takes no lock. The first request wins.
+        """
+        if self._stop_request is None:
+            self._stop_request = (phase, reason)
+            self._stop_event.set()
+
+    # ------------------------------------------------------------ phases
+
+    def _run_job(self) -> Outcome:
+        spec = self.spec
+        assert spec is not None and self.pump is not None
+        run_dir = self.workdir / "runs" / spec.run_id
+        start = time.monotonic()
+        if spec.code is not None:
+            code_root = run_dir / "code"
+            try:
+                from trainctl_lightning.jobs.codesync import fetch_bundle
+
+                stats = fetch_bundle(spec.code, code_root)
+            except TrainctlError as exc:
+                raise AgentFailure(f"could not fetch the code bundle: {one_line(exc)}") from exc
+            log.info("code: %s files, %s bytes downloaded, %s reused", stats.files, stats.bytes_downloaded, stats.bytes_reused)
+        else:
+            code_root = run_dir
+            code_root.mkdir(parents=True, exist_ok=True)
+        self.timings["fetch"] = round(time.monotonic() - start, 3)
+        if self._stop_request:
+            return self._stopped(None)
+
+        self._set_phase(JobPhase.SETTING_UP)
+        start = time.monotonic()
+        try:
+            prepared = prepare_environment(spec, code_root, self.workdir, self.pump.feed, stop=self._stop_event.is_set)
+        except SetupStopped:
+            return self._stopped(None)
+        except SetupError as exc:
+            return Outcome(JobPhase.FAILED, None, one_line(exc))
+        finally:
+            self.timings["setup"] = round(time.monotonic() - start, 3)
+        log.info("environment: %s", prepared.description)
+        with self._state_lock:
+            self.state.python = prepared.python
+            self.state.env_mode = prepared.mode
+        if self._stop_request:
+            return self._stopped(None)
+        return self._run_process(prepared.python, code_root)
+
+    def _run_process(self, python: str, code_root: Path) -> Outcome:
+        spec = self.spec
+        assert spec is not None and self.pump is not None
+        cwd = code_root / spec.workdir
+        if not cwd.is_dir():
+            return Outcome(JobPhase.FAILED, None, f"the job's working directory {spec.workdir!r} is not in the code at {code_root}")
+        argv = spec.command(python)
+        if spec.script:
+            script = code_root / spec.script
+            if not script.is_file():
+                return Outcome(JobPhase.FAILED, None, f"script {spec.script!r} is not in the code at {code_root}")
+            argv[2] = os.path.relpath(script, cwd)
+        env = {
+            **os.environ,
+            **spec.env,
+            RUN_URL_ENV: spec.run_url,
+            RUN_ID_ENV: spec.run_id,
+            "PYTHONUNBUFFERED": "1",
+        }
+        if spec.instance_id:
+            env[INSTANCE_ID_ENV] = spec.instance_id
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: a stop reaches its children too
+            )
+        except OSError as exc:
+            return Outcome(JobPhase.FAILED, None, one_line(f"could not start {argv[0]}: {exc}"))
+        start = time.monotonic()
+        with self._state_lock:
+            self.state.pid = proc.pid
+            self.state.running_at = utc_now()
+        self._set_phase(JobPhase.RUNNING)
+        log.info("run %s: started pid %d: %s", spec.run_id, proc.pid, " ".join(argv[:4]))
+        reader = threading.Thread(target=self._read_output, args=(proc,), name="job-output", daemon=True)
+        reader.start()
+
+        deadline = start + spec.max_runtime_s if spec.max_runtime_s else None
+        stopped: tuple[JobPhase, str] | None = None
+        while True:
+            try:
+                returncode = proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if deadline is not None and self._stop_request is None and time.monotonic() >= deadline:
+                self.request_stop(JobPhase.TIMED_OUT, f"stopped after the max runtime of {format_duration(spec.max_runtime_s)}")
+            if self._stop_request is not None:
+                stopped = self._stop_request
+                log.info("run %s: stopping (%s)", spec.run_id, stopped[1])
+                returncode = self._stop_process(proc, spec.stop_grace_s)
+                break
+        reader.join(timeout=2.0)
+        if reader.is_alive():  # a process the job left behind holds the pipe: its group goes too
+            _signal_group(proc.pid, signal.SIGKILL)
+            reader.join(timeout=5.0)
+        self.timings["run"] = round(time.monotonic() - start, 3)
+        exit_code = returncode if returncode >= 0 else 128 - returncode
+        if stopped is not None:
+            return Outcome(stopped[0], exit_code, stopped[1])
+        if returncode == 0:
+            return Outcome(JobPhase.SUCCEEDED, 0)
+        if returncode < 0:
+            return Outcome(JobPhase.FAILED, exit_code, f"the job was killed by {_signal_name(-returncode)}")
+        return Outcome(JobPhase.FAILED, exit_code, f"the job exited with code {exit_code}")
+
+    def _read_output(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None and self.pump is not None
+        fd = proc.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            self.pump.feed(chunk)
+        proc.stdout.close()
+
+    @staticmethod
+    def _stop_process(proc: subprocess.Popen, grace_s: float) -> int:
+        """SIGTERM to the job's process group (Lightning saves and stops), SIGKILL after ``grace_s``."""
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("the job did not stop within %s of SIGTERM; sending SIGKILL", format_duration(grace_s))
+            _signal_group(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+    def _stopped(self, exit_code: int | None) -> Outcome:
+        assert self._stop_request is not None
+        return Outcome(self._stop_request[0], exit_code, self._stop_request[1])
+
+    # ------------------------------------------------------------ reporting
+
+    def _supervise(self) -> None:
+        """Ship output, refresh the heartbeat and look for a cancel request until the job ends."""
+        spec = self.spec
+        assert spec is not None and self.pump is not None
+        now = time.monotonic()
+        next_ship, next_beat, next_cancel = now, now + spec.heartbeat_interval_s, now
+        while not self._done.is_set():
+            now = time.monotonic()
+            if now >= next_ship:
+                self.pump.ship()
+                next_ship = now + spec.log_interval_s
+            if now >= next_beat:
+                self._write_state()
+                next_beat = now + spec.heartbeat_interval_s
+            if now >= next_cancel:
+                next_cancel = now + CANCEL_POLL_S
+                if self._stop_request is None:
+                    try:
+                        reason = self.jobs.cancel_requested()
+                    except Exception as exc:
+                        log.warning("could not check for a cancel request (will retry): %s", one_line(exc))
+                    else:
+                        if reason:
+                            self.request_stop(JobPhase.CANCELLED, one_line(reason))
+            self._done.wait(max(0.01, min(next_ship, next_beat, next_cancel) - time.monotonic()))
+
+    def _set_phase(self, phase: JobPhase) -> None:
+        with self._state_lock:
+            self.state.phase = phase
+        self._write_state()
+
+    def _write_state(self) -> bool:
+        with self._state_lock:
+            self.state.touch()
+            try:
+                self.jobs.write_state(self.state)
+                return True
+            except Exception as exc:
+                log.warning("could not write the job state (will retry): %s", one_line(exc))
+                return False
+
+    def _finish(self, outcome: Outcome) -> None:
+        """Final log chunk first, then the terminal state: readers rely on that order."""
+        assert self.state is not None and self.pump is not None
+        self.jobs.store.retry = _FINAL_RETRY
+        tail = self.pump.tail() if outcome.phase is not JobPhase.SUCCEEDED else ""
+        if outcome.error and outcome.phase is not JobPhase.SUCCEEDED:
+            self.pump.note(f"{outcome.phase.value}: {outcome.error}")
+        if not self.pump.ship():
+            self.pump.note_local("the last output could not be written to the store")
+            log.error("the job's last output could not be written to %s", self.jobs.url)
+        self.timings["total"] = round(time.monotonic() - self._t0, 3)
+        with self._state_lock:
+            state = self.state
+            state.phase = outcome.phase
+            state.exit_code = outcome.exit_code
+            state.error = outcome.error
+            state.error_tail = tail
+            state.ended_at = utc_now()
+            state.timings = dict(self.timings)
+        log.info("run %s: %s (exit code %s)%s", state.run_id, state.phase.value, state.exit_code, f": {state.error}" if state.error else "")
+        if not self._write_state():
+            msg = f"could not write the final job state ({state.phase.value}) to {self.jobs.url}"
+            self.pump.note_local(msg)
+            log.error(msg)
+
+    def _fail_without_spec(self, exc: Exception) -> int:
+        error = one_line(f"could not read the job at {self.run_url}: {exc}")
+        log.error(error)
+        run_id = self.run_url.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            validate_run_id(run_id)
+            now = utc_now()
+            state = JobState(run_id=run_id, phase=JobPhase.FAILED, updated_at=now, host=socket.gethostname(), error=error, started_at=now, ended_at=now)
+            self.jobs.write_state(state)
+        except Exception as write_exc:
+            log.error("could not record the failure either: %s", one_line(write_exc))
+        return 1
+
+    def _release_instance(self) -> None:
+        spec = self.spec
+        if spec is None or not (spec.terminate_instance_after and spec.instance_id):
+            return
+        try:
+            from trainctl_lightning.providers import get_provider
+
+            get_provider(spec.provider).release_from_agent(spec.instance_id)
+            log.info("released instance %s (%s provider)", spec.instance_id, spec.provider)
+        except Exception as exc:  # the job is over and recorded; a stuck instance is reported, not raised
+            log.error("could not release instance %s: %s", spec.instance_id, one_line(exc))
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum: int, frame: object) -> None:
+            self.request_stop(JobPhase.CANCELLED, f"agent received {_signal_name(signum)}: the instance is stopping")
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+
+
+def run_agent(run_url: str, workdir: Path) -> int:
+    """Run the job at ``run_url``; returns the exit code the agent process should exit with."""
+    return Agent(run_url, workdir).run()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
