@@ -17,6 +17,7 @@ from trainctl_lightning.cli import ckpt, instances, runs
 from trainctl_lightning.cli import launch as launch_cli
 from trainctl_lightning.cli import config as config_cli
 from trainctl_lightning.cli import metrics as metrics_cli
+from trainctl_lightning.cli import aws as aws_cli, gc as gc_cli
 
 app = typer.Typer(
     name="trainctl",
@@ -38,6 +39,8 @@ app.command("create")(instances.create)
 app.command("ls")(instances.ls)
 app.command("stop")(instances.stop)
 app.command("terminate")(instances.terminate)
+app.add_typer(aws_cli.app, name="aws")
+app.command("gc")(gc_cli.gc)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,811 @@
+"""AWS: one EC2 instance per run, started by its user data, found again only by its tags.
+
+The job hand-off needs no inbound port: ``create`` is given the run's ``s3://`` URL
+(``InstanceSpec.options["run_url"]``) and the instance's user data (:mod:`.aws_bootstrap`)
+installs trainctl-lightning, runs the agent for that run and powers off, which terminates the
+instance (``InstanceInitiatedShutdownBehavior=terminate``). The instance reads and writes the
+store with its instance profile (``trainctl aws setup`` creates one), never with a secret.
+
+No leaks, by construction (the SkyPilot way):
+
+* everything is tagged at creation (instance, volumes, network interface, spot request), and
+  ``list``/``stop``/``terminate`` only ever see instances tagged ``trainctl:managed-by``;
+* a hard max runtime is scheduled on the instance before anything else runs;
+* a launch that fails after ``run_instances`` terminates the instance it created, and says so,
+  or names the instance to delete by hand when it cannot.
+
+boto3 is imported by this module only.
+
+Example::
+
+    provider = AWSProvider(region="us-east-1")
+    spec = InstanceSpec(instance_type="g5.xlarge", spot=True, max_runtime_s=6 * 3600,
+                        options={"run_url": "s3://my-bucket/runs/mnist-20250101-120000-ab12"})
+    print(provider.create_dryrun(spec))   # what would be created, and the estimated price
+    instance = provider.create(spec)
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import shlex
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timezone
+from typing import Any, Callable, ClassVar, Sequence
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+    ProfileNotFound,
+)
+
+from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError, TrainctlError
+from trainctl_lightning.jobs.spec import looks_secret, validate_run_id
+from trainctl_lightning.providers.api import (
+    MANAGED_BY,
+    TAG_MANAGED_BY,
+    TAG_NAME,
+    TAG_RUN_ID,
+    AgentLaunch,
+    CreatePlan,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    Provider,
+    standard_tags,
+)
+from trainctl_lightning.providers.aws_bootstrap import render_user_data, summarize_user_data
+from trainctl_lightning.providers.gc import TAG_STORE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INSTANCE_TYPE = "g4dn.xlarge"
+DEFAULT_DISK_GB = 100
+#: AWS's public SSM parameter naming the latest Deep Learning Base AMI (NVIDIA driver, CUDA,
+#: Ubuntu 22.04) in each region.
+DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+#: Instance profile and security group that ``trainctl aws setup`` creates and ``create`` uses
+#: when the options name none.
+DEFAULT_INSTANCE_PROFILE = "trainctl-lightning-instance"
+TAG_PURPOSE = "trainctl:purpose"
+SECURITY_GROUP_PURPOSE = "instances"
+
+#: Approximate on-demand prices in USD per hour: AWS's EC2 On-Demand pricing page, us-east-1,
+#: Linux, as listed in 2024. Other regions differ, and AWS has cut some since (P4/P5 in 2025):
+#: an estimate shown before launch, never a bill.
+ON_DEMAND_PRICES: dict[str, float] = {
+    "g4dn.xlarge": 0.526,
+    "g4dn.2xlarge": 0.752,
+    "g4dn.4xlarge": 1.204,
+    "g4dn.8xlarge": 2.176,
+    "g4dn.12xlarge": 3.912,
+    "g5.xlarge": 1.006,
+    "g5.2xlarge": 1.212,
+    "g5.4xlarge": 1.624,
+    "g5.8xlarge": 2.448,
+    "g5.12xlarge": 5.672,
+    "g5.48xlarge": 16.288,
+    "g6.xlarge": 0.805,
+    "g6.2xlarge": 0.978,
+    "g6.4xlarge": 1.323,
+    "g6.12xlarge": 4.602,
+    "g6e.xlarge": 1.861,
+    "p3.2xlarge": 3.06,
+    "p3.8xlarge": 12.24,
+    "p3.16xlarge": 24.48,
+    "p4d.24xlarge": 32.773,
+    "p5.48xlarge": 98.32,
+}
+_GPU_FAMILIES = ("g4dn.", "g4ad.", "g5.", "g5g.", "g6.", "g6e.", "gr6.", "p3.", "p3dn.", "p4d.", "p4de.", "p5.", "p5e.", "p5en.")
+
+_STATES = {
+    "pending": InstanceState.PENDING,
+    "running": InstanceState.RUNNING,
+    "stopping": InstanceState.STOPPING,
+    "stopped": InstanceState.STOPPED,
+    "shutting-down": InstanceState.TERMINATING,
+    "terminated": InstanceState.TERMINATED,
+}
+_LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+
+#: ``InstanceSpec.options`` this provider understands.
+OPTIONS: dict[str, str] = {
+    "run_url": "s3:// URL of the run whose agent the instance starts at boot",
+    "store_url": "the run store's root URL (tagged, so that `trainctl gc` can find the run)",
+    "install": "what the instance pip-installs for trainctl-lightning: a requirement or the s3:// URL of a wheel",
+    "subnet_id": "subnet to launch in (default: the default VPC's)",
+    "security_group_ids": "list of security group ids (default: the one `trainctl aws setup` made, else the VPC's default)",
+    "key_name": "EC2 key pair for SSH (optional: nothing needs SSH)",
+    "iam_instance_profile": f"instance profile name or ARN (default: {DEFAULT_INSTANCE_PROFILE}, from `trainctl aws setup`)",
+}
+
+#: Steps of ``_create`` after which a test may inject a failure (``provider._fail_after``).
+LAUNCH_STEPS = ("run_instances", "wait_visible", "check_tags")
+_CREDENTIAL_CODES = {
+    "AuthFailure",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "RequestExpired",
+}
+_CAPACITY_CODES = {"InsufficientInstanceCapacity", "SpotMaxPriceTooLow", "InsufficientCapacity", "Unsupported"}
+_QUOTA_CODES = {"VcpuLimitExceeded", "MaxSpotInstanceCountExceeded", "InstanceLimitExceeded"}
+
+
+def explain_aws_error(exc: BaseException, action: str, region: str | None = None, profile: str | None = None) -> TrainctlError:
+    """Turn a boto3 exception into one line that says what to do.
+
+    Credentials and configuration problems become :class:`ConfigError`; everything else
+    :class:`ProviderError`.
+    """
+    if isinstance(exc, TrainctlError):
+        return exc
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return ConfigError(
+            f"no AWS credentials to {action}: set AWS_PROFILE (or --profile) or AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or run `aws configure`"
+        )
+    if isinstance(exc, ProfileNotFound):
+        return ConfigError(
+            f"AWS profile {profile or os.environ.get('AWS_PROFILE')!r} is not in ~/.aws/config or ~/.aws/credentials: "
+            "fix --profile / AWS_PROFILE (`aws configure list-profiles` lists them)"
+        )
+    if isinstance(exc, NoRegionError):
+        return no_region_error(action)
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        message = exc.response.get("Error", {}).get("Message", str(exc))
+        where = f" in {region}" if region else ""
+        if code in _CREDENTIAL_CODES:
+            return ConfigError(f"AWS rejected the credentials ({code}) to {action}: refresh them (`aws sts get-caller-identity` checks)")
+        if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
+            return ProviderError(f"not allowed to {action}{where} ({code}): the credentials need that permission; {message}")
+        if code in _CAPACITY_CODES:
+            return ProviderError(
+                f"AWS has no capacity to {action}{where} ({code}: {message}): try another instance type, region or "
+                "subnet (availability zone), or on-demand instead of spot"
+            )
+        if code in _QUOTA_CODES:
+            return ProviderError(
+                f"an account quota stops you to {action}{where} ({code}: {message}): ask for more in the Service Quotas "
+                "console (EC2 'Running On-Demand G and VT instances' / 'All G and VT Spot Instance Requests')"
+            )
+        return ProviderError(f"cannot {action}{where}: {code}: {message}")
+    if isinstance(exc, BotoCoreError):
+        return ProviderError(f"cannot reach AWS to {action}: {exc}")
+    return ProviderError(f"cannot {action}: {type(exc).__name__}: {exc}")
+
+
+def no_region_error(action: str) -> ConfigError:
+    hint = ""
+    if os.environ.get("AWS_REGION"):
+        hint = f" (AWS_REGION={os.environ['AWS_REGION']} is set, but boto3 ignores AWS_REGION)"
+    return ConfigError(f"no AWS region to {action}: pass --region or set AWS_DEFAULT_REGION{hint}")
+
+
+def _error_code(exc: BaseException) -> str:
+    return exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+
+
+def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+
+
+def _tag_dict(raw: list[dict[str, str]] | None) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in raw or []}
+
+
+@dataclass(repr=False)
+class AWSCreatePlan(CreatePlan):
+    """A :class:`CreatePlan` that also carries the user data (``request`` shows only its size and digest)."""
+
+    user_data: str | None = field(default=None, compare=False)
+
+    def run_instances_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.request)
+        if self.user_data is not None:
+            kwargs["UserData"] = self.user_data
+        return kwargs
+
+
+class AWSProvider(Provider):
+    """EC2 instances in one region, with boto3.
+
+    Args:
+        region: AWS region; default: ``AWS_DEFAULT_REGION`` or the profile's region.
+        profile: named profile from ``~/.aws/config``; default: ``AWS_PROFILE`` or the default chain.
+        endpoint_url: a different EC2/SSM/IAM endpoint (tests: moto's server).
+        ami_resolver: ``callable(region) -> AMI id`` used when a spec names no image; default:
+            the Deep Learning AMI from ``ami_parameter`` in SSM.
+        session: a ready ``boto3.Session`` (then ``profile`` is ignored).
+        ami_parameter: SSM parameter holding the default AMI id.
+        shutdown_command: what :meth:`release_from_agent` runs on the instance; default:
+            ``$TRAINCTL_SHUTDOWN_CMD``, else ``shutdown -h now``.
+    """
+
+    name: ClassVar[str] = "aws"
+    store_protocols: ClassVar[tuple[str, ...]] = ("s3",)
+
+    def __init__(
+        self,
+        region: str | None = None,
+        profile: str | None = None,
+        endpoint_url: str | None = None,
+        ami_resolver: Callable[[str], str] | None = None,
+        session: Any = None,
+        ami_parameter: str = DLAMI_PARAMETER,
+        shutdown_command: Sequence[str] | None = None,
+    ) -> None:
+        if ami_resolver is not None and not callable(ami_resolver):
+            raise ConfigError(f"AWSProvider(ami_resolver={ami_resolver!r}): pass a callable(region) -> AMI id")
+        self._region = region
+        self.profile = profile
+        self.endpoint_url = endpoint_url
+        self.ami_resolver = ami_resolver
+        self.ami_parameter = ami_parameter
+        self.shutdown_command = list(shutdown_command) if shutdown_command else None
+        self._session = session
+        self._clients: dict[tuple[str, str], Any] = {}
+        #: Test hook: the name of a step in LAUNCH_STEPS after which ``_create`` fails.
+        self._fail_after: str | None = None
+        #: How long ``_create`` waits for a new instance to become visible to DescribeInstances.
+        self.visible_timeout_s = 60.0
+
+    def __repr__(self) -> str:
+        return f"AWSProvider(region={self._region!r}, profile={self.profile!r})"
+
+    # ------------------------------------------------------------ sessions and clients
+    @property
+    def session(self) -> Any:
+        if self._session is None:
+            try:
+                self._session = boto3.Session(profile_name=self.profile)
+            except ProfileNotFound as exc:
+                raise explain_aws_error(exc, "open the AWS session", profile=self.profile) from None
+        return self._session
+
+    @property
+    def region(self) -> str | None:
+        """The region in use: the one given, else the session's (``AWS_DEFAULT_REGION``, profile)."""
+        return self._region or self.session.region_name
+
+    def client(self, service: str, region: str | None = None) -> Any:
+        """A boto3 client for ``service`` in ``region`` (default: :attr:`region`), cached.
+
+        Raises:
+            ConfigError: no region is configured, or the profile does not exist.
+        """
+        region = region or self.region
+        if not region:
+            raise no_region_error(f"use {service}")
+        key = (service, region)
+        if key not in self._clients:
+            config = Config(retries={"mode": "standard", "max_attempts": 5}, user_agent_extra="trainctl-lightning")
+            self._clients[key] = self.session.client(service, region_name=region, endpoint_url=self.endpoint_url, config=config)
+        return self._clients[key]
+
+    def _check_credentials(self, action: str) -> None:
+        try:
+            credentials = self.session.get_credentials()
+        except BotoCoreError as exc:
+            raise explain_aws_error(exc, action, profile=self.profile) from None
+        if credentials is None:
+            raise explain_aws_error(NoCredentialsError(), action)
+
+    # ------------------------------------------------------------ dry run
+    def create_dryrun(self, spec: InstanceSpec) -> AWSCreatePlan:
+        """Check everything a launch needs, and return the ``run_instances`` request; creates nothing.
+
+        Raises:
+            ConfigError: no credentials or region, an unknown option, an instance type not
+                offered in the region, an AMI that does not exist, a disk smaller than the AMI.
+        """
+        region = spec.region or self.region
+        if not region:
+            raise no_region_error("launch an instance")
+        action = f"launch an instance in {region}"
+        self._check_credentials(action)
+        options = self._check_options(spec.options)
+        for name in spec.env:
+            if looks_secret(name):
+                raise ConfigError(
+                    f"env {name} looks like a secret, and EC2 user data is readable by anyone who can describe the "
+                    "instance: give the instance access through its instance profile instead"
+                )
+        instance_type = spec.instance_type or DEFAULT_INSTANCE_TYPE
+        ec2 = self.client("ec2", region)
+        try:
+            self._check_instance_type(ec2, instance_type, region)
+            image_id = spec.image or self._resolve_ami(region)
+            root_device, min_disk = self._check_image(ec2, image_id, region)
+            disk_gb = spec.disk_gb or max(DEFAULT_DISK_GB, min_disk)
+            if disk_gb < min_disk:
+                raise ConfigError(f"disk_gb={disk_gb} is smaller than image {image_id}'s {min_disk} GB root snapshot: ask for at least {min_disk}")
+            profile = self._instance_profile(options, region)
+            security_groups = options.get("security_group_ids") or (
+                [] if options.get("subnet_id") else self._default_security_groups(ec2)
+            )
+        except TrainctlError:
+            raise
+        except Exception as exc:
+            raise explain_aws_error(exc, action, region, self.profile) from None
+
+        run_url = options.get("run_url")
+        run_id = validate_run_id(run_url.rstrip("/").rsplit("/", 1)[-1]) if run_url else None
+        store_url = options.get("store_url") or (run_url.rstrip("/").rsplit("/", 1)[0] if run_url else None)
+        tags = standard_tags(spec.tags, run_id=run_id)
+        tags.setdefault(TAG_NAME, spec.name or (f"trainctl-{run_id}" if run_id else "trainctl"))
+        if store_url:
+            tags[TAG_STORE] = store_url
+        user_data = None
+        if run_url:
+            user_data = render_user_data(
+                run_url, install=options.get("install"), max_runtime_s=spec.max_runtime_s, env=spec.env, region=region
+            )
+        elif spec.max_runtime_s is not None:
+            minutes = max(1, -(-int(spec.max_runtime_s) // 60))
+            user_data = f"#!/bin/bash\nshutdown -h +{minutes} 'trainctl: max runtime reached'\n"
+
+        resource_types = ["instance", "volume", "network-interface"] + (["spot-instances-request"] if spec.spot else [])
+        request: dict[str, Any] = {
+            "ImageId": image_id,
+            "InstanceType": instance_type,
+            "MinCount": 1,
+            "MaxCount": 1,
+            # the same token makes a retried run_instances return the instance already launched
+            "ClientToken": uuid.uuid4().hex,
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+            "BlockDeviceMappings": [
+                {"DeviceName": root_device, "Ebs": {"VolumeSize": disk_gb, "VolumeType": "gp3", "DeleteOnTermination": True}}
+            ],
+            "TagSpecifications": [{"ResourceType": t, "Tags": _tag_list(tags)} for t in resource_types],
+        }
+        if spec.spot:
+            request["InstanceMarketOptions"] = {
+                "MarketType": "spot",
+                "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"},
+            }
+        if options.get("subnet_id"):
+            request["SubnetId"] = options["subnet_id"]
+        if security_groups:
+            request["SecurityGroupIds"] = list(security_groups)
+        if options.get("key_name"):
+            request["KeyName"] = options["key_name"]
+        if profile:
+            request["IamInstanceProfile"] = {"Arn": profile} if profile.startswith("arn:") else {"Name": profile}
+        if user_data is not None:
+            request["UserData"] = summarize_user_data(user_data)
+
+        price, price_note = self._price(ec2, instance_type, spec.spot)
+        resources = [
+            f"{'spot (one-time, terminated on interruption)' if spec.spot else 'on-demand'} EC2 instance {instance_type} "
+            f"from {image_id} in {region}",
+            f"{disk_gb} GB gp3 root volume, deleted with the instance",
+            "powers off = terminates (InstanceInitiatedShutdownBehavior=terminate); IMDSv2 only",
+        ]
+        if run_url:
+            resources.append(f"user data: runs the agent for {run_url}, then powers off")
+        if spec.max_runtime_s is not None:
+            resources.append(f"hard max runtime: powered off {spec.max_runtime_s / 3600:.2f} h after boot")
+        else:
+            resources.append("no max runtime (set max_runtime_s to cap the instance's life)")
+        if profile:
+            resources.append(f"instance profile {profile}")
+        if price_note:
+            resources.append(price_note)
+        return AWSCreatePlan(
+            provider=self.name,
+            spec=spec,
+            instance_type=instance_type,
+            region=region,
+            tags=tags,
+            resources=resources,
+            request=request,
+            price_per_hour=price,
+            user_data=user_data,
+        )
+
+    def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        checked = dict(options)
+        for key in options:
+            if key not in OPTIONS:
+                close = difflib.get_close_matches(key, OPTIONS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown aws option {key!r}{hint}: the aws provider knows {', '.join(sorted(OPTIONS))}")
+        for key in ("run_url", "store_url"):
+            value = options.get(key)
+            if value is not None and (not isinstance(value, str) or not value.startswith("s3://")):
+                raise ConfigError(f"aws option {key} must be an s3:// URL (instances read the store from S3), got {value!r}")
+        groups = options.get("security_group_ids")
+        if isinstance(groups, str):
+            groups = [g.strip() for g in groups.split(",") if g.strip()]
+        if groups is not None:
+            if not isinstance(groups, (list, tuple)) or not all(isinstance(g, str) and g.startswith("sg-") for g in groups):
+                raise ConfigError(f"aws option security_group_ids must be a list of sg-... ids, got {options['security_group_ids']!r}")
+            checked["security_group_ids"] = list(groups)
+        for key in ("subnet_id", "key_name", "iam_instance_profile", "install"):
+            if key in options and not (isinstance(options[key], str) and options[key]):
+                raise ConfigError(f"aws option {key} must be a non-empty string, got {options[key]!r}")
+        return checked
+
+    def _check_instance_type(self, ec2: Any, instance_type: str, region: str) -> None:
+        found = ec2.describe_instance_type_offerings(
+            LocationType="region", Filters=[{"Name": "instance-type", "Values": [instance_type]}]
+        )["InstanceTypeOfferings"]
+        if found:
+            return
+        offered: list[str] = []
+        for page in ec2.get_paginator("describe_instance_type_offerings").paginate(LocationType="region"):
+            offered += [o["InstanceType"] for o in page["InstanceTypeOfferings"]]
+        gpu = sorted({t for t in offered if t.startswith(_GPU_FAMILIES)})
+        close = difflib.get_close_matches(instance_type, gpu, n=5, cutoff=0.6) or [t for t in ON_DEMAND_PRICES if t in gpu][:6]
+        suggestion = f"; GPU types offered there include {', '.join(close)}" if close else ""
+        raise ConfigError(f"instance type {instance_type!r} is not offered in {region}{suggestion}")
+
+    def _resolve_ami(self, region: str) -> str:
+        if self.ami_resolver is not None:
+            ami = self.ami_resolver(region)
+            if not isinstance(ami, str) or not ami.startswith("ami-"):
+                raise ConfigError(f"the AMI resolver returned {ami!r} for {region}, not an ami-... id")
+            return ami
+        try:
+            return self.client("ssm", region).get_parameter(Name=self.ami_parameter)["Parameter"]["Value"]
+        except ClientError as exc:
+            if _error_code(exc) == "ParameterNotFound":
+                raise ConfigError(
+                    f"no AMI in SSM parameter {self.ami_parameter} in {region}: pass an AMI id (image / --image)"
+                ) from None
+            raise
+
+    def _check_image(self, ec2: Any, image_id: str, region: str) -> tuple[str, int]:
+        """The image's root device name and root snapshot size (GB)."""
+        try:
+            images = ec2.describe_images(ImageIds=[image_id])["Images"]
+        except ClientError as exc:
+            if _error_code(exc).startswith("InvalidAMIID"):
+                images = []
+            else:
+                raise
+        if not images:
+            raise ConfigError(f"AMI {image_id!r} does not exist in {region} (AMIs are per region): pass one from {region}")
+        image = images[0]
+        root = image.get("RootDeviceName") or "/dev/sda1"
+        size = 0
+        for mapping in image.get("BlockDeviceMappings", []):
+            if mapping.get("DeviceName") == root:
+                size = int(mapping.get("Ebs", {}).get("VolumeSize") or 0)
+        return root, size
+
+    def _instance_profile(self, options: dict[str, Any], region: str) -> str | None:
+        if options.get("iam_instance_profile"):
+            return options["iam_instance_profile"]
+        try:
+            self.client("iam", region).get_instance_profile(InstanceProfileName=DEFAULT_INSTANCE_PROFILE)
+            return DEFAULT_INSTANCE_PROFILE
+        except ClientError as exc:
+            if _error_code(exc) not in ("NoSuchEntity", "NoSuchEntityException"):
+                raise
+        if options.get("run_url"):
+            raise ConfigError(
+                f"the instance needs an instance profile to read {options['run_url']}: run `trainctl aws setup --bucket BUCKET` "
+                "once, or pass the aws option iam_instance_profile=NAME"
+            )
+        return None
+
+    def _default_security_groups(self, ec2: Any) -> list[str]:
+        """The security group `trainctl aws setup` made in the default VPC, if any."""
+        vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            return []
+        groups = ec2.describe_security_groups(
+            Filters=[
+                {"Name": f"tag:{TAG_MANAGED_BY}", "Values": [MANAGED_BY]},
+                {"Name": f"tag:{TAG_PURPOSE}", "Values": [SECURITY_GROUP_PURPOSE]},
+                {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]},
+            ]
+        )["SecurityGroups"]
+        return [groups[0]["GroupId"]] if groups else []
+
+    def _price(self, ec2: Any, instance_type: str, spot: bool) -> tuple[float | None, str]:
+        listed = ON_DEMAND_PRICES.get(instance_type)
+        if spot:
+            try:
+                history = ec2.describe_spot_price_history(
+                    InstanceTypes=[instance_type], ProductDescriptions=["Linux/UNIX"], MaxResults=20
+                )["SpotPriceHistory"]
+            except (ClientError, BotoCoreError) as exc:
+                log.info("no spot price for %s: %s", instance_type, exc)
+                history = []
+            if history:
+                return min(float(h["SpotPrice"]) for h in history), "estimated price: the latest spot price in the region"
+            if listed is not None:
+                return listed, "estimated price: on-demand list price (spot is usually cheaper; approx., us-east-1 2024)"
+        elif listed is not None:
+            return listed, "estimated price: on-demand list price (approx., us-east-1 2024)"
+        return None, f"no price known for {instance_type}"
+
+    # ------------------------------------------------------------ create
+    def _create(self, plan: CreatePlan) -> Instance:
+        """Launch what ``plan`` describes; if anything fails once the instance exists, terminate it."""
+        if not isinstance(plan, AWSCreatePlan):
+            raise ConfigError(f"AWSProvider._create needs the plan from AWSProvider.create_dryrun, got {type(plan).__name__}")
+        region = plan.region or self.region
+        ec2 = self.client("ec2", region)
+        action = f"launch {plan.instance_type} in {region}"
+        kwargs = plan.run_instances_kwargs()
+        try:
+            response = ec2.run_instances(**kwargs)
+        except ClientError as exc:  # EC2 answered: nothing was launched
+            raise explain_aws_error(exc, action, region) from None
+        except BaseException as exc:  # no answer: the launch may or may not have happened
+            message = self._cleanup_unknown(ec2, kwargs["ClientToken"], region, exc)
+            if not isinstance(exc, Exception):
+                raise
+            raise ProviderError(message) from exc
+        instance_id = response["Instances"][0]["InstanceId"]
+        step = "run_instances"
+        try:
+            self._maybe_fail(step)
+            step = "wait_visible"
+            raw = self._wait_visible(ec2, instance_id)
+            self._maybe_fail(step)
+            step = "check_tags"
+            self._check_tags(ec2, raw, plan.tags)
+            self._maybe_fail(step)
+        except BaseException as exc:  # Ctrl-C mid-launch must not leak the instance either
+            message = self._cleanup(ec2, instance_id, region, step, exc)
+            if not isinstance(exc, Exception):
+                raise
+            raise ProviderError(message) from exc
+        log.info("launched %s (%s) in %s", instance_id, plan.instance_type, region)
+        return self._to_instance(raw, region)
+
+    def _maybe_fail(self, step: str) -> None:
+        if self._fail_after is not None and self._fail_after not in LAUNCH_STEPS:
+            raise ConfigError(f"_fail_after={self._fail_after!r} is not a launch step: one of {', '.join(LAUNCH_STEPS)}")
+        if self._fail_after == step:
+            raise ProviderError(f"injected failure after {step} (test hook)")
+
+    def _wait_visible(self, ec2: Any, instance_id: str) -> dict[str, Any]:
+        """The instance's description, once DescribeInstances knows it (EC2 is eventually consistent)."""
+        deadline = time.monotonic() + self.visible_timeout_s
+        while True:
+            try:
+                for reservation in ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]:
+                    for raw in reservation["Instances"]:
+                        return raw
+            except ClientError as exc:
+                if _error_code(exc) != "InvalidInstanceID.NotFound":
+                    raise
+            if time.monotonic() > deadline:
+                raise ProviderError(f"{instance_id} was launched but is not visible after {self.visible_timeout_s:.0f} s")
+            time.sleep(1.0)
+
+    def _check_tags(self, ec2: Any, raw: dict[str, Any], tags: dict[str, str]) -> None:
+        """Make sure the instance and each of its volumes carry our tags (add what is missing)."""
+        missing = {k: v for k, v in tags.items() if _tag_dict(raw.get("Tags")).get(k) != v}
+        resources = [raw["InstanceId"]] if missing else []
+        for mapping in raw.get("BlockDeviceMappings", []):
+            volume_id = mapping.get("Ebs", {}).get("VolumeId")
+            if volume_id:
+                volume = ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+                if _tag_dict(volume.get("Tags")).get(TAG_MANAGED_BY) != MANAGED_BY:
+                    resources.append(volume_id)
+        if resources:
+            ec2.create_tags(Resources=resources, Tags=_tag_list(tags))
+
+    def _cleanup(self, ec2: Any, instance_id: str, region: str | None, step: str, exc: BaseException) -> str:
+        what = f"launching {instance_id} failed at {step} ({exc})"
+        try:
+            ec2.terminate_instances(InstanceIds=[instance_id])
+        except Exception as cleanup_exc:
+            return (
+                f"{what}, and terminating it failed too ({cleanup_exc}): terminate it by hand: "
+                f"aws ec2 terminate-instances --region {region} --instance-ids {instance_id}"
+            )
+        return f"{what}; terminated {instance_id} (its volumes are deleted with it)"
+
+    def _cleanup_unknown(self, ec2: Any, token: str, region: str | None, exc: BaseException) -> str:
+        what = f"run_instances got no answer ({exc})"
+        try:
+            found = [
+                i["InstanceId"]
+                for r in ec2.describe_instances(Filters=[{"Name": "client-token", "Values": [token]}])["Reservations"]
+                for i in r["Instances"]
+            ]
+            if found:
+                ec2.terminate_instances(InstanceIds=found)
+        except Exception as cleanup_exc:
+            return (
+                f"{what}, and looking for what it launched failed ({cleanup_exc}): check for an instance with "
+                f"client token {token} in {region} (`trainctl gc --provider aws` lists instances with no live run)"
+            )
+        return f"{what}; terminated what it launched: {', '.join(found)}" if found else f"{what}; nothing was launched"
+
+    # ------------------------------------------------------------ list, stop, terminate
+    def list(self, include_terminated: bool = False) -> list[Instance]:
+        """Instances tagged ``trainctl:managed-by`` in the region, newest first."""
+        region = self.region
+        states = _LIVE_STATES + (["terminated"] if include_terminated else [])
+        filters = [
+            {"Name": f"tag:{TAG_MANAGED_BY}", "Values": [MANAGED_BY]},
+            {"Name": "instance-state-name", "Values": states},
+        ]
+        found: list[dict[str, Any]] = []
+        try:
+            for page in self.client("ec2", region).get_paginator("describe_instances").paginate(Filters=filters):
+                for reservation in page["Reservations"]:
+                    found += reservation["Instances"]
+        except Exception as exc:
+            raise explain_aws_error(exc, f"list instances in {region}", region, self.profile) from None
+        found.sort(key=lambda raw: (raw["LaunchTime"], raw["InstanceId"]), reverse=True)
+        return [self._to_instance(raw, region) for raw in found]
+
+    def _get(self, instance_id: str) -> Instance:
+        """The instance with this id, only if it carries our tag."""
+        region = self.region
+        try:
+            reservations = self.client("ec2", region).describe_instances(
+                InstanceIds=[instance_id], Filters=[{"Name": f"tag:{TAG_MANAGED_BY}", "Values": [MANAGED_BY]}]
+            )["Reservations"]
+        except ClientError as exc:
+            if _error_code(exc) in ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"):
+                reservations = []
+            else:
+                raise explain_aws_error(exc, f"describe {instance_id}", region, self.profile) from None
+        except Exception as exc:
+            raise explain_aws_error(exc, f"describe {instance_id}", region, self.profile) from None
+        for reservation in reservations:
+            for raw in reservation["Instances"]:
+                return self._to_instance(raw, region)
+        raise InstanceNotFoundError(
+            f"no aws instance {instance_id!r} created by trainctl in {region} (none with that id carries the "
+            f"{TAG_MANAGED_BY} tag); `trainctl ls --provider aws` lists them"
+        )
+
+    def stop(self, instance_id: str) -> Instance:
+        """Stop an on-demand instance (its disk is kept). A one-time spot instance cannot be stopped.
+
+        Raises:
+            InstanceNotFoundError: trainctl created no instance with this id in the region.
+            ProviderError: a spot instance, or one already terminated.
+        """
+        instance = self._get(instance_id)
+        if instance.spot:
+            raise ProviderError(
+                f"{instance_id} is a one-time spot instance, which EC2 cannot stop: terminate it instead "
+                "(its checkpoints are in the run store)"
+            )
+        if instance.state in (InstanceState.TERMINATING, InstanceState.TERMINATED):
+            raise ProviderError(f"{instance_id} is {instance.state.value}: it cannot be stopped")
+        if instance.state in (InstanceState.STOPPING, InstanceState.STOPPED):
+            return instance
+        try:
+            self.client("ec2").stop_instances(InstanceIds=[instance_id])
+        except Exception as exc:
+            raise explain_aws_error(exc, f"stop {instance_id}", self.region, self.profile) from None
+        return self._get(instance_id)
+
+    def terminate(self, instance_id: str) -> Instance:
+        """Terminate the instance (and its volumes). Idempotent.
+
+        Raises:
+            InstanceNotFoundError: trainctl created no instance with this id in the region (or it
+                was terminated so long ago that EC2 forgot it).
+        """
+        instance = self._get(instance_id)
+        if instance.state is InstanceState.TERMINATED:
+            return instance
+        try:
+            self.client("ec2").terminate_instances(InstanceIds=[instance_id])
+        except Exception as exc:
+            raise explain_aws_error(exc, f"terminate {instance_id}", self.region, self.profile) from None
+        return self._get(instance_id)
+
+    def _to_instance(self, raw: dict[str, Any], region: str | None) -> Instance:
+        tags = _tag_dict(raw.get("Tags"))
+        spot = raw.get("InstanceLifecycle") == "spot"
+        launched = raw.get("LaunchTime")
+        profile = (raw.get("IamInstanceProfile") or {}).get("Arn")
+        details = {
+            "image_id": raw.get("ImageId"),
+            "availability_zone": (raw.get("Placement") or {}).get("AvailabilityZone"),
+            "subnet_id": raw.get("SubnetId"),
+            "vpc_id": raw.get("VpcId"),
+            "private_ip": raw.get("PrivateIpAddress"),
+            "public_ip": raw.get("PublicIpAddress"),
+            "key_name": raw.get("KeyName"),
+            "iam_instance_profile": profile,
+            "spot_request_id": raw.get("SpotInstanceRequestId"),
+            "state_reason": (raw.get("StateReason") or {}).get("Message"),
+        }
+        return Instance(
+            id=raw["InstanceId"],
+            provider=self.name,
+            state=_STATES.get(raw.get("State", {}).get("Name", ""), InstanceState.UNKNOWN),
+            instance_type=raw.get("InstanceType", ""),
+            spot=spot,
+            region=region,
+            created_at=launched.astimezone(timezone.utc).isoformat() if launched else None,
+            name=tags.get(TAG_NAME),
+            tags=tags,
+            price_per_hour=None if spot else ON_DEMAND_PRICES.get(raw.get("InstanceType", "")),
+            address=raw.get("PublicIpAddress") or raw.get("PrivateIpAddress"),
+            details={k: v for k, v in details.items() if v not in (None, "")},
+        )
+
+    # ------------------------------------------------------------ agent
+    def start_agent(self, instance: Instance, launch: AgentLaunch) -> None:
+        """Check that ``instance`` was created for ``launch``'s run: its user data starts the agent at boot.
+
+        Raises:
+            ConfigError: ``launch`` forwards environment variables (AWS has no secret-free way to
+                pass them; the instance profile gives the instance its store access).
+            ProviderError: the instance is not pending/running, or its user data runs another run.
+            NotImplementedError: the instance was created without a run (starting an agent on a
+                running instance needs SSM Run Command, not supported yet).
+        """
+        current = self._get(instance.id)
+        if launch.forward_env:
+            raise ConfigError(
+                f"AWSProvider cannot forward {', '.join(sorted(launch.forward_env))} to {instance.id}: user data is "
+                "readable by anyone who can describe the instance; the instance reaches the store with its instance "
+                "profile (`trainctl aws setup`), and other secrets need a secret store"
+            )
+        if not current.state.is_usable():
+            raise ProviderError(f"{instance.id} is {current.state.value}: it cannot run {launch.run_id}")
+        if current.run_id is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} starts the agent from user data at boot: {instance.id} was created without a run, "
+                "and starting one on a running instance needs SSM Run Command (not supported yet); create the instance "
+                "with the aws option run_url"
+            )
+        if current.run_id != launch.run_id:
+            raise ProviderError(
+                f"{instance.id} already ran its user data for run {current.run_id}; a second job ({launch.run_id}) on the "
+                f"same instance needs SSM Run Command, which {type(self).__name__} does not support yet: create an instance "
+                "per run"
+            )
+
+    def release_from_agent(self, instance_id: str) -> None:
+        """Power the instance off from the inside, which terminates it (no AWS permission needed).
+
+        Raises:
+            ProviderError: the shutdown command failed.
+        """
+        command = self.shutdown_command
+        if command is None:
+            configured = os.environ.get("TRAINCTL_SHUTDOWN_CMD")
+            command = shlex.split(configured) if configured else ["shutdown", "-h", "now"]
+            if not configured and hasattr(os, "geteuid") and os.geteuid() != 0:
+                command = ["sudo", "-n", *command]
+        log.info("releasing %s: %s", instance_id, shlex.join(command))
+        try:
+            subprocess.run(command, check=True, capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            raise ProviderError(
+                f"could not power off {instance_id} with `{shlex.join(command)}`: {exc} {detail.decode(errors='replace').strip()}"
+            ) from exc
+
+    # ------------------------------------------------------------ store
+    def check_store(self, store_url: str) -> None:
+        """Refuse a store that is not S3, or whose bucket is not writable from here."""
+        super().check_store(store_url)
+        from trainctl_lightning.store import RunStore
+
+        options = {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else None
+        RunStore(store_url, options).check_writable()

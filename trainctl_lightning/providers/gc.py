@@ -1,0 +1,172 @@
+"""Find (and terminate) instances that trainctl created and no live run needs any more.
+
+An instance is garbage when the run it was created for has ended (its ``job-state.json`` says
+succeeded, failed, cancelled, ...), when its agent has gone silent (the state is *lost*), or when
+there is no run to serve at all and the instance is past its boot grace period. Anything
+uncertain (the store cannot be read, say) is kept and reported, never terminated.
+
+Only instances the provider lists, i.e. tagged ``trainctl:managed-by``, are ever considered.
+
+Example::
+
+    from trainctl_lightning.providers import get_provider
+    report = collect_garbage(get_provider("aws"), yes=False)   # only lists
+    for item in report.garbage:
+        print(item.instance.id, item.reason)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from trainctl_lightning.errors import InstanceNotFoundError, TrainctlError
+from trainctl_lightning.jobs.spec import JobPhase
+from trainctl_lightning.manifest import parse_time
+from trainctl_lightning.providers.api import Instance, InstanceState, Provider
+
+#: Tag naming the store root of the instance's run, set at creation by providers that know it
+#: (aws). With ``trainctl:run-id`` it gives the run's URL: ``run_url_in(store, run_id)``.
+TAG_STORE = "trainctl:store"
+#: An instance younger than this with no run record (yet) may still be booting: kept.
+DEFAULT_BOOT_GRACE_S = 30 * 60.0
+
+
+@dataclass
+class GcItem:
+    """One instance and what gc decided about it."""
+
+    instance: Instance
+    garbage: bool
+    reason: str
+    """Why it is garbage, or why it is kept, in a few words."""
+    run_url: str | None = None
+    job_state: str | None = None
+    """The run's state as shown by ``trainctl runs`` (``lost`` included), when there is one."""
+    terminated: bool = False
+    error: str | None = None
+    """Why terminating it failed, when it did."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance.to_dict(),
+            "garbage": self.garbage,
+            "reason": self.reason,
+            "run_url": self.run_url,
+            "job_state": self.job_state,
+            "terminated": self.terminated,
+            "error": self.error,
+        }
+
+
+@dataclass
+class GcReport:
+    provider: str
+    items: list[GcItem] = field(default_factory=list)
+    terminated_requested: bool = False
+
+    @property
+    def garbage(self) -> list[GcItem]:
+        return [i for i in self.items if i.garbage]
+
+    @property
+    def kept(self) -> list[GcItem]:
+        return [i for i in self.items if not i.garbage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "terminate": self.terminated_requested,
+            "garbage": [i.to_dict() for i in self.garbage],
+            "kept": [i.to_dict() for i in self.kept],
+        }
+
+
+def _age_s(instance: Instance, now: datetime) -> float | None:
+    if not instance.created_at:
+        return None
+    return (now - parse_time(instance.created_at)).total_seconds()
+
+
+def classify(
+    instance: Instance, store_url: str | None = None, boot_grace_s: float = DEFAULT_BOOT_GRACE_S, now: datetime | None = None
+) -> GcItem:
+    """Decide whether one instance is garbage, reading its run's state from the store.
+
+    Args:
+        store_url: store root to look the run up in when the instance has no ``trainctl:store`` tag.
+        boot_grace_s: an instance younger than this without a run record is kept (still booting).
+    """
+    from trainctl_lightning.jobs.store import JobStore, run_url_in
+
+    now = now or datetime.now(timezone.utc)
+    age = _age_s(instance, now)
+    young = age is not None and age < boot_grace_s
+    run_id = instance.run_id
+    if run_id is None:
+        if young:
+            return GcItem(instance, False, f"no run, but only {age:.0f}s old (boot grace {boot_grace_s:.0f}s)")
+        return GcItem(instance, True, "created without a run")
+    store = instance.tags.get(TAG_STORE) or store_url
+    if not store:
+        return GcItem(instance, False, f"run {run_id}: store unknown (no {TAG_STORE} tag; pass --store)")
+    run_url = run_url_in(store, run_id)
+    try:
+        state = JobStore(run_url).read_state()
+    except TrainctlError as exc:
+        return GcItem(instance, False, f"cannot read the run's state: {exc}", run_url=run_url)
+    except Exception as exc:  # an unreadable store must never get an instance terminated
+        return GcItem(instance, False, f"cannot read the run's state: {type(exc).__name__}: {exc}", run_url=run_url)
+    if state is None:
+        if young:
+            return GcItem(instance, False, "no run record yet (still booting)", run_url=run_url)
+        return GcItem(instance, True, "no run record in the store", run_url=run_url)
+    shown = state.state()
+    if state.phase.is_terminal():
+        return GcItem(instance, True, f"run ended ({state.phase.value})", run_url=run_url, job_state=shown)
+    if state.phase is JobPhase.QUEUED:
+        # the launcher's QUEUED record is not refreshed while the instance boots and installs
+        if young:
+            return GcItem(instance, False, "run queued, instance still booting", run_url=run_url, job_state=shown)
+        return GcItem(instance, True, "run never picked up by an agent", run_url=run_url, job_state=shown)
+    if state.lost:
+        return GcItem(instance, True, f"agent silent for {state.age_s:.0f}s (lost)", run_url=run_url, job_state=shown)
+    return GcItem(instance, False, f"run is {shown}", run_url=run_url, job_state=shown)
+
+
+def find_garbage(
+    provider: Provider, store_url: str | None = None, boot_grace_s: float = DEFAULT_BOOT_GRACE_S
+) -> GcReport:
+    """Every live instance the provider lists, each classified; nothing is changed.
+
+    Instances already terminating or terminated are left out: they cost nothing more.
+    """
+    report = GcReport(provider=provider.name)
+    for instance in provider.list(include_terminated=False):
+        if instance.state in (InstanceState.TERMINATING, InstanceState.TERMINATED):
+            continue
+        report.items.append(classify(instance, store_url, boot_grace_s))
+    return report
+
+
+def collect_garbage(
+    provider: Provider, store_url: str | None = None, *, yes: bool = False, boot_grace_s: float = DEFAULT_BOOT_GRACE_S
+) -> GcReport:
+    """:func:`find_garbage`, and with ``yes=True`` terminate each garbage instance.
+
+    A failure to terminate one instance is recorded on its item and does not stop the others.
+    """
+    report = find_garbage(provider, store_url, boot_grace_s)
+    report.terminated_requested = yes
+    if not yes:
+        return report
+    for item in report.garbage:
+        try:
+            item.instance = provider.terminate(item.instance.id)
+            item.terminated = True
+        except InstanceNotFoundError:
+            item.terminated = True  # gone meanwhile: nothing left to pay for
+        except TrainctlError as exc:
+            item.error = str(exc)
+    return report
