@@ -546,7 +546,7 @@ def launch(
     if sync_code:
         from trainctl_lightning.jobs.codesync import scan_project
 
-        bundle = scan_project(root, max_total_mb=settings.code_max_mb, include=include)
+        bundle = scan_project(root, max_total_mb=settings.code_max_mb, max_file_mb=settings.code_max_mb / 2, include=include)
 
     job_spec = JobSpec(  # validated here (env names, runtime), before anything is created
         run_id=run_id,

@@ -382,7 +382,7 @@ def _check_sizes(root: Path, files: list[_Candidate], max_total_mb: float, max_f
         raise ConfigError(
             f"project {root} has {len(too_big)} file(s) over the {max_file_mb:g} MB per-file limit: {names}; "
             f"add them to {TRAINCTL_IGNORE} (datasets and checkpoints belong in object storage), or raise the "
-            "limit with code_max_file_mb / --code-max-file-mb to include them on purpose"
+            "limit with code_max_mb / --code-max-mb (the per-file limit is half of it) to include them on purpose"
         )
 
 
