@@ -57,17 +57,17 @@ for line in json.load(sys.stdin):
     try:
         req = Requirement(line)
     except Exception:
-        missing.append(line + " (cannot be parsed)")
+        missing.append((line, "cannot be parsed"))
         continue
     if req.marker is not None and not req.marker.evaluate():
         continue
     try:
         version = metadata.version(req.name)
     except metadata.PackageNotFoundError:
-        missing.append(line + " (not installed)")
+        missing.append((line, "not installed"))
         continue
     if req.specifier and not req.specifier.contains(version, prereleases=True):
-        missing.append(f"{line} (found {version})")
+        missing.append((line, f"found {version}"))
 json.dump(missing, sys.stdout)
 """
 
@@ -98,26 +98,42 @@ class Requirements:
     items: list[str] = field(default_factory=list)
     """PEP 508 requirement strings (from pyproject.toml, requirements.txt and PEP 723)."""
     files: list[Path] = field(default_factory=list)
-    """requirements.txt files, handed to the installer as ``-r`` (they may hold pip options)."""
+    """requirements.txt files, handed to pip as ``-r`` (they may hold pip options)."""
     unchecked: list[str] = field(default_factory=list)
-    """Lines that cannot be checked without installing (``-e .``, URLs, pip options)."""
+    """Lines that cannot be checked without installing (``-e .``, URLs, local paths)."""
+    options: list[str] = field(default_factory=list)
+    """Index options from requirements files (``--index-url ...``), kept for the installer."""
     sources: list[str] = field(default_factory=list)
     """Where the requirements were found, for messages."""
 
     def __bool__(self) -> bool:
         return bool(self.items or self.unchecked)
 
-    def install_args(self) -> list[str]:
+    def __len__(self) -> int:
+        return len(self.items) + len(self.unchecked)
+
+    def pip_args(self) -> list[str]:
+        """pip sees the base's packages through --system-site-packages and installs only what is missing."""
         args: list[str] = []
         for path in self.files:
             args += ["-r", str(path)]
         from_files = {i for p in self.files for i in _requirement_lines(p)[0]}
         return args + [i for i in self.items if i not in from_files]
 
+    def uv_lines(self, unsatisfied: list[str]) -> list[str]:
+        """A requirements file for uv: only what the base lacks.
+
+        uv does not look at system site-packages (astral-sh/uv#4466): handed everything, it
+        would install a second torch into the environment. Dependencies of what is missing may
+        still be installed again; pip does not have that problem.
+        """
+        return self.options + self.unchecked + unsatisfied
+
     def digest(self, python: str) -> str:
         payload = {
             "python": os.path.abspath(python),  # not realpath: a venv's python links to its base
             "items": sorted(self.items),
+            "unchecked": sorted(self.unchecked),
             "files": [p.read_text(errors="replace") for p in self.files],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -171,6 +187,7 @@ def collect_requirements(code_root: Path, script: str | None = None) -> Requirem
     items: list[str] = []
     files: list[Path] = []
     unchecked: list[str] = []
+    options: list[str] = []
     sources: list[str] = []
     pyproject = code_root / "pyproject.toml"
     deps = None
@@ -184,9 +201,10 @@ def collect_requirements(code_root: Path, script: str | None = None) -> Requirem
         sources.append("pyproject.toml")
     elif (code_root / "requirements.txt").is_file():
         req_file = code_root / "requirements.txt"
-        found, opaque = _requirement_lines(req_file)
+        found, opaque, found_options = _requirement_lines(req_file)
         items += found
         unchecked += opaque
+        options += found_options
         files.append(req_file)
         sources.append("requirements.txt")
     if script and (code_root / script).is_file():
@@ -194,28 +212,27 @@ def collect_requirements(code_root: Path, script: str | None = None) -> Requirem
         if meta and meta.get("dependencies"):
             items += [str(d) for d in meta["dependencies"]]
             sources.append(f"{script} (PEP 723)")
-    return Requirements(items=items, files=files, unchecked=unchecked, sources=sources)
+    return Requirements(items=items, files=files, unchecked=unchecked, options=options, sources=sources)
 
 
 def missing_requirements(python: str, reqs: Requirements) -> list[str]:
-    """The requirements ``python`` does not satisfy (markers honoured), checked in a subprocess of it.
+    """The requirements ``python`` does not satisfy (markers honoured), each with the reason,
+    checked in a subprocess of it.
 
     Lines that cannot be checked without installing are always reported as missing.
     """
     missing = [f"{line} (cannot be checked without installing)" for line in reqs.unchecked]
-    if not reqs.items:
-        return missing
-    proc = subprocess.run(
-        [python, "-c", _CHECK],
-        input=json.dumps(reqs.items),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return missing + [f"{line} ({why})" for line, why in _unsatisfied(python, reqs.items).items()]
+
+
+def _unsatisfied(python: str, items: list[str]) -> dict[str, str]:
+    if not items:
+        return {}
+    proc = subprocess.run([python, "-c", _CHECK], input=json.dumps(items), capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         reason = _last_line(proc.stderr) or f"exit code {proc.returncode}"
-        return missing + [f"{line} (could not check: {reason})" for line in reqs.items]
-    return missing + list(json.loads(proc.stdout))
+        return {line: f"could not check: {reason}" for line in items}
+    return dict(json.loads(proc.stdout))
 
 
 # ---------------------------------------------------------------- preparing
@@ -257,25 +274,33 @@ def prepare_environment(
         if not reqs:
             return PreparedEnv(base, f"reused {base} (the project declares no requirements)")
         missing = missing_requirements(base, reqs)
-        total = len(reqs.items) + len(reqs.unchecked)
+        total = len(reqs)
         if not missing:
             return PreparedEnv(base, f"reused {base} (all {total} requirements satisfied)")
         why = f"{len(missing)} of {total} requirements missing: {', '.join(missing[:3])}" + (
             ", ..." if len(missing) > 3 else ""
         )
-        log_output(f"[trainctl agent] {base} lacks {why}; building an isolated environment\n".encode())
+        log_output(f"[trainctl agent] {base} does not satisfy the project: {why}; building an isolated environment\n".encode())
     else:
         why = "env mode isolated"
-    return build_isolated(base, reqs, workdir / ENVS_DIR, env, log_output, stop, why=why)
+    return build_isolated(base, reqs, code_root, workdir / ENVS_DIR, env, log_output, stop, why=why)
 
 
 def build_isolated(
-    base: str, reqs: Requirements, envs_dir: Path, env: dict[str, str], log_output: LogFn, stop: StopFn, why: str = ""
+    base: str,
+    reqs: Requirements,
+    code_root: Path,
+    envs_dir: Path,
+    env: dict[str, str],
+    log_output: LogFn,
+    stop: StopFn,
+    why: str = "",
 ) -> PreparedEnv:
     """A virtual environment on top of ``base`` with ``reqs`` installed, cached by their digest.
 
-    Built with ``uv`` when it is on PATH, else ``python -m venv`` and pip. A half-built
-    environment (a crash mid-install) is never reused: it is marked ready only at the end.
+    Built with ``uv`` when it is on PATH, else ``python -m venv`` and pip (taken from the base
+    when it has one, so no ensurepip). A half-built environment (a crash mid-install) is never
+    reused: it is marked ready only at the end.
     """
     envs_dir.mkdir(parents=True, exist_ok=True)
     target = envs_dir / reqs.digest(base)
@@ -292,22 +317,29 @@ def build_isolated(
         start = time.monotonic()
         env = {**env, **_PIP_QUIET}
         if uv:
-            steps = [[uv, "venv", "--system-site-packages", "--python", base, str(target)]]
+            create = [uv, "venv", "--system-site-packages", "--python", base, str(target)]
         else:
-            steps = [[base, "-m", "venv", "--system-site-packages", "--without-pip", str(target)]]
-        for argv in steps:
-            _run_step(argv, env, log_output, stop, "creating the environment")
+            create = [base, "-m", "venv", "--system-site-packages", "--without-pip", str(target)]
+        _run_step(create, code_root, env, log_output, stop, "creating the environment")
         _inherit_site_packages(base, python)
-        args = reqs.install_args()
-        if args:
-            log_output(f"[trainctl agent] installing {' '.join(args)}\n".encode())
-            if uv:
-                install = [uv, "pip", "install", "--python", python, *args]
-            else:
+        if uv:
+            lines = reqs.uv_lines(list(_unsatisfied(base, reqs.items)))
+            install = None
+            if lines:
+                req_file = target / "trainctl-requirements.txt"
+                req_file.write_text("\n".join(lines) + "\n")
+                log_output(f"[trainctl agent] uv: installing {', '.join(lines)}\n".encode())
+                install = [uv, "pip", "install", "--python", python, "-r", str(req_file)]
+        else:
+            args = reqs.pip_args()
+            install = None
+            if args:
+                log_output(f"[trainctl agent] pip: installing {' '.join(args)}\n".encode())
                 if subprocess.run([python, "-c", "import pip"], capture_output=True).returncode != 0:
-                    _run_step([python, "-m", "ensurepip", "--default-pip"], env, log_output, stop, "installing pip")
+                    _run_step([python, "-m", "ensurepip", "--default-pip"], code_root, env, log_output, stop, "installing pip")
                 install = [python, "-m", "pip", "install", *args]
-            _run_step(install, env, log_output, stop, "installing the requirements")
+        if install:
+            _run_step(install, code_root, env, log_output, stop, "installing the requirements")
         (target / _READY).write_text(
             json.dumps({"tool": tool, "base": base, "requirements": reqs.items, "seconds": time.monotonic() - start})
         )
@@ -329,8 +361,9 @@ def _inherit_site_packages(base: str, python: str) -> None:
     (site_dir / "_trainctl_base.pth").write_text("\n".join(lines) + "\n")
 
 
-def _run_step(argv: list[str], env: dict[str, str], log_output: LogFn, stop: StopFn, what: str) -> None:
-    code, last = run_logged(argv, cwd=None, env=env, log_output=log_output, stop=stop)
+def _run_step(argv: list[str], cwd: Path, env: dict[str, str], log_output: LogFn, stop: StopFn, what: str) -> None:
+    # in the code root: relative paths in requirements (``-e .``) are relative to the project
+    code, last = run_logged(argv, cwd=cwd, env=env, log_output=log_output, stop=stop)
     if code != 0:
         raise SetupError(
             f"{what} failed ({Path(argv[0]).name} exit code {code})" + (f": {last}" if last else "")
@@ -426,10 +459,11 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _requirement_lines(path: Path, depth: int = 0) -> tuple[list[str], list[str]]:
-    """(requirement strings, lines only an installer understands) of a requirements file."""
+def _requirement_lines(path: Path, depth: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """(requirement strings, lines only an installer understands, index options) of a requirements file."""
     items: list[str] = []
     opaque: list[str] = []
+    options: list[str] = []
     text = path.read_text(errors="replace").replace("\\\n", "")
     for raw in text.splitlines():
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
@@ -439,16 +473,25 @@ def _requirement_lines(path: Path, depth: int = 0) -> tuple[list[str], list[str]
         if nested and depth < 5:
             if not (path.parent / nested.group(2)).is_file():
                 raise SetupError(f"{path.name} includes {nested.group(2)!r}, which is not in the code")
-            sub_items, sub_opaque = _requirement_lines(path.parent / nested.group(2), depth + 1)
-            items += sub_items
-            opaque += sub_opaque
+            sub = _requirement_lines(path.parent / nested.group(2), depth + 1)
+            items += sub[0]
+            opaque += sub[1]
+            options += sub[2]
+        elif re.match(r"^(-i|--index-url|--extra-index-url|--trusted-host|-f|--find-links|--pre)\b", line):
+            options.append(line)
         elif line.startswith("-") or "://" in line or line.startswith((".", "/")):
-            # pip options (an index URL is harmless to check around; an editable install is not)
-            if not re.match(r"^(-i|--index-url|--extra-index-url|--trusted-host|-f|--find-links)\b", line):
-                opaque.append(line)
+            opaque.append(_absolute(line, path.parent))  # editable installs, URLs, paths: only installing tells
         else:
             items.append(line)
-    return items, opaque
+    return items, opaque, options
+
+
+def _absolute(line: str, base: Path) -> str:
+    """``-e .`` -> ``-e /code/root``: the line may end up in a file somewhere else (uv)."""
+    match = re.match(r"^(-e\s+|--editable[\s=]+)?(\.\S*)$", line)
+    if match is None:
+        return line
+    return f"{match.group(1) or ''}{(base / match.group(2)).resolve()}"
 
 
 def _toml_loads(text: str) -> dict:
