@@ -18,6 +18,9 @@ def gc(
     region: Optional[str] = typer.Option(None, "--region", help="Cloud region (aws)."),
     store: Optional[str] = typer.Option(None, "--store", help="Store to look runs up in for instances without a store tag."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Terminate what is listed as garbage; without it, only list."),
+    grace_minutes: float = typer.Option(
+        30.0, "--grace-minutes", help="Keep instances younger than this that have no run record yet (still booting)."
+    ),
     output: Format = OutputOption,
 ) -> None:
     """List instances whose run has ended, went silent or never existed; --yes terminates them.
@@ -27,7 +30,7 @@ def gc(
     from trainctl_lightning.launch import provider_for
     from trainctl_lightning.providers.gc import collect_garbage
 
-    report = collect_garbage(provider_for(provider, region=region), store, yes=yes)
+    report = collect_garbage(provider_for(provider, region=region), store, yes=yes, boot_grace_s=grace_minutes * 60)
     if output is Format.json:
         emit_json(report.to_dict())
     else:

@@ -10,6 +10,7 @@ marked "overridable" take their defaults there, while a test can run the same sc
 machine with::
 
     TRAINCTL_BOOTSTRAP_DRY=1            # apt-get, the uv installer and shutdown are logged, not run
+                                        # (the agent's own power-off, TRAINCTL_SHUTDOWN_CMD, too)
     TRAINCTL_PYTHON=/path/to/python     # an interpreter that has trainctl-lightning: skip the install
     TRAINCTL_WORKDIR=/tmp/x  TRAINCTL_BOOTSTRAP_LOG=/tmp/x/boot.log
     SHUTDOWN_CMD=...  APT_GET=...  UV_INSTALL_URL=...
@@ -71,6 +72,12 @@ power_off() {
   sys_run $SHUTDOWN_CMD -h now "trainctl: job ended"
 }
 trap power_off EXIT
+# how the agent powers off once its job is done (AWSProvider.release_from_agent)
+if [ "$DRY" = 1 ]; then
+  export TRAINCTL_SHUTDOWN_CMD="${TRAINCTL_SHUTDOWN_CMD:-echo dry run: agent release: shutdown -h now}"
+else
+  export TRAINCTL_SHUTDOWN_CMD="${TRAINCTL_SHUTDOWN_CMD:-$SHUTDOWN_CMD -h now}"
+fi
 
 if [ -n "$MAX_RUNTIME_MIN" ]; then
   log "hard max runtime: power off in $MAX_RUNTIME_MIN minutes"

@@ -121,6 +121,10 @@ def classify(
     if state is None:
         if young:
             return GcItem(instance, False, "no run record yet (still booting)", run_url=run_url)
+        # a missing bucket or a mistyped store reads as "no record" too: only trust a store that has something in it
+        problem = _store_problem(store)
+        if problem:
+            return GcItem(instance, False, f"no run record, but {problem}: cannot tell that the run is gone", run_url=run_url)
         return GcItem(instance, True, "no run record in the store", run_url=run_url)
     shown = state.state()
     if state.phase.is_terminal():
@@ -133,6 +137,22 @@ def classify(
     if state.lost:
         return GcItem(instance, True, f"agent silent for {state.age_s:.0f}s (lost)", run_url=run_url, job_state=shown)
     return GcItem(instance, False, f"run is {shown}", run_url=run_url, job_state=shown)
+
+
+def _store_problem(store_url: str) -> str | None:
+    """Why the store cannot be trusted to hold the run records it should (None: it can)."""
+    from trainctl_lightning.store import RunStore
+
+    try:
+        store = RunStore(store_url)
+        store.fs.invalidate_cache(store.root)
+        if not store.fs.ls(store.root, detail=False):
+            return f"the store {store_url} is empty or missing"
+    except FileNotFoundError:  # object stores cannot tell a missing bucket from an empty prefix
+        return f"the store {store_url} is empty or missing"
+    except Exception as exc:  # never terminate on an error
+        return f"the store {store_url} cannot be listed ({type(exc).__name__}: {exc})"
+    return None
 
 
 def find_garbage(
