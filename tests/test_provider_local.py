@@ -145,7 +145,8 @@ class TestLocalProvider(ProviderContract):
         assert b"up" in jobs.read_logs()
         assert running(provider, instance, [state]) == []
 
-    def test_agent_terminates_an_instance_it_owns(self, provider: LocalProvider, file_store: str) -> None:
+    def test_agent_terminates_an_instance_it_owns(self, file_store: str, tmp_path) -> None:
+        provider = LocalProvider(tmp_path / "elsewhere")  # the agent finds it there too
         instance = provider.create()
         jobs = submit(provider, instance, file_store, module="platform", terminate_instance_after=True)
         assert wait_for(jobs).phase is JobPhase.SUCCEEDED

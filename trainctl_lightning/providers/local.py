@@ -52,6 +52,9 @@ RECORD_NAME = "instance.json"
 WORK_DIR = "work"
 #: How long ``stop``/``terminate`` wait for agents to stop their jobs before SIGKILL.
 STOP_WAIT_S = 10.0
+#: Set for the agents a provider starts, so that their own LocalProvider (which releases the
+#: instance when a job ends) finds the instances where the launcher's did.
+ROOT_ENV = "TRAINCTL_LOCAL_INSTANCES"
 _ID = re.compile(r"^local-[0-9a-f]{8}$")
 
 
@@ -111,7 +114,8 @@ class LocalProvider(Provider):
     """Instances are working directories under ``$TRAINCTL_HOME/local/instances``.
 
     Args:
-        home: where to keep instances; default ``trainctl_home()/local/instances``.
+        home: where to keep instances; default ``$TRAINCTL_LOCAL_INSTANCES``, else
+            ``trainctl_home()/local/instances``.
     """
 
     name = "local"
@@ -119,7 +123,9 @@ class LocalProvider(Provider):
     store_protocols = ("file", "s3", "gs", "gcs", "az", "abfs")
 
     def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(home) if home is not None else trainctl_home() / "local" / "instances"
+        if home is None:
+            home = os.environ.get(ROOT_ENV) or trainctl_home() / "local" / "instances"
+        self.root = Path(home).resolve()
 
     def __repr__(self) -> str:
         return f"LocalProvider({str(self.root)!r})"
@@ -200,9 +206,6 @@ class LocalProvider(Provider):
                     continue
                 found.append(self._with_liveness(instance))
         return sorted(found, key=lambda i: i.created_at or "", reverse=True)
-
-    def describe(self, instance_id: str) -> Instance:
-        return self._with_liveness(self._read_known(instance_id))
 
     # ------------------------------------------------------------ stop, terminate
 
@@ -294,7 +297,7 @@ class LocalProvider(Provider):
             "--log-file",
             str(agent_log),
         ]
-        env = {**os.environ, **current.details.get("env", {}), **launch.forward_env}
+        env = {**os.environ, **current.details.get("env", {}), **launch.forward_env, ROOT_ENV: str(self.root)}
         try:
             proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
