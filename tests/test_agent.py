@@ -215,6 +215,17 @@ def test_setup_commands_run_first_and_their_failure_fails_the_job(file_store: st
     assert (workdir / "runs" / state.run_id / "marker.txt").read_text() == "preparing\n"
 
 
+def test_cancel_during_setup(file_store: str, workdir: Path) -> None:
+    jobs = make_job(file_store, setup=["echo installing; sleep 30"], module="platform")
+    agent = start(jobs, workdir)
+    wait_for(jobs, {JobPhase.SETTING_UP}, timeout=30)
+    jobs.request_cancel("changed my mind")
+    assert agent.wait(timeout=30) == 1
+    state = jobs.read_state()
+    assert state.phase is JobPhase.CANCELLED and state.error == "changed my mind"
+    assert state.timings["setup"] < 10 and "run" not in state.timings
+
+
 def test_script_missing_from_the_code(file_store: str, workdir: Path) -> None:
     jobs = make_job(file_store, script="train.py")
     assert run(jobs, workdir).returncode == 1
@@ -249,6 +260,7 @@ def test_forwarded_secrets_never_reach_the_store_or_the_logs(store_url: str, wor
     )
     done = run(jobs, workdir, env={"WANDB_API_KEY": secret})
     assert done.returncode == 0, done.stderr
+    assert b"forwarded variables not set" not in jobs.read_logs()
     assert f"key length {len(secret)}".encode() in jobs.read_logs()
     objects = store_objects(store_url)
     assert objects and not [p for p, data in objects.items() if secret.encode() in data]

@@ -274,6 +274,9 @@ class Agent:
         }
         if spec.instance_id:
             env[INSTANCE_ID_ENV] = spec.instance_id
+        unset = [name for name in spec.forward_env if name not in os.environ]
+        if unset:  # names only: values are never logged
+            self.pump.note(f"forwarded variables not set for the agent: {', '.join(unset)}")
         try:
             proc = subprocess.Popen(
                 argv,
@@ -408,7 +411,13 @@ class Agent:
             state.error_tail = tail
             state.ended_at = utc_now()
             state.timings = dict(self.timings)
-        log.info("run %s: %s (exit code %s)%s", state.run_id, state.phase.value, state.exit_code, f": {state.error}" if state.error else "")
+        log.info(
+            "run %s: %s (exit code %s)%s",
+            state.run_id,
+            state.phase.value,
+            state.exit_code,
+            f": {state.error}" if state.error else "",
+        )
         if not self._write_state():
             msg = f"could not write the final job state ({state.phase.value}) to {self.jobs.url}"
             self.pump.note_local(msg)
@@ -421,7 +430,15 @@ class Agent:
         try:
             validate_run_id(run_id)
             now = utc_now()
-            state = JobState(run_id=run_id, phase=JobPhase.FAILED, updated_at=now, host=socket.gethostname(), error=error, started_at=now, ended_at=now)
+            state = JobState(
+                run_id=run_id,
+                phase=JobPhase.FAILED,
+                updated_at=now,
+                host=socket.gethostname(),
+                error=error,
+                started_at=now,
+                ended_at=now,
+            )
             self.jobs.write_state(state)
         except Exception as write_exc:
             log.error("could not record the failure either: %s", one_line(write_exc))
