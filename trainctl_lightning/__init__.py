@@ -30,6 +30,8 @@ from trainctl_lightning.store import RunStore
 if TYPE_CHECKING:
     from trainctl_lightning.checkpoint.sync import CheckpointSync
     from trainctl_lightning.metrics.reporter import MetricsReporter
+    from trainctl_lightning.remote.function import remote_function
+    from trainctl_lightning.remote.strategy import RemoteStrategy
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +44,15 @@ def __getattr__(name: str) -> Any:
         from trainctl_lightning.metrics.reporter import MetricsReporter
 
         return MetricsReporter
+    if name == "RemoteStrategy":
+        from trainctl_lightning.remote.strategy import RemoteStrategy
+
+        return RemoteStrategy
+    if name in ("remote", "remote_function"):
+        # The `remote` package is callable as remote(fn, *args, **options): see remote/__init__.py.
+        import trainctl_lightning.remote as remote
+
+        return remote if name == "remote" else remote.remote_function
     raise AttributeError(f"module 'trainctl_lightning' has no attribute {name!r}")
 
 
@@ -54,10 +65,13 @@ __all__ = [
     "FileEntry",
     "IntegrityError",
     "MetricsReporter",
+    "RemoteStrategy",
     "RunStore",
     "StoreError",
     "TrainctlError",
     "UploadError",
     "__version__",
+    "remote",
+    "remote_function",
     "resume_path",
 ]

@@ -1,0 +1,273 @@
+"""One remote call: upload a payload, launch the worker on an instance, follow it, fetch the result.
+
+Shared by :class:`~trainctl_lightning.remote.strategy.RemoteStrategy` and
+:func:`~trainctl_lightning.remote.function.remote`. The launch itself (instance, code sync, agent)
+is :func:`trainctl_lightning.launch.launch`; this module adds what a call that looks local needs:
+live output, Ctrl-C that cancels the remote run, the instance ended unless ``keep_alive``, and
+the remote outcome turned back into a return value or an exception.
+"""
+
+from __future__ import annotations
+
+import codecs
+import inspect
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, RunFailedError, TrainctlError
+from trainctl_lightning.jobs.spec import JobState, new_run_id
+from trainctl_lightning.jobs.store import run_url_in
+from trainctl_lightning.remote.payload import PAYLOAD_NAME, RESULT_NAME, RemoteResult, loads_result
+from trainctl_lightning.store import RunStore
+
+log = logging.getLogger(__name__)
+
+WORKER_MODULE = "trainctl_lightning.remote.worker"
+#: launch() arguments a remote call sets itself; they cannot be given as launch options.
+_RESERVED = frozenset({"script", "module", "args", "run_id", "detach", "on_output", "instance", "dry_run", "sync_code"})
+
+
+@dataclass
+class RemoteOptions:
+    """Where and how a remote call runs. ``None`` means the setting from ``trainctl.toml`` / the profile.
+
+    ``launch_options`` are further keyword arguments of :func:`trainctl_lightning.launch.launch`
+    (``region``, ``max_hours``, ``setup``, ``forward_env``, ``env_mode``, ``tags``, ...).
+    """
+
+    provider: str | None = None
+    store: str | None = None
+    """Store URL under which the run is kept; the run is ``<store>/<run id>``."""
+    instance_type: str | None = None
+    spot: bool | None = None
+    keep_alive: bool = False
+    """Keep the instance after the call, and reuse it for the next one."""
+    env: dict[str, str | None] | list[str] | None = None
+    profile: str | None = None
+    project_dir: str | os.PathLike[str] | None = None
+    """The directory synced to the instance (default: the current directory at call time)."""
+    stream: bool = True
+    """Print the remote output (and one-line progress messages) while waiting."""
+    launch_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from trainctl_lightning.launch import launch
+
+        known = set(inspect.signature(launch).parameters)
+        for name in self.launch_options:
+            if name in _RESERVED:
+                raise ConfigError(f"launch option {name}={self.launch_options[name]!r} is set by the remote call itself; drop it")
+            if name not in known:
+                raise ConfigError(
+                    f"unknown launch option {name!r}; options are: {', '.join(sorted(known - _RESERVED))}"
+                )
+        if self.project_dir is not None and not Path(self.project_dir).expanduser().is_dir():
+            raise ConfigError(f"project_dir {str(self.project_dir)!r} is not a directory")
+
+    def resolved_project_dir(self) -> Path:
+        return Path(self.project_dir).expanduser().resolve() if self.project_dir is not None else Path.cwd().resolve()
+
+    def store_url(self) -> str:
+        if self.store:
+            return self.store
+        from trainctl_lightning.config import load_config
+
+        return load_config(self.resolved_project_dir(), profile=self.profile).settings.store_url()
+
+
+@dataclass
+class RemoteRun:
+    """Where a remote call ran and what it left in the store."""
+
+    run_id: str
+    run_url: str
+    store_url: str
+    provider: str | None = None
+    instance_id: str | None = None
+    phase: str | None = None
+    """The job's final phase (``succeeded``, ``failed``, ``cancelled``, ...)."""
+    final_checkpoint_url: str | None = None
+    """URL of the checkpoint file holding the final weights (fit only)."""
+    best_checkpoint_url: str | None = None
+    """URL of the best checkpoint file, when CheckpointSync published it."""
+
+
+class RemoteCall:
+    """One payload run remotely, in the run ``<store>/<run id>`` allocated on construction.
+
+    Args:
+        options: where and how to run.
+        stem: the first part of the run id (``<stem>-<time>-<hex>``).
+    """
+
+    def __init__(self, options: RemoteOptions, stem: str) -> None:
+        self.options = options
+        self.store_url = options.store_url()
+        self.run_id = new_run_id(stem)
+        self.run_url = run_url_in(self.store_url, self.run_id)
+        self.run: Any = None
+        """The launched :class:`trainctl_lightning.launch.Run`, once launched."""
+        self.record: RemoteRun | None = None
+
+    def plan(self, instance_id: str | None = None) -> Any:
+        """What :meth:`execute` would launch (a ``LaunchPlan``), with nothing created or uploaded."""
+        return self._launch(self._reusable(instance_id), dry_run=True)
+
+    def upload_checkpoint(self, local_path: str, checkpoint_id: str) -> None:
+        """Publish a local checkpoint file into the run under ``checkpoint_id`` (for ``ckpt_path``)."""
+        RunStore(self.run_url).publish_checkpoint([local_path], checkpoint_id=checkpoint_id, source={"uploaded_by": "RemoteStrategy ckpt_path"})
+
+    def execute(self, payload: bytes, instance_id: str | None = None) -> RemoteResult:
+        """Run the payload and return the worker's result.
+
+        Raises:
+            ConfigError, StoreError: before anything was created.
+            RunFailedError: the job ended without writing a result (it could not start, was
+                killed, cancelled, or lost); the message carries the end of its output.
+            KeyboardInterrupt: after cancelling the run and ending the instance.
+        """
+        store = RunStore(self.run_url)
+        instance_id = self._reusable(instance_id)
+        store.write_object(PAYLOAD_NAME, payload, create_only=True)
+        try:
+            self.run = self._launch(instance_id)
+        except BaseException:
+            store.delete_object(PAYLOAD_NAME)  # nothing will ever read it
+            raise
+        run = self.run
+        self.record = RemoteRun(
+            run_id=run.run_id, run_url=run.run_url, store_url=self.store_url, provider=run.provider, instance_id=run.instance_id
+        )
+        state: JobState | None = None
+        try:
+            try:
+                state = run.wait(on_output=self._sink())
+            except KeyboardInterrupt:
+                self._event(f"interrupted: cancelling run {run.run_id}")
+                state = run.cancel("cancelled by the user (Ctrl-C)", wait_s=run.spec().stop_grace_s + 10)
+                raise
+        finally:
+            self.record.phase = state.state() if state is not None else None
+            self._end_reused_instance(instance_id)
+        raw = store.read_object(RESULT_NAME)
+        if raw is None:
+            from trainctl_lightning.launch import failure_error
+
+            assert state is not None
+            error = failure_error(run.run_id, state)
+            raise RunFailedError(
+                f"the remote worker wrote no result: {error}", exit_code=error.exit_code, error_tail=error.error_tail, run_id=run.run_id
+            )
+        return loads_result(raw)
+
+    def _launch(self, instance_id: str | None, dry_run: bool = False) -> Any:
+        from trainctl_lightning.launch import launch
+
+        opts = self.options
+        return launch(
+            module=WORKER_MODULE,
+            args=[self.run_url],
+            run_id=self.run_id,
+            project_dir=opts.resolved_project_dir(),
+            detach=True,
+            instance=instance_id,
+            keep_alive=opts.keep_alive,
+            provider=opts.provider,
+            store=self.store_url,
+            instance_type=opts.instance_type,
+            spot=opts.spot,
+            env=opts.env,
+            profile=opts.profile,
+            dry_run=dry_run,
+            on_event=self._event,
+            **opts.launch_options,
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _reusable(self, instance_id: str | None) -> str | None:
+        """``instance_id`` if that instance can take a job, else None (a new one is created)."""
+        if instance_id is None:
+            return None
+        from trainctl_lightning.launch import provider_for
+
+        try:
+            found = provider_for(self.options.provider, instance_id).describe(instance_id)
+        except InstanceNotFoundError:
+            found = None
+        if found is None or not found.state.is_usable():
+            self._event(f"instance {instance_id} kept from an earlier call is gone; creating a new one")
+            return None
+        return instance_id
+
+    def _end_reused_instance(self, instance_id: str | None) -> None:
+        # launch() keeps an instance it did not create; a call without keep_alive ends it anyway.
+        if instance_id is None or self.options.keep_alive:
+            return
+        from trainctl_lightning.launch import provider_for
+
+        try:
+            provider_for(self.run.provider, instance_id).terminate(instance_id)
+            self._event(f"terminated instance {instance_id}")
+        except TrainctlError as exc:
+            log.error("trainctl: could not terminate %s (%s); run `trainctl terminate %s`", instance_id, exc, instance_id)
+
+    def _event(self, message: str) -> None:
+        if self.options.stream:
+            print(f"trainctl: {message}", flush=True)
+        else:
+            log.info("trainctl: %s", message)
+
+    def _sink(self) -> Callable[[bytes], None] | None:
+        if not self.options.stream:
+            return None
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        def write(chunk: bytes) -> None:
+            # sys.stdout, not its buffer: a notebook's stdout is text only
+            sys.stdout.write(decoder.decode(chunk))
+            sys.stdout.flush()
+
+        return write
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised on the instance; set as the local exception's cause."""
+
+    def __str__(self) -> str:
+        return "\n" + str(self.args[0]) if self.args else ""
+
+
+def remote_exception(result: RemoteResult, record: RemoteRun) -> BaseException:
+    """The exception the remote call raised, rebuilt locally with the remote traceback as its cause.
+
+    The same type when the exception could be sent back, else :class:`RunFailedError`.
+    """
+    import pickle
+
+    where = f"run {record.run_id} ({record.run_url})"
+    exc: Any = None
+    if result.exception is not None:
+        try:
+            exc = pickle.loads(result.exception)
+        except Exception as load_error:  # e.g. an exception class whose __init__ needs other arguments
+            log.debug("could not rebuild the remote exception: %s", load_error)
+    if not isinstance(exc, BaseException):
+        exc = RunFailedError(
+            f"{result.error_type}: {result.error_message} (raised remotely in {where})\n"
+            f"remote traceback:\n{result.traceback or '(none)'}",
+            exit_code=1,
+            error_tail=result.traceback or "",
+            run_id=record.run_id,
+        )
+    else:
+        note = f"raised on the remote instance in {where}; the remote traceback is shown above"
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        else:  # Python 3.10
+            exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+    exc.__cause__ = RemoteTraceback(result.traceback or "(no traceback)")
+    return exc

@@ -1,0 +1,197 @@
+"""What runs on the instance: ``python -m trainctl_lightning.remote.worker <run url>``.
+
+Reads ``<run>/remote/payload.pkl``, makes the call it describes (a Trainer entry or a plain
+function) and writes ``<run>/remote/result.pkl``. The agent starts it with the synced project as
+the working directory and ``$TRAINCTL_RUN_URL`` set. Exit status: 0 when the call succeeded,
+1 when it raised (the result carries the exception), 2 when there was nothing to run.
+
+After ``fit``, the final weights are always in a published checkpoint: the newest one a
+``CheckpointSync`` published at the final step, else one the worker saves and publishes to the
+run itself (``final.ckpt``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from trainctl_lightning.remote.payload import (
+    PAYLOAD_NAME,
+    RESULT_NAME,
+    FunctionPayload,
+    RemoteResult,
+    TrainerPayload,
+    dumps_result,
+    loads_payload,
+    scalar_metrics,
+)
+from trainctl_lightning.store import RUN_URL_ENV, RunStore
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run_url = argv[0] if argv else os.environ.get(RUN_URL_ENV)
+    if not run_url:
+        print(f"usage: python -m {__spec__.name if __spec__ else 'trainctl_lightning.remote.worker'} RUN_URL", file=sys.stderr)
+        return 2
+    store = RunStore(run_url)
+    raw = store.read_object(PAYLOAD_NAME)
+    if raw is None:
+        print(f"trainctl worker: no {PAYLOAD_NAME} in {store.url}; nothing to run", file=sys.stderr)
+        return 2
+    try:
+        payload = loads_payload(raw)
+    except BaseException as exc:
+        result = _failure(exc, hint=_import_hint(exc))
+    else:
+        if isinstance(payload, TrainerPayload):
+            result = run_trainer(payload, store)
+        elif isinstance(payload, FunctionPayload):
+            result = run_function(payload)
+        else:
+            result = _failure(TypeError(f"unknown payload {type(payload).__name__}"))
+    if _is_rank_zero():
+        store.write_object(RESULT_NAME, dumps_result(result), create_only=True)
+    if not result.ok:
+        print(result.traceback or result.error_message, file=sys.stderr, flush=True)
+    return 0 if result.ok else 1
+
+
+def run_function(payload: FunctionPayload) -> RemoteResult:
+    try:
+        value = payload.fn(*payload.args, **payload.kwargs)
+    except BaseException as exc:
+        return _failure(exc)
+    return RemoteResult(ok=True, value=value, host=socket.gethostname())
+
+
+def run_trainer(payload: TrainerPayload, store: RunStore) -> RemoteResult:
+    """Rebuild the Trainer with the instance's hardware, make the call, report what came of it."""
+    trainer = None
+    try:
+        kwargs = dict(payload.trainer_kwargs)
+        kwargs.update(accelerator=payload.accelerator, devices=payload.devices, strategy=payload.strategy)
+        trainer = payload.trainer_class(**kwargs)
+        value = getattr(trainer, payload.entry)(**payload.entry_kwargs)
+        final = _final_checkpoint(trainer, store) if payload.entry == "fit" else None
+    except BaseException as exc:
+        result = _failure(exc)
+        if trainer is not None:
+            _describe(trainer, result)
+        return result
+    result = RemoteResult(ok=True, value=value, final_checkpoint=final, host=socket.gethostname())
+    _describe(trainer, result)
+    return result
+
+
+def _describe(trainer: Any, result: RemoteResult) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    state = trainer.state
+    result.state = {
+        "fn": state.fn.value if state.fn else None,
+        "status": state.status.value,
+        "stage": state.stage.value if state.stage else None,
+    }
+    result.global_step = int(trainer.global_step)
+    result.current_epoch = int(trainer.current_epoch)
+    result.callback_metrics = scalar_metrics(trainer.callback_metrics)
+    result.logged_metrics = scalar_metrics(trainer.logged_metrics)
+    checkpointer = trainer.checkpoint_callback
+    if isinstance(checkpointer, ModelCheckpoint) and checkpointer.best_model_path:
+        result.best_model_path = checkpointer.best_model_path
+        result.best_checkpoint_url = _published_url(trainer, checkpointer.best_model_path)
+
+
+def _final_checkpoint(trainer: Any, store: RunStore) -> dict[str, Any] | None:
+    """The published checkpoint that holds the final weights, publishing one if none does."""
+    # Weights only change at optimizer steps: a checkpoint taken at the final step holds them.
+    found = None
+    for sync in _syncs(trainer):  # CheckpointSync publishes from global rank zero only
+        manifest = sync.last_published
+        if manifest is not None and manifest.global_step == trainer.global_step:
+            found = _reference(sync.store, manifest)
+            break
+    found = trainer.strategy.broadcast(found, src=0)  # every rank decides alike: saving is collective
+    if found is not None:
+        return found
+    folder = tempfile.mkdtemp(prefix="trainctl-final-")
+    path = os.path.join(folder, "final.ckpt")
+    trainer.save_checkpoint(path)  # every rank takes part (sharded strategies gather here)
+    if not trainer.is_global_zero:
+        return None
+    manifest = store.publish_checkpoint(
+        [path],
+        name="final.ckpt",
+        epoch=trainer.current_epoch,
+        global_step=trainer.global_step,
+        metrics=scalar_metrics(trainer.callback_metrics),
+        source={"local_path": path, "written_by": "trainctl remote worker"},
+    )
+    os.remove(path)
+    return _reference(store, manifest)
+
+
+def _reference(store: RunStore, manifest: Any) -> dict[str, Any]:
+    url = store.url_of("checkpoints", manifest.id, manifest.files[0].path) if len(manifest.files) == 1 else store.url_of("checkpoints", manifest.id)
+    return {"store_url": store.url, "id": manifest.id, "url": url, "global_step": manifest.global_step}
+
+
+def _published_url(trainer: Any, local_path: str) -> str | None:
+    """The store URL of the checkpoint a CheckpointSync published from ``local_path``."""
+    target = os.path.realpath(local_path)
+    for sync in _syncs(trainer):
+        for manifest in reversed(sync.store.list_checkpoints()):
+            source = manifest.source.get("local_path")
+            if source and os.path.realpath(source) == target:
+                return _reference(sync.store, manifest)["url"]
+    return None
+
+
+def _syncs(trainer: Any) -> list[Any]:
+    from trainctl_lightning.checkpoint.sync import CheckpointSync
+
+    return [cb for cb in trainer.callbacks if isinstance(cb, CheckpointSync) and cb.store is not None]
+
+
+def _failure(exc: BaseException, hint: str = "") -> RemoteResult:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(blob)  # an exception that pickles but cannot be rebuilt is no use to the caller
+    except Exception:
+        blob = None
+    return RemoteResult(
+        ok=False,
+        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        error_message=str(exc) + (f" ({hint})" if hint else ""),
+        traceback=text + (f"\n{hint}\n" if hint else ""),
+        exception=blob,
+        host=socket.gethostname(),
+    )
+
+
+def _import_hint(exc: BaseException) -> str:
+    if isinstance(exc, ModuleNotFoundError):
+        return (
+            f"module {exc.name!r} is not importable on the instance (working directory {Path.cwd()}): put it inside "
+            "the synced project directory, or install it there (trainctl.toml setup / requirements)"
+        )
+    return ""
+
+
+def _is_rank_zero() -> bool:
+    # Lightning's subprocess launcher re-runs this module for the other local ranks (DDP).
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
