@@ -152,8 +152,9 @@ def check_run_arrived(project: Path, store: str, result: subprocess.CompletedPro
 
 
 @pytest.mark.slow
-def test_launch_a_lightning_script_with_a_file_store(project: Path, tmp_path: Path) -> None:
+def test_launch_a_lightning_script_with_a_file_store(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = f"file://{tmp_path}/store"
+    monkeypatch.setenv("TRAINCTL_STORE", store)
     result = trainctl("launch", "train.py", "--store", store, "--output", "json", "--", "--tag", "x", cwd=project, env={"TRAINCTL_STORE": store})
     out = check_run_arrived(project, store, result)
     instances = json.loads(trainctl("ls", "--all", "--output", "json", cwd=project).stdout)["instances"]
@@ -170,8 +171,9 @@ def test_launch_a_lightning_script_with_a_file_store(project: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_launch_with_an_s3_store(project: Path, s3) -> None:
+def test_launch_with_an_s3_store(project: Path, s3, monkeypatch: pytest.MonkeyPatch) -> None:
     store = f"s3://{s3.bucket}/trainctl"
+    monkeypatch.setenv("TRAINCTL_STORE", store)
     result = trainctl("launch", "train.py", "--output", "json", "--", "--tag", "x", cwd=project, env={"TRAINCTL_STORE": store})
     check_run_arrived(project, store, result)
     assert_nothing_running()
@@ -246,7 +248,7 @@ def test_ctrl_c_without_a_terminal_cancels_and_cleans_up(project: Path, tmp_path
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["launch", "train.py", "--provider", "nope"], "unknown provider 'nope': choose one of aws, local"),
+        (["launch", "train.py", "--provider", "nope"], "provider = 'nope' is not a provider: choose one of aws, local"),
         (["launch", "train.py", "--instance-type", "g5.xlarge"], "the local provider has one instance type"),
         (["launch", "missing.py"], "script 'missing.py' not found"),
         (["launch", "train.py", "--env", "API_KEY=hunter2"], "API_KEY looks like a secret"),

@@ -29,6 +29,9 @@ TAG_OWNER = "trainctl:owner"
 TAG_RUN_ID = "trainctl:run-id"
 TAG_NAME = "Name"
 MANAGED_BY = "trainctl-lightning"
+#: Options the launcher puts in every InstanceSpec it creates for a run: the run's URL and the
+#: store root (providers that start the agent at boot, like AWS, need them; others ignore them).
+LAUNCH_OPTIONS = ("run_url", "store_url")
 
 
 def current_owner() -> str:
@@ -93,7 +96,8 @@ class InstanceSpec:
     name: str | None = None
     """Human-readable name shown in listings."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Provider-specific options (AWS: subnet_id, security_group_ids, key_name, ...)."""
+    """Provider-specific options (AWS: subnet_id, security_group_ids, key_name, ...), plus the
+    launch context in :data:`LAUNCH_OPTIONS` that the launcher adds for every provider."""
 
     def __post_init__(self) -> None:
         if self.disk_gb is not None and (not isinstance(self.disk_gb, int) or self.disk_gb < 1):

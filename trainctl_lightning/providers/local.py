@@ -34,6 +34,7 @@ from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, Provid
 from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.paths import trainctl_home
 from trainctl_lightning.providers.api import (
+    LAUNCH_OPTIONS,
     TAG_MANAGED_BY,
     TAG_NAME,
     AgentLaunch,
@@ -144,8 +145,9 @@ class LocalProvider(Provider):
             raise ConfigError(f"the local provider runs on this machine and takes no image; got {spec.image!r}")
         if spec.region is not None:
             raise ConfigError(f"the local provider runs on this machine and has no regions; got {spec.region!r}")
-        if spec.options:
-            raise ConfigError(f"the local provider takes no provider options; got {', '.join(sorted(spec.options))}")
+        unknown = sorted(set(spec.options) - set(LAUNCH_OPTIONS))
+        if unknown:
+            raise ConfigError(f"the local provider takes no provider options; got {', '.join(unknown)}")
         instance_id = f"local-{secrets.token_hex(4)}"
         workdir = self.root / instance_id / WORK_DIR
         tags = standard_tags(spec.tags)
