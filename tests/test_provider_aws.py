@@ -25,10 +25,10 @@ from trainctl_lightning.jobs.store import JobStore, run_url_in
 from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.providers import get_provider
 from trainctl_lightning.providers.api import TAG_MANAGED_BY, TAG_RUN_ID, AgentLaunch, InstanceSpec, InstanceState
-from trainctl_lightning.providers.aws import DLAMI_PARAMETER, LAUNCH_STEPS, AWSProvider
+from trainctl_lightning.providers.aws import DLAMI_PARAMETER, LAUNCH_STEPS, AWSProvider, explain_aws_error
 from trainctl_lightning.providers.aws_bootstrap import USER_DATA_LIMIT, render_user_data
 from trainctl_lightning.providers.aws_setup import ROLE_NAME, setup_aws
-from trainctl_lightning.providers.gc import TAG_STORE, collect_garbage, find_garbage
+from trainctl_lightning.providers.gc import TAG_STORE, classify, collect_garbage, find_garbage
 
 TRAINCTL = [sys.executable, "-m", "trainctl_lightning.cli.app"]
 
@@ -42,7 +42,9 @@ def ec2(s3):
 
 @pytest.fixture
 def ami(ec2) -> str:
-    return ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    """One of moto's Ubuntu images (asking for all 1,300 takes seconds)."""
+    images = ec2.describe_images(Owners=["amazon"], Filters=[{"Name": "name", "Values": ["ubuntu/images/*"]}])["Images"]
+    return images[0]["ImageId"]
 
 
 @pytest.fixture
@@ -234,6 +236,18 @@ def test_bad_options_and_secrets_are_refused(provider, ec2, store_url):
     with pytest.raises(ConfigError, match="trainctl aws setup"):
         provider.create_dryrun(run_spec(store_url))
     assert not raw_instances(ec2)
+
+
+def test_aws_errors_say_what_to_do():
+    from botocore.exceptions import ClientError
+
+    def error(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"}}, "RunInstances")
+
+    assert isinstance(explain_aws_error(error("AuthFailure"), "launch"), ConfigError)
+    assert "on-demand instead of spot" in str(explain_aws_error(error("InsufficientInstanceCapacity"), "launch", "us-east-1"))
+    assert "Service Quotas" in str(explain_aws_error(error("VcpuLimitExceeded"), "launch"))
+    assert "need that permission" in str(explain_aws_error(error("UnauthorizedOperation"), "launch"))
 
 
 def test_store_preflight(provider, store_url):
@@ -447,6 +461,13 @@ def test_gc_keeps_what_it_cannot_check(provider, set_up, store_url):
     assert all("is empty or missing: cannot tell that the run is gone" in item.reason for item in report.items)
     assert set(verdicts) == {unreadable.id, empty.id}
     assert all(provider.describe(i).state.is_usable() for i in (unreadable.id, empty.id))
+
+
+def test_gc_keeps_runless_instances_where_jobs_can_still_start(provider):
+    """On providers that reuse instances (local), an instance without a run is not garbage."""
+    bare = provider.describe(provider.create(InstanceSpec()).id)
+    assert not classify(bare, boot_grace_s=0).garbage
+    assert classify(bare, boot_grace_s=0, runless_is_garbage=True).garbage
 
 
 def test_gc_cli_lists_then_terminates_an_orphan(provider, ec2, ami, set_up, store_url, s3):

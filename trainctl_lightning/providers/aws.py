@@ -174,13 +174,13 @@ def explain_aws_error(exc: BaseException, action: str, region: str | None = None
             return ProviderError(f"not allowed to {action}{where} ({code}): the credentials need that permission; {message}")
         if code in _CAPACITY_CODES:
             return ProviderError(
-                f"AWS has no capacity to {action}{where} ({code}: {message}): try another instance type, region or "
-                "subnet (availability zone), or on-demand instead of spot"
+                f"cannot {action}{where}: AWS has no capacity ({code}: {message}); try another instance type, region "
+                "or subnet (availability zone), or on-demand instead of spot"
             )
         if code in _QUOTA_CODES:
             return ProviderError(
-                f"an account quota stops you to {action}{where} ({code}: {message}): ask for more in the Service Quotas "
-                "console (EC2 'Running On-Demand G and VT instances' / 'All G and VT Spot Instance Requests')"
+                f"cannot {action}{where}: an account quota is reached ({code}: {message}); ask for more in the Service "
+                "Quotas console (EC2 'Running On-Demand G and VT instances' / 'All G and VT Spot Instance Requests')"
             )
         return ProviderError(f"cannot {action}{where}: {code}: {message}")
     if isinstance(exc, BotoCoreError):
@@ -237,6 +237,9 @@ class AWSProvider(Provider):
 
     name: ClassVar[str] = "aws"
     store_protocols: ClassVar[tuple[str, ...]] = ("s3",)
+    #: The agent starts from user data at boot, so an instance serves the run it was created for
+    #: and no other (``trainctl gc`` treats one created without a run as garbage).
+    one_run_per_instance: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -2,8 +2,9 @@
 
 An instance is garbage when the run it was created for has ended (its ``job-state.json`` says
 succeeded, failed, cancelled, ...), when its agent has gone silent (the state is *lost*), or when
-there is no run to serve at all and the instance is past its boot grace period. Anything
-uncertain (the store cannot be read, say) is kept and reported, never terminated.
+it is past its boot grace period with no run record in a store that holds others (or, on
+providers that bind one run per instance, with no run at all). Anything uncertain (the store
+cannot be read or is empty, say) is kept and reported, never terminated.
 
 Only instances the provider lists, i.e. tagged ``trainctl:managed-by``, are ever considered.
 
@@ -90,13 +91,19 @@ def _age_s(instance: Instance, now: datetime) -> float | None:
 
 
 def classify(
-    instance: Instance, store_url: str | None = None, boot_grace_s: float = DEFAULT_BOOT_GRACE_S, now: datetime | None = None
+    instance: Instance,
+    store_url: str | None = None,
+    boot_grace_s: float = DEFAULT_BOOT_GRACE_S,
+    now: datetime | None = None,
+    runless_is_garbage: bool = False,
 ) -> GcItem:
     """Decide whether one instance is garbage, reading its run's state from the store.
 
     Args:
         store_url: store root to look the run up in when the instance has no ``trainctl:store`` tag.
         boot_grace_s: an instance younger than this without a run record is kept (still booting).
+        runless_is_garbage: an instance created without a run can never get one (its provider
+            binds one run per instance at creation, as AWS does): garbage once past the grace.
     """
     from trainctl_lightning.jobs.store import JobStore, run_url_in
 
@@ -105,9 +112,11 @@ def classify(
     young = age is not None and age < boot_grace_s
     run_id = instance.run_id
     if run_id is None:
+        if not runless_is_garbage:
+            return GcItem(instance, False, "no run tag: jobs may be started on it later (terminate it when idle)")
         if young:
             return GcItem(instance, False, f"no run, but only {age:.0f}s old (boot grace {boot_grace_s:.0f}s)")
-        return GcItem(instance, True, "created without a run")
+        return GcItem(instance, True, "created without a run, and none can be started on it")
     store = instance.tags.get(TAG_STORE) or store_url
     if not store:
         return GcItem(instance, False, f"run {run_id}: store unknown (no {TAG_STORE} tag; pass --store)")
@@ -163,10 +172,12 @@ def find_garbage(
     Instances already terminating or terminated are left out: they cost nothing more.
     """
     report = GcReport(provider=provider.name)
+    # providers that start a run's agent only at creation (aws: from user data) say so
+    runless_is_garbage = bool(getattr(provider, "one_run_per_instance", False))
     for instance in provider.list(include_terminated=False):
         if instance.state in (InstanceState.TERMINATING, InstanceState.TERMINATED):
             continue
-        report.items.append(classify(instance, store_url, boot_grace_s))
+        report.items.append(classify(instance, store_url, boot_grace_s, runless_is_garbage=runless_is_garbage))
     return report
 
 
