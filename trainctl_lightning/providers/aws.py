@@ -55,7 +55,6 @@ from trainctl_lightning.providers.api import (
     MANAGED_BY,
     TAG_MANAGED_BY,
     TAG_NAME,
-    TAG_RUN_ID,
     AgentLaunch,
     CreatePlan,
     Instance,
