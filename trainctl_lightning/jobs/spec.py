@@ -130,6 +130,13 @@ class JobSpec:
     log_interval_s: float = 1.0
     """Log chunks are shipped at most this long after the job prints them."""
     heartbeat_interval_s: float = 5.0
+    spot: bool = False
+    """The instance is a spot instance: the agent watches the instance metadata service for an
+    interruption notice and asks the job to checkpoint at once (``TRAINCTL_SPOT`` overrides)."""
+    launcher_grace_s: float | None = None
+    """An attached launcher refreshes ``control/launcher.json``; when it has not for this long, the
+    agent cancels the job (and releases an instance its launch created). None: no such watchdog
+    (detached launches)."""
     trainctl_version: str = ""
     format: str = JOB_FORMAT
 
@@ -147,6 +154,8 @@ class JobSpec:
                 raise ConfigError(f"env {name} must be a string, got {value!r}")
         if self.max_runtime_s is not None and not self.max_runtime_s > 0:
             raise ConfigError(f"max runtime must be > 0 seconds, got {self.max_runtime_s!r}")
+        if self.launcher_grace_s is not None and not self.launcher_grace_s > 0:
+            raise ConfigError(f"launcher grace must be > 0 seconds or None, got {self.launcher_grace_s!r}")
 
     def command(self, python: str) -> list[str]:
         """The job's argv with ``python`` as the interpreter."""
@@ -200,6 +209,8 @@ class JobState:
     env_mode: str | None = None
     """What the agent did about the environment: ``reused`` or ``isolated (uv)`` / ``isolated (venv)``."""
     heartbeat_interval_s: float = 5.0
+    interruption: dict[str, Any] | None = None
+    """The spot interruption notice the agent saw (``action``, ``time``, ``seen_at``), if any."""
     format: str = JOB_STATE_FORMAT
 
     @property
@@ -212,8 +223,12 @@ class JobState:
         return not self.phase.is_terminal() and self.age_s > max(LOST_AFTER_S, 6 * self.heartbeat_interval_s)
 
     def state(self) -> str:
-        """The phase to show: ``lost`` when the agent went quiet before the job ended."""
-        return "lost" if self.lost else self.phase.value
+        """The phase to show: ``lost`` when the agent went quiet before the job ended, or
+        ``preempted`` when it did so after a spot interruption notice (the instance was reclaimed
+        before the agent could write the final state)."""
+        if self.lost:
+            return JobPhase.PREEMPTED.value if self.interruption else "lost"
+        return self.phase.value
 
     def touch(self) -> None:
         self.updated_at = utc_now()
