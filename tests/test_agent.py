@@ -197,8 +197,9 @@ def test_format_duration() -> None:
 
 def test_missing_job_is_a_failed_state(file_store: str, workdir: Path) -> None:
     jobs = JobStore(run_url_in(file_store, "no-such-run"))
-    done = run(jobs, workdir)
-    assert done.returncode == 1
+    started = time.monotonic()
+    done = run(jobs, workdir, env={"TRAINCTL_AGENT_SPEC_WAIT_S": "3"})  # the agent waits for a job.json written late
+    assert done.returncode == 1 and time.monotonic() - started >= 3
     state = jobs.read_state()
     assert state.phase is JobPhase.FAILED and "could not read the job" in state.error
     assert "\n" not in state.error

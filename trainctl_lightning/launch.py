@@ -528,6 +528,11 @@ def launch(
     prov = provider_for(settings.provider, region=settings.region)
     store_url = settings.store_url()
     prov.check_store(store_url)
+    if forwarded and not prov.forwards_env:
+        raise ConfigError(
+            f"the {prov.name} provider cannot forward {', '.join(forwarded)} without storing it: "
+            "give the instance a role or secret store instead, and drop these from forward_env / --env"
+        )
     run_id = validate_run_id(run_id) if run_id else new_run_id(Path(script).stem if script else str(module).rsplit(".", 1)[-1])
     run_url = run_url_in(store_url, run_id)
 

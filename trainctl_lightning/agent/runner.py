@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainctl_lightning.agent.environment import SetupError, SetupStopped, prepare_environment
-from trainctl_lightning.errors import ConflictError, TrainctlError
+from trainctl_lightning.errors import ConflictError, RunNotFoundError, TrainctlError
 from trainctl_lightning.jobs.spec import JobPhase, JobSpec, JobState, validate_run_id
 from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
 from trainctl_lightning.manifest import utc_now
@@ -165,11 +165,23 @@ class Agent:
 
     # ------------------------------------------------------------ entry point
 
+    def _wait_for_spec(self) -> JobSpec:
+        """The job spec. A provider that starts the agent at boot (AWS) may boot it before the
+        launcher has written ``job.json``: wait for it, up to ``$TRAINCTL_AGENT_SPEC_WAIT_S`` (300 s)."""
+        deadline = time.monotonic() + float(os.environ.get("TRAINCTL_AGENT_SPEC_WAIT_S", "300"))
+        while True:
+            try:
+                return self.jobs.read_spec()
+            except RunNotFoundError:
+                if time.monotonic() > deadline or self._stop_event.is_set():
+                    raise
+                time.sleep(2.0)
+
     def run(self) -> int:
         """Run the job to its end; the job's exit code (1 when the agent itself failed)."""
         self._install_signal_handlers()
         try:
-            self.spec = spec = self.jobs.read_spec()
+            self.spec = spec = self._wait_for_spec()
         except Exception as exc:
             return self._fail_without_spec(exc)
         self.pump = LogPump(self.jobs.log_writer(), self.workdir / "logs" / f"{spec.run_id}.log")

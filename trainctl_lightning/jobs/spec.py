@@ -23,6 +23,8 @@ JOB_FORMAT = "trainctl.job/1"
 JOB_STATE_FORMAT = "trainctl.job-state/1"
 #: A job whose agent has not refreshed its heartbeat for this long is shown as lost.
 LOST_AFTER_S = 60.0
+#: A job still queued (no agent picked it up) after this long is shown as lost.
+QUEUED_LOST_AFTER_S = 30 * 60.0
 _RUN_ID_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SECRET_NAME = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 
@@ -219,8 +221,16 @@ class JobState:
 
     @property
     def lost(self) -> bool:
-        """The agent stopped refreshing while the job was not finished."""
-        return not self.phase.is_terminal() and self.age_s > max(LOST_AFTER_S, 6 * self.heartbeat_interval_s)
+        """The agent stopped refreshing while the job was not finished.
+
+        A queued job has no agent yet (a cloud instance may take minutes to boot): it counts as
+        lost only after :data:`QUEUED_LOST_AFTER_S`.
+        """
+        if self.phase.is_terminal():
+            return False
+        if self.phase is JobPhase.QUEUED:
+            return self.age_s > QUEUED_LOST_AFTER_S
+        return self.age_s > max(LOST_AFTER_S, 6 * self.heartbeat_interval_s)
 
     def state(self) -> str:
         """The phase to show: ``lost`` when the agent went quiet before the job ended, or

@@ -217,6 +217,9 @@ class Provider(ABC):
     name: ClassVar[str]
     #: Store URL protocols an instance of this provider can reach.
     store_protocols: ClassVar[tuple[str, ...]] = ("s3",)
+    #: Whether ``AgentLaunch.forward_env`` can reach the agent without being stored anywhere
+    #: (local: passed to the process; AWS: no, user data is readable by anyone who can describe it).
+    forwards_env: ClassVar[bool] = True
 
     # ------------------------------------------------------------ templates (do not override)
 
