@@ -7,15 +7,23 @@ s3fs tests itself. Its state lives in this process, so :meth:`LocalS3.stop` foll
 ``python -m trainctl_lightning.testing serve`` runs the same server as a separate process and
 prints its endpoint on the first line: benchmarks use it so that the server does not share a
 Python interpreter (and its GIL) with the training loop it measures.
+
+:class:`LocalIMDS` stands in for EC2's instance metadata service (IMDSv2) so that the agent's spot
+interruption handling can be exercised on this machine.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 import sys
+import threading
 import time
 import urllib.request
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 DUMMY_ENV = {
@@ -120,6 +128,142 @@ class LocalS3:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class LocalIMDS:
+    """EC2's instance metadata service, IMDSv2 only, on 127.0.0.1 (what the agent's spot watcher reads).
+
+    Like the real one: ``PUT /latest/api/token`` with ``X-aws-ec2-metadata-token-ttl-seconds``
+    (1 to 21600) returns a token; every ``GET`` needs a live token in ``X-aws-ec2-metadata-token``
+    (401 without). ``/latest/meta-data/spot/instance-action`` is 404 until :meth:`notice`, then
+    ``{"action": ..., "time": ...}``; ``/latest/meta-data/events/recommendations/rebalance`` is 404
+    until :meth:`rebalance`, then ``{"noticeTime": ...}``.
+
+    Example::
+
+        with LocalIMDS() as imds:
+            env = {"TRAINCTL_IMDS_ENDPOINT": imds.endpoint, "TRAINCTL_SPOT": "1"}
+            ...                                   # start the agent with env
+            imds.notice(action="terminate", in_s=120)
+    """
+
+    TOKEN_PATH = "/latest/api/token"
+    INSTANCE_ACTION_PATH = "/latest/meta-data/spot/instance-action"
+    REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
+
+    def __init__(self, port: int = 0, instance_id: str = "i-0123456789abcdef0") -> None:
+        self.port = port
+        self.instance_id = instance_id
+        self.tokens: dict[str, float] = {}
+        """Token -> monotonic expiry of every token handed out."""
+        self.requests: dict[str, int] = {}
+        """Requests served per path (any status): how often it was polled."""
+        self._instance_action: dict[str, str] | None = None
+        self._rebalance: dict[str, str] | None = None
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LocalIMDS:
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _imds_handler(self))
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def notice(self, action: str = "terminate", in_s: float = 120.0) -> str:
+        """Post a spot interruption notice: ``action`` happens ``in_s`` seconds from now; returns that time."""
+        when = _aws_time(datetime.now(timezone.utc) + timedelta(seconds=in_s))
+        with self._lock:
+            self._instance_action = {"action": action, "time": when}
+        return when
+
+    def rebalance(self) -> str:
+        """Post a rebalance recommendation; returns its notice time."""
+        when = _aws_time(datetime.now(timezone.utc))
+        with self._lock:
+            self._rebalance = {"noticeTime": when}
+        return when
+
+    def clear(self) -> None:
+        """Withdraw both notices."""
+        with self._lock:
+            self._instance_action = self._rebalance = None
+
+    def _respond(self, method: str, path: str, headers: Any) -> tuple[int, str]:
+        with self._lock:
+            self.requests[path] = self.requests.get(path, 0) + 1
+            if method == "PUT":
+                if path != self.TOKEN_PATH:
+                    return 405, ""
+                try:
+                    ttl = int(headers.get("X-aws-ec2-metadata-token-ttl-seconds", ""))
+                except ValueError:
+                    return 400, "missing or invalid X-aws-ec2-metadata-token-ttl-seconds"
+                if not 1 <= ttl <= 21600:
+                    return 400, "ttl must be 1 to 21600 seconds"
+                token = secrets.token_urlsafe(24)
+                self.tokens[token] = time.monotonic() + ttl
+                return 200, token
+            expiry = self.tokens.get(headers.get("X-aws-ec2-metadata-token", ""))
+            if expiry is None or expiry < time.monotonic():
+                return 401, ""
+            if path == self.INSTANCE_ACTION_PATH:
+                return (200, json.dumps(self._instance_action)) if self._instance_action else (404, "")
+            if path == self.REBALANCE_PATH:
+                return (200, json.dumps(self._rebalance)) if self._rebalance else (404, "")
+            if path == "/latest/meta-data/instance-id":
+                return 200, self.instance_id
+            if path == "/latest/meta-data/instance-life-cycle":
+                return 200, "spot"
+            return 404, ""
+
+    def __enter__(self) -> LocalIMDS:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _imds_handler(imds: LocalIMDS) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            status, body = imds._respond(self.command, self.path, self.headers)
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = _answer
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: tests poll every 100 ms
+            pass
+
+    return Handler
+
+
+def _aws_time(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _serve() -> None:

@@ -1,0 +1,138 @@
+"""Spot interruptions: the agent's metadata-service watcher, against a local IMDSv2 stand-in,
+and the whole path on a real agent: notice -> checkpoint published -> preempted -> resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+from trainctl_lightning.agent.spot import (
+    INTERRUPTION,
+    REBALANCE,
+    SpotWatcher,
+    handles_signal,
+    spot_watch_enabled,
+)
+from trainctl_lightning.testing import LocalIMDS
+
+
+@pytest.fixture
+def imds():
+    with LocalIMDS() as server:
+        yield server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the stand-in
+
+
+def test_local_imds_requires_a_token(imds: LocalIMDS) -> None:
+    url = imds.endpoint + LocalIMDS.INSTANCE_ACTION_PATH
+    with pytest.raises(urllib.error.HTTPError) as no_token:
+        urllib.request.urlopen(url, timeout=2)
+    assert no_token.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as no_ttl:
+        urllib.request.urlopen(urllib.request.Request(imds.endpoint + "/latest/api/token", method="PUT"), timeout=2)
+    assert no_ttl.value.code == 400
+    put = urllib.request.Request(
+        imds.endpoint + "/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+    )
+    token = urllib.request.urlopen(put, timeout=2).read().decode()
+    get = urllib.request.Request(url, headers={"X-aws-ec2-metadata-token": token})
+    with pytest.raises(urllib.error.HTTPError) as nothing_yet:
+        urllib.request.urlopen(get, timeout=2)
+    assert nothing_yet.value.code == 404
+    when = imds.notice(in_s=120)
+    assert json.loads(urllib.request.urlopen(get, timeout=2).read()) == {"action": "terminate", "time": when}
+
+
+# ---------------------------------------------------------------- the watcher
+
+
+def test_watcher_sees_nothing_then_the_notice_once(imds: LocalIMDS) -> None:
+    seen = []
+    watcher = SpotWatcher(seen.append, endpoint=imds.endpoint)
+    assert watcher.check() == [] and seen == []
+    assert imds.requests[LocalIMDS.INSTANCE_ACTION_PATH] == 1 and imds.requests[LocalIMDS.REBALANCE_PATH] == 1
+    when = imds.notice(action="terminate", in_s=120)
+    [notice] = watcher.check()
+    assert seen == [notice]
+    assert (notice.kind, notice.action, notice.time) == (INTERRUPTION, "terminate", when)
+    assert 100 < notice.seconds_left() <= 120
+    assert watcher.check() == [], "the same notice is reported once"
+    assert len(imds.tokens) == 1, "the token is reused between polls"
+
+
+def test_watcher_reports_a_rebalance_recommendation(imds: LocalIMDS) -> None:
+    watcher = SpotWatcher(lambda n: None, endpoint=imds.endpoint)
+    imds.rebalance()
+    [notice] = watcher.check()
+    assert notice.kind == REBALANCE and notice.seconds_left() is None and notice.time
+
+
+def test_watcher_renews_a_token_the_service_no_longer_accepts(imds: LocalIMDS) -> None:
+    watcher = SpotWatcher(lambda n: None, endpoint=imds.endpoint)
+    watcher.check()
+    imds.tokens.clear()  # as after an expiry or a restart of the service
+    imds.notice()
+    assert [n.kind for n in watcher.check()] == [INTERRUPTION]
+    assert len(imds.tokens) == 1
+
+
+def test_watcher_survives_an_unreachable_service_and_logs_it_once(caplog: pytest.LogCaptureFixture) -> None:
+    port = _free_port()
+    watcher = SpotWatcher(lambda n: None, endpoint=f"http://127.0.0.1:{port}", timeout_s=0.5)
+    with caplog.at_level(logging.INFO, logger="trainctl_lightning.agent.spot"):
+        assert watcher.check() == [] and watcher.check() == [] and watcher.check() == []
+        unreachable = [r for r in caplog.records if "cannot reach" in r.message]
+        assert len(unreachable) == 1 and f"127.0.0.1:{port}" in unreachable[0].message
+        with LocalIMDS(port=port) as imds:  # the service comes (back): notices are seen again
+            imds.notice()
+            assert [n.kind for n in watcher.check()] == [INTERRUPTION]
+    assert any("answers again" in r.message for r in caplog.records)
+
+
+def test_watcher_thread_starts_and_stops(imds: LocalIMDS) -> None:
+    import threading
+
+    got = threading.Event()
+    watcher = SpotWatcher(lambda n: got.set(), endpoint=imds.endpoint, interval_s=0.05).start()
+    try:
+        imds.notice()
+        assert got.wait(5)
+    finally:
+        watcher.stop()
+    assert not any(t.name == "agent-spot-watcher" for t in threading.enumerate())
+
+
+def test_spot_watch_enabled() -> None:
+    assert spot_watch_enabled(True, {}) and not spot_watch_enabled(False, {})
+    assert spot_watch_enabled(False, {"TRAINCTL_SPOT": "1"})
+    assert not spot_watch_enabled(True, {"TRAINCTL_SPOT": "0"})
+
+
+def test_handles_signal_reads_the_process_signal_mask() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: None); print('ready', flush=True); time.sleep(30)"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            proc.stdout.readline()
+            assert handles_signal(proc.pid, signal.SIGUSR1) is True
+            assert handles_signal(proc.pid, signal.SIGUSR2) is False
+        finally:
+            proc.kill()
+    assert handles_signal(os.getpid() + 10**7, signal.SIGUSR1) is None
