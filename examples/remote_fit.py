@@ -93,6 +93,7 @@ def main() -> None:
         strategy=strategy,
         max_steps=args.max_steps,
         val_check_interval=max(1, args.max_steps // 2),
+        check_val_every_n_epoch=None,  # val_check_interval counts batches across epochs
         limit_val_batches=4,
         enable_progress_bar=False,
         logger=False,

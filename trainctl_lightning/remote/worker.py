@@ -82,13 +82,16 @@ def run_trainer(payload: TrainerPayload, store: RunStore) -> RemoteResult:
         trainer = payload.trainer_class(**kwargs)
         value = getattr(trainer, payload.entry)(**payload.entry_kwargs)
         final = _final_checkpoint(trainer, store) if payload.entry == "fit" else None
+        result = RemoteResult(ok=True, value=value, final_checkpoint=final, host=socket.gethostname())
+        _describe(trainer, result)
+        return result
     except BaseException as exc:
         result = _failure(exc)
-        if trainer is not None:
+    if trainer is not None:
+        try:
             _describe(trainer, result)
-        return result
-    result = RemoteResult(ok=True, value=value, final_checkpoint=final, host=socket.gethostname())
-    _describe(trainer, result)
+        except Exception as describe_error:  # the original error is what the caller needs
+            print(f"trainctl worker: could not read the trainer's state after the failure: {describe_error!r}", file=sys.stderr)
     return result
 
 
