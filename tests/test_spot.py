@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +24,7 @@ from trainctl_lightning.agent.spot import (
     handles_signal,
     spot_watch_enabled,
 )
+from trainctl_lightning import CheckpointManifest, RunStore
 from trainctl_lightning.testing import LocalIMDS
 
 
@@ -136,3 +142,73 @@ def test_handles_signal_reads_the_process_signal_mask() -> None:
         finally:
             proc.kill()
     assert handles_signal(os.getpid() + 10**7, signal.SIGUSR1) is None
+
+
+# ---------------------------------------------------------------- checkpoint now (CheckpointSync)
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def _train(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """save_now_train.py in its own process: its signal handlers never touch pytest's."""
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "save_now_train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+def _wait_line(proc: subprocess.Popen[str], text: str, seen: list[str]) -> None:
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} never printed:\n{''.join(seen)[-3000:]}")
+
+
+def _wait_checkpoint(url: str, prefix: str, timeout: float) -> tuple[CheckpointManifest, float]:
+    """The first published checkpoint whose name starts with ``prefix``, and how long it took to appear."""
+    started = time.monotonic()
+    store = RunStore(url)
+    while time.monotonic() - started < timeout:
+        found = [m for m in store.list_checkpoints() if m.name.startswith(prefix)]
+        if found:
+            return found[0], time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"no {prefix}* checkpoint in {url} after {timeout}s: {[m.name for m in store.list_checkpoints()]}")
+
+
+def test_sigusr1_saves_and_publishes_now_and_chains_to_the_previous_handler(s3, tmp_path: Path) -> None:
+    url = s3.url()
+    proc = _train(url, str(tmp_path / "c"), "--max-steps", "60", "--chain", env=s3.env())
+    out: list[str] = []
+    try:
+        _wait_line(proc, "TRAINING", out)
+        proc.send_signal(signal.SIGUSR1)
+        manifest, took = _wait_checkpoint(url, "preempt-step=", timeout=30)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(out) + rest
+    assert proc.returncode == 0, text[-3000:]
+    assert took < 10, f"published {took:.1f}s after SIGUSR1"
+    assert manifest.name == f"preempt-step={manifest.global_step}.ckpt" and 3 <= manifest.global_step < 60
+    RunStore(url).verify_checkpoint(manifest)
+    assert (tmp_path / "c" / manifest.name).is_file(), "saved beside ModelCheckpoint's files"
+    assert f"published as {url}/checkpoints/{manifest.id}" in text, "the published id is logged"
+    assert "PREVIOUS HANDLER" in text and "HANDLER RESTORED" in text
+
+
+def test_request_checkpoint_from_the_training_loop(file_url: str, tmp_path: Path) -> None:
+    proc = _train(file_url, str(tmp_path / "c"), "--max-steps", "12", "--request-at", "5")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    names = {m.name: m for m in RunStore(file_url).list_checkpoints()}
+    # asked for by a callback that runs before CheckpointSync's hook: saved at the end of that very batch
+    assert names["requested-step=5.ckpt"].global_step == 5, out[-3000:]
+    assert "requested-step=5.ckpt (step 5) published as" in out
+    assert "HANDLER RESTORED" in out

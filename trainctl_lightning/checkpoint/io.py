@@ -28,6 +28,7 @@ import shutil
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +49,8 @@ _OUR_TMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
 _LIVE: weakref.WeakSet[SnapshotCheckpointIO] = weakref.WeakSet()
 # A save that waits longer than this for a snapshot slot is worth a warning.
 _SLOW_WAIT_S = 0.5
+# Publish jobs remembered for wait_published (the newest per local path, this many paths).
+_TRACKED_PATHS = 64
 
 
 @dataclass
@@ -117,6 +120,7 @@ class SnapshotCheckpointIO(CheckpointIO):
         self._error: BaseException | None = None
         self._written: dict[str, threading.Event] = {}  # path -> its newest save's "on disk" event
         self._written_lock = threading.Lock()
+        self._submitted: OrderedDict[str, PublishJob] = OrderedDict()  # path -> its newest save's publish job
         self._cleaned_dirs: set[str] = set()
         self._started_at = time.time()
         self.snapshot_wait_s = 0.0
@@ -190,6 +194,26 @@ class SnapshotCheckpointIO(CheckpointIO):
         self.active = False
         self.flush()
         self.inner.teardown()
+
+    def wait_published(self, path: Any, timeout: float | None = None) -> PublishJob | None:
+        """Wait until the newest save of ``path`` is published (or has failed), at most ``timeout`` seconds.
+
+        Unlike :meth:`flush`, the background threads keep running and other uploads are not
+        waited for. Returns that save's publish job (``state``, ``manifest``, ``error``), or None
+        when no save of ``path`` reached the publisher in time.
+        """
+        path = _local_path(path)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        writer = self._writer
+        if writer is not None and writer.is_alive():
+            reached = threading.Event()  # every save queued before this one is written and submitted
+            self._ops.put(_Barrier(reached))
+            reached.wait(timeout)
+        with self._written_lock:
+            job = self._submitted.get(path)
+        if job is not None:
+            job.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return job
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Write and publish everything queued, waiting at most ``timeout`` (default
@@ -281,7 +305,13 @@ class SnapshotCheckpointIO(CheckpointIO):
                 if self._written.get(op.path) is op.written:
                     del self._written[op.path]
         assert self.publisher is not None
-        self.publisher.submit(PublishJob(seq=op.seq, local_path=op.path, staged_path=str(staged), meta=op.meta))
+        job = PublishJob(seq=op.seq, local_path=op.path, staged_path=str(staged), meta=op.meta)
+        self.publisher.submit(job)
+        with self._written_lock:
+            self._submitted.pop(op.path, None)
+            self._submitted[op.path] = job
+            while len(self._submitted) > _TRACKED_PATHS:
+                self._submitted.popitem(last=False)
 
     def _write_staged(self, op: _Save, target: Path) -> Path:
         """Write the snapshot to a private staging file; free its memory and slot either way."""

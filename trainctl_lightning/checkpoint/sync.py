@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -13,13 +16,18 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
-from trainctl_lightning.checkpoint.publisher import Publisher
+from trainctl_lightning.checkpoint.publisher import JobState as PublishState, Publisher
 from trainctl_lightning.errors import ConfigError, StoreError, TrainctlError, UploadError
 from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RUN_URL_ENV, RunStore, validate_url
 
 log = logging.getLogger(__name__)
+
+#: The signal that asks a training process to checkpoint now (the trainctl agent sends it to the
+#: job's process on a spot interruption notice).
+SAVE_NOW_SIGNAL = signal.SIGUSR1
+
 
 class CheckpointSync(Callback):
     r"""Upload every checkpoint Lightning saves to a run store, without stalling training.
@@ -29,6 +37,13 @@ class CheckpointSync(Callback):
     atomically (data first, manifest last), so the store only ever shows complete checkpoints.
     Remote copies of checkpoints that ``ModelCheckpoint`` rotates away are deleted once their
     replacement is published. A restarted run writing to the same URL keeps adding to it.
+
+    **Checkpoint now.** :meth:`request_checkpoint`, or ``SIGUSR1`` sent to the training process
+    (what the trainctl agent does on a spot interruption notice), makes the next
+    ``on_train_batch_end`` save ``<ModelCheckpoint dirpath>/<name>-step=<N>.ckpt`` and wait,
+    at most ``request_timeout`` seconds, until it is published. The ``SIGUSR1`` handler is
+    installed while ``fit`` runs, from the main thread of global rank zero, and calls any handler
+    that was there before; it is left out on SLURM with auto-requeue (Lightning's requeue signal).
 
     Args:
         url: fsspec URL of the run, e.g. ``"s3://bucket/runs/exp1"`` or ``"file:///data/exp1"``.
@@ -50,6 +65,8 @@ class CheckpointSync(Callback):
         flush_timeout: seconds to wait at the end of fit for uploads still in flight; what has
             not made it by then is named in the error.
         check_store: write a probe object at setup to fail fast on a bad URL or credentials.
+        request_timeout: seconds a requested checkpoint may hold training up while it is
+            published (a spot notice leaves about 120).
 
     Raises:
         ConfigError: an argument is invalid (raised here, before training).
@@ -79,6 +96,7 @@ class CheckpointSync(Callback):
         retry_timeout: float = 1800.0,
         flush_timeout: float | None = 900.0,
         check_store: bool = True,
+        request_timeout: float = 90.0,
     ) -> None:
         url = url if url is not None else os.environ.get(RUN_URL_ENV)
         if not url:
@@ -100,6 +118,8 @@ class CheckpointSync(Callback):
             raise ConfigError(f"CheckpointSync(retry_timeout={retry_timeout!r}): must be a number of seconds >= 0")
         if flush_timeout is not None and not flush_timeout >= 0:
             raise ConfigError(f"CheckpointSync(flush_timeout={flush_timeout!r}): must be seconds >= 0 or None")
+        if not (request_timeout >= 0 and math.isfinite(request_timeout)):
+            raise ConfigError(f"CheckpointSync(request_timeout={request_timeout!r}): must be a number of seconds >= 0")
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.keep_last = keep_last
@@ -112,6 +132,7 @@ class CheckpointSync(Callback):
         self.retry_timeout = retry_timeout
         self.flush_timeout = flush_timeout
         self.check_store = check_store
+        self.request_timeout = request_timeout
         self.session = uuid.uuid4().hex[:8]
         self.store: RunStore | None = None
         self._io: SnapshotCheckpointIO | None = None
@@ -119,6 +140,10 @@ class CheckpointSync(Callback):
         self._end_error: UploadError | None = None
         self._existing: list[Any] = []
         self._last_published: Any = None
+        # (file name prefix, monotonic time) of a pending "checkpoint now"; set from a signal handler
+        self._save_request: tuple[str, float] | None = None
+        self._signal_handler: Any = None
+        self._previous_handler: Any = None
 
     def __repr__(self) -> str:
         return f"CheckpointSync({self.url!r})"
@@ -136,6 +161,24 @@ class CheckpointSync(Callback):
     def last_flush(self) -> Any:
         """Outcome of the latest end-of-fit flush (published / failed / unfinished names)."""
         return self._io.last_flush if self._io is not None else None
+
+    def request_checkpoint(self, name: str = "requested") -> None:
+        """Save a checkpoint at the end of the current training batch and publish it at once.
+
+        Safe from any thread and from a signal handler: it only sets a flag. The checkpoint is
+        ``<name>-step=<N>.ckpt`` in the ``ModelCheckpoint`` folder (else
+        ``<default_root_dir>/checkpoints``); training waits until it is published, at most
+        ``request_timeout`` seconds, and the outcome is logged with its id.
+
+        Example::
+
+            sync = CheckpointSync("s3://bucket/runs/exp1")
+            ...
+            sync.request_checkpoint()   # e.g. from a thread that watches for a maintenance event
+        """
+        if not name or "/" in name or os.sep in name:
+            raise ConfigError(f"request_checkpoint(name={name!r}): must be a non-empty file name prefix")
+        self._save_request = (name, time.monotonic())
 
     # ----------------------------------------------------------------- hooks
     @override
@@ -174,6 +217,7 @@ class CheckpointSync(Callback):
         if not trainer.is_global_zero:
             return
         self._end_error = None
+        self._install_signal_handler(trainer)
         current = trainer.strategy.checkpoint_io
         if isinstance(current, SnapshotCheckpointIO) and current is self._io:
             self._io.start_fit()
@@ -208,7 +252,24 @@ class CheckpointSync(Callback):
                 )
 
     @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        request = self._save_request
+        if trainer.world_size > 1:
+            # every rank takes part in a save; the request usually reached rank zero alone
+            if not trainer.strategy.reduce_boolean_decision(request is not None, all=False):
+                return
+            request = trainer.strategy.broadcast(request, src=0) or ("requested", time.monotonic())
+        elif request is None:
+            return
+        self._save_request = None
+        self._save_now(trainer, *request)
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restore_signal_handler()
         if self._io is None or stage != "fit":
             return
         # The strategy's teardown already flushed (it calls checkpoint_io.teardown); a fit that
@@ -223,6 +284,7 @@ class CheckpointSync(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_signal_handler()  # Lightning runs no teardown hooks after an exception
         if self._io is not None and exception is self._end_error:
             # Our own end-of-fit error makes Lightning run every on_exception hook, and
             # OnExceptionCheckpoint saves once more. Publish that save, but let a failure be
@@ -238,6 +300,59 @@ class CheckpointSync(Callback):
         previous = state_dict.get("url")
         if previous and previous != self.url:
             log.info("trainctl: resuming a checkpoint that was synced to %s; now syncing to %s", previous, self.url)
+
+    # ------------------------------------------------------- checkpoint now
+    def _save_now(self, trainer: pl.Trainer, name: str, requested_at: float) -> None:
+        step = trainer.global_step
+        path = os.path.join(_checkpoint_dir(trainer), f"{name}-step={step}.ckpt")
+        trainer.save_checkpoint(path)  # every rank calls it; rank zero writes through our CheckpointIO
+        if not trainer.is_global_zero or self._io is None:
+            return
+        job = self._io.wait_published(path, timeout=self.request_timeout)
+        elapsed = time.monotonic() - requested_at
+        if job is not None and job.state is PublishState.PUBLISHED and job.manifest is not None:
+            log.warning(
+                "trainctl: %s (step %d) published as %s, %.1fs after it was requested",
+                os.path.basename(path),
+                step,
+                self.store.url_of("checkpoints", job.manifest.id) if self.store else job.manifest.id,
+                elapsed,
+            )
+        else:
+            why = job.error if job is not None and job.error else f"not published within {self.request_timeout:g}s"
+            log.error("trainctl: requested checkpoint %s (step %d) is not in %s: %s", path, step, self.url, why)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.request_checkpoint("preempt")
+        previous = self._previous_handler
+        if callable(previous):
+            previous(signum, frame)
+
+    def _install_signal_handler(self, trainer: pl.Trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.info("trainctl: fit runs outside the main thread: SIGUSR1 does not request a checkpoint (request_checkpoint() does)")
+            return
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if getattr(environment, "auto_requeue", False) and getattr(environment, "requeue_signal", None) == SAVE_NOW_SIGNAL:
+            log.info("trainctl: SIGUSR1 is SLURM's requeue signal here: it does not request a checkpoint")
+            return
+        current = signal.getsignal(SAVE_NOW_SIGNAL)
+        if self._signal_handler is not None and current == self._signal_handler:
+            return  # still ours from an earlier fit
+        if current == signal.SIG_IGN:
+            log.info("trainctl: SIGUSR1 is ignored in this process: it does not request a checkpoint")
+            return
+        self._previous_handler = current
+        self._signal_handler = self._on_signal
+        signal.signal(SAVE_NOW_SIGNAL, self._signal_handler)
+
+    def _restore_signal_handler(self) -> None:
+        if self._signal_handler is None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(SAVE_NOW_SIGNAL) == self._signal_handler:  # not replaced since: put the old one back
+            previous = self._previous_handler
+            signal.signal(SAVE_NOW_SIGNAL, previous if previous is not None else signal.SIG_DFL)
+        self._signal_handler = self._previous_handler = None
 
     # --------------------------------------------------------------- helpers
     def _make_publisher(self) -> Publisher:
@@ -285,6 +400,14 @@ class CheckpointSync(Callback):
                 metrics[key] = number
         meta["metrics"] = metrics
         return meta
+
+
+def _checkpoint_dir(trainer: pl.Trainer) -> str:
+    """Where a requested checkpoint goes: beside ModelCheckpoint's, else ``<default_root_dir>/checkpoints``."""
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
+            return str(cb.dirpath).removeprefix("file://")
+    return os.path.join(trainer.default_root_dir, "checkpoints")
 
 
 def _scalar(value: Any) -> float | None:
