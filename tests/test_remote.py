@@ -423,6 +423,24 @@ def test_remote_function_forms(store: str, tmp_path: Path, monkeypatch: pytest.M
     assert_nothing_running()
 
 
+def test_project_modules_import_on_the_instance_from_their_sys_path_entry(tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A src/ layout: the instance imports the package by reference from the synced src/ folder."""
+    package = tmp_path / "proj" / "src" / "srclayout_helpers"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import os\n\ndef where(x):\n    return x * 3, os.getcwd(), __file__\n")
+    monkeypatch.chdir(tmp_path / "proj")
+    monkeypatch.syspath_prepend(str(tmp_path / "proj" / "src"))
+    import srclayout_helpers
+
+    try:
+        value, cwd, file = trainctl_lightning.remote(srclayout_helpers.where, 3, store=store, stream=False)
+    finally:
+        sys.modules.pop("srclayout_helpers", None)
+    assert value == 9
+    assert file == str(Path(cwd) / "src" / "srclayout_helpers" / "__init__.py"), "imported from the synced copy"
+    assert_nothing_running()
+
+
 # ----------------------------------------------------------------------------- local checks
 
 

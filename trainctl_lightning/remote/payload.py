@@ -255,14 +255,20 @@ def _outside_modules(names: set[str], project: Path) -> list[types.ModuleType]:
 
 def _project_sys_path(names: set[str], project: Path) -> list[str]:
     """``sys.path`` entries, relative to the project, from which referenced project modules were imported."""
+    prefixes = _installed_prefixes()  # a virtualenv inside the project is not project code
     entries: list[str] = []
     for name in names:
-        module = sys.modules.get(name)
-        root = _module_root(module) if module is not None else None
-        if root is None or not root[1].is_relative_to(project):
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if not file or name == "__main__":
             continue
-        top_name, file = root
-        base = file.parent.parent if file.name == "__init__.py" else file.parent
+        path = Path(file).resolve()
+        if not path.is_relative_to(project) or any(path.is_relative_to(p) for p in prefixes):
+            continue
+        # the folder `import a.b.c` was resolved from: up one level per dotted part
+        depth = name.count(".") + (1 if path.name == "__init__.py" else 0)
+        base = path.parents[depth]
+        if not base.is_relative_to(project):
+            continue
         rel = base.relative_to(project).as_posix()
         if rel != "." and rel not in entries:
             entries.append(rel)
