@@ -272,7 +272,7 @@ def test_a_remote_exception_is_raised_here_with_the_remote_traceback(models, sto
     assert_nothing_running()
 
 
-def test_fit_twice_on_a_kept_instance_then_on_a_fresh_one(models, store) -> None:
+def test_fit_twice_on_a_kept_instance_then_on_a_fresh_one(models, store, tmp_path) -> None:
     strategy = RemoteStrategy(store=store, keep_alive=True, stream=False)
     trainer = pl.Trainer(strategy=strategy, **TRAINER_KWARGS)
     model = models.Regressor()
@@ -287,8 +287,14 @@ def test_fit_twice_on_a_kept_instance_then_on_a_fresh_one(models, store) -> None
     assert not torch.equal(model.net[0].weight, after_first)
     assert_nothing_running()
 
-    trainer.fit(models.Regressor())
+    # a fresh instance, resuming from a checkpoint file on this machine (uploaded into the run)
+    local_ckpt = _download(strategy.last_checkpoint_url, tmp_path)
+    resumed = models.Regressor()
+    trainer.fit(resumed, ckpt_path=str(local_ckpt))
     assert strategy.remote_run.instance_id != kept
+    assert trainer.global_step == 6, "resumed at the checkpoint's step, which is max_steps"
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
     assert_nothing_running()
 
 
