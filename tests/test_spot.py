@@ -24,7 +24,11 @@ from trainctl_lightning.agent.spot import (
     handles_signal,
     spot_watch_enabled,
 )
+from tests.provider_contract import python_job, wait_for
+from tests.test_agent import file_store, make_job, run, start, workdir  # noqa: F401  (fixtures)
 from trainctl_lightning import CheckpointManifest, RunStore
+from trainctl_lightning.jobs.spec import JobPhase
+from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.testing import LocalIMDS
 
 
@@ -212,3 +216,107 @@ def test_request_checkpoint_from_the_training_loop(file_url: str, tmp_path: Path
     assert names["requested-step=5.ckpt"].global_step == 5, out[-3000:]
     assert "requested-step=5.ckpt (step 5) published as" in out
     assert "HANDLER RESTORED" in out
+
+
+# ---------------------------------------------------------------- the agent on a spot instance
+
+
+def _spot_env(imds: LocalIMDS) -> dict[str, str]:
+    return {"TRAINCTL_SPOT": "1", "TRAINCTL_IMDS_ENDPOINT": imds.endpoint, "TRAINCTL_SPOT_POLL_S": "0.2"}
+
+
+def _wait_logs(jobs: JobStore, text: bytes, agent: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in jobs.read_logs():
+        if agent.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the job's log: {jobs.read_logs().decode()[-3000:]}")
+        time.sleep(0.1)
+
+
+def _stop_agent(agent: subprocess.Popen) -> None:
+    if agent.poll() is None:
+        agent.kill()
+    agent.communicate(timeout=30)
+
+
+def test_notice_mid_training_publishes_a_checkpoint_marks_preempted_and_resume_continues(
+    s3, imds: LocalIMDS, tmp_path: Path, workdir: Path
+) -> None:
+    store = f"s3://{s3.bucket}/store"
+    # "-": the script syncs to $TRAINCTL_RUN_URL, which the agent sets
+    jobs = make_job(store, script=str(SCRIPTS / "save_now_train.py"), args=["-", str(tmp_path / "c")])
+    url = jobs.url
+    agent = start(jobs, workdir, _spot_env(imds))
+    try:
+        _wait_logs(jobs, b"TRAINING", agent)
+        noticed = time.monotonic()
+        when = imds.notice(action="terminate", in_s=120)
+        manifest, took = _wait_checkpoint(url, "preempt-step=", timeout=120)
+        print(f"\nnotice -> checkpoint published: {took:.2f}s (deadline 120s)")
+        assert took < 30, f"published {took:.1f}s after the notice: too close to EC2's two minutes"
+        running = jobs.read_state()
+        assert running.phase is JobPhase.RUNNING and running.interruption["time"] == when
+        assert running.interruption["action"] == "terminate"
+        # the instance goes down: the OS SIGTERMs the agent
+        agent.send_signal(signal.SIGTERM)
+        agent.communicate(timeout=60)
+    finally:
+        _stop_agent(agent)
+    state = jobs.read_state()
+    assert state.phase is JobPhase.PREEMPTED and state.state() == "preempted"
+    assert state.error.startswith(f"spot interruption notice at {when}"), state.error
+    logs = jobs.read_logs().decode()
+    assert "spot interruption notice: terminate at" in logs and "sent SIGUSR1 to the job" in logs
+    assert time.monotonic() - noticed < 120
+    RunStore(url).verify_checkpoint(manifest)
+
+    # a second attempt picks up where the preempted one saved
+    resumed = _train(url, str(tmp_path / "c2"), "--resume", "--max-steps", str(manifest.global_step + 3), env=s3.env())
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"START step={manifest.global_step}" in out, out[-3000:]
+
+
+def test_the_agent_stops_the_job_when_the_notice_time_comes(file_store: str, imds: LocalIMDS, workdir: Path) -> None:
+    # a job that handles no SIGUSR1 is never sent one (it would kill it): it runs until the notice's time
+    jobs = make_job(file_store, **python_job("import time; print('up', flush=True); time.sleep(60)"))
+    agent = start(jobs, workdir, _spot_env(imds))
+    try:
+        _wait_logs(jobs, b"up", agent)
+        when = imds.notice(in_s=3)
+        done = wait_for(jobs, timeout=30)
+        agent.communicate(timeout=30)
+    finally:
+        _stop_agent(agent)
+    assert done.phase is JobPhase.PREEMPTED and done.error == f"spot interruption notice at {when}"
+    logs = jobs.read_logs().decode()
+    assert "does not handle SIGUSR1" in logs and "sent SIGUSR1" not in logs
+    assert agent.returncode != 0
+
+
+def test_a_rebalance_recommendation_asks_for_a_checkpoint_without_preempting(file_store: str, imds: LocalIMDS, workdir: Path) -> None:
+    code = (
+        "import signal, time; signal.signal(signal.SIGUSR1, lambda *a: print('SAVE NOW', flush=True)); "
+        "print('up', flush=True); time.sleep(3)"
+    )
+    jobs = make_job(file_store, **python_job(code))
+    agent = start(jobs, workdir, _spot_env(imds))
+    try:
+        _wait_logs(jobs, b"up", agent)
+        imds.rebalance()
+        agent.communicate(timeout=30)
+    finally:
+        _stop_agent(agent)
+    state = jobs.read_state()
+    assert state.phase is JobPhase.SUCCEEDED and state.interruption is None
+    logs = jobs.read_logs().decode()
+    assert "rebalance recommendation" in logs and "SAVE NOW" in logs
+
+
+def test_no_watcher_unless_the_instance_is_spot(file_store: str, imds: LocalIMDS, workdir: Path) -> None:
+    jobs = make_job(file_store, **python_job("print('done')"))
+    done = run(jobs, workdir, {"TRAINCTL_IMDS_ENDPOINT": imds.endpoint, "TRAINCTL_SPOT_POLL_S": "0.1"})
+    assert done.returncode == 0 and imds.requests == {}
+    jobs = make_job(file_store, spot=True, **python_job("import time; time.sleep(0.5)"))
+    done = run(jobs, workdir, {"TRAINCTL_IMDS_ENDPOINT": imds.endpoint, "TRAINCTL_SPOT_POLL_S": "0.1"})
+    assert done.returncode == 0 and imds.requests.get(LocalIMDS.INSTANCE_ACTION_PATH, 0) >= 1

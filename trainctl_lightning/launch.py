@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -44,6 +45,7 @@ from trainctl_lightning.errors import (
     RunNotFoundError,
     TrainctlError,
 )
+from trainctl_lightning.jobs.heartbeat import DEFAULT_LAUNCHER_GRACE_S, LauncherHeartbeat
 from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState, looks_secret, new_run_id, validate_run_id
 from trainctl_lightning.jobs.store import JobStore, run_url_in
 from trainctl_lightning.manifest import utc_now
@@ -162,6 +164,9 @@ class Run:
     """This launch created the instance (it is terminated when the job ends unless keep_alive)."""
     keep_alive: bool = False
     code: CodeUpload | None = None
+    heartbeat: bool = False
+    """:meth:`wait` refreshes the launcher heartbeat (an attached launch: its agent cancels the job
+    once the heartbeat is gone for ``JobSpec.launcher_grace_s``)."""
     _job: JobStore | None = field(default=None, repr=False)
 
     @property
@@ -201,9 +206,10 @@ class Run:
         def expired() -> bool:
             return deadline is not None and time.monotonic() > deadline
 
-        for chunk in self.job.follow_logs(poll_s=poll_s, stop=expired):
-            if on_output is not None:
-                on_output(chunk)
+        with LauncherHeartbeat(self.job) if self.heartbeat else nullcontext():
+            for chunk in self.job.follow_logs(poll_s=poll_s, stop=expired):
+                if on_output is not None:
+                    on_output(chunk)
         state = self.state()
         if state is None or not (state.phase.is_terminal() or state.lost):
             raise JobError(f"run {self.run_id} did not end within {timeout:.0f}s; it is still running (`trainctl logs {self.run_id} -f`)")
@@ -457,7 +463,10 @@ def launch(
         args: the script's arguments.
         run_id: the run's id (default: ``<script>-<time>-<hex>``); the run lives at ``<store>/<run_id>``.
         project_dir: the directory synced to the instance (default: the current directory).
-        detach: return once the job has started, instead of following it to the end.
+        detach: return once the job has started, instead of following it to the end. An
+            attached launch refreshes a heartbeat in the store while it follows the job; when
+            that stops for 10 minutes (the launcher was killed, lost its network), the agent
+            cancels the job and ends an instance this launch created.
         on_output: receives the job's output as it arrives (attached launches; default: stdout).
         instance: reuse this instance instead of creating one (it is kept afterwards).
         keep_alive: keep an instance this launch created after the job ends.
@@ -569,6 +578,7 @@ def launch(
         provider=prov.name,
         instance_id=existing.id if existing else None,
         terminate_instance_after=existing is None and not keep_alive,
+        launcher_grace_s=None if detach else DEFAULT_LAUNCHER_GRACE_S,
         trainctl_version=_version(),
     )
     if dry_run:
@@ -602,7 +612,8 @@ def launch(
             code_ref, stats = upload_bundle(bundle, store_url, run_url)
             upload = CodeUpload(stats.files, stats.bytes_total, stats.files_uploaded, stats.bytes_uploaded, stats.seconds)
             event(upload.describe())
-        job_spec = _replace(job_spec, code=code_ref, instance_id=inst.id)
+        # spot: the agent watches for interruption notices (what the instance says, else what we asked for)
+        job_spec = _replace(job_spec, code=code_ref, instance_id=inst.id, spot=inst.spot or bool(created and plan and plan.spec.spot))
         job.write_spec(job_spec)
         job.write_state(JobState(run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now(), instance_id=inst.id, queued_at=job_spec.created_at))
         prov.start_agent(inst, AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded))
@@ -625,6 +636,7 @@ def launch(
         created_instance=created is not None,
         keep_alive=keep_alive,
         code=upload,
+        heartbeat=not detach,
         _job=job,
     )
     if detach:

@@ -1,6 +1,7 @@
 """Trains with CheckpointSync until max steps; a checkpoint can be asked for while it runs.
 
 ``python save_now_train.py URL CKPT_DIR [--max-steps N] [--request-at STEP] [--chain] [--resume]``
+(URL ``-``: ``$TRAINCTL_RUN_URL``, as set by the trainctl agent)
 
 Prints ``START step=N`` when training starts (after a resume), ``TRAINING`` at step 3, and on
 exit whether the SIGUSR1 handler that was there before fit is back (``HANDLER RESTORED``).
@@ -48,15 +49,16 @@ if __name__ == "__main__":
     parser.add_argument("--chain", action="store_true")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
+    url = None if args.url == "-" else args.url
     if args.chain:
         signal.signal(signal.SIGUSR1, lambda *a: print("PREVIOUS HANDLER", flush=True))
     before = signal.getsignal(signal.SIGUSR1)
-    sync = CheckpointSync(args.url)
+    sync = CheckpointSync(url)
     trainer = pl.Trainer(
         **trainer_kwargs(max_steps=args.max_steps, max_epochs=-1, limit_val_batches=0),
         callbacks=[Steps(sync, args.request_at), ModelCheckpoint(dirpath=args.ckpt_dir, every_n_train_steps=1000), sync],
     )
     try:
-        trainer.fit(TinyRegressor(), ckpt_path=resume_path(args.url) if args.resume else None)
+        trainer.fit(TinyRegressor(), ckpt_path=resume_path(url) if args.resume else None)
     finally:
         print("HANDLER RESTORED" if signal.getsignal(signal.SIGUSR1) == before else "HANDLER NOT RESTORED", flush=True)

@@ -7,6 +7,16 @@ final log chunk is in the store before the terminal state is.
 
 The agent outlives store trouble: a failed write during the run is retried on the next tick
 and never stops the job.
+
+On a spot instance (``JobSpec.spot`` or ``TRAINCTL_SPOT=1``) the agent watches the metadata
+service (:mod:`.spot`). On an interruption notice it records the notice in the job state, sends
+SIGUSR1 to the job's process once that process handles it (``CheckpointSync`` saves and
+publishes a checkpoint at once), stops the job when the notice's time comes, and ends the job
+as ``preempted``: also when it ends any other way but success after the notice (the instance
+going down SIGTERMs the agent). A rebalance recommendation asks for a checkpoint too.
+
+With ``JobSpec.launcher_grace_s`` the agent cancels the job when the attached launcher's
+heartbeat stops (:mod:`.watchdog`).
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainctl_lightning.agent.environment import SetupError, SetupStopped, prepare_environment
+from trainctl_lightning.agent.spot import INTERRUPTION, SpotNotice, SpotWatcher, handles_signal, spot_watch_enabled
+from trainctl_lightning.agent.watchdog import LauncherWatchdog
 from trainctl_lightning.errors import ConflictError, RunNotFoundError, TrainctlError
 from trainctl_lightning.jobs.spec import JobPhase, JobSpec, JobState, validate_run_id
 from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
@@ -38,6 +50,10 @@ CANCEL_POLL_S = 1.0
 #: Lines of output kept for the error tail of a job that did not succeed.
 TAIL_LINES = 50
 NOTE_PREFIX = "[trainctl agent] "
+#: What the job gets on a spot notice: CheckpointSync saves and publishes a checkpoint now.
+SAVE_NOW_SIGNAL = signal.SIGUSR1
+#: Seconds an interruption notice without a readable time is assumed to leave (EC2 gives two minutes).
+NOTICE_LEAD_S = 120.0
 # During the run a write that keeps failing is retried on the next tick instead of blocking
 # heartbeats and cancel checks; the final writes ride out longer trouble.
 _TICK_RETRY = RetryPolicy(deadline_s=5.0, initial_backoff_s=0.2, max_backoff_s=2.0)
@@ -162,6 +178,11 @@ class Agent:
         self._done = threading.Event()
         self._state_lock = threading.Lock()  # held across snapshot *and* write: writes land in order
         self._t0 = time.monotonic()
+        self._spot: SpotWatcher | None = None
+        self._notice: SpotNotice | None = None
+        self._notice_deadline: float | None = None  # monotonic time the interruption happens
+        self._save_pending = False  # a checkpoint was asked for and the job has not been signalled yet
+        self._save_wait_noted = False
 
     # ------------------------------------------------------------ entry point
 
@@ -198,6 +219,9 @@ class Agent:
         )
         log.info("run %s: picked up from %s", spec.run_id, self.jobs.url)
         self._write_state()
+        if spot_watch_enabled(spec.spot):
+            self._spot = SpotWatcher(self._on_spot_notice).start()
+            log.info("run %s: watching for spot interruption notices (%r)", spec.run_id, self._spot)
         supervisor = threading.Thread(target=self._supervise, name="agent-supervisor", daemon=True)
         supervisor.start()
         try:
@@ -210,7 +234,9 @@ class Agent:
         finally:
             self._done.set()
             supervisor.join(timeout=30)
-        self._finish(outcome)
+            if self._spot is not None:
+                self._spot.stop()
+        self._finish(self._after_notice(outcome))
         self._release_instance()
         self.pump.close()
         return outcome.exit_code if outcome.exit_code is not None else 1
@@ -320,6 +346,8 @@ class Agent:
                 pass
             if deadline is not None and self._stop_request is None and time.monotonic() >= deadline:
                 self.request_stop(JobPhase.TIMED_OUT, f"stopped after the max runtime of {format_duration(spec.max_runtime_s)}")
+            if self._save_pending:
+                self._ask_job_to_save(proc)
             if self._stop_request is not None:
                 stopped = self._stop_request
                 log.info("run %s: stopping (%s)", spec.run_id, stopped[1])
@@ -361,6 +389,51 @@ class Agent:
         assert self._stop_request is not None
         return Outcome(self._stop_request[0], exit_code, self._stop_request[1])
 
+    # ------------------------------------------------------------ spot interruptions
+
+    def _on_spot_notice(self, notice: SpotNotice) -> None:
+        """On the watcher's thread: record the notice, ask the job for a checkpoint."""
+        assert self.pump is not None and self.state is not None
+        if notice.kind == INTERRUPTION:
+            left = notice.seconds_left()
+            with self._state_lock:
+                self._notice = notice
+                self._notice_deadline = time.monotonic() + (left if left is not None else NOTICE_LEAD_S)
+                self.state.interruption = notice.to_dict()
+            when = f"{notice.time} (in {max(0.0, left):.0f}s)" if left is not None else "an unknown time"
+            self.pump.note(f"spot interruption notice: {notice.action or 'interruption'} at {when}; asking the job to checkpoint now")
+            self._write_state()  # at once: if the agent dies with the instance, the state still says why
+        else:
+            self.pump.note("spot rebalance recommendation: the instance is at elevated risk of interruption; asking the job to checkpoint now")
+        self._save_pending = True
+
+    def _ask_job_to_save(self, proc: subprocess.Popen) -> None:
+        """SIGUSR1 to the job's own process (not its group: other ranks would die of it), once it handles it."""
+        assert self.pump is not None
+        handled = handles_signal(proc.pid, SAVE_NOW_SIGNAL)
+        if handled:
+            self._save_pending = False
+            try:
+                os.kill(proc.pid, SAVE_NOW_SIGNAL)
+            except ProcessLookupError:
+                return
+            self.pump.note(f"sent SIGUSR1 to the job (pid {proc.pid}): CheckpointSync saves and publishes a checkpoint now")
+        elif not self._save_wait_noted:
+            self._save_wait_noted = True
+            why = "cannot tell whether the job handles SIGUSR1" if handled is None else "the job does not handle SIGUSR1 yet"
+            self.pump.note(f"{why} (CheckpointSync installs its handler when fit starts): it is signalled once it does")
+
+    def _notice_reason(self) -> str:
+        assert self._notice is not None
+        return f"spot interruption notice at {self._notice.time or self._notice.seen_at}"
+
+    def _after_notice(self, outcome: Outcome) -> Outcome:
+        """After an interruption notice, a job that did not succeed was preempted, whatever ended it."""
+        if self._notice is None or outcome.phase in (JobPhase.SUCCEEDED, JobPhase.PREEMPTED):
+            return outcome
+        reason = self._notice_reason()
+        return Outcome(JobPhase.PREEMPTED, outcome.exit_code, f"{reason}; {outcome.error}" if outcome.error else reason)
+
     # ------------------------------------------------------------ reporting
 
     def _supervise(self) -> None:
@@ -369,6 +442,8 @@ class Agent:
         assert spec is not None and self.pump is not None
         now = time.monotonic()
         next_ship, next_beat, next_cancel = now, now + spec.heartbeat_interval_s, now
+        watchdog = LauncherWatchdog(self.jobs, spec.launcher_grace_s) if spec.launcher_grace_s else None
+        next_watch = now + watchdog.interval_s if watchdog else float("inf")
         while not self._done.is_set():
             now = time.monotonic()
             if now >= next_ship:
@@ -387,7 +462,17 @@ class Agent:
                     else:
                         if reason:
                             self.request_stop(JobPhase.CANCELLED, one_line(reason))
-            self._done.wait(max(0.01, min(next_ship, next_beat, next_cancel) - time.monotonic()))
+            if watchdog is not None and now >= next_watch:
+                next_watch = now + watchdog.interval_s
+                if self._stop_request is None and (gone := watchdog.check()):
+                    self.pump.note(f"{gone}: cancelling the job")
+                    self.request_stop(JobPhase.CANCELLED, gone)
+            if self._notice_deadline is not None and self._stop_request is None and now >= self._notice_deadline:
+                self.request_stop(JobPhase.PREEMPTED, self._notice_reason())
+            wake = min(next_ship, next_beat, next_cancel, next_watch)
+            if self._notice_deadline is not None:
+                wake = min(wake, max(self._notice_deadline, now + 0.1))
+            self._done.wait(max(0.01, wake - time.monotonic()))
 
     def _set_phase(self, phase: JobPhase) -> None:
         with self._state_lock:
