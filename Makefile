@@ -5,6 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
+	.venv/bin/python examples/remote_fit.py --store file://$(CURDIR)/demo-runs/store
 	.venv/bin/python examples/quickstart.py
 
 test: setup
