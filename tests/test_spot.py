@@ -218,6 +218,25 @@ def test_request_checkpoint_from_the_training_loop(file_url: str, tmp_path: Path
     assert "HANDLER RESTORED" in out
 
 
+def test_sigusr1_to_rank_zero_alone_saves_on_every_rank_under_ddp(file_url: str, tmp_path: Path) -> None:
+    # the agent signals the job's main process only: rank zero shares the request with the others
+    proc = _train(file_url, str(tmp_path / "c"), "--ddp", "--max-steps", "40")
+    out: list[str] = []
+    try:
+        _wait_line(proc, "TRAINING", out)
+        proc.send_signal(signal.SIGUSR1)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(out) + rest
+    assert proc.returncode == 0, text[-3000:]
+    assert "RANK 0 DONE step=40" in text and "RANK 1 DONE step=40" in text, "no rank hung or died"
+    [manifest] = [m for m in RunStore(file_url).list_checkpoints() if m.name.startswith("preempt-step=")]
+    RunStore(file_url).verify_checkpoint(manifest)
+
+
 # ---------------------------------------------------------------- the agent on a spot instance
 
 
