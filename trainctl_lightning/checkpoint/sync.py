@@ -144,6 +144,7 @@ class CheckpointSync(Callback):
         self._save_request: tuple[str, float] | None = None
         self._signal_handler: Any = None
         self._previous_handler: Any = None
+        self._vote_group: Any = None  # gloo group of a multi-process fit, for the per-batch request vote
 
     def __repr__(self) -> str:
         return f"CheckpointSync({self.url!r})"
@@ -214,6 +215,7 @@ class CheckpointSync(Callback):
         if error:
             kind, message = error
             raise (ConfigError if kind == "ConfigError" else StoreError)(message)
+        self._vote_group = _cpu_group(trainer)  # every rank creates it
         if not trainer.is_global_zero:
             return
         self._end_error = None
@@ -258,7 +260,7 @@ class CheckpointSync(Callback):
         request = self._save_request
         if trainer.world_size > 1:
             # every rank takes part in a save; the request usually reached rank zero alone
-            if not trainer.strategy.reduce_boolean_decision(request is not None, all=False):
+            if not self._anyone_requested(trainer, request is not None):
                 return
             request = trainer.strategy.broadcast(request, src=0) or ("requested", time.monotonic())
         elif request is None:
@@ -270,6 +272,7 @@ class CheckpointSync(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._restore_signal_handler()
+            self._release_vote_group()
         if self._io is None or stage != "fit":
             return
         # The strategy's teardown already flushed (it calls checkpoint_io.teardown); a fit that
@@ -285,6 +288,7 @@ class CheckpointSync(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_signal_handler()  # Lightning runs no teardown hooks after an exception
+        self._release_vote_group()
         if self._io is not None and exception is self._end_error:
             # Our own end-of-fit error makes Lightning run every on_exception hook, and
             # OnExceptionCheckpoint saves once more. Publish that save, but let a failure be
@@ -321,6 +325,28 @@ class CheckpointSync(Callback):
         else:
             why = job.error if job is not None and job.error else f"not published within {self.request_timeout:g}s"
             log.error("trainctl: requested checkpoint %s (step %d) is not in %s: %s", path, step, self.url, why)
+
+    def _anyone_requested(self, trainer: pl.Trainer, mine: bool) -> bool:
+        """Whether any rank has a pending request: a one-int all-reduce on CPU every batch, so
+        that no rank's device has to synchronise for it."""
+        if self._vote_group is None:
+            return trainer.strategy.reduce_boolean_decision(mine, all=False)
+        import torch
+        import torch.distributed as dist
+
+        vote = torch.tensor([int(mine)], dtype=torch.int32)
+        dist.all_reduce(vote, group=self._vote_group)
+        return bool(vote.item())
+
+    def _release_vote_group(self) -> None:
+        group, self._vote_group = self._vote_group, None
+        if group is not None:
+            import torch.distributed as dist
+
+            try:
+                dist.destroy_process_group(group)
+            except (RuntimeError, ValueError) as exc:  # the default group is already gone
+                log.debug("trainctl: could not destroy the request vote group: %s", exc)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.request_checkpoint("preempt")
@@ -400,6 +426,17 @@ class CheckpointSync(Callback):
                 metrics[key] = number
         meta["metrics"] = metrics
         return meta
+
+
+def _cpu_group(trainer: pl.Trainer) -> Any:
+    """A gloo process group over every rank of a multi-process fit (None otherwise, or without gloo)."""
+    if trainer.world_size <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.is_gloo_available()):
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def _checkpoint_dir(trainer: pl.Trainer) -> str:
