@@ -44,6 +44,8 @@ class CheckpointSync(Callback):
     at most ``request_timeout`` seconds, until it is published. The ``SIGUSR1`` handler is
     installed while ``fit`` runs, from the main thread of global rank zero, and calls any handler
     that was there before; it is left out on SLURM with auto-requeue (Lightning's requeue signal).
+    In a multi-process fit the ranks agree at every batch end, with a one-int all-reduce on CPU
+    (gloo), so a request that reached rank zero alone is saved by all of them together.
 
     Args:
         url: fsspec URL of the run, e.g. ``"s3://bucket/runs/exp1"`` or ``"file:///data/exp1"``.
