@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainctl_lightning import RemoteStrategy
+from trainctl_lightning import CheckpointSync, MetricsReporter, RemoteStrategy
 
 
 class Classifier(pl.LightningModule):
@@ -96,7 +96,10 @@ def main() -> None:
         check_val_every_n_epoch=None,  # val_check_interval counts batches across epochs
         limit_val_batches=4,
         enable_progress_bar=False,
-        logger=False,
+        log_every_n_steps=10,
+        # No URLs: on the instance both write to the run's own place in the store.
+        logger=MetricsReporter(),
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath="checkpoints", monitor="val_loss", save_last=True), CheckpointSync()],
     )
     trainer.fit(model, datamodule=Blobs())
 
@@ -105,6 +108,12 @@ def main() -> None:
     print("global step:", trainer.global_step)
     print("metrics:", {k: round(v.item(), 4) for k, v in trainer.callback_metrics.items()})
     print("weights changed:", not torch.equal(before, model.net[0].weight.detach()))
+    run_id = strategy.remote_run.run_id
+    store = f" --store {args.store}" if args.store else ""
+    print(f"\nLook at the run: trainctl status {run_id}{store}")
+    print(f"                 trainctl logs {run_id}{store}")
+    print(f"                 trainctl ckpt ls {strategy.remote_run.run_url}")
+    print(f"                 trainctl metrics {strategy.remote_run.run_url}")
 
 
 if __name__ == "__main__":

@@ -245,7 +245,6 @@ def test_bad_store_fails_at_setup_before_any_step(s3, tmp_path):
     ("kwargs", "message"),
     [
         ({"url": "nosuch://x"}, "unknown storage protocol 'nosuch'"),
-        ({"url": None}, "needs a store URL"),
         ({"url": "memory://x", "keep_last": 0}, r"keep_last=0\): must be an integer >= 1"),
         ({"url": "memory://x", "part_size_mb": 1}, r"part_size_mb=1\): must be an integer >= 5"),
         ({"url": "memory://x", "flush_timeout": -1}, "flush_timeout=-1"),
@@ -260,6 +259,19 @@ def test_bad_arguments_fail_in_init(kwargs, message):
 def test_url_from_the_agent_environment(monkeypatch, memory_url):
     monkeypatch.setenv("TRAINCTL_RUN_URL", memory_url)
     assert CheckpointSync().url == memory_url
+
+
+def test_without_a_url_it_is_taken_from_the_environment_at_setup(monkeypatch, memory_url, tmp_path):
+    """RemoteStrategy builds the callback where no run URL is set; the instance's agent sets it."""
+    sync = CheckpointSync()
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=2), callbacks=[ModelCheckpoint(dirpath=tmp_path), sync])
+    with pytest.raises(ConfigError, match=r"needs a store URL.*TRAINCTL_RUN_URL"):
+        trainer.fit(TinyRegressor())
+    monkeypatch.setenv("TRAINCTL_RUN_URL", memory_url)
+    sync = CheckpointSync()
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=2), callbacks=[ModelCheckpoint(dirpath=tmp_path / "2"), sync])
+    trainer.fit(TinyRegressor())
+    assert sync.url == memory_url and RunStore(memory_url).list_checkpoints()
 
 
 def test_remote_modelcheckpoint_dirpath_is_refused_before_training(memory_url, tmp_path):

@@ -196,7 +196,6 @@ def test_write_failures_never_stop_training(s3, caplog):
     ("kwargs", "message"),
     [
         ({"url": "nosuch://x"}, "unknown storage protocol"),
-        ({"url": None}, "needs a store URL"),
         ({"url": "memory://x", "status_interval": 30}, r"status_interval=30\): must be seconds in \(0, 10\]"),
         ({"url": "memory://x", "flush_every": 0}, r"flush_every=0\)"),
     ],
@@ -205,6 +204,17 @@ def test_bad_arguments_fail_in_init(kwargs, message):
     url = kwargs.pop("url")
     with pytest.raises(ConfigError, match=message):
         MetricsReporter(url, **kwargs)
+
+
+def test_without_a_url_it_is_taken_from_the_environment_when_it_starts(monkeypatch, memory_url):
+    reporter = MetricsReporter()
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=2, logger=reporter))
+    with pytest.raises(ConfigError, match=r"needs a store URL.*TRAINCTL_RUN_URL"):
+        trainer.fit(TinyRegressor())
+    monkeypatch.setenv("TRAINCTL_RUN_URL", memory_url)
+    reporter = MetricsReporter()
+    pl.Trainer(**trainer_kwargs(max_steps=2, logger=reporter)).fit(TinyRegressor())
+    assert RunStore(memory_url).read_status() is not None  # it reported to the run URL from the environment
 
 
 def test_the_hot_path_only_buffers(memory_url):

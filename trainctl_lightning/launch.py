@@ -454,6 +454,7 @@ def launch(
     profile: str | None = None,
     dry_run: bool = False,
     on_event: Callable[[str], None] | None = None,
+    follow: bool | None = None,
 ) -> Run | LaunchPlan:
     """Run ``script`` (or ``-m module``) through the agent on an instance; see the module docs.
 
@@ -468,6 +469,9 @@ def launch(
             that stops for 10 minutes (the launcher was killed, lost its network), the agent
             cancels the job and ends an instance this launch created.
         on_output: receives the job's output as it arrives (attached launches; default: stdout).
+        follow: the caller will follow the job itself with ``Run.wait`` after a ``detach=True``
+            return (the CLI and RemoteStrategy do): the launcher heartbeat and its watchdog are
+            set up as for an attached launch. Default: ``not detach``.
         instance: reuse this instance instead of creating one (it is kept afterwards).
         keep_alive: keep an instance this launch created after the job ends.
         env: variables for the job, ``{"NAME": "value"}`` or ``["NAME=value", "NAME"]``; a name
@@ -485,6 +489,7 @@ def launch(
             (or use :meth:`Run.result`).
     """
     event = on_event or (lambda msg: log.info("trainctl: %s", msg))
+    attached = (not detach) if follow is None else follow
     started = time.monotonic()
     root = Path(project_dir).expanduser().resolve() if project_dir is not None else Path.cwd()
     if not root.is_dir():
@@ -578,7 +583,7 @@ def launch(
         provider=prov.name,
         instance_id=existing.id if existing else None,
         terminate_instance_after=existing is None and not keep_alive,
-        launcher_grace_s=None if detach else DEFAULT_LAUNCHER_GRACE_S,
+        launcher_grace_s=DEFAULT_LAUNCHER_GRACE_S if attached else None,
         trainctl_version=_version(),
     )
     if dry_run:
@@ -636,7 +641,7 @@ def launch(
         created_instance=created is not None,
         keep_alive=keep_alive,
         code=upload,
-        heartbeat=not detach,
+        heartbeat=attached,
         _job=job,
     )
     if detach:

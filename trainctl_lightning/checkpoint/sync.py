@@ -101,12 +101,10 @@ class CheckpointSync(Callback):
         request_timeout: float = 90.0,
     ) -> None:
         url = url if url is not None else os.environ.get(RUN_URL_ENV)
-        if not url:
-            raise ConfigError(
-                f"CheckpointSync() needs a store URL, e.g. CheckpointSync('s3://bucket/runs/exp1'), "
-                f"or ${RUN_URL_ENV} set (trainctl launch sets it)"
-            )
-        validate_url(url)
+        if url is not None:
+            validate_url(url)
+        # else: resolved from $TRAINCTL_RUN_URL at setup, where the run executes (RemoteStrategy
+        # builds the callback on the launching machine and ships it to the instance)
         for label, value, low in (
             ("keep_last", keep_last, 1),
             ("upload_workers", upload_workers, 1),
@@ -122,7 +120,7 @@ class CheckpointSync(Callback):
             raise ConfigError(f"CheckpointSync(flush_timeout={flush_timeout!r}): must be seconds >= 0 or None")
         if not (request_timeout >= 0 and math.isfinite(request_timeout)):
             raise ConfigError(f"CheckpointSync(request_timeout={request_timeout!r}): must be a number of seconds >= 0")
-        self.url = url
+        self.url: str | None = url
         self.storage_options = dict(storage_options or {})
         self.keep_last = keep_last
         self.mirror_deletes = mirror_deletes
@@ -188,6 +186,14 @@ class CheckpointSync(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return  # validate/test/predict save nothing
+        if self.url is None:
+            self.url = os.environ.get(RUN_URL_ENV) or None
+            if self.url is None:
+                raise ConfigError(
+                    f"CheckpointSync() needs a store URL, e.g. CheckpointSync('s3://bucket/runs/exp1'), "
+                    f"or ${RUN_URL_ENV} set (trainctl launch and RemoteStrategy set it)"
+                )
+            validate_url(self.url)
         self._trainer = trainer
         error: tuple[str, str] | None = None
         if trainer.is_global_zero:

@@ -81,6 +81,7 @@ def launch(
         profile=profile,
         dry_run=dry_run,
         detach=True,
+        follow=not detach,
         on_event=event,
     )
     if isinstance(result, api.LaunchPlan):

@@ -70,19 +70,16 @@ class MetricsReporter(Logger):
     ) -> None:
         super().__init__()
         url = url if url is not None else os.environ.get(RUN_URL_ENV)
-        if not url:
-            raise ConfigError(
-                "MetricsReporter() needs a store URL, e.g. MetricsReporter('s3://bucket/runs/exp1'), "
-                f"or ${RUN_URL_ENV} set (trainctl launch sets it)"
-            )
-        validate_url(url)
+        if url is not None:
+            validate_url(url)
+        # else: resolved from $TRAINCTL_RUN_URL when it first writes, where the run executes
         if not (0 < flush_interval <= 3600):
             raise ConfigError(f"MetricsReporter(flush_interval={flush_interval!r}): must be seconds in (0, 3600]")
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ConfigError(f"MetricsReporter(flush_every={flush_every!r}): must be an integer >= 1")
         if not (0 < status_interval <= 10):
             raise ConfigError(f"MetricsReporter(status_interval={status_interval!r}): must be seconds in (0, 10]")
-        self.url = url
+        self.url: str | None = url
         self.storage_options = dict(storage_options or {})
         self.flush_interval = flush_interval
         self.flush_every = flush_every
@@ -124,6 +121,14 @@ class MetricsReporter(Logger):
     @property
     def store(self) -> RunStore:
         if self._store is None:
+            if self.url is None:
+                self.url = os.environ.get(RUN_URL_ENV) or None
+                if self.url is None:
+                    raise ConfigError(
+                        "MetricsReporter() needs a store URL, e.g. MetricsReporter('s3://bucket/runs/exp1'), "
+                        f"or ${RUN_URL_ENV} set (trainctl launch and RemoteStrategy set it)"
+                    )
+                validate_url(self.url)
             self._store = RunStore(self.url, self.storage_options, retry=RetryPolicy(deadline_s=60))
         return self._store
 
@@ -187,6 +192,7 @@ class MetricsReporter(Logger):
             if trainer is not None:
                 self._trainer_ref = weakref.ref(trainer)
         if self._thread is None:
+            self.store  # resolve the URL here, so a missing one is raised into fit, not the writer thread
             self._stop.clear()
             self._phase = Phase.STARTING if self._phase.is_terminal() else self._phase
             self._thread = threading.Thread(target=self._run, name="trainctl-metrics", daemon=True)

@@ -174,6 +174,7 @@ class RemoteCall:
             run_id=self.run_id,
             project_dir=opts.resolved_project_dir(),
             detach=True,
+            follow=True,  # this session waits on the run: heartbeat + launcher watchdog
             instance=instance_id,
             keep_alive=opts.keep_alive,
             provider=opts.provider,
