@@ -50,7 +50,7 @@ from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState, l
 from trainctl_lightning.jobs.store import JobStore, run_url_in
 from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.providers import get_provider
-from trainctl_lightning.providers.api import AgentLaunch, CreatePlan, Instance, InstanceSpec, Provider
+from trainctl_lightning.providers.api import TAG_RUN_ID, AgentLaunch, CreatePlan, Instance, InstanceSpec, Provider
 from trainctl_lightning.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -557,7 +557,7 @@ def launch(
         if not existing.state.is_usable():
             raise ConfigError(f"instance {instance} is {existing.state.value}; start a new one (omit --instance) or pick a running one")
     else:
-        spec = _instance_spec(settings, tags=tags, run_url=run_url, store_url=store_url)
+        spec = _instance_spec(settings, tags={**(tags or {}), TAG_RUN_ID: run_id}, run_url=run_url, store_url=store_url)
         plan = prov.create_dryrun(spec)
 
     # ---- code (scanned, and limits enforced, before anything is created)

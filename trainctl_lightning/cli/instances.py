@@ -26,8 +26,12 @@ def _tags(pairs: list[str] | None) -> dict[str, str]:
 
 def _render(instances: list[Instance], title: str) -> None:
     table = Table(title=title, title_justify="left")
-    for col in ("ID", "PROVIDER", "STATE", "TYPE", "REGION", "RUN", "CREATED", "$/H"):
-        table.add_column(col, overflow="fold")
+    table.add_column("ID", no_wrap=True)
+    for col in ("PROVIDER", "STATE", "TYPE", "REGION"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("RUN", overflow="fold")
+    table.add_column("CREATED", no_wrap=True)
+    table.add_column("$/H", justify="right", no_wrap=True)
     for i in instances:
         table.add_row(
             i.id,
@@ -36,7 +40,7 @@ def _render(instances: list[Instance], title: str) -> None:
             i.instance_type + (" (spot)" if i.spot else ""),
             i.region or "-",
             i.run_id or "-",
-            (i.created_at or "-")[:19].replace("T", " "),
+            (i.created_at or "-")[5:16].replace("T", " "),
             "-" if i.price_per_hour is None else f"{i.price_per_hour:.3f}",
         )
     stdout.print(table)

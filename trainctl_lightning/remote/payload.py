@@ -56,6 +56,10 @@ class TrainerPayload:
     devices: Any = "auto"
     strategy: Any = "auto"
     """The strategy the Trainer uses on the instance."""
+    project_dir: str | None = None
+    """The launching machine's project directory: local paths under it (a ``ModelCheckpoint``
+    dirpath, which Lightning makes absolute when it is created) mean the same place in the
+    synced copy on the instance."""
 
 
 @dataclass

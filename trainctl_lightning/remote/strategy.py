@@ -235,6 +235,7 @@ class _RemoteLauncher(_lightning.Launcher):
             accelerator=strategy.remote_accelerator,
             devices=strategy.remote_devices,
             strategy=strategy.remote_strategy,
+            project_dir=str(strategy.options.resolved_project_dir()),
         )
         roots = {**{k: v for k, v in call_kwargs.items() if v is not None}, **trainer_kwargs}
         data = dumps_payload(roots, payload, strategy.options.resolved_project_dir())

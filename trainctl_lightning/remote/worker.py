@@ -80,6 +80,7 @@ def run_trainer(payload: TrainerPayload, store: RunStore) -> RemoteResult:
         kwargs = dict(payload.trainer_kwargs)
         kwargs.update(accelerator=payload.accelerator, devices=payload.devices, strategy=payload.strategy)
         trainer = payload.trainer_class(**kwargs)
+        _reroot_checkpoint_dirs(trainer, payload.project_dir)
         value = getattr(trainer, payload.entry)(**payload.entry_kwargs)
         final = _final_checkpoint(trainer, store) if payload.entry == "fit" else None
         result = RemoteResult(ok=True, value=value, final_checkpoint=final, host=socket.gethostname())
@@ -93,6 +94,20 @@ def run_trainer(payload: TrainerPayload, store: RunStore) -> RemoteResult:
         except Exception as describe_error:  # the original error is what the caller needs
             print(f"trainctl worker: could not read the trainer's state after the failure: {describe_error!r}", file=sys.stderr)
     return result
+
+
+def _reroot_checkpoint_dirs(trainer: Any, project_dir: str | None) -> None:
+    """``ModelCheckpoint(dirpath="checkpoints")`` was made absolute on the launching machine;
+    on the instance it means ``checkpoints`` in the synced copy (the working directory)."""
+    if not project_dir:
+        return
+    root = os.path.realpath(project_dir)
+    for cb in trainer.checkpoint_callbacks:
+        dirpath = getattr(cb, "dirpath", None)
+        if isinstance(dirpath, str) and os.path.isabs(dirpath):
+            real = os.path.realpath(dirpath)
+            if real == root or real.startswith(root + os.sep):
+                cb.dirpath = os.path.join(os.getcwd(), os.path.relpath(real, root))
 
 
 def _describe(trainer: Any, result: RemoteResult) -> None:
