@@ -222,6 +222,8 @@ def test_checkpoint_sync_best_url_then_validate_and_test(models, store, tmp_path
     trainer.fit(model)
     published = RunStore(sync_url).list_checkpoints()
     assert published, "CheckpointSync published on the instance"
+    # dirpath="ckpts" is the instance's ckpts/ (in its synced copy), not this machine's
+    assert not (Path.cwd() / "ckpts").exists()
     # the final weights come from CheckpointSync's last.ckpt (taken at the final step), not a copy
     assert strategy.remote_run.final_checkpoint_url.startswith(sync_url)
     assert RunStore(strategy.remote_run.run_url).list_checkpoints() == []
