@@ -162,6 +162,14 @@ def test_user_data_runs_the_agent_for_the_run_and_fits_ec2s_limit(provider, ec2,
     assert "testing" not in script  # the launcher's credentials never reach the instance
 
 
+def test_an_instance_without_max_runtime_still_gets_the_default_cap(provider, ec2, set_up, store_url):
+    plan = provider.create_dryrun(run_spec(store_url, max_runtime_s=None))
+    assert any("24.00 h after boot (the default cap" in r for r in plan.resources)
+    instance = provider.create(run_spec(store_url, max_runtime_s=None))
+    encoded = ec2.describe_instance_attribute(InstanceId=instance.id, Attribute="userData")["UserData"]["Value"]
+    assert "MAX_RUNTIME_MIN=1440" in base64.b64decode(encoded).decode()
+
+
 def test_user_data_over_16_kb_is_refused_before_launch(provider, ec2, set_up, store_url):
     with pytest.raises(ConfigError, match="16384-byte user-data limit"):
         provider.create(run_spec(store_url, env={"BIG": "x" * 20000}))

@@ -583,23 +583,7 @@ class RunStore:
         Args:
             skip: names already read; segments never change, so a follower fetches only new ones.
         """
-        base = self.path(METRICS_DIR)
-        known = set(skip)
-
-        def read() -> dict[str, bytes]:
-            self.fs.invalidate_cache(base)
-            try:
-                paths = self.fs.glob(f"{base}/*.jsonl")
-            except FileNotFoundError:
-                return {}
-            paths = [p for p in paths if p.rstrip("/").rsplit("/", 1)[-1] not in known]
-            return self.fs.cat(paths, on_error="omit") if paths else {}
-
-        try:
-            raw = self.retry.call(read, what=f"read {self.url_of(METRICS_DIR)}")
-        except Exception as exc:
-            raise explain_store_error(exc, self.url, "read metrics from") from exc
-        return sorted(((p.rstrip("/").split("/")[-1], data) for p, data in raw.items()), key=lambda x: x[0])
+        return self.read_new_objects(METRICS_DIR, "*.jsonl", skip, action="read metrics from")
 
     def write_status(self, data: bytes) -> None:
         """Replace the run's ``status.json`` (the one object a live run keeps rewriting)."""
@@ -662,7 +646,9 @@ class RunStore:
         except Exception as exc:
             raise explain_store_error(exc, self.url, "read") from exc
 
-    def read_new_objects(self, rel_dir: str, pattern: str = "*", skip: Iterable[str] = ()) -> list[tuple[str, bytes]]:
+    def read_new_objects(
+        self, rel_dir: str, pattern: str = "*", skip: Iterable[str] = (), action: str = "read"
+    ) -> list[tuple[str, bytes]]:
         """Objects directly in ``<run>/<rel_dir>`` matching ``pattern``, not named in ``skip``,
         as (name, content) in name order. For immutable, append-only series (log chunks)."""
         base = self.path(rel_dir)
@@ -680,7 +666,7 @@ class RunStore:
         try:
             raw = self.retry.call(read, what=f"read {self.url_of(rel_dir)}")
         except Exception as exc:
-            raise explain_store_error(exc, self.url, "read") from exc
+            raise explain_store_error(exc, self.url, action) from exc
         return sorted(((p.rstrip("/").split("/")[-1], data) for p, data in raw.items()), key=lambda x: x[0])
 
     def delete_object(self, rel: str) -> None:

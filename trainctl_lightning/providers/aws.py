@@ -219,6 +219,9 @@ class AWSCreatePlan(CreatePlan):
         return kwargs
 
 
+#: The hard cap on an instance's life when none is given: generous for training, but never unbounded.
+DEFAULT_MAX_RUNTIME_S = 24 * 3600.0
+
 class AWSProvider(Provider):
     """EC2 instances in one region, with boto3.
 
@@ -352,13 +355,15 @@ class AWSProvider(Provider):
         tags.setdefault(TAG_NAME, spec.name or (f"trainctl-{run_id}" if run_id else "trainctl"))
         if store_url:
             tags[TAG_STORE] = store_url
+        # never an instance without a cap: the default one is generous, --max-hours sets another
+        max_runtime_s = spec.max_runtime_s if spec.max_runtime_s is not None else DEFAULT_MAX_RUNTIME_S
         user_data = None
         if run_url:
             user_data = render_user_data(
-                run_url, install=options.get("install"), max_runtime_s=spec.max_runtime_s, env=spec.env, region=region
+                run_url, install=options.get("install"), max_runtime_s=max_runtime_s, env=spec.env, region=region
             )
-        elif spec.max_runtime_s is not None:
-            minutes = max(1, -(-int(spec.max_runtime_s) // 60))
+        else:
+            minutes = max(1, -(-int(max_runtime_s) // 60))
             user_data = f"#!/bin/bash\nshutdown -h +{minutes} 'trainctl: max runtime reached'\n"
 
         resource_types = ["instance", "volume", "network-interface"] + (["spot-instances-request"] if spec.spot else [])
@@ -401,10 +406,10 @@ class AWSProvider(Provider):
         ]
         if run_url:
             resources.append(f"user data: runs the agent for {run_url}, then powers off")
-        if spec.max_runtime_s is not None:
-            resources.append(f"hard max runtime: powered off {spec.max_runtime_s / 3600:.2f} h after boot")
-        else:
-            resources.append("no max runtime (set max_runtime_s to cap the instance's life)")
+        resources.append(
+            f"hard max runtime: powered off {max_runtime_s / 3600:.2f} h after boot"
+            + ("" if spec.max_runtime_s is not None else " (the default cap; --max-hours sets another)")
+        )
         if profile:
             resources.append(f"instance profile {profile}")
         if price_note:
