@@ -12,10 +12,12 @@ import base64
 import json
 import os
 import stat
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from tests.provider_contract import ProviderContract
@@ -540,3 +542,35 @@ def test_aws_setup_cli(s3):
     assert {s["action"] for s in data["steps"]} == {"created"} and data["options"]["iam_instance_profile"] == ROLE_NAME
     again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0 and "found" in again.stdout and "created" not in again.stdout
+
+
+# ----------------------------------------------------------------------------- launch() through AWS
+def test_launch_through_the_aws_provider_hands_the_job_off_via_s3(s3, ec2, ami, set_up, store_url, tmp_path, monkeypatch):
+    """What `trainctl launch --provider aws` leaves behind before the instance boots: the job,
+    the code and a wheel of this trainctl in S3, and one tagged instance whose user data runs the
+    agent for that run; no credentials anywhere."""
+    from trainctl_lightning import launch as api
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('hi')\n")
+    monkeypatch.chdir(project)
+    with pytest.raises(ConfigError, match="cannot forward SECRET_TOKEN"):
+        monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+        api.launch("train.py", provider="aws", store=store_url, image=ami, instance_type="g5.xlarge", env=["SECRET_TOKEN"], detach=True)
+    assert raw_instances(ec2) == []
+
+    run = api.launch("train.py", provider="aws", store=store_url, image=ami, instance_type="g5.xlarge", spot=True, detach=True)
+    spec = JobStore(run.run_url).read_spec()
+    assert spec.provider == "aws" and spec.instance_id == run.instance_id and spec.spot
+    assert run.state().phase is JobPhase.QUEUED and not run.state().lost
+    [inst] = raw_instances(ec2)
+    tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
+    assert tags[TAG_RUN_ID] == run.run_id and tags[TAG_MANAGED_BY] == "trainctl-lightning"
+    script = base64.b64decode(ec2.describe_instance_attribute(InstanceId=inst["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
+    assert f"RUN_URL={run.run_url}" in script
+    wheel = re.search(r"INSTALL=(s3://\S+\.whl)", script).group(1)
+    assert wheel.startswith(f"{store_url}/_dist/") and fsspec.filesystem("s3").exists(wheel)
+    assert "hunter2" not in script and "testing" not in script
+    api.terminate(run.instance_id)
+    assert api.terminate(run.instance_id).state is InstanceState.TERMINATED

@@ -605,7 +605,15 @@ def launch(
     try:
         if existing is None:
             assert plan is not None
-            created = prov.create(plan.spec)
+            create_spec = plan.spec
+            if prov.installs_trainctl and "install" not in create_spec.options:
+                from trainctl_lightning.jobs.dist import ship_trainctl
+
+                wheel = ship_trainctl(store_url)  # None for a released version: the instance gets it from PyPI
+                if wheel:
+                    event(f"the instance installs trainctl from {wheel}")
+                    create_spec = _replace_spec(create_spec, options={**create_spec.options, "install": wheel})
+            created = prov.create(create_spec)
             event(f"created {prov.name} instance {created.id}")
         inst = existing or created
         assert inst is not None
@@ -653,6 +661,12 @@ def launch(
         run.cancel("cancelled by the user (Ctrl-C)", wait_s=job_spec.stop_grace_s + 10)
         raise
     return run
+
+
+def _replace_spec(spec: InstanceSpec, **changes: Any) -> InstanceSpec:
+    from dataclasses import replace
+
+    return replace(spec, **changes)
 
 
 def _replace(spec: JobSpec, **changes: Any) -> JobSpec:

@@ -220,6 +220,9 @@ class Provider(ABC):
     #: Whether ``AgentLaunch.forward_env`` can reach the agent without being stored anywhere
     #: (local: passed to the process; AWS: no, user data is readable by anyone who can describe it).
     forwards_env: ClassVar[bool] = True
+    #: Whether its instances install trainctl-lightning at boot (from ``options["install"]``,
+    #: which the launcher fills with a wheel of a source checkout; see ``jobs/dist.py``).
+    installs_trainctl: ClassVar[bool] = False
 
     # ------------------------------------------------------------ templates (do not override)
 
