@@ -299,3 +299,35 @@ def test_oversized_project_is_refused_naming_the_directory(project: Path) -> Non
     result = trainctl("launch", "train.py", cwd=project)
     assert result.returncode == 1 and "data/" in result.stderr and ".trainctlignore" in result.stderr
     assert get_provider("local").list(include_terminated=True) == []
+
+
+def test_with_nothing_configured_launch_uses_the_local_provider_and_the_default_store(project: Path) -> None:
+    result = trainctl("launch", "train.py", "--output", "json", cwd=project, env={"STEPS": "2"})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    home = os.environ["TRAINCTL_HOME"]
+    assert out["provider"] == "local" and out["store_url"] == f"file://{home}/store"
+    assert out["run_url"] == f"file://{home}/store/{out['run_id']}"
+    assert_nothing_running()
+
+
+def test_instance_commands_create_ls_stop_terminate(project: Path) -> None:
+    plan = json.loads(trainctl("create", "--dry-run", "--tag", "team=vision", "--output", "json", cwd=project).stdout)
+    assert plan["dry_run"] and plan["tags"]["team"] == "vision"
+    assert json.loads(trainctl("ls", "--output", "json", cwd=project).stdout)["instances"] == []
+
+    created = json.loads(trainctl("create", "--tag", "team=vision", "--output", "json", cwd=project).stdout)
+    assert created["state"] == "running" and created["tags"]["team"] == "vision"
+    listed = json.loads(trainctl("ls", "--output", "json", cwd=project).stdout)["instances"]
+    assert [i["id"] for i in listed] == [created["id"]]
+    assert created["id"] in trainctl("ls", cwd=project).stdout  # the table
+
+    stopped = json.loads(trainctl("stop", created["id"], "--output", "json", cwd=project).stdout)
+    assert stopped["state"] == "stopped"
+    for _ in range(2):  # idempotent
+        ended = trainctl("terminate", created["id"], "--output", "json", cwd=project)
+        assert ended.returncode == 0 and json.loads(ended.stdout)["state"] == "terminated"
+    assert json.loads(trainctl("ls", "--output", "json", cwd=project).stdout)["instances"] == []
+
+    missing = trainctl("terminate", "local-00000000", cwd=project)
+    assert missing.returncode == 1 and "no local instance 'local-00000000'" in missing.stderr
