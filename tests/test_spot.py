@@ -181,7 +181,8 @@ def _wait_checkpoint(url: str, prefix: str, timeout: float) -> tuple[CheckpointM
         if found:
             return found[0], time.monotonic() - started
         time.sleep(0.05)
-    raise AssertionError(f"no {prefix}* checkpoint in {url} after {timeout}s: {[m.name for m in store.list_checkpoints()]}")
+    logs = JobStore(url).read_logs().decode(errors="replace")[-3000:] if JobStore(url).store.exists("job.json") else ""
+    raise AssertionError(f"no {prefix}* checkpoint in {url} after {timeout}s: {[m.name for m in store.list_checkpoints()]}\n{logs}")
 
 
 def test_sigusr1_saves_and_publishes_now_and_chains_to_the_previous_handler(s3, tmp_path: Path) -> None:
@@ -270,7 +271,7 @@ def test_notice_mid_training_publishes_a_checkpoint_marks_preempted_and_resume_c
         _wait_logs(jobs, b"TRAINING", agent)
         noticed = time.monotonic()
         when = imds.notice(action="terminate", in_s=120)
-        manifest, took = _wait_checkpoint(url, "preempt-step=", timeout=120)
+        manifest, took = _wait_checkpoint(url, "preempt-step=", timeout=60)
         print(f"\nnotice -> checkpoint published: {took:.2f}s (deadline 120s)")
         assert took < 30, f"published {took:.1f}s after the notice: too close to EC2's two minutes"
         running = jobs.read_state()

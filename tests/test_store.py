@@ -347,3 +347,22 @@ def test_orphaned_upload_data_is_found_and_collected_only_when_old(store_url, tm
     store.verify_checkpoint(good)
     with pytest.raises(ConflictError, match="is complete"):
         store.delete_orphan(good.id)
+
+
+def test_a_long_lived_reader_sees_a_manifest_written_by_another_process(s3, tmp_path):
+    """s3fs caches folder listings; a reader that listed a checkpoint folder mid-upload (data,
+    no manifest yet) must still see the manifest once another process writes it."""
+    url = s3.url()
+    ckpt = tmp_path / "a.ckpt"
+    ckpt.write_bytes(b"weights" * 100)
+    published = RunStore(url).publish_checkpoint([ckpt], global_step=5)
+    manifest_key = f"{url.removeprefix(f's3://{s3.bucket}/')}/checkpoints/{published.id}/{MANIFEST_NAME}"
+    client = s3.server.client()  # another writer: not this process's s3fs instance or its cache
+    body = client.get_object(Bucket=s3.bucket, Key=manifest_key)["Body"].read()
+    client.delete_object(Bucket=s3.bucket, Key=manifest_key)
+
+    reader = RunStore(url)
+    reader.fs.invalidate_cache()
+    assert reader.list_checkpoints() == []  # mid-upload: data only, and that listing is now cached
+    client.put_object(Bucket=s3.bucket, Key=manifest_key, Body=body)
+    assert [m.id for m in reader.list_checkpoints()] == [published.id]

@@ -148,6 +148,20 @@ class RunStore:
     def __repr__(self) -> str:  # storage_options may hold secrets: never shown
         return f"RunStore({self.url!r})"
 
+    def forget_listings(self, path: str) -> None:
+        """Drop what the filesystem cached about ``path`` and everything below it.
+
+        fsspec's ``invalidate_cache(path)`` drops ``path`` and its parents only (s3fs), so a
+        folder listed while an upload was under way (data there, manifest not yet) would be read
+        from the cache forever by a long-lived reader; listing code calls this instead.
+        """
+        self.fs.invalidate_cache(path)
+        cache = getattr(self.fs, "dircache", None)
+        if cache:
+            prefix = path.rstrip("/") + "/"
+            for key in [k for k in list(cache) if isinstance(k, str) and k.startswith(prefix)]:
+                cache.pop(key, None)
+
     # ----------------------------------------------------------------- layout
     def path(self, *parts: str) -> str:
         """Backend path of an object inside this run (never outside it)."""
@@ -367,7 +381,7 @@ class RunStore:
         base = self.path(CHECKPOINTS_DIR)
 
         def read() -> dict[str, bytes]:
-            self.fs.invalidate_cache(base)
+            self.forget_listings(base)
             try:
                 paths = self.fs.glob(f"{base}/*/{MANIFEST_NAME}")
             except FileNotFoundError:
@@ -515,7 +529,7 @@ class RunStore:
         base = self.path(CHECKPOINTS_DIR)
 
         def scan() -> list[tuple[datetime, str]]:
-            self.fs.invalidate_cache(base)
+            self.forget_listings(base)
             try:
                 files = self.fs.find(base)
             except FileNotFoundError:
@@ -655,7 +669,7 @@ class RunStore:
         known = set(skip)
 
         def read() -> dict[str, bytes]:
-            self.fs.invalidate_cache(base)
+            self.forget_listings(base)
             try:
                 paths = self.fs.glob(f"{base}/{pattern}")
             except FileNotFoundError:
@@ -680,7 +694,7 @@ class RunStore:
     def child_runs(self) -> list[str]:
         """URLs of runs directly below this prefix (folders with a job, a status or checkpoints)."""
         def find() -> list[str]:
-            self.fs.invalidate_cache(self.root)
+            self.forget_listings(self.root)
             try:
                 found = (
                     self.fs.glob(f"{self.root}/*/{STATUS_NAME}")

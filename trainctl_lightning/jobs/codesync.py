@@ -558,7 +558,7 @@ def _list_blobs(blobs: RunStore) -> dict[str, int]:
     """sha256 -> size of the blobs in the store (one listing)."""
 
     def listing() -> list[dict[str, Any]]:
-        blobs.fs.invalidate_cache(blobs.root)
+        blobs.forget_listings(blobs.root)
         try:
             return list(blobs.fs.ls(blobs.root, detail=True))
         except FileNotFoundError:

@@ -154,7 +154,7 @@ def _store_problem(store_url: str) -> str | None:
 
     try:
         store = RunStore(store_url)
-        store.fs.invalidate_cache(store.root)
+        store.forget_listings(store.root)
         if not store.fs.ls(store.root, detail=False):
             return f"the store {store_url} is empty or missing"
     except FileNotFoundError:  # object stores cannot tell a missing bucket from an empty prefix
