@@ -227,6 +227,9 @@ def test_ctrl_c_without_a_terminal_cancels_and_cleans_up(project: Path, tmp_path
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
+        # a test run started in the background (CI, `cmd &`) has SIGINT ignored, and children
+        # inherit that: give the CLI the default, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 60

@@ -332,6 +332,9 @@ def test_ctrl_c_cancels_the_remote_run_and_ends_the_instance(models, store) -> N
                 return
             time.sleep(0.2)
 
+    # Ctrl-C reaches Python only if SIGINT is handled: a test run started in the background
+    # (CI, `cmd &`) inherits it ignored, and interrupt_main() then does nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=interrupt_once_training, daemon=True)
     watcher.start()
     try:
