@@ -141,20 +141,19 @@ def _final_checkpoint(trainer: Any, store: RunStore) -> dict[str, Any] | None:
     found = trainer.strategy.broadcast(found, src=0)  # every rank decides alike: saving is collective
     if found is not None:
         return found
-    folder = tempfile.mkdtemp(prefix="trainctl-final-")
-    path = os.path.join(folder, "final.ckpt")
-    trainer.save_checkpoint(path)  # every rank takes part (sharded strategies gather here)
-    if not trainer.is_global_zero:
-        return None
-    manifest = store.publish_checkpoint(
-        [path],
-        name="final.ckpt",
-        epoch=trainer.current_epoch,
-        global_step=trainer.global_step,
-        metrics=scalar_metrics(trainer.callback_metrics),
-        source={"local_path": path, "written_by": "trainctl remote worker"},
-    )
-    os.remove(path)
+    with tempfile.TemporaryDirectory(prefix="trainctl-final-") as folder:
+        path = os.path.join(folder, "final.ckpt")
+        trainer.save_checkpoint(path)  # every rank takes part (sharded strategies gather here)
+        if not trainer.is_global_zero:
+            return None
+        manifest = store.publish_checkpoint(
+            [path],
+            name="final.ckpt",
+            epoch=trainer.current_epoch,
+            global_step=trainer.global_step,
+            metrics=scalar_metrics(trainer.callback_metrics),
+            source={"local_path": path, "written_by": "trainctl remote worker"},
+        )
     return _reference(store, manifest)
 
 
