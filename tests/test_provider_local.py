@@ -136,6 +136,26 @@ class TestLocalProvider(ProviderContract):
         with pytest.raises(ProviderError, match="stopped"):
             submit(provider, stopped, file_store, module="platform")
 
+    def test_stop_lets_a_job_finish_saving_after_sigterm(self, provider: LocalProvider, instance: Instance, file_store: str) -> None:
+        """A job that takes a while to save on SIGTERM (as Lightning publishing a checkpoint does)
+        is not killed halfway by `trainctl stop`."""
+        code = (
+            "import signal, sys, time\n"
+            "def save(*_):\n"
+            "    time.sleep(12); print('SAVED', flush=True); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, save)\n"
+            "print('up', flush=True)\n"
+            "time.sleep(120)"
+        )
+        jobs = submit(provider, instance, file_store, stop_grace_s=30, **python_job(code))
+        wait_for(jobs, {JobPhase.RUNNING})
+        deadline = time.monotonic() + 30
+        while b"up" not in jobs.read_logs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert provider.stop(instance.id).state is InstanceState.STOPPED
+        final = wait_for(jobs, timeout=5)
+        assert final.phase is JobPhase.CANCELLED and b"SAVED" in jobs.read_logs()
+
     def test_max_runtime_times_the_job_out(self, provider: LocalProvider, instance: Instance, file_store: str) -> None:
         jobs = submit(provider, instance, file_store, max_runtime_s=1.0, **SLEEP_JOB)
         state = wait_for(jobs, timeout=20)

@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 INSTANCE_TYPE = "local"
 RECORD_NAME = "instance.json"
 WORK_DIR = "work"
-#: How long ``stop``/``terminate`` wait for agents to stop their jobs before SIGKILL.
-STOP_WAIT_S = 10.0
+#: How long ``stop``/``terminate`` wait for agents to stop their jobs before SIGKILL: longer than
+#: a job's default ``stop_grace_s`` (60 s), so that a job saving and publishing its checkpoint on
+#: SIGTERM is never killed halfway. Jobs that exit at once end the wait at once.
+STOP_WAIT_S = 75.0
 #: Set for the agents a provider starts, so that their own LocalProvider (which releases the
 #: instance when a job ends) finds the instances where the launcher's did.
 ROOT_ENV = "TRAINCTL_LOCAL_INSTANCES"
