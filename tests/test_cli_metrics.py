@@ -252,6 +252,23 @@ def test_monitor_exit_code_says_how_the_run_ended(file_url, phase, code):
         assert "RuntimeError: boom at step 50" in out.stdout
 
 
+def test_a_run_stopped_by_a_spot_interruption_shows_preempted(tmp_path):
+    """The agent records the notice in job-state.json; readers of status.json show why it stopped."""
+    prefix = f"file://{tmp_path}/runs"
+    notice = {"action": "terminate", "time": "2026-11-26T16:46:40Z", "seen_at": "2026-11-26T16:44:41Z"}
+    job_state = {"phase": "preempted", "interruption": notice, "error": "spot interruption notice at 2026-11-26T16:46:40Z"}
+    for name, phase, age in (("interrupted", Phase.INTERRUPTED, 0), ("gone", Phase.TRAINING, 600)):
+        write_status(f"{prefix}/{name}", phase, age_s=age)
+        RunStore(f"{prefix}/{name}").write_object("job-state.json", json.dumps(job_state).encode())
+    write_status(f"{prefix}/plain", Phase.INTERRUPTED)  # Ctrl-C: no notice, stays interrupted
+
+    rows = {r["name"]: r for r in json.loads(trainctl("runs", "ls", prefix, "--output", "json").stdout)["runs"]}
+    assert {name: row["state"] for name, row in rows.items()} == {"interrupted": "preempted", "gone": "preempted", "plain": "interrupted"}
+    assert rows["gone"]["status"]["interruption"] == notice
+    out = trainctl("monitor", f"{prefix}/gone", "--interval", "0.2")
+    assert out.returncode == 3 and "preempted" in out.stdout
+
+
 def test_monitor_follower_fetches_only_new_segments(trained, file_url, monkeypatch):
     from trainctl_lightning.metrics.read import MetricsFollower
 

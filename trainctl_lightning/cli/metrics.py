@@ -86,7 +86,7 @@ def monitor(
     Exit codes:
     0 the run finished (and always with --once);
     1 the run failed, or an error (bad URL, no status with --once);
-    3 the run was interrupted (Ctrl-C or SIGTERM in the training process);
+    3 the run was interrupted (Ctrl-C or SIGTERM in the training process) or preempted (spot);
     4 the run is stale: it stopped reporting without ending (killed, hung, machine gone);
     130 you stopped the monitor with Ctrl-C.
     """
@@ -152,6 +152,8 @@ def _wait_for_status(url: str, interval: float) -> RunStatus:
 
 
 def _exit_code(status: RunStatus) -> int:
+    if status.state() == "preempted":
+        return EXIT_INTERRUPTED
     if status.is_stale():
         return EXIT_STALE
     return {Phase.FINISHED: EXIT_FINISHED, Phase.FAILED: EXIT_FAILED, Phase.INTERRUPTED: EXIT_INTERRUPTED}.get(status.phase, 0)

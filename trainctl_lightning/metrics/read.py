@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from trainctl_lightning.errors import IntegrityError
-from trainctl_lightning.metrics.records import MetricRecord, RunStatus
+from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,39 @@ def read_status(url: str, storage_options: dict[str, Any] | None = None) -> RunS
     Raises:
         IntegrityError: ``status.json`` exists but is not a status this version can read.
     """
-    raw = RunStore(url, storage_options).read_status()
+    store = RunStore(url, storage_options)
+    raw = store.read_status()
     if raw is None:
         return None
     try:
-        return RunStatus.from_json(raw)
+        status = RunStatus.from_json(raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"{url}/status.json is not a readable trainctl status ({exc})") from exc
+    if status.phase.is_terminal() and status.phase is not Phase.FINISHED or status.is_stale():
+        # why a launched run stopped is the agent's to say: a spot interruption shows as preempted
+        notice = _interruption(store)
+        if notice:
+            status = replace(status, interruption=notice)
+    return status
+
+
+def _interruption(store: RunStore) -> dict[str, Any] | None:
+    """The spot interruption notice in the run's ``job-state.json`` (written by the agent), if any."""
+    from trainctl_lightning.jobs.store import JOB_STATE_NAME
+
+    raw = store.read_object(JOB_STATE_NAME)
+    if raw is None:
+        return None
+    try:
+        job = json.loads(raw)
+    except ValueError:
+        return None
+    notice = job.get("interruption")
+    if isinstance(notice, dict) and notice:
+        return notice
+    if job.get("phase") == "preempted":
+        return {"reason": job.get("error")}
+    return None
 
 
 def read_metrics(url: str, storage_options: dict[str, Any] | None = None) -> list[MetricRecord]:

@@ -91,6 +91,10 @@ class RunStatus:
     gpu: GpuInfo | None = None
     error: str | None = None
     """For a failed run: the exception, one line."""
+    interruption: dict[str, Any] | None = None
+    """The spot interruption notice the trainctl agent recorded for this run (``action``, ``time``),
+    read from the run's ``job-state.json``; not written by MetricsReporter. A run that stopped
+    after one shows as ``preempted``."""
     format: str = STATUS_FORMAT
 
     @property
@@ -106,7 +110,11 @@ class RunStatus:
         return not self.phase.is_terminal() and self.age_s(now) > self.stale_after_s
 
     def state(self, now: datetime | None = None) -> str:
-        """The phase, or ``"stale"`` when the run stopped reporting without ending."""
+        """The phase; ``"preempted"`` when it stopped (or went quiet) after a spot interruption
+        notice; ``"stale"`` when it stopped reporting without ending."""
+        stopped = self.phase in (Phase.INTERRUPTED, Phase.FAILED) or self.is_stale(now)
+        if self.interruption and stopped:
+            return "preempted"
         return "stale" if self.is_stale(now) else self.phase.value
 
     def to_json(self) -> bytes:
@@ -143,6 +151,7 @@ class RunStatus:
             if isinstance(gpu, dict)
             else None,
             error=data.get("error"),
+            interruption=data.get("interruption") if isinstance(data.get("interruption"), dict) else None,
             format=str(data.get("format", STATUS_FORMAT)),
         )
 

@@ -43,6 +43,7 @@ STATE_STYLES = {
     Phase.FINISHED.value: "bold green",
     Phase.FAILED.value: "bold red",
     Phase.INTERRUPTED.value: "bold yellow",
+    "preempted": "bold yellow",
     "stale": "bold red",
     "unknown": "dim",
 }
