@@ -606,19 +606,7 @@ class RunStore:
 
     def read_status(self) -> bytes | None:
         """The run's ``status.json``, or None when the run never reported one."""
-        path = self.path(STATUS_NAME)
-
-        def read() -> bytes | None:
-            self.fs.invalidate_cache(path)
-            try:
-                return self.fs.cat_file(path)
-            except FileNotFoundError:
-                return None
-
-        try:
-            return self.retry.call(read, what=f"read {self.url_of(STATUS_NAME)}")
-        except Exception as exc:
-            raise explain_store_error(exc, self.url, "read the status of") from exc
+        return self.read_object(STATUS_NAME, action="read the status of")
 
     # ----------------------------------------------------- small named objects
     def write_object(self, rel: str, data: bytes, create_only: bool = False) -> None:
@@ -636,8 +624,8 @@ class RunStore:
         except Exception as exc:
             raise explain_store_error(exc, self.url, "write to") from exc
 
-    def read_object(self, rel: str) -> bytes | None:
-        """The object at ``<run>/<rel>``, or None when there is none."""
+    def read_object(self, rel: str, action: str = "read") -> bytes | None:
+        """The object at ``<run>/<rel>``, or None when there is none (``action`` words the error)."""
         path = self.path(rel)
 
         def read() -> bytes | None:
@@ -650,7 +638,7 @@ class RunStore:
         try:
             return self.retry.call(read, what=f"read {self.url_of(rel)}")
         except Exception as exc:
-            raise explain_store_error(exc, self.url, "read") from exc
+            raise explain_store_error(exc, self.url, action) from exc
 
     def exists(self, rel: str) -> bool:
         path = self.path(rel)
