@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.leftovers import assert_nothing_running
 from trainctl_lightning import launch as api
 from trainctl_lightning.errors import ConfigError, StoreError
 from trainctl_lightning.jobs.spec import JobPhase
@@ -95,36 +96,6 @@ def trainctl(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: 
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
-
-
-def live_agent_pids() -> list[int]:
-    """trainctl agents (and their jobs) still running anywhere under this test's TRAINCTL_HOME."""
-    home = os.environ["TRAINCTL_HOME"]
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (entry / "environ").read_bytes()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            continue
-        if "trainctl_lightning.agent" in cmdline or home.encode() in environ and "train.py" in cmdline:
-            if home.encode() in environ or home in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
-def assert_nothing_running() -> None:
-    deadline = time.monotonic() + 15
-    while live_agent_pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert live_agent_pids() == []
-    for inst in get_provider("local").list():
-        raise AssertionError(f"instance left {inst.state.value}: {inst.id}")
 
 
 def check_run_arrived(project: Path, store: str, result: subprocess.CompletedProcess) -> dict:

@@ -25,6 +25,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from packaging.specifiers import SpecifierSet
 
 import trainctl_lightning
+from tests.leftovers import assert_nothing_running
 from trainctl_lightning import CheckpointSync, MetricsReporter, RemoteStrategy, RunStore
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.jobs.store import JobStore
@@ -129,32 +130,6 @@ def models(project: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     return f"file://{tmp_path}/store"
-
-
-def live_agent_pids() -> list[int]:
-    """trainctl agents (and their jobs) still running under this test's TRAINCTL_HOME."""
-    home = os.environ["TRAINCTL_HOME"].encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and b"trainctl_lightning" in cmdline and home in environ:
-            pids.append(int(entry.name))
-    return pids
-
-
-def assert_nothing_running() -> None:
-    deadline = time.monotonic() + 15
-    while live_agent_pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert live_agent_pids() == []
-    assert [i.id for i in get_provider("local").list()] == []
 
 
 def final_state_dict(url: str) -> dict[str, torch.Tensor]:
