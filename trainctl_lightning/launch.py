@@ -33,9 +33,9 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from trainctl_lightning.errors import (
     ConfigError,
@@ -51,7 +51,10 @@ from trainctl_lightning.jobs.store import JobStore, run_url_in
 from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.providers import get_provider
 from trainctl_lightning.providers.api import TAG_RUN_ID, AgentLaunch, CreatePlan, Instance, InstanceSpec, Provider
-from trainctl_lightning.store import RunStore
+from trainctl_lightning.store import RunStore, package_version
+
+if TYPE_CHECKING:
+    from trainctl_lightning.jobs.codesync import UploadStats
 
 log = logging.getLogger(__name__)
 
@@ -96,26 +99,6 @@ def store_url_for(store: str | None = None, profile: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- records
-@dataclass
-class CodeUpload:
-    """What code sync did for one launch."""
-
-    files: int
-    bytes_total: int
-    files_uploaded: int
-    bytes_uploaded: int
-    seconds: float
-
-    def describe(self) -> str:
-        from trainctl_lightning.cli.output import human_size
-
-        unchanged = self.files - self.files_uploaded
-        return (
-            f"code: {self.files} files, {human_size(self.bytes_total)}; uploaded {self.files_uploaded} "
-            f"({human_size(self.bytes_uploaded)}), {unchanged} unchanged, in {self.seconds:.2f}s"
-        )
-
-
 @dataclass
 class LaunchPlan:
     """A dry run of a launch: what would be created and run, with nothing created or uploaded."""
@@ -163,7 +146,8 @@ class Run:
     created_instance: bool = False
     """This launch created the instance (it is terminated when the job ends unless keep_alive)."""
     keep_alive: bool = False
-    code: CodeUpload | None = None
+    code: UploadStats | None = None
+    """What code sync uploaded for this launch (None without code sync)."""
     heartbeat: bool = False
     """:meth:`wait` refreshes the launcher heartbeat (an attached launch: its agent cancels the job
     once the heartbeat is gone for ``JobSpec.launcher_grace_s``)."""
@@ -584,7 +568,7 @@ def launch(
         instance_id=existing.id if existing else None,
         terminate_instance_after=existing is None and not keep_alive,
         launcher_grace_s=DEFAULT_LAUNCHER_GRACE_S if attached else None,
-        trainctl_version=_version(),
+        trainctl_version=package_version(),
     )
     if dry_run:
         return LaunchPlan(
@@ -612,21 +596,20 @@ def launch(
                 wheel = ship_trainctl(store_url)  # None for a released version: the instance gets it from PyPI
                 if wheel:
                     event(f"the instance installs trainctl from {wheel}")
-                    create_spec = _replace_spec(create_spec, options={**create_spec.options, "install": wheel})
+                    create_spec = replace(create_spec, options={**create_spec.options, "install": wheel})
             created = prov.create(create_spec)
             event(f"created {prov.name} instance {created.id}")
         inst = existing or created
         assert inst is not None
-        upload: CodeUpload | None = None
+        upload: UploadStats | None = None
         code_ref = None
         if bundle is not None:
             from trainctl_lightning.jobs.codesync import upload_bundle
 
-            code_ref, stats = upload_bundle(bundle, store_url, run_url)
-            upload = CodeUpload(stats.files, stats.bytes_total, stats.files_uploaded, stats.bytes_uploaded, stats.seconds)
+            code_ref, upload = upload_bundle(bundle, store_url, run_url)
             event(upload.describe())
         # spot: the agent watches for interruption notices (what the instance says, else what we asked for)
-        job_spec = _replace(job_spec, code=code_ref, instance_id=inst.id, spot=inst.spot or bool(created and plan and plan.spec.spot))
+        job_spec = replace(job_spec, code=code_ref, instance_id=inst.id, spot=inst.spot or bool(created and plan and plan.spec.spot))
         job.write_spec(job_spec)
         job.write_state(JobState(run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now(), instance_id=inst.id, queued_at=job_spec.created_at))
         prov.start_agent(inst, AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded))
@@ -662,20 +645,3 @@ def launch(
         raise
     return run
 
-
-def _replace_spec(spec: InstanceSpec, **changes: Any) -> InstanceSpec:
-    from dataclasses import replace
-
-    return replace(spec, **changes)
-
-
-def _replace(spec: JobSpec, **changes: Any) -> JobSpec:
-    from dataclasses import replace
-
-    return replace(spec, **changes)
-
-
-def _version() -> str:
-    from trainctl_lightning import __version__
-
-    return __version__

@@ -445,6 +445,13 @@ class UploadStats:
     bytes_uploaded: int
     seconds: float
 
+    def describe(self) -> str:
+        unchanged = self.files - self.files_uploaded
+        return (
+            f"code: {self.files} files, {_human(self.bytes_total)}; uploaded {self.files_uploaded} "
+            f"({_human(self.bytes_uploaded)}), {unchanged} unchanged, in {self.seconds:.2f}s"
+        )
+
 
 def upload_bundle(
     bundle: CodeBundle,
