@@ -96,3 +96,15 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 
 __all__ = ["DUMMY_ENV", "S3"]
+
+
+@pytest.fixture
+def file_store(tmp_path) -> str:
+    """A store root on the local disk (runs go below it)."""
+    return f"file://{tmp_path}/store"
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """The agent's working directory for a test."""
+    return tmp_path / "agent-work"

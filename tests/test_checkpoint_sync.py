@@ -13,8 +13,15 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 
-from tests.models import TinyRegressor, trainer_kwargs
-from trainctl_lightning import CheckpointSync, ConfigError, RunStore, StoreError, UploadError, resume_path
+from tests.helpers.models import TinyRegressor, trainer_kwargs
+from trainctl_lightning import (
+    CheckpointSync,
+    ConfigError,
+    RunStore,
+    StoreError,
+    UploadError,
+    resume_path,
+)
 from trainctl_lightning.checkpoint.io import STAGING_DIR, SnapshotCheckpointIO
 
 

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers.cli import trainctl
 from trainctl_lightning import RunStore
-
-TRAINCTL = [sys.executable, "-m", "trainctl_lightning.cli.app"]
-
-
-def trainctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {}), "COLUMNS": "200"}
-    return subprocess.run([*TRAINCTL, *args], capture_output=True, text=True, env=full_env, timeout=120)
 
 
 def _lightning_like_ckpt(path: Path, step: int) -> Path:

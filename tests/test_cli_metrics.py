@@ -20,8 +20,8 @@ import pytest
 from lightning.pytorch import Trainer
 from rich.console import Console
 
-from tests.models import TinyRegressor, trainer_kwargs
-from tests.test_cli import TRAINCTL, trainctl
+from tests.helpers.cli import TRAINCTL, trainctl
+from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import ConfigError, RunStore
 from trainctl_lightning.metrics import read, view
 from trainctl_lightning.metrics.plot import plot_metrics

@@ -12,7 +12,12 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from trainctl_lightning.errors import ConfigError, ConflictError, IntegrityError, StoreError
+from trainctl_lightning.errors import (
+    ConfigError,
+    ConflictError,
+    IntegrityError,
+    StoreError,
+)
 from trainctl_lightning.jobs.codesync import (
     CodeBundle,
     fetch_bundle,

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.leftovers import assert_nothing_running
+from tests.helpers.leftovers import assert_nothing_running
 from trainctl_lightning import launch as api
-from trainctl_lightning.errors import ConfigError, StoreError
 from trainctl_lightning.jobs.spec import JobPhase
 from trainctl_lightning.providers import get_provider
 

@@ -14,7 +14,7 @@ import pytest
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tests.models import TinyRegressor, trainer_kwargs
+from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import RunStore
 
 SCRIPTS = Path(__file__).parent / "scripts"

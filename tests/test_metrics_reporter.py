@@ -17,10 +17,21 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.models import TinyRegressor, trainer_kwargs
-from trainctl_lightning import CheckpointSync, ConfigError, MetricsReporter, RunStore, resume_path
+from tests.helpers.models import TinyRegressor, trainer_kwargs
+from trainctl_lightning import (
+    CheckpointSync,
+    ConfigError,
+    MetricsReporter,
+    RunStore,
+    resume_path,
+)
 from trainctl_lightning.manifest import parse_time
-from trainctl_lightning.metrics.read import list_runs, read_hparams, read_metrics, read_status
+from trainctl_lightning.metrics.read import (
+    list_runs,
+    read_hparams,
+    read_metrics,
+    read_status,
+)
 from trainctl_lightning.metrics.records import Phase
 
 SCRIPTS = Path(__file__).parent / "scripts"

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
-from tests.models import TinyRegressor, trainer_kwargs
+from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import CheckpointSync, RunStore, UploadError
 from trainctl_lightning.checkpoint.publisher import JobState, PublishJob
 from trainctl_lightning.testing import LocalS3

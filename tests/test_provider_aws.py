@@ -11,8 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import stat
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +20,38 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from tests.provider_contract import ProviderContract
-from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError, StoreError
+from tests.helpers.provider_contract import ProviderContract
+from trainctl_lightning.errors import (
+    ConfigError,
+    InstanceNotFoundError,
+    ProviderError,
+    StoreError,
+)
 from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState
 from trainctl_lightning.jobs.store import JobStore, run_url_in
 from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.providers import get_provider
-from trainctl_lightning.providers.api import TAG_MANAGED_BY, TAG_RUN_ID, AgentLaunch, InstanceSpec, InstanceState
-from trainctl_lightning.providers.aws import DLAMI_PARAMETER, LAUNCH_STEPS, AWSProvider, explain_aws_error
+from trainctl_lightning.providers.api import (
+    TAG_MANAGED_BY,
+    TAG_RUN_ID,
+    AgentLaunch,
+    InstanceSpec,
+    InstanceState,
+)
+from trainctl_lightning.providers.aws import (
+    DLAMI_PARAMETER,
+    LAUNCH_STEPS,
+    AWSProvider,
+    explain_aws_error,
+)
 from trainctl_lightning.providers.aws_bootstrap import USER_DATA_LIMIT, render_user_data
 from trainctl_lightning.providers.aws_setup import ROLE_NAME, setup_aws
-from trainctl_lightning.providers.gc import TAG_STORE, classify, collect_garbage, find_garbage
+from trainctl_lightning.providers.gc import (
+    TAG_STORE,
+    classify,
+    collect_garbage,
+    find_garbage,
+)
 
 TRAINCTL = [sys.executable, "-m", "trainctl_lightning.cli.app"]
 

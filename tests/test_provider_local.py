@@ -11,13 +11,27 @@ import time
 
 import pytest
 
-from tests.provider_contract import ProviderContract, python_job, submit, wait_for
+from tests.helpers.provider_contract import (
+    ProviderContract,
+    python_job,
+    submit,
+    wait_for,
+)
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError
 from trainctl_lightning.jobs.spec import JobPhase, JobState
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers import get_provider
-from trainctl_lightning.providers.api import AgentLaunch, Instance, InstanceSpec, InstanceState
-from trainctl_lightning.providers.local import LocalProvider, process_alive, process_start_time
+from trainctl_lightning.providers.api import (
+    AgentLaunch,
+    Instance,
+    InstanceSpec,
+    InstanceState,
+)
+from trainctl_lightning.providers.local import (
+    LocalProvider,
+    process_alive,
+    process_start_time,
+)
 
 SLEEP_JOB = python_job("import time; print('up', flush=True); time.sleep(60)")
 
@@ -183,7 +197,7 @@ class TestLocalProvider(ProviderContract):
             f"""
             import sys
             sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-            from tests.provider_contract import python_job, submit
+            from tests.helpers.provider_contract import python_job, submit
             from trainctl_lightning.providers.local import LocalProvider
             p = LocalProvider()
             jobs = submit(p, p.describe({instance.id!r}), {file_store!r},

@@ -25,7 +25,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from packaging.specifiers import SpecifierSet
 
 import trainctl_lightning
-from tests.leftovers import assert_nothing_running
+from tests.helpers.leftovers import assert_nothing_running
 from trainctl_lightning import CheckpointSync, MetricsReporter, RemoteStrategy, RunStore
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.jobs.store import JobStore

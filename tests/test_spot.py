@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.agent import make_job, run, start
+from tests.helpers.provider_contract import python_job, wait_for
+from trainctl_lightning import CheckpointManifest, RunStore
 from trainctl_lightning.agent.spot import (
     INTERRUPTION,
     REBALANCE,
@@ -24,9 +27,6 @@ from trainctl_lightning.agent.spot import (
     handles_signal,
     spot_watch_enabled,
 )
-from tests.provider_contract import python_job, wait_for
-from tests.test_agent import file_store, make_job, run, start, workdir  # noqa: F401  (fixtures)
-from trainctl_lightning import CheckpointManifest, RunStore
 from trainctl_lightning.jobs.spec import JobPhase
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.testing import LocalIMDS

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.provider_contract import python_job, submit, wait_for
-from tests.test_agent import make_job, run
+from tests.helpers.agent import make_job, run
+from tests.helpers.provider_contract import python_job, submit, wait_for
 from trainctl_lightning.agent.watchdog import LauncherWatchdog
-from trainctl_lightning.jobs.heartbeat import LAUNCHER_NAME, LauncherHeartbeat, write_launcher_heartbeat
+from trainctl_lightning.jobs.heartbeat import (
+    LAUNCHER_NAME,
+    LauncherHeartbeat,
+    write_launcher_heartbeat,
+)
 from trainctl_lightning.jobs.spec import JobPhase
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers.api import InstanceSpec, InstanceState

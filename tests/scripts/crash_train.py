@@ -36,7 +36,7 @@ import s3fs  # noqa: E402,F401  (imported here so that children do not pay for i
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
-from tests.models import TinyRegressor, trainer_kwargs  # noqa: E402
+from tests.helpers.models import TinyRegressor, trainer_kwargs  # noqa: E402
 from trainctl_lightning import CheckpointSync, resume_path  # noqa: E402
 
 _PR_SET_PDEATHSIG = 1

@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from tests.models import TinyRegressor, trainer_kwargs  # noqa: E402
+from tests.helpers.models import TinyRegressor, trainer_kwargs  # noqa: E402
 from trainctl_lightning import CheckpointSync, MetricsReporter  # noqa: E402
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
-from tests.models import TinyRegressor, trainer_kwargs  # noqa: E402
+from tests.helpers.models import TinyRegressor, trainer_kwargs  # noqa: E402
 from trainctl_lightning import CheckpointSync, resume_path  # noqa: E402
 
 

@@ -24,7 +24,13 @@ from typing import ClassVar
 import pytest
 
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError
-from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState, new_run_id
+from trainctl_lightning.jobs.spec import (
+    EnvMode,
+    JobPhase,
+    JobSpec,
+    JobState,
+    new_run_id,
+)
 from trainctl_lightning.jobs.store import JobStore, run_url_in
 from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.providers.api import (

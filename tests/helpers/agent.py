@@ -1,0 +1,54 @@
+"""Running the agent as a real subprocess against a job written straight into a store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import fsspec
+
+from tests.helpers.provider_contract import FAST
+from trainctl_lightning.jobs.spec import EnvMode, JobSpec, new_run_id
+from trainctl_lightning.jobs.store import JobStore, run_url_in
+from trainctl_lightning.manifest import utc_now
+
+AGENT = [sys.executable, "-m", "trainctl_lightning.agent", "run"]
+
+
+def make_job(store_url: str, workdir: Path | None = None, files: dict[str, str] | None = None, **job) -> JobStore:
+    """Write a job spec; ``files`` are put in the code root the agent uses when no code is synced."""
+    run_id = new_run_id("agent-test")
+    run_url = run_url_in(store_url, run_id)
+    spec = JobSpec(run_id=run_id, run_url=run_url, created_at=utc_now(), **{**FAST, "env_mode": EnvMode.REUSE, **job})
+    for rel, text in (files or {}).items():
+        path = workdir / "runs" / run_id / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    jobs = JobStore(run_url)
+    jobs.write_spec(spec)
+    return jobs
+
+
+def start(jobs: JobStore, workdir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*AGENT, "--run-url", jobs.url, "--workdir", str(workdir)],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run(jobs: JobStore, workdir: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = start(jobs, workdir, env)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def store_objects(url: str) -> dict[str, bytes]:
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return {p: fs.cat_file(p) for p in fs.find(root)}
