@@ -21,11 +21,12 @@ from trainctl_lightning.agent.environment import (
     missing_requirements,
     script_metadata,
 )
-from trainctl_lightning.agent.runner import format_duration
+from trainctl_lightning.humanize import human_duration
 from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, new_run_id
-from trainctl_lightning.jobs.store import JobStore, run_url_in
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers.local import process_start_time
+from trainctl_lightning.store.layout import run_url_in
+from trainctl_lightning.timeutil import utc_now
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -139,11 +140,11 @@ def test_max_runtime(file_store: str, workdir: Path) -> None:
     assert b"[trainctl agent] timed_out: stopped after the max runtime" in jobs.read_logs()
 
 
-def test_format_duration() -> None:
-    assert format_duration(7200) == "2h00m"
-    assert format_duration(5430) == "1h30m"
-    assert format_duration(90) == "1m30s"
-    assert format_duration(2) == "2s"
+def test_human_duration() -> None:
+    assert human_duration(7200) == "2h00m"
+    assert human_duration(5430) == "1h30m"
+    assert human_duration(90) == "1m30s"
+    assert human_duration(2) == "2s"
 
 
 def test_missing_job_is_a_failed_state(file_store: str, workdir: Path) -> None:

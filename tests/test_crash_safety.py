@@ -34,7 +34,7 @@ import torch
 
 from trainctl_lightning import RunStore
 from trainctl_lightning.checkpoint.io import STAGING_DIR
-from trainctl_lightning.manifest import MANIFEST_NAME
+from trainctl_lightning.store.layout import CHECKPOINT_MANIFEST as MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "scripts" / "crash_train.py"
@@ -192,10 +192,10 @@ def _wait_for_start(zygote: Zygote, log: Path, timeout: float = 120) -> int:
 
 def _store_objects(store: RunStore) -> dict[str, set[str]]:
     """checkpoint folder -> object names in it, read behind the store's back."""
-    base = store.path("checkpoints")
-    store.fs.invalidate_cache()
+    base = store.objects.path("checkpoints")
+    store.objects.fs.invalidate_cache()
     try:
-        paths = store.fs.find(base)
+        paths = store.objects.fs.find(base)
     except FileNotFoundError:
         return {}
     folders: dict[str, set[str]] = {}

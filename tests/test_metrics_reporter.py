@@ -25,7 +25,6 @@ from trainctl_lightning import (
     RunStore,
     resume_path,
 )
-from trainctl_lightning.manifest import parse_time
 from trainctl_lightning.metrics.read import (
     list_runs,
     read_hparams,
@@ -33,6 +32,7 @@ from trainctl_lightning.metrics.read import (
     read_status,
 )
 from trainctl_lightning.metrics.records import Phase
+from trainctl_lightning.timeutil import parse_time
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

@@ -27,13 +27,15 @@ from trainctl_lightning.errors import (
     ProviderError,
     StoreError,
 )
+from trainctl_lightning.gc import (
+    classify,
+    collect_garbage,
+    find_garbage,
+)
 from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState
-from trainctl_lightning.jobs.store import JobStore, run_url_in
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers import get_provider
 from trainctl_lightning.providers.api import (
-    TAG_MANAGED_BY,
-    TAG_RUN_ID,
     AgentLaunch,
     InstanceSpec,
     InstanceState,
@@ -46,12 +48,13 @@ from trainctl_lightning.providers.aws import (
 )
 from trainctl_lightning.providers.aws_bootstrap import USER_DATA_LIMIT, render_user_data
 from trainctl_lightning.providers.aws_setup import ROLE_NAME, setup_aws
-from trainctl_lightning.providers.gc import (
+from trainctl_lightning.store.layout import (
+    TAG_MANAGED_BY,
+    TAG_RUN_ID,
     TAG_STORE,
-    classify,
-    collect_garbage,
-    find_garbage,
+    run_url_in,
 )
+from trainctl_lightning.timeutil import utc_now
 
 TRAINCTL = [sys.executable, "-m", "trainctl_lightning.cli.app"]
 
@@ -87,8 +90,8 @@ def set_up(s3):
 
 
 def run_spec(store_url: str, run_id: str = "mnist-20250101-120000-ab12", **overrides) -> InstanceSpec:
-    options = {"run_url": run_url_in(store_url, run_id), "store_url": store_url, **overrides.pop("options", {})}
-    return InstanceSpec(**{"instance_type": "g5.xlarge", "max_runtime_s": 3600, "options": options, **overrides})
+    fields = {"run_url": run_url_in(store_url, run_id), "store_url": store_url}
+    return InstanceSpec(**{"instance_type": "g5.xlarge", "max_runtime_s": 3600, **fields, **overrides})
 
 
 def raw_instances(ec2) -> list[dict]:
@@ -175,7 +178,7 @@ def test_user_data_runs_the_agent_for_the_run_and_fits_ec2s_limit(provider, ec2,
     encoded = ec2.describe_instance_attribute(InstanceId=instance.id, Attribute="userData")["UserData"]["Value"]
     script = base64.b64decode(encoded).decode()
     assert len(script.encode()) == plan.request["UserData"]["bytes"] < USER_DATA_LIMIT
-    run_url = spec.options["run_url"]
+    run_url = spec.run_url
     assert script.startswith("#!/bin/bash")
     assert f"RUN_URL={run_url}" in script
     assert '-m trainctl_lightning.agent run --run-url "$RUN_URL" --workdir "$WORKDIR"' in script
@@ -259,8 +262,8 @@ def test_bad_options_and_secrets_are_refused(provider, ec2, store_url):
         provider.create_dryrun(InstanceSpec(options={"subnet": "subnet-1"}))
     with pytest.raises(ConfigError, match="security_group_ids must be a list of sg-"):
         provider.create_dryrun(InstanceSpec(options={"security_group_ids": ["default"]}))
-    with pytest.raises(ConfigError, match="run_url must be an s3:// URL"):
-        provider.create_dryrun(InstanceSpec(options={"run_url": "file:///tmp/run"}))
+    with pytest.raises(ConfigError, match="run_url as an s3:// URL"):
+        provider.create_dryrun(InstanceSpec(run_url="file:///tmp/run"))
     with pytest.raises(ConfigError, match="WANDB_API_KEY looks like a secret"):
         provider.create_dryrun(InstanceSpec(env={"WANDB_API_KEY": "x"}))
     # a run needs an instance profile to read the store: without `aws setup`, say so
@@ -361,18 +364,18 @@ def test_start_agent_checks_the_run_the_instance_boots_for(provider, set_up, sto
     spec = run_spec(store_url)
     instance = provider.create(spec)
     run_id = instance.run_id
-    provider.start_agent(instance, AgentLaunch(run_id=run_id, run_url=spec.options["run_url"]))
+    provider.start_agent(instance, AgentLaunch(run_id=run_id, run_url=spec.run_url))
     other = AgentLaunch(run_id="other-run", run_url=run_url_in(store_url, "other-run"))
     with pytest.raises(ProviderError, match=f"already ran its user data for run {run_id}.*SSM"):
         provider.start_agent(instance, other)
     with pytest.raises(ConfigError, match="cannot forward WANDB_API_KEY"):
-        provider.start_agent(instance, AgentLaunch(run_id=run_id, run_url=spec.options["run_url"], forward_env={"WANDB_API_KEY": "s"}))
+        provider.start_agent(instance, AgentLaunch(run_id=run_id, run_url=spec.run_url, forward_env={"WANDB_API_KEY": "s"}))
     bare = provider.create(InstanceSpec())
     with pytest.raises(NotImplementedError, match="AWSProvider.*SSM"):
         provider.start_agent(bare, other)
     provider.terminate(instance.id)
     with pytest.raises(ProviderError, match="terminated"):
-        provider.start_agent(instance, AgentLaunch(run_id=run_id, run_url=spec.options["run_url"]))
+        provider.start_agent(instance, AgentLaunch(run_id=run_id, run_url=spec.run_url))
 
 
 def test_release_from_agent_runs_the_configured_power_off(tmp_path, monkeypatch):

@@ -10,29 +10,41 @@ import pytest
 
 from trainctl_lightning import RunStore
 from trainctl_lightning.checkpoint.publisher import JobState, Publisher, PublishJob
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.store import ObjectStore
+from trainctl_lightning.timeutil import utc_now
 
 
-class GatedStore(RunStore):
-    """A real store whose uploads of chosen files wait for a gate, and which records what it
-    could see whenever it deleted something."""
+class GatedObjects(ObjectStore):
+    """A real object layer whose uploads of chosen files wait for a gate (or fail)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.gates: dict[str, threading.Event] = {}
         self.started: dict[str, threading.Event] = {}
         self.fail: set[str] = set()
-        self.seen_at_delete: list[tuple[str, list[str]]] = []
 
-    def _upload_file(self, local, remote, callback):
-        name = Path(remote).name
+    def upload(self, local, rel, **kwargs):
+        name = Path(rel).name
         self.started.setdefault(name, threading.Event()).set()
         if name in self.fail:
             raise PermissionError(f"AccessDenied for {name}")
         gate = self.gates.get(name)
         if gate is not None:
             assert gate.wait(30)
-        super()._upload_file(local, remote, callback)
+        return super().upload(local, rel, **kwargs)
+
+
+class GatedStore(RunStore):
+    """A real store on :class:`GatedObjects`, which records what it could see whenever it
+    deleted something."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.objects = GatedObjects(url)
+        self.gates = self.objects.gates
+        self.started = self.objects.started
+        self.fail = self.objects.fail
+        self.seen_at_delete: list[tuple[str, list[str]]] = []
 
     def delete_checkpoint(self, manifest):
         self.seen_at_delete.append((manifest.name, [m.name for m in self.list_checkpoints()]))

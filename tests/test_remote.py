@@ -33,6 +33,7 @@ from trainctl_lightning.metrics.read import read_metrics
 from trainctl_lightning.providers import get_provider
 from trainctl_lightning.remote import _lightning
 from trainctl_lightning.remote.session import RemoteTraceback
+from trainctl_lightning.store import run_urls_in
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -282,7 +283,7 @@ def test_an_unpicklable_attribute_is_refused_before_anything_is_created(models, 
     with pytest.raises(ConfigError, match=r"model\.loader_lock \(a _thread\.lock\) cannot be sent to the remote instance"):
         trainer.fit(model)
     assert get_provider("local").list(include_terminated=True) == []
-    assert RunStore(store).child_runs() == []
+    assert run_urls_in(store) == []
     # the same, deeper in a callback
     holder = ModelCheckpoint(dirpath="ckpts")
     holder.cache = {"handle": threading.Lock()}
@@ -438,7 +439,7 @@ def test_a_gpu_target_needs_no_gpu_here(models, store: str, capsys) -> None:
     plan = strategy.last_plan
     assert plan is not None and "trainctl_lightning.remote.worker" in " ".join(plan.command)
     assert "dry run of trainer.fit" in capsys.readouterr().out
-    assert get_provider("local").list(include_terminated=True) == [] and RunStore(store).child_runs() == []
+    assert get_provider("local").list(include_terminated=True) == [] and run_urls_in(store) == []
     assert strategy._trainer_config[1]["max_steps"] == 3  # what the instance's Trainer will get
 
     with pytest.raises(ConfigError, match=r"Trainer\(devices=2\) with RemoteStrategy.*RemoteStrategy\(devices=2\)"):

@@ -181,7 +181,7 @@ def _wait_checkpoint(url: str, prefix: str, timeout: float) -> tuple[CheckpointM
         if found:
             return found[0], time.monotonic() - started
         time.sleep(0.05)
-    logs = JobStore(url).read_logs().decode(errors="replace")[-3000:] if JobStore(url).store.exists("job.json") else ""
+    logs = JobStore(url).read_logs().decode(errors="replace")[-3000:] if JobStore(url).exists() else ""
     raise AssertionError(f"no {prefix}* checkpoint in {url} after {timeout}s: {[m.name for m in store.list_checkpoints()]}\n{logs}")
 
 

@@ -16,8 +16,9 @@ from trainctl_lightning import (
     RunStore,
     StoreError,
 )
-from trainctl_lightning.manifest import MANIFEST_NAME, CheckpointManifest
 from trainctl_lightning.retry import RetryPolicy, is_transient
+from trainctl_lightning.store.layout import CHECKPOINT_MANIFEST as MANIFEST_NAME
+from trainctl_lightning.store.manifest import CheckpointManifest
 
 
 def _ckpt_file(tmp_path, name: str, size: int = 3 * 2**20, seed: int = 0) -> str:
@@ -28,9 +29,9 @@ def _ckpt_file(tmp_path, name: str, size: int = 3 * 2**20, seed: int = 0) -> str
 
 def _put(store: RunStore, path: str, data: bytes) -> None:
     """Write an object behind the store's back, as a crash or a bad actor would."""
-    store.fs.makedirs(store.fs._parent(path), exist_ok=True)
-    store.fs.pipe_file(path, data)
-    store.fs.invalidate_cache(path)
+    store.objects.fs.makedirs(store.objects.fs._parent(path), exist_ok=True)
+    store.objects.fs.pipe_file(path, data)
+    store.objects.fs.invalidate_cache(path)
 
 
 def test_publish_then_list_latest_download_verify(store_url, tmp_path):
@@ -67,7 +68,7 @@ def test_publish_then_list_latest_download_verify(store_url, tmp_path):
 def test_manifest_is_written_last_and_describes_every_file(store_url, tmp_path):
     store = RunStore(store_url)
     m = store.publish_checkpoint([_ckpt_file(tmp_path, "a.ckpt")], epoch=2, global_step=7)
-    raw = json.loads(store.fs.cat_file(store.path("checkpoints", m.id, MANIFEST_NAME)))
+    raw = json.loads(store.objects.fs.cat_file(store.objects.path("checkpoints", m.id, MANIFEST_NAME)))
     assert raw["format"] == "trainctl.checkpoint/1"
     assert raw["name"] == "a.ckpt" and raw["epoch"] == 2 and raw["global_step"] == 7
     assert raw["files"] == [{"path": "a.ckpt", "size": 3 * 2**20, "sha256": m.files[0].sha256}]
@@ -79,7 +80,7 @@ def test_data_without_manifest_does_not_exist(store_url, tmp_path):
     store = RunStore(store_url)
     published = store.publish_checkpoint([_ckpt_file(tmp_path, "good.ckpt")], global_step=1)
     # an upload that died before its manifest: data objects only
-    orphan = store.path("checkpoints", "0000000099-half-deadbeef", "half.ckpt")
+    orphan = store.objects.path("checkpoints", "0000000099-half-deadbeef", "half.ckpt")
     _put(store, orphan, b"partial data")
     assert [m.id for m in store.list_checkpoints()] == [published.id]
     assert store.latest_checkpoint() == published
@@ -88,8 +89,8 @@ def test_data_without_manifest_does_not_exist(store_url, tmp_path):
 def test_corrupt_object_is_refused_naming_it(store_url, tmp_path):
     store = RunStore(store_url)
     m = store.publish_checkpoint([_ckpt_file(tmp_path, "x.ckpt")], global_step=3)
-    obj = store.path("checkpoints", m.id, "x.ckpt")
-    data = bytearray(store.fs.cat_file(obj))
+    obj = store.objects.path("checkpoints", m.id, "x.ckpt")
+    data = bytearray(store.objects.fs.cat_file(obj))
     data[1000] ^= 0xFF
     _put(store, obj, bytes(data))
     with pytest.raises(IntegrityError, match=r"x\.ckpt fails its checksum"):
@@ -102,11 +103,11 @@ def test_corrupt_object_is_refused_naming_it(store_url, tmp_path):
 def test_truncated_and_missing_objects_are_refused(store_url, tmp_path):
     store = RunStore(store_url)
     m = store.publish_checkpoint([_ckpt_file(tmp_path, "t.ckpt")], global_step=3)
-    obj = store.path("checkpoints", m.id, "t.ckpt")
-    _put(store, obj, store.fs.cat_file(obj)[:1000])
+    obj = store.objects.path("checkpoints", m.id, "t.ckpt")
+    _put(store, obj, store.objects.fs.cat_file(obj)[:1000])
     with pytest.raises(IntegrityError, match=r"t\.ckpt is 1000 bytes but its manifest says 3145728"):
         store.download_checkpoint(m, tmp_path / "dl")
-    store.fs.rm_file(obj)
+    store.objects.fs.rm_file(obj)
     with pytest.raises(IntegrityError, match="missing from the store"):
         store.verify_checkpoint(m)
 
@@ -114,21 +115,21 @@ def test_truncated_and_missing_objects_are_refused(store_url, tmp_path):
 def test_manifest_is_create_only(store_url, tmp_path):
     store = RunStore(store_url)
     m = store.publish_checkpoint([_ckpt_file(tmp_path, "c.ckpt")], global_step=5)
-    before = store.fs.cat_file(store.path("checkpoints", m.id, MANIFEST_NAME))
+    before = store.objects.fs.cat_file(store.objects.path("checkpoints", m.id, MANIFEST_NAME))
     with pytest.raises(ConflictError, match="already exists.*not overwritten"):
         store.publish_checkpoint([_ckpt_file(tmp_path, "c.ckpt", seed=9)], global_step=5, checkpoint_id=m.id)
-    assert store.fs.cat_file(store.path("checkpoints", m.id, MANIFEST_NAME)) == before
+    assert store.objects.fs.cat_file(store.objects.path("checkpoints", m.id, MANIFEST_NAME)) == before
     store.verify_checkpoint(store.get_checkpoint(m.id))
 
 
 def test_backend_create_only_write_never_replaces(store_url):
     """The conditional write itself: If-None-Match on S3, link(2) locally, exclusive mode in memory."""
     store = RunStore(store_url)
-    path = store.path("checkpoints", "0000000001-x-00000000", MANIFEST_NAME)
-    store._write_bytes(path, b"first", create_only=True)
-    with pytest.raises(FileExistsError):
-        store._write_bytes(path, b"second", create_only=True)
-    assert store.fs.cat_file(path) == b"first"
+    rel = f"checkpoints/0000000001-x-00000000/{MANIFEST_NAME}"
+    store.objects.write(rel, b"first", create_only=True)
+    with pytest.raises(ConflictError, match="already exists; not overwritten"):
+        store.objects.write(rel, b"second", create_only=True)
+    assert store.objects.fs.cat_file(store.objects.path(rel)) == b"first"
 
 
 def test_two_writers_racing_for_one_manifest_one_wins(store_url, tmp_path):
@@ -136,16 +137,16 @@ def test_two_writers_racing_for_one_manifest_one_wins(store_url, tmp_path):
         pytest.skip("memory:// checks then writes (documented); atomic create is an S3 and local-disk guarantee")
     store = RunStore(store_url)
     manifest = store.publish_checkpoint([_ckpt_file(tmp_path, "r.ckpt")], global_step=1)
-    path = store.path("checkpoints", "0000000002-race-00000000", MANIFEST_NAME)
+    rel = f"checkpoints/0000000002-race-00000000/{MANIFEST_NAME}"
     results: list[str] = []
     barrier = threading.Barrier(4)
 
     def write(i: int) -> None:
         barrier.wait()
         try:
-            store._write_bytes(path, manifest.to_json().replace(b'"r.ckpt"', f'"w{i}"'.encode(), 1), create_only=True)
+            store.objects.write(rel, manifest.to_json().replace(b'"r.ckpt"', f'"w{i}"'.encode(), 1), create_only=True)
             results.append("won")
-        except FileExistsError:
+        except ConflictError:
             results.append("lost")
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
@@ -174,7 +175,7 @@ def test_delete_removes_manifest_and_data_only_inside_the_run(store_url, tmp_pat
     store.delete_checkpoint(m)
     store.delete_checkpoint(m)  # idempotent
     assert store.list_checkpoints() == []
-    assert not store.fs.exists(store.path("checkpoints", m.id, "d.ckpt"))
+    assert not store.objects.fs.exists(store.objects.path("checkpoints", m.id, "d.ckpt"))
     assert sibling.list_checkpoints() == [keep]
     bad = CheckpointManifest(**{**m.__dict__, "id": "../../escape"})
     with pytest.raises(ConfigError):
@@ -196,7 +197,7 @@ def test_folder_checkpoint_round_trips(store_url, tmp_path):
 def test_unreadable_manifest_is_skipped_with_a_warning(store_url, tmp_path, caplog):
     store = RunStore(store_url)
     good = store.publish_checkpoint([_ckpt_file(tmp_path, "g.ckpt")], global_step=1)
-    _put(store, store.path("checkpoints", "0000000009-bad-00000000", MANIFEST_NAME), b"{not json")
+    _put(store, store.objects.path("checkpoints", "0000000009-bad-00000000", MANIFEST_NAME), b"{not json")
     assert store.list_checkpoints() == [good]
     assert "not a readable trainctl checkpoint manifest" in caplog.text
 
@@ -205,7 +206,7 @@ def test_large_file_goes_up_in_concurrent_parts(s3, tmp_path):
     store = RunStore(s3.url(), max_concurrency=4, part_size=5 * 2**20)
     big = _ckpt_file(tmp_path, "big.ckpt", size=23 * 2**20)
     m = store.publish_checkpoint([big], global_step=1)
-    head = s3.server.client().head_object(Bucket=s3.bucket, Key=store.path("checkpoints", m.id, "big.ckpt").split("/", 1)[1])
+    head = s3.server.client().head_object(Bucket=s3.bucket, Key=store.objects.path("checkpoints", m.id, "big.ckpt").split("/", 1)[1])
     assert head["ETag"].strip('"').endswith("-5"), "expected a 5-part multipart upload"
     store.verify_checkpoint(m)
 
@@ -317,7 +318,7 @@ def test_resume_path_returns_none_then_the_newest_verified_checkpoint(store_url,
     assert path.endswith(f"{newest.id}/b.ckpt")
     assert open(path, "rb").read() == (tmp_path / "b.ckpt").read_bytes()
     # cached: a second call with the file in place downloads nothing (delete the store copy to prove it)
-    store.fs.rm_file(store.path("checkpoints", newest.id, "b.ckpt"))
+    store.objects.fs.rm_file(store.objects.path("checkpoints", newest.id, "b.ckpt"))
     assert resume_path(store_url, cache_dir=tmp_path / "cache") == path
 
 
@@ -327,7 +328,7 @@ def test_resume_path_skips_a_corrupt_newest_checkpoint_loudly(store_url, tmp_pat
     store = RunStore(store_url)
     older = store.publish_checkpoint([_ckpt_file(tmp_path, "a.ckpt")], global_step=1)
     newest = store.publish_checkpoint([_ckpt_file(tmp_path, "b.ckpt", seed=2)], global_step=2)
-    _put(store, store.path("checkpoints", newest.id, "b.ckpt"), b"garbage")
+    _put(store, store.objects.path("checkpoints", newest.id, "b.ckpt"), b"garbage")
     path = resume_path(store_url, cache_dir=tmp_path / "cache")
     assert path.endswith(f"{older.id}/a.ckpt")
     assert f"not resuming from {newest.id}" in caplog.text
@@ -340,7 +341,7 @@ def test_orphaned_upload_data_is_found_and_collected_only_when_old(store_url, tm
 
     store = RunStore(store_url)
     good = store.publish_checkpoint([_ckpt_file(tmp_path, "good.ckpt")], global_step=1)
-    _put(store, store.path("checkpoints", "0000000002-half-deadbeef", "half.ckpt"), b"partial data")
+    _put(store, store.objects.path("checkpoints", "0000000002-half-deadbeef", "half.ckpt"), b"partial data")
     assert store.find_orphans(older_than_s=3600) == [], "a fresh folder may be an upload in flight"
     assert store.find_orphans(older_than_s=0) == ["0000000002-half-deadbeef"]
     assert collect_orphans(store_url, older_than_s=0) == [{"id": "0000000002-half-deadbeef", "deleted_objects": 0}]
@@ -366,7 +367,7 @@ def test_a_long_lived_reader_sees_a_manifest_written_by_another_process(s3, tmp_
     client.delete_object(Bucket=s3.bucket, Key=manifest_key)
 
     reader = RunStore(url)
-    reader.fs.invalidate_cache()
+    reader.objects.fs.invalidate_cache()
     assert reader.list_checkpoints() == []  # mid-upload: data only, and that listing is now cached
     client.put_object(Bucket=s3.bucket, Key=manifest_key, Body=body)
     assert [m.id for m in reader.list_checkpoints()] == [published.id]

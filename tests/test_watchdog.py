@@ -11,8 +11,8 @@ from tests.helpers.agent import make_job, run
 from tests.helpers.provider_contract import python_job, submit, wait_for
 from trainctl_lightning.agent.watchdog import LauncherWatchdog
 from trainctl_lightning.jobs.heartbeat import (
-    LAUNCHER_NAME,
     LauncherHeartbeat,
+    read_launcher_heartbeat,
     write_launcher_heartbeat,
 )
 from trainctl_lightning.jobs.spec import JobPhase
@@ -63,7 +63,7 @@ def test_watchdog_does_not_count_an_unreadable_heartbeat(file_store: str, monkey
     def outage(*args, **kwargs):
         raise OSError("store unreachable")
 
-    monkeypatch.setattr(jobs.store, "read_object", outage)
+    monkeypatch.setattr(jobs.objects, "read", outage)
     clock.now += 60
     assert dog.check() is None
 
@@ -72,10 +72,10 @@ def test_launcher_heartbeat_refreshes_until_the_block_ends(file_store: str) -> N
     jobs = JobStore(f"{file_store}/run")
     with LauncherHeartbeat(jobs, interval_s=0.05) as beat:
         time.sleep(0.4)
-    first = jobs.store.read_object(LAUNCHER_NAME)
+    first = read_launcher_heartbeat(jobs)
     assert beat.beats >= 3 and b"heartbeat_at" in first
     time.sleep(0.2)
-    assert jobs.store.read_object(LAUNCHER_NAME) == first, "no beat after the block"
+    assert read_launcher_heartbeat(jobs) == first, "no beat after the block"
 
 
 def test_a_job_whose_launcher_is_gone_is_cancelled_and_its_instance_released(file_store: str) -> None:
@@ -120,8 +120,8 @@ def test_an_attached_launch_beats_and_a_detached_one_does_not(tmp_path: Path) ->
     attached = api.launch(str(project / "job.py"), **options)
     assert attached.state().phase is JobPhase.SUCCEEDED
     assert attached.spec().launcher_grace_s == 600 and attached.spec().spot is False
-    assert attached.job.store.read_object(LAUNCHER_NAME) is not None
+    assert read_launcher_heartbeat(attached.job) is not None
     detached = api.launch(str(project / "job.py"), detach=True, **options)
     assert detached.spec().launcher_grace_s is None
     detached.wait(timeout=60)
-    assert detached.job.store.read_object(LAUNCHER_NAME) is None
+    assert read_launcher_heartbeat(detached.job) is None

@@ -29,8 +29,8 @@ from trainctl_lightning.errors import (
     TrainctlError,
     UploadError,
 )
-from trainctl_lightning.manifest import CheckpointManifest, FileEntry
 from trainctl_lightning.store import RunStore
+from trainctl_lightning.store.manifest import CheckpointManifest, FileEntry
 
 if TYPE_CHECKING:
     from trainctl_lightning.checkpoint.sync import CheckpointSync

@@ -435,7 +435,9 @@ def _provider(value: Any, key: str, where: str) -> str:
 
 
 def _store(value: Any, key: str, where: str) -> str:
-    from trainctl_lightning.store import validate_url  # fsspec: loaded only when a store is configured
+    from trainctl_lightning.store import (
+        validate_url,  # fsspec: loaded only when a store is configured
+    )
 
     _text(value, key, where)
     try:

@@ -42,16 +42,32 @@ from trainctl_lightning.errors import (
     InstanceNotFoundError,
     JobError,
     RunFailedError,
-    RunNotFoundError,
     TrainctlError,
 )
-from trainctl_lightning.jobs.heartbeat import DEFAULT_LAUNCHER_GRACE_S, LauncherHeartbeat
-from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState, looks_secret, new_run_id, validate_run_id
-from trainctl_lightning.jobs.store import JobStore, run_url_in
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.jobs.heartbeat import (
+    DEFAULT_LAUNCHER_GRACE_S,
+    LauncherHeartbeat,
+)
+from trainctl_lightning.jobs.spec import (
+    EnvMode,
+    JobPhase,
+    JobSpec,
+    JobState,
+    new_run_id,
+    validate_run_id,
+)
+from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers import get_provider
-from trainctl_lightning.providers.api import TAG_RUN_ID, AgentLaunch, CreatePlan, Instance, InstanceSpec, Provider
-from trainctl_lightning.store import RunStore, package_version
+from trainctl_lightning.providers.api import (
+    AgentLaunch,
+    CreatePlan,
+    Instance,
+    InstanceSpec,
+    Provider,
+)
+from trainctl_lightning.store import ObjectStore, package_version
+from trainctl_lightning.store.layout import TAG_RUN_ID, run_url_in, store_url_of
+from trainctl_lightning.timeutil import utc_now
 
 if TYPE_CHECKING:
     from trainctl_lightning.jobs.codesync import UploadStats
@@ -278,7 +294,7 @@ def get_run(ref: str, store: str | None = None, profile: str | None = None) -> R
     url = resolve_run_url(ref, store=store, profile=profile)
     job = JobStore(url)
     spec = job.read_spec()
-    store_url = url.rstrip("/").rsplit("/", 1)[0]
+    store_url = store_url_of(url)
     return Run(
         run_id=spec.run_id,
         run_url=job.url,
@@ -365,7 +381,13 @@ def _stdout_sink(chunk: bytes) -> None:
     sys.stdout.flush()
 
 
-def _instance_spec(settings: Any, tags: dict[str, str] | None = None, name: str | None = None, **options: Any) -> InstanceSpec:
+def _instance_spec(
+    settings: Any,
+    tags: dict[str, str] | None = None,
+    name: str | None = None,
+    run_url: str | None = None,
+    store_url: str | None = None,
+) -> InstanceSpec:
     return InstanceSpec(
         instance_type=settings.instance_type,
         spot=bool(settings.spot),
@@ -375,7 +397,9 @@ def _instance_spec(settings: Any, tags: dict[str, str] | None = None, name: str 
         max_runtime_s=settings.max_hours * 3600 if settings.max_hours else None,
         tags={**settings.tags, **(tags or {})},
         name=name,
-        options={**settings.options, **options},
+        run_url=run_url,
+        store_url=store_url,
+        options=dict(settings.options),
     )
 
 
@@ -579,9 +603,9 @@ def launch(
             code_files=len(bundle.files) if bundle else 0,
             code_bytes=bundle.total_bytes if bundle else 0,
         )
-    RunStore(store_url).check_writable()
+    ObjectStore(store_url).check_writable()
     job = JobStore(run_url)
-    if job.store.exists("job.json"):
+    if job.exists():
         raise ConfigError(f"run {run_id} already exists in {store_url}; choose another run id")
 
     # ---- create, upload, start (anything that fails from here terminates what was created)

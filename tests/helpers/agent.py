@@ -12,8 +12,9 @@ import fsspec
 
 from tests.helpers.provider_contract import FAST
 from trainctl_lightning.jobs.spec import EnvMode, JobSpec, new_run_id
-from trainctl_lightning.jobs.store import JobStore, run_url_in
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.jobs.store import JobStore
+from trainctl_lightning.store.layout import run_url_in
+from trainctl_lightning.timeutil import utc_now
 
 AGENT = [sys.executable, "-m", "trainctl_lightning.agent", "run"]
 

@@ -31,17 +31,16 @@ from trainctl_lightning.jobs.spec import (
     JobState,
     new_run_id,
 )
-from trainctl_lightning.jobs.store import JobStore, run_url_in
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers.api import (
-    TAG_MANAGED_BY,
-    TAG_OWNER,
     AgentLaunch,
     Instance,
     InstanceSpec,
     InstanceState,
     Provider,
 )
+from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_OWNER, run_url_in
+from trainctl_lightning.timeutil import utc_now
 
 #: Short intervals: tests should see logs, heartbeats and stops within a second or two.
 FAST = dict(log_interval_s=0.2, heartbeat_interval_s=0.5, stop_grace_s=2.0)

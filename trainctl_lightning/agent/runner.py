@@ -31,15 +31,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainctl_lightning.agent.environment import SetupError, SetupStopped, prepare_environment
-from trainctl_lightning.agent.spot import INTERRUPTION, SpotNotice, SpotWatcher, handles_signal, spot_watch_enabled
+from trainctl_lightning.agent.environment import (
+    SetupError,
+    SetupStopped,
+    prepare_environment,
+)
+from trainctl_lightning.agent.spot import (
+    INTERRUPTION,
+    SpotNotice,
+    SpotWatcher,
+    handles_signal,
+    spot_watch_enabled,
+)
 from trainctl_lightning.agent.watchdog import LauncherWatchdog
 from trainctl_lightning.errors import ConflictError, RunNotFoundError, TrainctlError
+from trainctl_lightning.humanize import human_duration
 from trainctl_lightning.jobs.spec import JobPhase, JobSpec, JobState, validate_run_id
 from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
-from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.retry import RetryPolicy
-from trainctl_lightning.store import RUN_URL_ENV
+from trainctl_lightning.store.layout import RUN_URL_ENV, run_id_of
+from trainctl_lightning.timeutil import utc_now
 
 log = logging.getLogger("trainctl_lightning.agent")
 
@@ -69,15 +80,6 @@ class Outcome:
     phase: JobPhase
     exit_code: int | None
     error: str | None = None
-
-
-def format_duration(seconds: float) -> str:
-    """``7200`` -> ``2h00m``, ``90`` -> ``1m30s``, ``1.5`` -> ``1.5s``."""
-    if seconds < 60:
-        return f"{seconds:g}s"
-    hours, rest = divmod(int(round(seconds)), 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def one_line(text: object) -> str:
@@ -168,7 +170,7 @@ class Agent:
         self.run_url = run_url
         self.workdir = Path(workdir).resolve()
         self.jobs = JobStore(run_url)
-        self.jobs.store.retry = _TICK_RETRY
+        self.jobs.objects.retry = _TICK_RETRY
         self.spec: JobSpec | None = None
         self.state: JobState | None = None
         self.pump: LogPump | None = None
@@ -345,7 +347,7 @@ class Agent:
             except subprocess.TimeoutExpired:
                 pass
             if deadline is not None and self._stop_request is None and time.monotonic() >= deadline:
-                self.request_stop(JobPhase.TIMED_OUT, f"stopped after the max runtime of {format_duration(spec.max_runtime_s)}")
+                self.request_stop(JobPhase.TIMED_OUT, f"stopped after the max runtime of {human_duration(spec.max_runtime_s)}")
             if self._save_pending:
                 self._ask_job_to_save(proc)
             if self._stop_request is not None:
@@ -381,7 +383,7 @@ class Agent:
         try:
             return proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
-            log.warning("the job did not stop within %s of SIGTERM; sending SIGKILL", format_duration(grace_s))
+            log.warning("the job did not stop within %s of SIGTERM; sending SIGKILL", human_duration(grace_s))
             _signal_group(proc.pid, signal.SIGKILL)
             return proc.wait()
 
@@ -492,7 +494,7 @@ class Agent:
     def _finish(self, outcome: Outcome) -> None:
         """Final log chunk first, then the terminal state: readers rely on that order."""
         assert self.state is not None and self.pump is not None
-        self.jobs.store.retry = _FINAL_RETRY
+        self.jobs.objects.retry = _FINAL_RETRY
         tail = self.pump.tail() if outcome.phase is not JobPhase.SUCCEEDED else ""
         if outcome.error and outcome.phase is not JobPhase.SUCCEEDED:
             self.pump.note(f"{outcome.phase.value}: {outcome.error}")
@@ -523,7 +525,7 @@ class Agent:
     def _fail_without_spec(self, exc: Exception) -> int:
         error = one_line(f"could not read the job at {self.run_url}: {exc}")
         log.error(error)
-        run_id = self.run_url.rstrip("/").rsplit("/", 1)[-1]
+        run_id = run_id_of(self.run_url)
         try:
             validate_run_id(run_id)
             now = utc_now()

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.timeutil import utc_now
 
 log = logging.getLogger("trainctl_lightning.agent.spot")
 

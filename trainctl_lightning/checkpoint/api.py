@@ -18,8 +18,8 @@ from typing import Any
 from fsspec.callbacks import Callback
 
 from trainctl_lightning.errors import ConfigError
-from trainctl_lightning.manifest import CheckpointManifest
 from trainctl_lightning.store import RunStore
+from trainctl_lightning.store.manifest import CheckpointManifest
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,12 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from trainctl_lightning.checkpoint.publisher import FlushResult, PublishJob, Publisher, staged_name
+from trainctl_lightning.checkpoint.publisher import (
+    FlushResult,
+    Publisher,
+    PublishJob,
+    staged_name,
+)
 from trainctl_lightning.checkpoint.snapshot import Snapshot, take_snapshot
 from trainctl_lightning.errors import ConfigError, TrainctlError, UploadError
 

@@ -32,8 +32,8 @@ from typing import Any, Callable
 from fsspec.callbacks import Callback
 
 from trainctl_lightning.errors import TrainctlError
-from trainctl_lightning.manifest import CheckpointManifest
-from trainctl_lightning.store import RunStore
+from trainctl_lightning.store import RunStore, layout
+from trainctl_lightning.store.manifest import CheckpointManifest
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class Publisher:
             self._finish(job, JobState.FAILED, reason)
             return
         job.manifest = manifest
-        log.info("trainctl: published %s as %s", job.name, self.store.url_of("checkpoints", manifest.id))
+        log.info("trainctl: published %s as %s", job.name, self.store.url_of(layout.checkpoint_object(manifest.id)))
         if self._on_published is not None:
             self._on_published(manifest)
         earlier = self._earlier.pop(job.name, None)
@@ -354,7 +354,13 @@ class Publisher:
 def _show_progress(publisher: Publisher, jobs: list[PublishJob], deadline: float | None, url: str) -> None:
     """A rich progress bar over the bytes still to go up, until done or the deadline."""
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     total = sum(j.size for j in jobs)
     log.info("trainctl: waiting for %d checkpoint upload(s) (%.1f MB) to %s", len(jobs), total / 1e6, url)

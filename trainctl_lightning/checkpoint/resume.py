@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from trainctl_lightning.errors import ConfigError, IntegrityError
-from trainctl_lightning.store import RUN_URL_ENV, RunStore
+from trainctl_lightning.store import RunStore
+from trainctl_lightning.store.layout import RUN_URL_ENV
 
 CACHE_ENV = "TRAINCTL_CACHE_DIR"
 log = logging.getLogger(__name__)

@@ -16,11 +16,18 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
-from trainctl_lightning.checkpoint.publisher import JobState as PublishState, Publisher
-from trainctl_lightning.errors import ConfigError, StoreError, TrainctlError, UploadError
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.checkpoint.publisher import JobState as PublishState
+from trainctl_lightning.checkpoint.publisher import Publisher
+from trainctl_lightning.errors import (
+    ConfigError,
+    StoreError,
+    TrainctlError,
+    UploadError,
+)
 from trainctl_lightning.retry import RetryPolicy
-from trainctl_lightning.store import RUN_URL_ENV, RunStore, validate_url
+from trainctl_lightning.store import RunStore, layout, validate_url
+from trainctl_lightning.store.layout import RUN_URL_ENV
+from trainctl_lightning.timeutil import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +334,7 @@ class CheckpointSync(Callback):
                 "trainctl: %s (step %d) published as %s, %.1fs after it was requested",
                 os.path.basename(path),
                 step,
-                self.store.url_of("checkpoints", job.manifest.id) if self.store else job.manifest.id,
+                self.store.url_of(layout.checkpoint_object(job.manifest.id)) if self.store else job.manifest.id,
                 elapsed,
             )
         else:

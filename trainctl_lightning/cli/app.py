@@ -13,11 +13,12 @@ import sys
 import typer
 
 from trainctl_lightning import __version__
+from trainctl_lightning.cli import aws as aws_cli
 from trainctl_lightning.cli import ckpt, instances, runs
-from trainctl_lightning.cli import launch as launch_cli
 from trainctl_lightning.cli import config as config_cli
+from trainctl_lightning.cli import gc as gc_cli
+from trainctl_lightning.cli import launch as launch_cli
 from trainctl_lightning.cli import metrics as metrics_cli
-from trainctl_lightning.cli import aws as aws_cli, gc as gc_cli
 
 app = typer.Typer(
     name="trainctl",

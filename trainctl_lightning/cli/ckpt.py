@@ -10,8 +10,9 @@ from rich.table import Table
 
 from trainctl_lightning.checkpoint import api
 from trainctl_lightning.cli.common import OutputOption, handle_errors, resolve_run
-from trainctl_lightning.cli.output import Format, emit_json, human_age, human_size, stdout, transfer_progress
-from trainctl_lightning.manifest import CheckpointManifest
+from trainctl_lightning.cli.output import Format, emit_json, stdout, transfer_progress
+from trainctl_lightning.humanize import human_age, human_size
+from trainctl_lightning.store.manifest import CheckpointManifest
 
 app = typer.Typer(help="List, download, upload and verify a run's checkpoints.", no_args_is_help=True)
 

@@ -12,7 +12,13 @@ from rich.text import Text
 
 from trainctl_lightning.cli.common import OutputOption, handle_errors
 from trainctl_lightning.cli.output import Format, emit_json, stdout
-from trainctl_lightning.config import CONFIG_FILE, PYPROJECT_FILE, find_config_file, load_config, read_config_file
+from trainctl_lightning.config import (
+    CONFIG_FILE,
+    PYPROJECT_FILE,
+    find_config_file,
+    load_config,
+    read_config_file,
+)
 from trainctl_lightning.errors import ConfigError
 
 app = typer.Typer(

@@ -27,8 +27,8 @@ def gc(
 
     Only instances tagged by trainctl are considered; anything whose run cannot be read is kept.
     """
+    from trainctl_lightning.gc import collect_garbage
     from trainctl_lightning.launch import provider_for
-    from trainctl_lightning.providers.gc import collect_garbage
 
     report = collect_garbage(provider_for(provider, region=region), store, yes=yes, boot_grace_s=grace_minutes * 60)
     if output is Format.json:

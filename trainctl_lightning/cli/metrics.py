@@ -22,7 +22,8 @@ from trainctl_lightning.cli.output import Format, emit_json, stderr, stdout
 from trainctl_lightning.errors import ConfigError, TrainctlError
 from trainctl_lightning.metrics import read, view
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
-from trainctl_lightning.store import RunStore
+from trainctl_lightning.store import RunStore, layout, run_urls_in
+from trainctl_lightning.store.layout import run_id_of
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,13 @@ class MetricsFormat(str, Enum):
     csv = "csv"
 
 
-def _no_run_error(url: str, store: RunStore) -> TrainctlError:
-    children = store.child_runs()
+def _no_run_error(url: str) -> TrainctlError:
+    children = run_urls_in(url)
     if children:
-        names = ", ".join(c.rstrip("/").rsplit("/", 1)[-1] for c in children[:5]) + (", ..." if len(children) > 5 else "")
+        names = ", ".join(run_id_of(c) for c in children[:5]) + (", ..." if len(children) > 5 else "")
         runs = f"{len(children)} run{'s' if len(children) != 1 else ''}"
         return ConfigError(f"{url} holds {runs} ({names}), not one run: pass a run's URL, e.g. {children[0]}")
-    return ConfigError(f"no run at {url}: nothing reported there (no status.json, metrics or checkpoints); check the URL")
+    return ConfigError(f"no run at {url}: nothing reported there (no {layout.STATUS}, metrics or checkpoints); check the URL")
 
 
 def load_run(url: str) -> tuple[RunStatus | None, list[MetricRecord]]:
@@ -67,7 +68,7 @@ def load_run(url: str) -> tuple[RunStatus | None, list[MetricRecord]]:
     if status is None and not records:
         store = RunStore(url)
         if not store.list_checkpoints():
-            raise _no_run_error(url, store)
+            raise _no_run_error(url)
     return status, records
 
 
@@ -105,19 +106,18 @@ def _monitor(url: str, interval: float, once: bool, names: list[str] | None, out
         raise ConfigError("--output json needs --once (the live view is for people); e.g. trainctl monitor URL --once --output json")
     status = read.read_status(url)
     if status is None:
-        store = RunStore(url)
-        children = store.child_runs()
+        children = run_urls_in(url)
         if len(children) == 1:  # a prefix holding one run: that run
             url = children[0]
             status = read.read_status(url)
         elif children:
-            raise _no_run_error(url, store)
+            raise _no_run_error(url)
     if status is None:
         if once:
             store = RunStore(url)
             if not (store.list_checkpoints() or read.read_metrics(url)):
-                raise _no_run_error(url, store)
-            raise ConfigError(f"{url} has no status yet: the run has not reported (MetricsReporter writes {url}/status.json)")
+                raise _no_run_error(url)
+            raise ConfigError(f"{url} has no status yet: the run has not reported (MetricsReporter writes {layout.run_url_in(url, layout.STATUS)})")
         status = _wait_for_status(url, interval)
 
     if once:

@@ -11,14 +11,17 @@ from rich.table import Table
 from trainctl_lightning.cli.common import OutputOption, handle_errors
 from trainctl_lightning.cli.output import Format, emit_json, stdout
 from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.humanize import human_ago
 from trainctl_lightning.metrics import read, view
+from trainctl_lightning.store import layout
+from trainctl_lightning.store.layout import run_id_of
 
 app = typer.Typer(help="List runs: state, progress and latest metrics.", no_args_is_help=True)
 
 
 def run_name(url: str) -> str:
     """The last path part of a run URL (``s3://b/runs/exp1`` -> ``exp1``)."""
-    return url.rstrip("/").rsplit("/", 1)[-1]
+    return run_id_of(url)
 
 
 @app.command("ls")
@@ -42,7 +45,7 @@ def ls(
         url = store_url_for()
     runs = read.list_runs(url)
     if not runs:
-        raise ConfigError(f"no runs at {url}: no status.json or checkpoints there or in the folders directly below it")
+        raise ConfigError(f"no runs at {url}: no {layout.STATUS} or {layout.CHECKPOINTS} there or in the folders directly below it")
     now = datetime.now(timezone.utc)
     if output is Format.json:
         emit_json({"url": url, "runs": [{"name": run_name(r.url), **r.to_dict()} for r in runs]})
@@ -63,7 +66,7 @@ def ls(
             view.format_step(s),
             view.format_rate(s.steps_per_s if s else None),
             view.format_eta(s, now),
-            view.human_ago(s.age_s(now)) if s else "-",
+            human_ago(s.age_s(now)) if s else "-",
             str(r.checkpoints),
             view.latest_metrics_text(s.metrics, metric).replace(" ", "\n") if s else "",
         )

@@ -18,11 +18,10 @@ import tempfile
 from pathlib import Path
 
 from trainctl_lightning.errors import StoreError
-from trainctl_lightning.store import RunStore
+from trainctl_lightning.store import ObjectStore, layout
 
 log = logging.getLogger(__name__)
 
-DIST_DIR = "_dist"
 _PACKAGE = Path(__file__).resolve().parents[1]
 
 
@@ -60,10 +59,11 @@ def ship_trainctl(store_url: str) -> str | None:
     if root is None:
         return None
     key = source_digest(root)[:16]
-    store = RunStore(store_url)
-    existing = [name for name, _ in store.read_new_objects(f"{DIST_DIR}/{key}", "*.whl")]
+    store = ObjectStore(store_url)
+    folder = layout.dist_dir(key)
+    existing = sorted(store.list_sizes(folder, "*.whl"))
     if existing:
-        return store.url_of(DIST_DIR, key, existing[0])
+        return store.url_of(folder, existing[0])
     with tempfile.TemporaryDirectory(prefix="trainctl-wheel-") as out:
         log.info("trainctl: building a wheel of %s for the instance", root)
         built = subprocess.run(
@@ -79,5 +79,5 @@ def ship_trainctl(store_url: str) -> str | None:
                 "install a released trainctl-lightning, or set options.install in trainctl.toml"
             )
         wheel = wheels[0]
-        store.write_object(f"{DIST_DIR}/{key}/{wheel.name}", wheel.read_bytes())
-        return store.url_of(DIST_DIR, key, wheel.name)
+        store.write(f"{folder}/{wheel.name}", wheel.read_bytes())
+        return store.url_of(folder, wheel.name)

@@ -16,11 +16,11 @@ import threading
 from typing import Any
 
 from trainctl_lightning.jobs.store import JobStore
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.store import layout
+from trainctl_lightning.timeutil import utc_now
 
 log = logging.getLogger(__name__)
 
-LAUNCHER_NAME = "control/launcher.json"
 #: How often an attached launcher refreshes its heartbeat.
 LAUNCHER_HEARTBEAT_S = 15.0
 #: ``JobSpec.launcher_grace_s`` of an attached launch: long enough for a laptop's short sleep.
@@ -29,12 +29,12 @@ DEFAULT_LAUNCHER_GRACE_S = 600.0
 
 def write_launcher_heartbeat(jobs: JobStore, seq: int = 0) -> None:
     body = {"heartbeat_at": utc_now(), "seq": seq, "host": socket.gethostname(), "pid": os.getpid()}
-    jobs.store.write_object(LAUNCHER_NAME, json.dumps(body).encode())
+    jobs.objects.write(layout.LAUNCHER_HEARTBEAT, json.dumps(body).encode())
 
 
 def read_launcher_heartbeat(jobs: JobStore) -> bytes | None:
     """The heartbeat object as stored (None before the first); compare it, do not parse its time."""
-    return jobs.store.read_object(LAUNCHER_NAME)
+    return jobs.objects.read(layout.LAUNCHER_HEARTBEAT)
 
 
 class LauncherHeartbeat:

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from trainctl_lightning.errors import ConfigError
-from trainctl_lightning.manifest import parse_time, utc_now
+from trainctl_lightning.timeutil import parse_time, utc_now
 
 JOB_FORMAT = "trainctl.job/1"
 JOB_STATE_FORMAT = "trainctl.job-state/1"

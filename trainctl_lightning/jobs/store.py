@@ -1,16 +1,6 @@
 """A job's objects in its run store: spec, state, log chunks and the cancel request.
 
-Layout (``docs/run-store.md``)::
-
-    <store root>/
-      _code/blobs/<sha256>           file contents of every synced project, shared by all runs
-      <run id>/                      the run URL (what CheckpointSync / MetricsReporter write to)
-        job.json                     JobSpec, create-only
-        code.json                    the code bundle manifest (its SHA-256 is in job.json)
-        job-state.json               JobState, rewritten by the agent (heartbeat)
-        logs/<start>-<session>-<seq>.log   the job's output, immutable chunks in order
-        control/cancel.json          present once someone asked the job to stop
-        checkpoints/ metrics/ status.json   (CheckpointSync, MetricsReporter)
+The names are in :mod:`trainctl_lightning.store.layout` (``docs/run-store.md``).
 """
 
 from __future__ import annotations
@@ -18,71 +8,69 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from trainctl_lightning.errors import RunNotFoundError
 from trainctl_lightning.jobs.spec import JobSpec, JobState
-from trainctl_lightning.manifest import utc_now
-from trainctl_lightning.store import JOB_NAME, RunStore
+from trainctl_lightning.store import ObjectStore, layout
+from trainctl_lightning.timeutil import utc_now
 
-JOB_STATE_NAME = "job-state.json"
-CODE_MANIFEST_NAME = "code.json"
-LOGS_DIR = "logs"
-CANCEL_NAME = "control/cancel.json"
-CODE_BLOBS = "_code/blobs"
-
-
-def run_url_in(store_url: str, run_id: str) -> str:
-    """The URL of run ``run_id`` in the store rooted at ``store_url``."""
-    return f"{store_url.rstrip('/')}/{run_id}"
-
-
-def blobs_url_in(store_url: str) -> str:
-    return f"{store_url.rstrip('/')}/{CODE_BLOBS}"
+__all__ = ["JobStore", "LogChunkWriter"]
 
 
 class JobStore:
-    """The job objects of one run (wraps the run's :class:`RunStore`)."""
+    """The job objects of one run.
+
+    Args:
+        run_url: the run's URL (``<store>/<run id>``).
+        storage_options: passed to fsspec.
+    """
 
     def __init__(self, run_url: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.store = RunStore(run_url, storage_options)
-        self.url = self.store.url
+        self.objects = ObjectStore(run_url, storage_options)
+        """The run's objects; its ``retry`` may be swapped (the agent's short ticks)."""
+        self.url = self.objects.url
 
     def __repr__(self) -> str:
         return f"JobStore({self.url!r})"
 
+    def exists(self) -> bool:
+        """Whether a job was written here (its ``job.json``)."""
+        return self.objects.exists(layout.JOB)
+
     # ------------------------------------------------------------ spec and state
     def write_spec(self, spec: JobSpec) -> None:
-        self.store.write_object(JOB_NAME, spec.to_json(), create_only=True)
+        self.objects.write(layout.JOB, spec.to_json(), create_only=True)
 
     def read_spec(self) -> JobSpec:
         """Raises RunNotFoundError when there is no job at this URL."""
-        raw = self.store.read_object(JOB_NAME)
+        raw = self.objects.read(layout.JOB)
         if raw is None:
-            raise RunNotFoundError(f"no job in {self.url} (no {JOB_NAME}); `trainctl runs ls STORE` lists runs")
+            raise RunNotFoundError(f"no job in {self.url} (no {layout.JOB}); `trainctl runs ls STORE` lists runs")
         return JobSpec.from_json(raw)
 
     def write_state(self, state: JobState) -> None:
-        self.store.write_object(JOB_STATE_NAME, state.to_json())
+        self.objects.write(layout.JOB_STATE, state.to_json())
 
     def read_state(self) -> JobState | None:
-        raw = self.store.read_object(JOB_STATE_NAME)
+        raw = self.objects.read(layout.JOB_STATE)
         return None if raw is None else JobState.from_json(raw)
 
     def write_code_manifest(self, data: bytes) -> None:
-        self.store.write_object(CODE_MANIFEST_NAME, data, create_only=True)
+        self.objects.write(layout.CODE_MANIFEST, data, create_only=True)
 
     # ------------------------------------------------------------ logs
     def log_writer(self) -> "LogChunkWriter":
-        return LogChunkWriter(self.store)
+        return LogChunkWriter(self.objects)
 
     def read_log_chunks(self, skip: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, bytes]]:
-        return self.store.read_new_objects(LOGS_DIR, "*.log", skip)
+        return self.objects.read_new(layout.LOGS, "*.log", skip)
 
     def read_logs(self) -> bytes:
         return b"".join(data for _, data in self.read_log_chunks())
 
-    def follow_logs(self, poll_s: float = 0.5, stop: Any = None) -> Iterator[bytes]:
+    def follow_logs(self, poll_s: float = 0.5, stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
         """Yield new output as it arrives until the job ends (and its last chunk is read)."""
         seen: set[str] = set()
         while True:
@@ -104,11 +92,11 @@ class JobStore:
     # ------------------------------------------------------------ control
     def request_cancel(self, reason: str = "cancelled by the user") -> None:
         body = json.dumps({"requested_at": utc_now(), "reason": reason}).encode()
-        self.store.write_object(CANCEL_NAME, body)
+        self.objects.write(layout.CANCEL, body)
 
     def cancel_requested(self) -> str | None:
         """The reason given, when someone asked this job to stop."""
-        raw = self.store.read_object(CANCEL_NAME)
+        raw = self.objects.read(layout.CANCEL)
         if raw is None:
             return None
         try:
@@ -120,8 +108,8 @@ class JobStore:
 class LogChunkWriter:
     """Writes a job's output as immutable, ordered chunks (object stores cannot append)."""
 
-    def __init__(self, store: RunStore) -> None:
-        self.store = store
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
         self.prefix = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         self.seq = 0
         self.bytes_written = 0
@@ -129,6 +117,6 @@ class LogChunkWriter:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self.store.write_object(f"{LOGS_DIR}/{self.prefix}-{self.seq:06d}.log", data, create_only=True)
+        self.objects.write(f"{layout.LOGS}/{self.prefix}-{self.seq:06d}.log", data, create_only=True)
         self.seq += 1
         self.bytes_written += len(data)

@@ -18,7 +18,7 @@ from typing import Any
 
 from trainctl_lightning.errors import IntegrityError
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
-from trainctl_lightning.store import RunStore
+from trainctl_lightning.store import RunStore, layout, run_urls_in
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def read_status(url: str, storage_options: dict[str, Any] | None = None) -> RunS
     try:
         status = RunStatus.from_json(raw)
     except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"{url}/status.json is not a readable trainctl status ({exc})") from exc
+        raise IntegrityError(f"{store.url_of(layout.STATUS)} is not a readable trainctl status ({exc})") from exc
     if status.phase.is_terminal() and status.phase is not Phase.FINISHED or status.is_stale():
         # why a launched run stopped is the agent's to say: a spot interruption shows as preempted
         notice = _interruption(store)
@@ -65,9 +65,7 @@ def read_status(url: str, storage_options: dict[str, Any] | None = None) -> RunS
 
 def _interruption(store: RunStore) -> dict[str, Any] | None:
     """The spot interruption notice in the run's ``job-state.json`` (written by the agent), if any."""
-    from trainctl_lightning.jobs.store import JOB_STATE_NAME
-
-    raw = store.read_object(JOB_STATE_NAME)
+    raw = store.objects.read(layout.JOB_STATE)
     if raw is None:
         return None
     try:
@@ -148,7 +146,7 @@ def metric_names(records: list[MetricRecord]) -> list[str]:
 def list_runs(url: str, storage_options: dict[str, Any] | None = None) -> list[RunSummary]:
     """The run at ``url``, or every run directly below it (a prefix holding several runs)."""
     store = RunStore(url, storage_options)
-    urls = [store.url] if store.read_status() is not None or store.list_checkpoints() else store.child_runs()
+    urls = [store.url] if store.read_status() is not None or store.list_checkpoints() else run_urls_in(url, storage_options)
     out = []
     for run_url in urls:
         run = RunStore(run_url, storage_options)

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from trainctl_lightning.manifest import parse_time
+from trainctl_lightning.timeutil import parse_time
 
 STATUS_FORMAT = "trainctl.status/1"
 #: A run whose status was not refreshed for this many refresh intervals is shown as stale.

@@ -23,10 +23,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from trainctl_lightning.errors import ConfigError
-from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.metrics.records import GpuInfo, Phase, RunStatus
 from trainctl_lightning.retry import RetryPolicy
-from trainctl_lightning.store import RUN_URL_ENV, RunStore, validate_url
+from trainctl_lightning.store import RunStore, validate_url
+from trainctl_lightning.store.layout import RUN_URL_ENV
+from trainctl_lightning.timeutil import utc_now
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from rich.table import Table
 from rich.text import Text
 
 from trainctl_lightning.errors import ConfigError
-from trainctl_lightning.manifest import parse_time
+from trainctl_lightning.humanize import human_ago, human_duration
 from trainctl_lightning.metrics.read import metric_names
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
+from trainctl_lightning.timeutil import parse_time
 
 #: Eight block heights, lowest first, for :func:`sparkline`.
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -70,26 +71,6 @@ def sparkline(values: Iterable[float], width: int = TREND_POINTS) -> str:
         return SPARK_BLOCKS[3] * len(finite)
     top = len(SPARK_BLOCKS) - 1
     return "".join(SPARK_BLOCKS[min(top, int(round((v - lo) / (hi - lo) * top)))] for v in finite)
-
-
-def human_duration(seconds: float | None) -> str:
-    """``45s``, ``3m05s``, ``2h14m``, ``3d04h``; ``-`` when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "-"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def human_ago(seconds: float | None) -> str:
-    """``12s ago``, ``3m05s ago``; ``-`` when unknown."""
-    text = human_duration(seconds)
-    return text if text == "-" else f"{text} ago"
 
 
 def format_value(value: float | None) -> str:

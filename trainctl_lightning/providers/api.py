@@ -22,16 +22,9 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError
+from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_OWNER, TAG_RUN_ID
 
-#: Tag keys set on everything trainctl creates.
-TAG_MANAGED_BY = "trainctl:managed-by"
-TAG_OWNER = "trainctl:owner"
-TAG_RUN_ID = "trainctl:run-id"
-TAG_NAME = "Name"
 MANAGED_BY = "trainctl-lightning"
-#: Options the launcher puts in every InstanceSpec it creates for a run: the run's URL and the
-#: store root (providers that start the agent at boot, like AWS, need them; others ignore them).
-LAUNCH_OPTIONS = ("run_url", "store_url")
 
 
 def current_owner() -> str:
@@ -95,9 +88,14 @@ class InstanceSpec:
     """Extra tags; trainctl's own (:func:`standard_tags`) are always added."""
     name: str | None = None
     """Human-readable name shown in listings."""
+    run_url: str | None = None
+    """The run the instance is created for (set by the launcher); providers that start the
+    agent at boot (AWS) hand it to the agent, others ignore it."""
+    store_url: str | None = None
+    """The store that run lives in (default: the run URL's parent); tagged so ``trainctl gc``
+    can read the run's state."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Provider-specific options (AWS: subnet_id, security_group_ids, key_name, ...), plus the
-    launch context in :data:`LAUNCH_OPTIONS` that the launcher adds for every provider."""
+    """Provider-specific options (AWS: subnet_id, security_group_ids, key_name, install, ...)."""
 
     def __post_init__(self) -> None:
         if self.disk_gb is not None and (not isinstance(self.disk_gb, int) or self.disk_gb < 1):

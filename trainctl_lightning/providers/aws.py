@@ -1,7 +1,7 @@
 """AWS: one EC2 instance per run, started by its user data, found again only by its tags.
 
 The job hand-off needs no inbound port: ``create`` is given the run's ``s3://`` URL
-(``InstanceSpec.options["run_url"]``) and the instance's user data (:mod:`.aws_bootstrap`)
+(``InstanceSpec.run_url``) and the instance's user data (:mod:`.aws_bootstrap`)
 installs trainctl-lightning, runs the agent for that run and powers off, which terminates the
 instance (``InstanceInitiatedShutdownBehavior=terminate``). The instance reads and writes the
 store with its instance profile (``trainctl aws setup`` creates one), never with a secret.
@@ -20,7 +20,7 @@ Example::
 
     provider = AWSProvider(region="us-east-1")
     spec = InstanceSpec(instance_type="g5.xlarge", spot=True, max_runtime_s=6 * 3600,
-                        options={"run_url": "s3://my-bucket/runs/mnist-20250101-120000-ab12"})
+                        run_url="s3://my-bucket/runs/mnist-20250101-120000-ab12")
     print(provider.create_dryrun(spec))   # what would be created, and the estimated price
     instance = provider.create(spec)
 """
@@ -49,12 +49,15 @@ from botocore.exceptions import (
     ProfileNotFound,
 )
 
-from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError, TrainctlError
+from trainctl_lightning.errors import (
+    ConfigError,
+    InstanceNotFoundError,
+    ProviderError,
+    TrainctlError,
+)
 from trainctl_lightning.jobs.spec import looks_secret, validate_run_id
 from trainctl_lightning.providers.api import (
     MANAGED_BY,
-    TAG_MANAGED_BY,
-    TAG_NAME,
     AgentLaunch,
     CreatePlan,
     Instance,
@@ -63,8 +66,18 @@ from trainctl_lightning.providers.api import (
     Provider,
     standard_tags,
 )
-from trainctl_lightning.providers.aws_bootstrap import render_user_data, summarize_user_data
-from trainctl_lightning.providers.gc import TAG_STORE
+from trainctl_lightning.providers.aws_bootstrap import (
+    render_user_data,
+    summarize_user_data,
+)
+from trainctl_lightning.store.layout import (
+    TAG_MANAGED_BY,
+    TAG_NAME,
+    TAG_PURPOSE,
+    TAG_STORE,
+    run_id_of,
+    store_url_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +89,6 @@ DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-g
 #: Instance profile and security group that ``trainctl aws setup`` creates and ``create`` uses
 #: when the options name none.
 DEFAULT_INSTANCE_PROFILE = "trainctl-lightning-instance"
-TAG_PURPOSE = "trainctl:purpose"
 SECURITY_GROUP_PURPOSE = "instances"
 
 #: Approximate on-demand prices in USD per hour: AWS's EC2 On-Demand pricing page, us-east-1,
@@ -119,8 +131,6 @@ _LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 
 #: ``InstanceSpec.options`` this provider understands.
 OPTIONS: dict[str, str] = {
-    "run_url": "s3:// URL of the run whose agent the instance starts at boot",
-    "store_url": "the run store's root URL (tagged, so that `trainctl gc` can find the run)",
     "install": "what the instance pip-installs for trainctl-lightning: a requirement or the s3:// URL of a wheel",
     "subnet_id": "subnet to launch in (default: the default VPC's)",
     "security_group_ids": "list of security group ids (default: the one `trainctl aws setup` made, else the VPC's default)",
@@ -325,6 +335,10 @@ class AWSProvider(Provider):
         action = f"launch an instance in {region}"
         self._check_credentials(action)
         options = self._check_options(spec.options)
+        for key in ("run_url", "store_url"):
+            value = getattr(spec, key)
+            if value is not None and (not isinstance(value, str) or not value.startswith("s3://")):
+                raise ConfigError(f"the aws provider needs {key} as an s3:// URL (instances read the store from S3), got {value!r}")
         for name in spec.env:
             if looks_secret(name):
                 raise ConfigError(
@@ -340,7 +354,7 @@ class AWSProvider(Provider):
             disk_gb = spec.disk_gb or max(DEFAULT_DISK_GB, min_disk)
             if disk_gb < min_disk:
                 raise ConfigError(f"disk_gb={disk_gb} is smaller than image {image_id}'s {min_disk} GB root snapshot: ask for at least {min_disk}")
-            profile = self._instance_profile(options, region)
+            profile = self._instance_profile(options, region, spec.run_url)
             security_groups = options.get("security_group_ids") or (
                 [] if options.get("subnet_id") else self._default_security_groups(ec2)
             )
@@ -349,9 +363,9 @@ class AWSProvider(Provider):
         except Exception as exc:
             raise explain_aws_error(exc, action, region, self.profile) from None
 
-        run_url = options.get("run_url")
-        run_id = validate_run_id(run_url.rstrip("/").rsplit("/", 1)[-1]) if run_url else None
-        store_url = options.get("store_url") or (run_url.rstrip("/").rsplit("/", 1)[0] if run_url else None)
+        run_url = spec.run_url
+        run_id = validate_run_id(run_id_of(run_url)) if run_url else None
+        store_url = spec.store_url or (store_url_of(run_url) if run_url else None)
         tags = standard_tags(spec.tags, run_id=run_id)
         tags.setdefault(TAG_NAME, spec.name or (f"trainctl-{run_id}" if run_id else "trainctl"))
         if store_url:
@@ -434,10 +448,6 @@ class AWSProvider(Provider):
                 close = difflib.get_close_matches(key, OPTIONS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"unknown aws option {key!r}{hint}: the aws provider knows {', '.join(sorted(OPTIONS))}")
-        for key in ("run_url", "store_url"):
-            value = options.get(key)
-            if value is not None and (not isinstance(value, str) or not value.startswith("s3://")):
-                raise ConfigError(f"aws option {key} must be an s3:// URL (instances read the store from S3), got {value!r}")
         groups = options.get("security_group_ids")
         if isinstance(groups, str):
             groups = [g.strip() for g in groups.split(",") if g.strip()]
@@ -498,7 +508,7 @@ class AWSProvider(Provider):
                 size = int(mapping.get("Ebs", {}).get("VolumeSize") or 0)
         return root, size
 
-    def _instance_profile(self, options: dict[str, Any], region: str) -> str | None:
+    def _instance_profile(self, options: dict[str, Any], region: str, run_url: str | None) -> str | None:
         if options.get("iam_instance_profile"):
             return options["iam_instance_profile"]
         try:
@@ -507,9 +517,9 @@ class AWSProvider(Provider):
         except ClientError as exc:
             if _error_code(exc) not in ("NoSuchEntity", "NoSuchEntityException"):
                 raise
-        if options.get("run_url"):
+        if run_url:
             raise ConfigError(
-                f"the instance needs an instance profile to read {options['run_url']}: run `trainctl aws setup --bucket BUCKET` "
+                f"the instance needs an instance profile to read {run_url}: run `trainctl aws setup --bucket BUCKET` "
                 "once, or pass the aws option iam_instance_profile=NAME"
             )
         return None
@@ -780,7 +790,7 @@ class AWSProvider(Provider):
             raise NotImplementedError(
                 f"{type(self).__name__} starts the agent from user data at boot: {instance.id} was created without a run, "
                 "and starting one on a running instance needs SSM Run Command (not supported yet); create the instance "
-                "with the aws option run_url"
+                "for the run (InstanceSpec.run_url; `trainctl launch` does that)"
             )
         if current.run_id != launch.run_id:
             raise ProviderError(
@@ -814,7 +824,7 @@ class AWSProvider(Provider):
     def check_store(self, store_url: str) -> None:
         """Refuse a store that is not S3, or whose bucket is not writable from here."""
         super().check_store(store_url)
-        from trainctl_lightning.store import RunStore
+        from trainctl_lightning.store import ObjectStore
 
         options = {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else None
-        RunStore(store_url, options).check_writable()
+        ObjectStore(store_url, options).check_writable()

@@ -21,14 +21,14 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from trainctl_lightning.errors import ConfigError, TrainctlError
-from trainctl_lightning.providers.api import MANAGED_BY, TAG_MANAGED_BY, standard_tags
+from trainctl_lightning.providers.api import MANAGED_BY, standard_tags
 from trainctl_lightning.providers.aws import (
     DEFAULT_INSTANCE_PROFILE,
     SECURITY_GROUP_PURPOSE,
-    TAG_PURPOSE,
     AWSProvider,
     explain_aws_error,
 )
+from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_PURPOSE
 
 ROLE_NAME = DEFAULT_INSTANCE_PROFILE
 SECURITY_GROUP_NAME = "trainctl-lightning"

@@ -31,12 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError
-from trainctl_lightning.manifest import utc_now
 from trainctl_lightning.paths import trainctl_home
 from trainctl_lightning.providers.api import (
-    LAUNCH_OPTIONS,
-    TAG_MANAGED_BY,
-    TAG_NAME,
     AgentLaunch,
     CreatePlan,
     Instance,
@@ -45,6 +41,8 @@ from trainctl_lightning.providers.api import (
     Provider,
     standard_tags,
 )
+from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NAME
+from trainctl_lightning.timeutil import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +145,7 @@ class LocalProvider(Provider):
             raise ConfigError(f"the local provider runs on this machine and takes no image; got {spec.image!r}")
         if spec.region is not None:
             raise ConfigError(f"the local provider runs on this machine and has no regions; got {spec.region!r}")
-        unknown = sorted(set(spec.options) - set(LAUNCH_OPTIONS))
+        unknown = sorted(spec.options)
         if unknown:
             raise ConfigError(f"the local provider takes no provider options; got {', '.join(unknown)}")
         instance_id = f"local-{secrets.token_hex(4)}"

@@ -19,7 +19,11 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trainctl_lightning.remote.function import RemoteFunction, remote, remote_function
+    from trainctl_lightning.remote.function import (
+        RemoteFunction,
+        remote,
+        remote_function,
+    )
     from trainctl_lightning.remote.session import RemoteRun
     from trainctl_lightning.remote.strategy import RemoteStrategy
 

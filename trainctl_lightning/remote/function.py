@@ -26,7 +26,12 @@ from typing import Any, Callable, Generic, TypeVar
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.remote.payload import FunctionPayload, dumps_payload
-from trainctl_lightning.remote.session import RemoteCall, RemoteOptions, RemoteRun, remote_exception
+from trainctl_lightning.remote.session import (
+    RemoteCall,
+    RemoteOptions,
+    RemoteRun,
+    remote_exception,
+)
 
 R = TypeVar("R")
 

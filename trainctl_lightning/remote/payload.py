@@ -30,8 +30,6 @@ from trainctl_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_NAME = "remote/payload.pkl"
-RESULT_NAME = "remote/result.pkl"
 PAYLOAD_FORMAT = "trainctl.remote-payload/1"
 RESULT_FORMAT = "trainctl.remote-result/1"
 #: Modules the instance always has: the agent itself runs trainctl_lightning.

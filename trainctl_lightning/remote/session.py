@@ -18,11 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, RunFailedError, TrainctlError
+from trainctl_lightning.errors import (
+    ConfigError,
+    InstanceNotFoundError,
+    RunFailedError,
+    TrainctlError,
+)
 from trainctl_lightning.jobs.spec import JobState, new_run_id
-from trainctl_lightning.jobs.store import run_url_in
-from trainctl_lightning.remote.payload import PAYLOAD_NAME, RESULT_NAME, RemoteResult, loads_result
-from trainctl_lightning.store import RunStore
+from trainctl_lightning.remote.payload import RemoteResult, loads_result
+from trainctl_lightning.store import ObjectStore, RunStore, layout
+from trainctl_lightning.store.layout import run_url_in
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +135,13 @@ class RemoteCall:
                 killed, cancelled, or lost); the message carries the end of its output.
             KeyboardInterrupt: after cancelling the run and ending the instance.
         """
-        store = RunStore(self.run_url)
+        store = ObjectStore(self.run_url)
         instance_id = self._reusable(instance_id)
-        store.write_object(PAYLOAD_NAME, payload, create_only=True)
+        store.write(layout.REMOTE_PAYLOAD, payload, create_only=True)
         try:
             self.run = self._launch(instance_id)
         except BaseException:
-            store.delete_object(PAYLOAD_NAME)  # nothing will ever read it
+            store.delete(layout.REMOTE_PAYLOAD)  # nothing will ever read it
             raise
         run = self.run
         self.record = RemoteRun(
@@ -153,7 +158,7 @@ class RemoteCall:
         finally:
             self.record.phase = state.state() if state is not None else None
             self._end_reused_instance(instance_id)
-        raw = store.read_object(RESULT_NAME)
+        raw = store.read(layout.REMOTE_RESULT)
         if raw is None:
             from trainctl_lightning.launch import failure_error
 

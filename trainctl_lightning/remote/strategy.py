@@ -21,14 +21,28 @@ from lightning.pytorch.accelerators import AcceleratorRegistry, CPUAccelerator
 from lightning.pytorch.accelerators.accelerator import Accelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy, Strategy
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerState, TrainerStatus
+from lightning.pytorch.trainer.states import (
+    RunningStage,
+    TrainerFn,
+    TrainerState,
+    TrainerStatus,
+)
 from typing_extensions import override
 
 from trainctl_lightning.errors import ConfigError, RunFailedError
 from trainctl_lightning.remote import _lightning
-from trainctl_lightning.remote.payload import RemoteResult, TrainerPayload, dumps_payload
-from trainctl_lightning.remote.session import RemoteCall, RemoteOptions, RemoteRun, remote_exception
-from trainctl_lightning.store import RunStore
+from trainctl_lightning.remote.payload import (
+    RemoteResult,
+    TrainerPayload,
+    dumps_payload,
+)
+from trainctl_lightning.remote.session import (
+    RemoteCall,
+    RemoteOptions,
+    RemoteRun,
+    remote_exception,
+)
+from trainctl_lightning.store import RunStore, layout
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +306,7 @@ class _RemoteLauncher(_lightning.Launcher):
             # A file on this machine: publish it into the run and let the instance read it from there.
             local = str(Path(ckpt).resolve())
             checkpoint_id = RunStore.new_checkpoint_id(Path(local).name, None)
-            call_kwargs["ckpt_path"] = RunStore(remote.run_url).url_of("checkpoints", checkpoint_id, Path(local).name)
+            call_kwargs["ckpt_path"] = RunStore(remote.run_url).url_of(layout.checkpoint_object(checkpoint_id, Path(local).name))
             return local, checkpoint_id
         return None
 

@@ -24,8 +24,6 @@ from typing import Any
 import cloudpickle
 
 from trainctl_lightning.remote.payload import (
-    PAYLOAD_NAME,
-    RESULT_NAME,
     FunctionPayload,
     RemoteResult,
     TrainerPayload,
@@ -33,19 +31,19 @@ from trainctl_lightning.remote.payload import (
     loads_payload,
     scalar_metrics,
 )
-from trainctl_lightning.store import RUN_URL_ENV, RunStore
+from trainctl_lightning.store import RunStore, layout
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    run_url = argv[0] if argv else os.environ.get(RUN_URL_ENV)
+    run_url = argv[0] if argv else os.environ.get(layout.RUN_URL_ENV)
     if not run_url:
         print(f"usage: python -m {__spec__.name if __spec__ else 'trainctl_lightning.remote.worker'} RUN_URL", file=sys.stderr)
         return 2
     store = RunStore(run_url)
-    raw = store.read_object(PAYLOAD_NAME)
+    raw = store.objects.read(layout.REMOTE_PAYLOAD)
     if raw is None:
-        print(f"trainctl worker: no {PAYLOAD_NAME} in {store.url}; nothing to run", file=sys.stderr)
+        print(f"trainctl worker: no {layout.REMOTE_PAYLOAD} in {store.url}; nothing to run", file=sys.stderr)
         return 2
     try:
         payload = loads_payload(raw)
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = _failure(TypeError(f"unknown payload {type(payload).__name__}"))
     if _is_rank_zero():
-        store.write_object(RESULT_NAME, dumps_result(result), create_only=True)
+        store.objects.write(layout.REMOTE_RESULT, dumps_result(result), create_only=True)
     if not result.ok:
         print(result.traceback or result.error_message, file=sys.stderr, flush=True)
     return 0 if result.ok else 1
@@ -158,8 +156,7 @@ def _final_checkpoint(trainer: Any, store: RunStore) -> dict[str, Any] | None:
 
 
 def _reference(store: RunStore, manifest: Any) -> dict[str, Any]:
-    url = store.url_of("checkpoints", manifest.id, manifest.files[0].path) if len(manifest.files) == 1 else store.url_of("checkpoints", manifest.id)
-    return {"store_url": store.url, "id": manifest.id, "url": url, "global_step": manifest.global_step}
+    return {"store_url": store.url, "id": manifest.id, "url": store.checkpoint_url(manifest), "global_step": manifest.global_step}
 
 
 def _published_url(trainer: Any, local_path: str) -> str | None:

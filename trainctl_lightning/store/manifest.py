@@ -1,6 +1,7 @@
 """The checkpoint manifest: the small JSON object that makes a published checkpoint exist.
 
-A checkpoint in the run store is a folder of data objects plus ``MANIFEST.json``, which is
+A checkpoint in the run store is a folder of data objects plus ``MANIFEST.json``
+(:data:`~trainctl_lightning.store.layout.CHECKPOINT_MANIFEST`), which is
 written last (create-only where the backend allows). Readers only ever look at manifests, so
 a checkpoint whose upload was cut short, whose manifest is missing, is invisible to them.
 The format is documented in ``docs/run-store.md``; readers accept any ``format`` with the same
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from trainctl_lightning.errors import IntegrityError
+from trainctl_lightning.timeutil import parse_time
+
+__all__ = ["MANIFEST_FORMAT", "CheckpointManifest", "FileEntry"]
 
 MANIFEST_FORMAT = "trainctl.checkpoint/1"
-MANIFEST_NAME = "MANIFEST.json"
 
 
 @dataclass(frozen=True)
@@ -122,14 +125,6 @@ class CheckpointManifest:
                 "delete it or fix it by hand"
             ) from exc
 
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def parse_time(value: str) -> datetime:
-    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
 def _opt_int(value: Any) -> int | None:

@@ -24,12 +24,12 @@ from typing import Any
 
 from trainctl_lightning.errors import InstanceNotFoundError, TrainctlError
 from trainctl_lightning.jobs.spec import JobPhase
-from trainctl_lightning.manifest import parse_time
 from trainctl_lightning.providers.api import Instance, InstanceState, Provider
+from trainctl_lightning.store.layout import TAG_STORE, run_url_in
+from trainctl_lightning.timeutil import parse_time
 
 #: Tag naming the store root of the instance's run, set at creation by providers that know it
 #: (aws). With ``trainctl:run-id`` it gives the run's URL: ``run_url_in(store, run_id)``.
-TAG_STORE = "trainctl:store"
 #: An instance younger than this with no run record (yet) may still be booting: kept.
 DEFAULT_BOOT_GRACE_S = 30 * 60.0
 
@@ -105,7 +105,7 @@ def classify(
         runless_is_garbage: an instance created without a run can never get one (its provider
             binds one run per instance at creation, as AWS does): garbage once past the grace.
     """
-    from trainctl_lightning.jobs.store import JobStore, run_url_in
+    from trainctl_lightning.jobs.store import JobStore
 
     now = now or datetime.now(timezone.utc)
     age = _age_s(instance, now)
@@ -150,17 +150,14 @@ def classify(
 
 def _store_problem(store_url: str) -> str | None:
     """Why the store cannot be trusted to hold the run records it should (None: it can)."""
-    from trainctl_lightning.store import RunStore
+    from trainctl_lightning.store import ObjectStore
 
     try:
-        store = RunStore(store_url)
-        store.forget_listings(store.root)
-        if not store.fs.ls(store.root, detail=False):
+        # object stores cannot tell a missing bucket from an empty prefix: both list nothing
+        if not ObjectStore(store_url).glob("*"):
             return f"the store {store_url} is empty or missing"
-    except FileNotFoundError:  # object stores cannot tell a missing bucket from an empty prefix
-        return f"the store {store_url} is empty or missing"
-    except Exception as exc:  # never terminate on an error
-        return f"the store {store_url} cannot be listed ({type(exc).__name__}: {exc})"
+    except TrainctlError as exc:  # never terminate on an error
+        return f"the store {store_url} cannot be listed ({exc})"
     return None
 
 

@@ -1,0 +1,27 @@
+"""Time as the run store records it: UTC, ISO-8601 with microseconds and a ``Z``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+__all__ = ["age_s", "parse_time", "utc_now"]
+
+
+def utc_now() -> str:
+    """Now, as stored: ``2026-12-01T05:45:00.123456Z``."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str) -> datetime:
+    """A stored time (or any ISO-8601 time) as an aware datetime; naive times are taken as UTC.
+
+    Raises:
+        ValueError: not an ISO-8601 time.
+    """
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def age_s(when: datetime, now: datetime | None = None) -> float:
+    """Seconds from ``when`` to ``now`` (default: the current time)."""
+    return ((now or datetime.now(timezone.utc)) - when).total_seconds()
