@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.helpers.agent import stop_started_agents
 from trainctl_lightning.testing import DUMMY_ENV, LocalS3
 
 BUCKET = "trainctl-test"
@@ -106,5 +107,6 @@ def file_store(tmp_path) -> str:
 
 @pytest.fixture
 def workdir(tmp_path):
-    """The agent's working directory for a test."""
-    return tmp_path / "agent-work"
+    """The agent's working directory for a test; agents the test started are stopped when it ends."""
+    yield tmp_path / "agent-work"
+    stop_started_agents()

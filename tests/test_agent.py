@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.helpers.agent import make_job, run, start, store_objects
 from tests.helpers.provider_contract import FAST, python_job, wait_for
 from trainctl_lightning.agent.environment import (
@@ -46,16 +47,19 @@ def test_output_arrives_in_chunks_while_the_job_runs(store_url: str, workdir: Pa
     )
     agent = start(jobs, workdir)
     seen_first_while_running = False
-    while True:
+
+    def ended() -> tuple | None:
+        nonlocal seen_first_while_running
         state = jobs.read_state()
-        logs = jobs.read_logs()
+        logs = jobs.read_logs()  # read after the state: logs of a terminal state are complete
         if state is not None and state.phase.is_terminal():
-            # the last chunk is written before the terminal state
-            assert b"second line" in logs
-            break
-        if b"first line" in logs and b"second line" not in logs and state.phase is JobPhase.RUNNING:
+            return state, logs
+        if b"first line" in logs and b"second line" not in logs and state is not None and state.phase is JobPhase.RUNNING:
             seen_first_while_running = True
-        time.sleep(0.1)
+        return None
+
+    state, logs = wait_until(ended, timeout=60, interval=0.1, what="the job to end")
+    assert b"second line" in logs, "the last chunk is written before the terminal state"
     assert agent.wait(timeout=30) == 0
     assert seen_first_while_running, "the first line only arrived after the job ended"
     assert state.phase is JobPhase.SUCCEEDED and state.exit_code == 0
@@ -70,8 +74,9 @@ def test_heartbeat_refreshes_the_state(file_store: str, workdir: Path) -> None:
     jobs = make_job(file_store, **python_job("import time; time.sleep(2)"))
     agent = start(jobs, workdir)
     first = wait_for(jobs, {JobPhase.RUNNING}, timeout=30)
-    time.sleep(1.2)
-    second = jobs.read_state()
+    # the job sleeps 2s and prints nothing: only a heartbeat (every 0.5s) refreshes a running state
+    second = wait_until(lambda: (s := jobs.read_state()).updated_at > first.updated_at and s, timeout=30,
+                        what="the state to be refreshed")
     assert second.phase is JobPhase.RUNNING and second.updated_at > first.updated_at
     assert second.pid == first.pid and process_start_time(first.pid) is not None
     assert agent.wait(timeout=30) == 0
@@ -105,8 +110,7 @@ def test_cancel_request_stops_the_job_with_sigterm(store_url: str, workdir: Path
     jobs = make_job(store_url, **python_job(code))
     agent = start(jobs, workdir)
     running = wait_for(jobs, {JobPhase.RUNNING}, timeout=30)
-    while b"training" not in jobs.read_logs():
-        time.sleep(0.05)
+    wait_until(lambda: b"training" in jobs.read_logs(), timeout=30, what="the job's first output")
     jobs.request_cancel("the user pressed Ctrl-C")
     assert agent.wait(timeout=30) == 0
     state = jobs.read_state()
@@ -121,8 +125,7 @@ def test_sigterm_to_the_agent_stops_the_job_and_kills_it_after_the_grace(file_st
     jobs = make_job(file_store, stop_grace_s=0.5, **python_job(code))
     agent = start(jobs, workdir)
     running = wait_for(jobs, {JobPhase.RUNNING}, timeout=30)
-    while b"stubborn" not in jobs.read_logs():
-        time.sleep(0.05)
+    wait_until(lambda: b"stubborn" in jobs.read_logs(), timeout=30, what="the job's first output")
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(timeout=30) == 128 + signal.SIGKILL
     state = jobs.read_state()
@@ -194,7 +197,7 @@ def test_store_outage_during_the_run_does_not_stop_the_job(s3, workdir: Path) ->
     wait_for(jobs, {JobPhase.RUNNING}, timeout=30)
     s3.server.stop()
     try:
-        time.sleep(2)
+        time.sleep(2)  # the outage itself: the job goes on printing meanwhile
     finally:
         s3.server.start()
     assert agent.wait(timeout=60) == 0

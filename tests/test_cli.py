@@ -92,8 +92,16 @@ def test_errors_are_one_line_with_what_to_do(tmp_path, s3):
 def test_secrets_never_reach_output(tmp_path, s3):
     secret = "sEcReT-do-not-print-123"
     env = {**s3.env(), "AWS_SECRET_ACCESS_KEY": secret}
-    for args in (("ckpt", "ls", s3.url(), "--output", "json"), ("ckpt", "ls", "s3://no-such-bucket/x"), ("-v", "ckpt", "ls", s3.url())):
+    # each command must really run (read the store, fail on it, log verbosely) for its silence to mean anything
+    ckpt = str(_lightning_like_ckpt(tmp_path / "a.ckpt", 1))
+    cases = [
+        (("ckpt", "ls", s3.url(), "--output", "json"), 0),
+        (("ckpt", "upload", ckpt, "s3://no-such-bucket/x"), 1),
+        (("-v", "ckpt", "ls", s3.url()), 0),
+    ]
+    for args, returncode in cases:
         out = trainctl(*args, env=env)
+        assert out.returncode == returncode, (args, out.stdout, out.stderr)
         assert secret not in out.stdout + out.stderr
 
 

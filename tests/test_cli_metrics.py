@@ -13,13 +13,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from lightning.pytorch import Trainer
 from rich.console import Console
 
+from tests.helpers import wait_until
 from tests.helpers.cli import TRAINCTL, trainctl
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import ConfigError, RunStore
@@ -290,50 +291,61 @@ def test_monitor_follower_fetches_only_new_segments(trained, file_url, monkeypat
     assert repr(records) == repr(read.read_metrics(file_url)), "same records (NaN for null), in name order, as read_metrics"
 
 
-def _monitor_process(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*TRAINCTL, "monitor", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job may inherit SIG_IGN
-    )
+def _monitor_process(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """`trainctl monitor` as on a terminal, writing to ``monitor.out``/``monitor.err`` in ``tmp_path``,
+    which a test reads while it runs. TTY_COMPATIBLE makes rich draw every frame of the live view
+    (to a plain file it draws only the last one), so a test can see what the monitor has seen."""
+    with open(tmp_path / "monitor.out", "w") as out, open(tmp_path / "monitor.err", "w") as err:
+        return subprocess.Popen(
+            [*TRAINCTL, "monitor", *args],
+            stdout=out,
+            stderr=err,
+            text=True,
+            env={**os.environ, "COLUMNS": "200", "TTY_COMPATIBLE": "1", "TERM": "xterm", "NO_COLOR": "1"},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job may inherit SIG_IGN
+        )
 
 
-def test_monitor_waits_for_the_first_status_and_follows_the_run_to_its_end(file_url):
-    proc = _monitor_process(file_url, "--interval", "0.2")
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_monitor_waits_for_the_first_status_and_follows_the_run_to_its_end(file_url, tmp_path):
+    out, err = tmp_path / "monitor.out", tmp_path / "monitor.err"
+    proc = _monitor_process(tmp_path, file_url, "--interval", "0.2")
     try:
-        time.sleep(1.0)
+        wait_until(lambda: f"waiting for {file_url} to report…" in err.read_text(), timeout=30, what="the monitor to wait")
         assert proc.poll() is None, "still waiting"
         write_status(file_url, Phase.TRAINING, global_step=10)
-        time.sleep(0.8)
+        wait_until(lambda: "training" in (text := out.read_text()) and "10/100" in text, timeout=30,
+                   what="a frame of the live run")
         assert proc.poll() is None, "watching a live run"
         write_status(file_url, Phase.FINISHED, global_step=100, eta_s=None)
-        stdout, stderr = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+    stdout, stderr = out.read_text(), err.read_text()
     assert proc.returncode == 0, (stdout, stderr)
-    assert f"waiting for {file_url} to report…" in stderr
     assert "finished" in stdout and "100/100" in stdout
 
 
-def test_monitor_ctrl_c_exits_130_quietly(file_url):
+def test_monitor_ctrl_c_exits_130_quietly(file_url, tmp_path):
     write_status(file_url, Phase.TRAINING)
-    proc = _monitor_process(file_url, "--interval", "0.2")
+    out, err = tmp_path / "monitor.out", tmp_path / "monitor.err"
+    proc = _monitor_process(tmp_path, file_url, "--interval", "0.2")
     try:
-        time.sleep(1.5)
+        # Ctrl-C once it shows the run (not while Python is still starting up)
+        wait_until(lambda: "training" in out.read_text(), timeout=30, what="a frame of the live run")
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+    stdout, stderr = out.read_text(), err.read_text()
     assert proc.returncode == 130, (stdout, stderr)
-    assert "Traceback" not in stderr and "Aborted" not in stderr
+    assert "stopped" in stderr and "Traceback" not in stderr and "Aborted" not in stderr, stderr
 
 
 # ------------------------------------------------------------------ errors

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from tests.helpers import wait_until
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import (
     CheckpointSync,
@@ -83,11 +84,11 @@ def test_status_is_refreshed_while_training_with_rate_eta_and_checkpoint(file_ur
 
     class Probe(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            time.sleep(0.02)
             if trainer.global_step % 20 == 0:
-                status = read_status(file_url)
-                if status is not None:
-                    seen.append(status)
+                # training holds still here: the writer thread must report this very step
+                step = trainer.global_step
+                seen.append(wait_until(lambda: (s := read_status(file_url)) is not None and s.global_step == step and s,
+                                       timeout=10, what=f"a status at step {step}"))
 
     trainer = pl.Trainer(
         **_kwargs(max_steps=120, limit_val_batches=0),
@@ -131,8 +132,9 @@ def test_flush_every_n_records_writes_segments_during_training(memory_url):
     class Count(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 45:
-                time.sleep(0.3)  # give the writer thread a moment
-                counts.append(len(RunStore(memory_url).read_metrics_segments()))
+                # 45 records so far, and no flush is due for an hour: only flush_every writes segments
+                counts.append(wait_until(lambda: (n := len(RunStore(memory_url).read_metrics_segments())) >= 3 and n,
+                                         timeout=10, what="segments of 10 records"))
 
     trainer = pl.Trainer(
         **_kwargs(max_steps=50, limit_val_batches=0),
@@ -166,9 +168,8 @@ def test_a_killed_run_shows_stale(s3, tmp_path):
         for line in proc.stdout:
             if "TRAINING" in line:
                 break
-        deadline = time.monotonic() + 30
-        while (read_status(url) is None or read_status(url).phase is not Phase.TRAINING) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: (s := read_status(url)) is not None and s.phase is Phase.TRAINING, timeout=30,
+                   what="a training status")
         proc.kill()
         proc.wait(timeout=30)
     finally:
@@ -192,9 +193,10 @@ def test_write_failures_never_stop_training(s3, caplog):
 
     class DropBucket(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            time.sleep(0.01)
             if trainer.global_step == 5:
                 s3.server.delete_bucket(s3.bucket)
+            elif trainer.global_step == 6:  # writes fail while the run trains, not only at its end
+                wait_until(lambda: reporter.write_errors > 0, timeout=10, what="a failed write")
 
     trainer = pl.Trainer(**_kwargs(max_steps=30, limit_val_batches=0), logger=[reporter], callbacks=[DropBucket()])
     with caplog.at_level(logging.ERROR):

@@ -15,11 +15,13 @@ import re
 import stat
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import fsspec
 import pytest
 
+from tests.helpers import wait_until
 from tests.helpers.provider_contract import ProviderContract
 from trainctl_lightning.errors import (
     ConfigError,
@@ -305,10 +307,14 @@ def test_only_tagged_instances_are_listed_or_touched(provider, ec2, ami):
 
 def test_list_is_newest_first_and_hides_terminated(provider, ec2):
     first = provider.create(InstanceSpec(name="first"))
+    # moto keeps launch times to the second: launch the second instance in a later second, so
+    # newest first is a real order, and not the order EC2 returns them in (oldest first)
+    first_launched = datetime.fromisoformat(provider.describe(first.id).created_at)
+    wait_until(lambda: datetime.now(timezone.utc).replace(microsecond=0) > first_launched, timeout=5, what="the next second")
     second = provider.create(InstanceSpec(name="second"))
-    listed = [i.id for i in provider.list()]
-    assert set(listed) == {first.id, second.id}
-    assert listed == sorted(listed, key=lambda i: provider.describe(i).created_at or "", reverse=True)
+    assert provider.describe(second.id).created_at > provider.describe(first.id).created_at
+    assert [i["InstanceId"] for i in raw_instances(ec2)] == [first.id, second.id]  # so an unsorted list() fails
+    assert [i.id for i in provider.list()] == [second.id, first.id]
     provider.terminate(first.id)
     assert [i.id for i in provider.list()] == [second.id]
     assert provider.describe(first.id).state is InstanceState.TERMINATED

@@ -65,14 +65,26 @@ def test_publish_then_list_latest_download_verify(store_url, tmp_path):
     store.verify_checkpoint(first)
 
 
-def test_manifest_is_written_last_and_describes_every_file(store_url, tmp_path):
+def test_manifest_is_written_last_and_describes_every_file(store_url, tmp_path, monkeypatch):
     store = RunStore(store_url)
+    reader = RunStore(store_url)
+    # What another reader sees the moment each data object has landed: no checkpoint yet.
+    seen_after_data_upload: list[tuple[str, list[str]]] = []
+    real_upload = store.objects.upload
+
+    def recording_upload(local, rel, **kwargs):
+        result = real_upload(local, rel, **kwargs)
+        seen_after_data_upload.append((rel.rsplit("/", 1)[-1], [c.id for c in reader.list_checkpoints()]))
+        return result
+
+    monkeypatch.setattr(store.objects, "upload", recording_upload)
     m = store.publish_checkpoint([_ckpt_file(tmp_path, "a.ckpt")], epoch=2, global_step=7)
+    assert seen_after_data_upload == [("a.ckpt", [])]  # data first: uploaded while no manifest existed
+    assert [c.id for c in reader.list_checkpoints()] == [m.id]  # manifest last: visible once publish returns
     raw = json.loads(store.objects.fs.cat_file(store.objects.path("checkpoints", m.id, MANIFEST_NAME)))
     assert raw["format"] == "trainctl.checkpoint/1"
     assert raw["name"] == "a.ckpt" and raw["epoch"] == 2 and raw["global_step"] == 7
     assert raw["files"] == [{"path": "a.ckpt", "size": 3 * 2**20, "sha256": m.files[0].sha256}]
-    # manifest mtime is not before the data object's (data first, manifest last)
     assert m.id.startswith("0000000007-a-")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_until
 from tests.helpers.agent import make_job, run
 from tests.helpers.provider_contract import python_job, submit, wait_for
 from trainctl_lightning.agent.watchdog import LauncherWatchdog
@@ -71,10 +72,10 @@ def test_watchdog_does_not_count_an_unreadable_heartbeat(file_store: str, monkey
 def test_launcher_heartbeat_refreshes_until_the_block_ends(file_store: str) -> None:
     jobs = JobStore(f"{file_store}/run")
     with LauncherHeartbeat(jobs, interval_s=0.05) as beat:
-        time.sleep(0.4)
+        wait_until(lambda: beat.beats >= 3, timeout=10, what="three heartbeats")
     first = read_launcher_heartbeat(jobs)
     assert beat.beats >= 3 and b"heartbeat_at" in first
-    time.sleep(0.2)
+    time.sleep(0.2)  # four intervals with no launcher: nothing to wait for, time must pass
     assert read_launcher_heartbeat(jobs) == first, "no beat after the block"
 
 
@@ -93,10 +94,8 @@ def test_a_job_whose_launcher_is_gone_is_cancelled_and_its_instance_released(fil
         assert state.phase is JobPhase.CANCELLED
         assert state.error.startswith("the launcher is gone: its heartbeat has not changed for"), state.error
         assert took < 2.0 + 6, f"cancelled {took:.1f}s after the last heartbeat"
-        deadline = time.monotonic() + 10
-        while provider.describe(instance.id).state is not InstanceState.TERMINATED:
-            assert time.monotonic() < deadline, "the agent did not release its instance"
-            time.sleep(0.1)
+        wait_until(lambda: provider.describe(instance.id).state is InstanceState.TERMINATED, timeout=10,
+                   what="the agent to release its instance")
         assert provider.describe(instance.id).details["terminated_by"] == "agent"
         assert "cancelling the job" in jobs.read_logs().decode()
     finally:

@@ -33,19 +33,46 @@ def make_job(store_url: str, workdir: Path | None = None, files: dict[str, str] 
     return jobs
 
 
+#: Agents ``start`` launched and no one has stopped yet (see ``stop_started_agents``).
+_started: list[subprocess.Popen] = []
+
+
 def start(jobs: JobStore, workdir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [*AGENT, "--run-url", jobs.url, "--workdir", str(workdir)],
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    _started.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """Stop an agent if it still runs: SIGTERM makes it stop its job first; SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.communicate()  # reap it and close its pipes
+
+
+def stop_started_agents() -> None:
+    """Stop every agent started by ``start`` that a test left running (it failed before its end)."""
+    while _started:
+        stop(_started.pop())
 
 
 def run(jobs: JobStore, workdir: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     proc = start(jobs, workdir, env)
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
