@@ -23,6 +23,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from packaging.specifiers import SpecifierSet
+from torch.utils.data import DataLoader
 
 import trainctl_lightning
 from tests.helpers.leftovers import assert_nothing_running
@@ -32,6 +33,7 @@ from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.metrics.read import read_metrics
 from trainctl_lightning.providers import get_provider
 from trainctl_lightning.remote import _lightning
+from trainctl_lightning.remote.payload import RESULT_NAME, loads_result
 from trainctl_lightning.remote.session import RemoteTraceback
 from trainctl_lightning.store import run_urls_in
 
@@ -489,3 +491,38 @@ def test_lightning_internals_we_rely_on(models) -> None:
     _lightning.set_progress(trainer, global_step=12, current_epoch=3)
     assert (trainer.global_step, trainer.current_epoch) == (12, 3)
     assert inspect.signature(_lightning.captured_trainer_kwargs).parameters == {}
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_predict_returns_the_predictions_computed_remotely(models, store) -> None:
+    model = models.Regressor()
+    with torch.no_grad():  # weights no fresh Regressor has: the remote run must use the ones sent
+        for p in model.parameters():
+            p.add_(0.25)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = torch.randn(20, 8, generator=torch.Generator().manual_seed(3))
+    strategy = RemoteStrategy(store=store, stream=False)
+    trainer = pl.Trainer(strategy=strategy, **TRAINER_KWARGS)
+
+    predictions = trainer.predict(model, dataloaders=DataLoader(inputs, batch_size=8))
+
+    run = strategy.remote_run
+    assert run is not None and run.phase == "succeeded" and run.run_url.startswith(store)
+    assert JobStore(run.run_url).read_state().phase.value == "succeeded"
+    # what the instance's worker wrote as its result is what trainer.predict returned here
+    remote = loads_result(RunStore(run.run_url).read_object(RESULT_NAME))
+    assert remote.ok and remote.state["fn"] == "predict"
+    assert isinstance(predictions, list) and [p.shape for p in predictions] == [(8, 1), (8, 1), (4, 1)]
+    assert len(remote.value) == len(predictions)
+    for here, there in zip(predictions, remote.value):
+        assert torch.equal(here, there)
+    # ...and they are the sent model's outputs for these inputs
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(predictions), model(inputs))
+    assert trainer.state.fn is TrainerFn.PREDICTING and trainer.state.status is TrainerStatus.FINISHED
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, sent[key]), "predict does not change the weights"
+    assert strategy.instance_id is None
+    assert_nothing_running()
