@@ -591,9 +591,7 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
         print(plan.describe())
         run = execute_plan(plan)
     """
-    root = request.project_root()
-    if not root.is_dir():
-        raise ConfigError(f"project directory {str(root)!r} does not exist or is not a directory")
+    root = request.project_root()  # a directory: checked by the request
     if settings is None:
         settings = resolve_settings(root)
     stored_env, forward_names = _split_env(request.env)
