@@ -51,7 +51,6 @@ from trainctl_lightning.errors import (
     InstanceNotFoundError,
     JobError,
     RunFailedError,
-    RunNotFoundError,
     TrainctlError,
 )
 from trainctl_lightning.jobs.heartbeat import DEFAULT_LAUNCHER_GRACE_S, LauncherHeartbeat

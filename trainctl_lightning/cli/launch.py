@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +12,6 @@ from rich.table import Table
 from trainctl_lightning import launch as api
 from trainctl_lightning.cli.common import OutputOption, handle_errors
 from trainctl_lightning.cli.output import Format, emit_json, human_size, stderr, stdout
-from trainctl_lightning.errors import TrainctlError
 from trainctl_lightning.jobs.spec import JobPhase, JobState
 
 EXIT_CTRL_C = 130
