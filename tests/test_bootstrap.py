@@ -19,10 +19,11 @@ from pathlib import Path
 
 from trainctl_lightning.jobs.dist import DIST_DIR, ship_trainctl
 from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState
-from trainctl_lightning.jobs.store import JobStore, run_url_in
-from trainctl_lightning.manifest import utc_now
+from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers import aws_bootstrap
 from trainctl_lightning.providers.aws_bootstrap import render_user_data
+from trainctl_lightning.store.layout import run_url_in
+from trainctl_lightning.timeutil import utc_now
 
 #: Which environment runs, and where its trainctl_lightning comes from (one line: ``WHERE [prefix, file]``).
 WHERE = "import json, sys, trainctl_lightning; print('WHERE', json.dumps([sys.prefix, trainctl_lightning.__file__]))"

@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers.leftovers import assert_nothing_running
 from trainctl_lightning import launch as api
+from trainctl_lightning.errors import ConfigError, IntegrityError
 from trainctl_lightning.jobs.spec import JobPhase
 from trainctl_lightning.providers import get_provider
 
@@ -185,6 +186,48 @@ def test_python_api_create_train_monitor_terminate(project: Path, tmp_path: Path
     assert api.terminate(inst.id).state.value == "terminated"  # idempotent
     assert api.list_resources() == []
     assert_nothing_running()
+
+
+def test_plan_then_execute(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python API in two steps: the plan says what would happen and creates nothing; executing it runs exactly that."""
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MY_TOKEN", "s3cr3t")
+    store = tmp_path / "store"
+    settings = api.resolve_settings(project, store=f"file://{store}", tags={"team": "vision"})
+    plan = api.plan_launch(api.LaunchRequest("train.py", env={"STEPS": "2", "MY_TOKEN": None}, detach=True), settings)
+    assert plan.settings is settings and plan.creates_instance and plan.instance.spec.tags["team"] == "vision"
+    assert plan.job.env == {"STEPS": "2"} and plan.forward_env == ["MY_TOKEN"] and "s3cr3t" not in repr(plan)
+    assert plan.command == ["python", "-u", "train.py"] and plan.code_files == 3
+    assert get_provider("local").list(include_terminated=True) == [] and not store.exists()
+
+    run = api.execute_plan(plan)
+    assert (run.run_id, run.run_url, run.created_instance) == (plan.run_id, plan.run_url, True)
+    assert run.wait(timeout=120).phase is JobPhase.SUCCEEDED
+    assert "done training at step 2" in run.logs()
+    assert_nothing_running()
+
+
+def test_a_launch_that_fails_after_creating_its_instance_terminates_it(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    plan = api.plan_launch(api.LaunchRequest("train.py", detach=True), api.resolve_settings(project, store=f"file://{tmp_path}/store"))
+    (project / "train.py").write_text("print('edited after planning')\n")  # the scanned file changed
+    with pytest.raises(IntegrityError, match="changed after it was scanned"):
+        api.execute_plan(plan)
+    assert [i.state.value for i in get_provider("local").list(include_terminated=True)] == ["terminated"]
+    assert_nothing_running()
+
+
+def test_launch_options_are_request_fields_or_settings(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(project)
+    plan = api.launch("train.py", dry_run=True, args=["--x", 1], max_hours=2, setup=["echo hi"], env=["A=1"])
+    assert isinstance(plan, api.LaunchPlan)
+    assert plan.job.args == ["--x", "1"] and plan.job.env == {"A": "1"} and plan.job.setup == ["echo hi"]
+    assert plan.settings.max_hours == 2 and plan.job.max_runtime_s == 7200
+    with pytest.raises(ConfigError, match="unknown launch option 'instance_typo'; did you mean 'instance_type'"):
+        api.launch("train.py", instance_typo="x")
+    with pytest.raises(ConfigError, match="a script to run .* or a module"):
+        api.LaunchRequest("train.py", module="pkg.train")
+    assert get_provider("local").list(include_terminated=True) == []
 
 
 def test_ctrl_c_without_a_terminal_cancels_and_cleans_up(project: Path, tmp_path: Path) -> None:

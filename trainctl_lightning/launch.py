@@ -1,17 +1,20 @@
 """Launching jobs: the Python API that ``trainctl launch/create/ls/status/logs/stop/terminate`` call.
 
-A launch, in order, and nothing is created until every check has passed:
+A launch is a plan, then its execution; nothing is created until every check has passed:
 
-1. resolve settings (``trainctl.toml`` / ``[tool.trainctl]``, profile, arguments);
-2. check the script, the environment to forward, the store (writable, reachable by the
-   provider's instances) and the project (ignore rules, size limits);
-3. create an instance (or reuse ``instance``), upload the code (content-addressed: unchanged
-   files are not uploaded again), write ``job.json`` and start the agent;
-4. optionally follow the logs until the job ends.
+1. :func:`plan_launch` takes a :class:`LaunchRequest` (what to run) and the :class:`Settings` in
+   effect (``trainctl.toml`` / ``[tool.trainctl]``, profile, overrides: :func:`resolve_settings`),
+   checks the script, the environment to forward, the store (reachable by the provider's
+   instances) and the project (ignore rules, size limits), and returns a :class:`LaunchPlan`:
+   the job spec, the provider's dry run of the instance (or the instance to reuse), the scanned
+   code. Nothing is created or uploaded; ``trainctl launch --dry-run`` prints this plan.
+2. :func:`execute_plan` creates the instance (or reuses the planned one), uploads the code
+   (content-addressed: unchanged files are not uploaded again), writes ``job.json``, starts the
+   agent and returns a :class:`Run`, optionally after following its logs until the job ends.
 
-Any failure in step 3 terminates what this launch created. An instance that a launch created is
+Any failure in step 2 terminates what this launch created. An instance that a launch created is
 terminated when its job ends (by the agent itself, so ``detach=True`` is safe too) unless
-``keep_alive=True``.
+``keep_alive=True``. :func:`launch` does both steps from keyword arguments.
 
 Example::
 
@@ -24,19 +27,25 @@ Example::
     run = launch.train(inst, "train.py", detach=True)
     for chunk in run.follow():
         print(chunk.decode(), end="")
+
+    plan = launch.plan_launch(launch.LaunchRequest("train.py", detach=True), launch.resolve_settings(profile="gpu"))
+    print(plan.describe())                                           # what would be created and run
+    run = launch.execute_plan(plan)
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
+from trainctl_lightning.config import Settings, load_config
 from trainctl_lightning.errors import (
     ConfigError,
     InstanceNotFoundError,
@@ -70,7 +79,7 @@ from trainctl_lightning.store.layout import TAG_RUN_ID, run_url_in, store_url_of
 from trainctl_lightning.timeutil import utc_now
 
 if TYPE_CHECKING:
-    from trainctl_lightning.jobs.codesync import UploadStats
+    from trainctl_lightning.jobs.codesync import CodeBundle, UploadStats
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +87,15 @@ OutputSink = Callable[[bytes], None]
 
 
 # ----------------------------------------------------------------------------- settings
-def _settings(project_dir: str | Path | None, profile: str | None, overrides: dict[str, Any]) -> Any:
-    from trainctl_lightning.config import load_config
+def resolve_settings(project_dir: str | Path | None = None, profile: str | None = None, **overrides: Any) -> Settings:
+    """The settings in effect for a project: its config file, the profile, then ``overrides``.
 
+    ``overrides`` are :class:`~trainctl_lightning.config.Settings` fields; ``None`` values (a flag
+    not given) are skipped, tables (``env``, ``tags``, ``options``) merge key by key.
+
+    Raises:
+        ConfigError: a bad config file, profile or override.
+    """
     return load_config(project_dir, profile=profile, overrides=overrides).settings
 
 
@@ -92,7 +107,7 @@ def provider_for(name: str | None = None, instance_id: str | None = None, region
         elif instance_id.startswith("i-"):
             name = "aws"
     if name is None:
-        name = _settings(None, None, {}).provider
+        name = resolve_settings().provider
     options: dict[str, Any] = {}
     if name == "aws" and region:
         options["region"] = region
@@ -106,25 +121,137 @@ def resolve_run_url(ref: str, store: str | None = None, profile: str | None = No
     if "://" in ref or "/" in ref or ref.startswith(("~", ".")) or os.path.exists(ref):
         return ref  # a URL or a local path, used as it is
     validate_run_id(ref)
-    store_url = store or _settings(None, profile, {}).store_url()
+    store_url = store_url_for(store, profile)
     return run_url_in(store_url, ref)
 
 
 def store_url_for(store: str | None = None, profile: str | None = None) -> str:
-    return store or _settings(None, profile, {}).store_url()
+    """``store``, else the configured store URL (with ``profile``)."""
+    return store or resolve_settings(profile=profile).store_url()
 
 
 # ----------------------------------------------------------------------------- records
-@dataclass
-class LaunchPlan:
-    """A dry run of a launch: what would be created and run, with nothing created or uploaded."""
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What one launch runs, and how; where it runs (provider, store, instance) is :class:`Settings`.
 
-    run_id: str
-    run_url: str
-    command: list[str]
+    Checked on construction; a bad value raises :class:`ConfigError` naming it. The script's
+    existence and the project's contents are checked by :func:`plan_launch`.
+
+    Example::
+
+        request = LaunchRequest("train.py", args=["--epochs", "3"], env=["WANDB_API_KEY"], detach=True)
+    """
+
+    script: str | None = None
+    """Path of the script (relative to the current directory, or absolute); inside ``project_dir``
+    when code is synced."""
+    module: str | None = None
+    """Run ``python -m module`` instead of a script (exactly one of the two)."""
+    args: Sequence[str] = ()
+    """The script's arguments."""
+    run_id: str | None = None
+    """The run's id (default: ``<script>-<time>-<hex>``); the run lives at ``<store>/<run_id>``."""
+    project_dir: str | os.PathLike[str] | None = None
+    """The directory synced to the instance (default: the current directory)."""
+    sync_code: bool = True
+    """Upload the project; False: the script or module must already be on the instance."""
+    include: Sequence[str] = ()
+    """Paths to sync even though the ignore rules leave them out."""
+    env: dict[str, str | None] | Sequence[str] | None = None
+    """Variables for the job, ``{"NAME": "value"}`` or ``["NAME=value", "NAME"]``, added to
+    ``Settings.env``; a name without a value is forwarded from this environment and never stored."""
+    forward_env: Sequence[str] = ()
+    """More names to forward from this environment, added to ``Settings.forward_env``."""
+    python: str | None = None
+    """Interpreter for the job on the instance (local provider default: this one)."""
+    instance: str | None = None
+    """Reuse this instance instead of creating one (it is kept afterwards)."""
+    keep_alive: bool = False
+    """Keep an instance this launch created after the job ends."""
+    detach: bool = False
+    """:func:`execute_plan` returns once the job has started, instead of following it to the end.
+    An attached launch refreshes a heartbeat in the store while it follows the job; when that
+    stops for 10 minutes (the launcher was killed, lost its network), the agent cancels the job
+    and ends an instance this launch created."""
+    follow: bool | None = None
+    """The caller follows the job itself with :meth:`Run.wait` after a ``detach=True`` return (the
+    CLI and RemoteStrategy do): the launcher heartbeat and its watchdog are set up as for an
+    attached launch. None: ``not detach``."""
+
+    def __post_init__(self) -> None:
+        if (self.script is None) == (self.module is None):
+            raise ConfigError("give a script to run (trainctl launch train.py) or a module (module=...), not both")
+        if self.run_id is not None:
+            validate_run_id(self.run_id)
+        if self.project_dir is not None and not self.project_root().is_dir():
+            raise ConfigError(f"project directory {str(self.project_root())!r} does not exist or is not a directory")
+        _split_env(self.env)  # names checked now, split again when planning
+        # normalized copies, so a caller's list changed later does not change the request
+        object.__setattr__(self, "args", tuple(str(a) for a in self.args))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "forward_env", tuple(self.forward_env))
+
+    @property
+    def attached(self) -> bool:
+        """The launcher follows the job (heartbeat and watchdog on)."""
+        return (not self.detach) if self.follow is None else self.follow
+
+    def project_root(self) -> Path:
+        """``project_dir`` as an absolute path (the current directory when not given)."""
+        return Path(self.project_dir).expanduser().resolve() if self.project_dir is not None else Path.cwd()
+
+    def stem(self) -> str:
+        """The first part of a generated run id: the script's or module's name."""
+        return Path(self.script).stem if self.script else str(self.module).rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """A launch checked and resolved, with nothing created or uploaded: what :func:`execute_plan`
+    carries out, and what ``trainctl launch --dry-run`` prints (:meth:`describe`, :meth:`to_dict`)."""
+
+    request: LaunchRequest
+    settings: Settings
+    """The settings in effect: config file, profile, then overrides."""
+    provider: Provider = field(repr=False, compare=False)
+    store_url: str
+    job: JobSpec
+    """The job as it will be written; executing fills in its code reference, instance and spot flag."""
     instance: CreatePlan | Instance
-    code_files: int = 0
-    code_bytes: int = 0
+    """What the provider would create, or the running instance to reuse."""
+    code: CodeBundle | None = None
+    """The scanned project, within its size limits (None without code sync); uploaded on execution."""
+
+    @property
+    def run_id(self) -> str:
+        return self.job.run_id
+
+    @property
+    def run_url(self) -> str:
+        return self.job.run_url
+
+    @property
+    def command(self) -> list[str]:
+        """The job's command line (with ``python`` for the instance's interpreter)."""
+        return self.job.command("python")
+
+    @property
+    def forward_env(self) -> list[str]:
+        """Names of the variables passed from this environment to the job (values are read when executing)."""
+        return list(self.job.forward_env)
+
+    @property
+    def creates_instance(self) -> bool:
+        return isinstance(self.instance, CreatePlan)
+
+    @property
+    def code_files(self) -> int:
+        return len(self.code.files) if self.code else 0
+
+    @property
+    def code_bytes(self) -> int:
+        return self.code.total_bytes if self.code else 0
 
     def describe(self) -> str:
         what = self.instance.describe() if isinstance(self.instance, CreatePlan) else f"reuse instance {self.instance.id}"
@@ -138,7 +265,6 @@ class LaunchPlan:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        inst = self.instance.to_dict()
         return {
             "dry_run": True,
             "run_id": self.run_id,
@@ -146,7 +272,7 @@ class LaunchPlan:
             "command": self.command,
             "code_files": self.code_files,
             "code_bytes": self.code_bytes,
-            "instance": inst,
+            "instance": self.instance.to_dict(),
         }
 
 
@@ -321,10 +447,16 @@ def create_instance(
     dry_run: bool = False,
 ) -> Instance | CreatePlan:
     """Create an instance to run jobs on (``dry_run``: say what would be created, create nothing)."""
-    settings = _settings(
+    settings = resolve_settings(
         None,
         profile,
-        dict(provider=provider, instance_type=instance_type, spot=spot, region=region, image=image, disk_gb=disk_gb, max_hours=max_hours),
+        provider=provider,
+        instance_type=instance_type,
+        spot=spot,
+        region=region,
+        image=image,
+        disk_gb=disk_gb,
+        max_hours=max_hours,
     )
     prov = provider_for(settings.provider, region=settings.region)
     spec = _instance_spec(settings, tags=tags, name=name)
@@ -336,7 +468,7 @@ def create_instance(
 
 def list_resources(provider: str | None = None, include_terminated: bool = False, profile: str | None = None) -> list[Instance]:
     """Instances trainctl created with this provider (default: the configured one), newest first."""
-    settings = _settings(None, profile, dict(provider=provider))
+    settings = resolve_settings(profile=profile, provider=provider)
     return provider_for(settings.provider, region=settings.region).list(include_terminated=include_terminated)
 
 
@@ -365,15 +497,18 @@ def train(
     *,
     sync_code: bool = True,
     detach: bool = False,
+    profile: str | None = None,
     on_output: OutputSink | None = None,
+    on_event: Callable[[str], None] | None = None,
     **options: Any,
 ) -> Run:
     """Run ``script`` on ``instance`` (an Instance, an id, or None to create one), as the original
-    trainctl sketch had it. Waits and streams output unless ``detach``; see :func:`launch`."""
+    trainctl sketch had it. Waits and streams output unless ``detach``; ``options`` as for :func:`launch`."""
     inst_id = instance.id if isinstance(instance, Instance) else instance
     if isinstance(instance, Instance):
         options.setdefault("provider", instance.provider)
-    return launch(script, args=args, instance=inst_id, sync_code=sync_code, detach=detach, on_output=on_output, **options)
+    plan = _plan_from_options(script, profile, dict(options, args=args, instance=inst_id, sync_code=sync_code, detach=detach))
+    return execute_plan(plan, on_output=on_output, on_event=on_event)
 
 
 def _stdout_sink(chunk: bytes) -> None:
@@ -382,7 +517,7 @@ def _stdout_sink(chunk: bytes) -> None:
 
 
 def _instance_spec(
-    settings: Any,
+    settings: Settings,
     tags: dict[str, str] | None = None,
     name: str | None = None,
     run_url: str | None = None,
@@ -431,107 +566,69 @@ def _split_env(env: dict[str, str | None] | Sequence[str] | None) -> tuple[dict[
     return stored, forward
 
 
-def launch(
-    script: str | None = None,
-    *,
-    module: str | None = None,
-    args: Sequence[str] = (),
-    run_id: str | None = None,
-    project_dir: str | Path | None = None,
-    sync_code: bool = True,
-    include: Sequence[str] = (),
-    detach: bool = False,
-    on_output: OutputSink | None = None,
-    instance: str | None = None,
-    keep_alive: bool = False,
-    provider: str | None = None,
-    store: str | None = None,
-    instance_type: str | None = None,
-    spot: bool | None = None,
-    region: str | None = None,
-    image: str | None = None,
-    disk_gb: int | None = None,
-    max_hours: float | None = None,
-    env: dict[str, str | None] | Sequence[str] | None = None,
-    forward_env: Sequence[str] | None = None,
-    setup: Sequence[str] | None = None,
-    env_mode: str | None = None,
-    python: str | None = None,
-    code_max_mb: float | None = None,
-    tags: dict[str, str] | None = None,
-    profile: str | None = None,
-    dry_run: bool = False,
-    on_event: Callable[[str], None] | None = None,
-    follow: bool | None = None,
-) -> Run | LaunchPlan:
-    """Run ``script`` (or ``-m module``) through the agent on an instance; see the module docs.
+#: :func:`launch` keyword arguments that are :class:`LaunchRequest` fields.
+REQUEST_OPTIONS: frozenset[str] = frozenset(f.name for f in fields(LaunchRequest))
+#: :func:`launch` keyword arguments that override :class:`Settings` fields (``env`` and
+#: ``forward_env`` are the request's: they add to the settings' instead of replacing them).
+SETTINGS_OPTIONS: frozenset[str] = frozenset(f.name for f in fields(Settings)) - REQUEST_OPTIONS
 
-    Args:
-        script: path of the script, inside ``project_dir`` when code is synced.
-        module: run ``python -m module`` instead of a script.
-        args: the script's arguments.
-        run_id: the run's id (default: ``<script>-<time>-<hex>``); the run lives at ``<store>/<run_id>``.
-        project_dir: the directory synced to the instance (default: the current directory).
-        detach: return once the job has started, instead of following it to the end. An
-            attached launch refreshes a heartbeat in the store while it follows the job; when
-            that stops for 10 minutes (the launcher was killed, lost its network), the agent
-            cancels the job and ends an instance this launch created.
-        on_output: receives the job's output as it arrives (attached launches; default: stdout).
-        follow: the caller will follow the job itself with ``Run.wait`` after a ``detach=True``
-            return (the CLI and RemoteStrategy do): the launcher heartbeat and its watchdog are
-            set up as for an attached launch. Default: ``not detach``.
-        instance: reuse this instance instead of creating one (it is kept afterwards).
-        keep_alive: keep an instance this launch created after the job ends.
-        env: variables for the job, ``{"NAME": "value"}`` or ``["NAME=value", "NAME"]``; a name
-            without a value is forwarded from this environment and never stored.
-        env_mode: ``auto`` (reuse this Python when it has what the project needs), ``reuse`` or ``isolated``.
-        python: interpreter for the job on the instance (local provider default: this one).
-        dry_run: return a :class:`LaunchPlan` saying what would happen; create and upload nothing.
-        on_event: receives one-line progress messages ("created instance ...").
-        Other settings default to ``trainctl.toml`` / ``[tool.trainctl]`` and its profile.
+
+def split_launch_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`launch` keyword arguments -> (:class:`LaunchRequest` fields, :class:`Settings` overrides).
 
     Raises:
-        ConfigError: bad arguments or settings (nothing was created).
-        StoreError: the store cannot be written (nothing was created).
-        RunFailedError: never; an attached launch returns the Run, check ``run.exit_code``
-            (or use :meth:`Run.result`).
+        ConfigError: a name that is neither, with the closest known one.
     """
-    event = on_event or (lambda msg: log.info("trainctl: %s", msg))
-    attached = (not detach) if follow is None else follow
-    started = time.monotonic()
-    root = Path(project_dir).expanduser().resolve() if project_dir is not None else Path.cwd()
-    if not root.is_dir():
-        raise ConfigError(f"project directory {str(root)!r} does not exist or is not a directory")
-    stored_env, forward_names = _split_env(env)
-    settings = _settings(
-        root,
-        profile,
-        dict(
-            provider=provider,
-            store=store,
-            instance_type=instance_type,
-            spot=spot,
-            region=region,
-            image=image,
-            disk_gb=disk_gb,
-            max_hours=max_hours,
-            setup=list(setup) if setup is not None else None,
-            env_mode=env_mode,
-            code_max_mb=code_max_mb,
-        ),
-    )
+    request: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in REQUEST_OPTIONS:
+            request[name] = value
+        elif name in SETTINGS_OPTIONS:
+            overrides[name] = value
+        else:
+            known = sorted(REQUEST_OPTIONS | SETTINGS_OPTIONS)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"options are: {', '.join(known)}"
+            raise ConfigError(f"unknown launch option {name!r}; {hint}")
+    return request, overrides
+
+
+def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> LaunchPlan:
+    """Check and resolve a launch, creating and uploading nothing: the dry run of :func:`execute_plan`.
+
+    Checks the script, the environment to forward, the store (reachable by the provider's
+    instances), the instance to reuse or the one to create (the provider's dry run), and the
+    project (ignore rules, size limits; the files are scanned, not uploaded).
+
+    Args:
+        request: what to run.
+        settings: where and how; default: :func:`resolve_settings` for the request's project.
+
+    Raises:
+        ConfigError: bad arguments or settings.
+        StoreError: the store cannot be reached.
+
+    Example::
+
+        plan = plan_launch(LaunchRequest("train.py"), resolve_settings(provider="local"))
+        print(plan.describe())
+        run = execute_plan(plan)
+    """
+    root = request.project_root()  # a directory: checked by the request
+    if settings is None:
+        settings = resolve_settings(root)
+    stored_env, forward_names = _split_env(request.env)
 
     # ---- what to run
-    if (script is None) == (module is None):
-        raise ConfigError("give a script to run (trainctl launch train.py) or a module (module=...), not both")
     rel_script: str | None = None
-    if script is not None:
-        path = Path(script).expanduser()
+    if request.script is not None:
+        path = Path(request.script).expanduser()
         path = path if path.is_absolute() else (Path.cwd() / path)
         path = path.resolve()
         if not path.is_file():
-            raise ConfigError(f"script {script!r} not found (looked at {path})")
-        if sync_code:
+            raise ConfigError(f"script {request.script!r} not found (looked at {path})")
+        if request.sync_code:
             try:
                 rel_script = path.relative_to(root).as_posix()
             except ValueError:
@@ -541,10 +638,8 @@ def launch(
                 ) from None
         else:
             rel_script = str(path)
-    env_all = {**settings.env, **stored_env}
-    forward_all = list(dict.fromkeys([*settings.forward_env, *(forward_env or []), *forward_names]))
-    forwarded = _forwarded_env(forward_all)
-    mode = EnvMode(settings.env_mode)
+    forward_all = list(dict.fromkeys([*settings.forward_env, *request.forward_env, *forward_names]))
+    forwarded = _forwarded_env(forward_all)  # all set here; the values are read again when executing
 
     # ---- where
     prov = provider_for(settings.provider, region=settings.region)
@@ -555,54 +650,73 @@ def launch(
             f"the {prov.name} provider cannot forward {', '.join(forwarded)} without storing it: "
             "give the instance a role or secret store instead, and drop these from forward_env / --env"
         )
-    run_id = validate_run_id(run_id) if run_id else new_run_id(Path(script).stem if script else str(module).rsplit(".", 1)[-1])
+    run_id = request.run_id or new_run_id(request.stem())
     run_url = run_url_in(store_url, run_id)
 
-    existing: Instance | None = None
-    plan: CreatePlan | None = None
-    if instance is not None:
-        existing = prov.describe(instance)
-        if not existing.state.is_usable():
-            raise ConfigError(f"instance {instance} is {existing.state.value}; start a new one (omit --instance) or pick a running one")
+    instance: CreatePlan | Instance
+    if request.instance is not None:
+        instance = prov.describe(request.instance)
+        if not instance.state.is_usable():
+            raise ConfigError(
+                f"instance {request.instance} is {instance.state.value}; start a new one (omit --instance) or pick a running one"
+            )
     else:
-        spec = _instance_spec(settings, tags={**(tags or {}), TAG_RUN_ID: run_id}, run_url=run_url, store_url=store_url)
-        plan = prov.create_dryrun(spec)
+        spec = _instance_spec(settings, tags={TAG_RUN_ID: run_id}, run_url=run_url, store_url=store_url)
+        instance = prov.create_dryrun(spec)
 
     # ---- code (scanned, and limits enforced, before anything is created)
-    bundle = None
-    if sync_code:
+    bundle: CodeBundle | None = None
+    if request.sync_code:
         from trainctl_lightning.jobs.codesync import scan_project
 
-        bundle = scan_project(root, max_total_mb=settings.code_max_mb, max_file_mb=settings.code_max_mb / 2, include=include)
+        bundle = scan_project(root, max_total_mb=settings.code_max_mb, max_file_mb=settings.code_max_mb / 2, include=request.include)
 
-    job_spec = JobSpec(  # validated here (env names, runtime), before anything is created
+    job = JobSpec(  # validated here (env names, runtime), before anything is created
         run_id=run_id,
         run_url=run_url,
         created_at=utc_now(),
         script=rel_script,
-        module=module,
-        args=[str(a) for a in args],
-        env=env_all,
+        module=request.module,
+        args=list(request.args),
+        env={**settings.env, **stored_env},
         forward_env=forward_all,
         setup=list(settings.setup),
-        env_mode=mode,
-        python=python or (sys.executable if prov.name == "local" else None),
+        env_mode=EnvMode(settings.env_mode),
+        python=request.python or (sys.executable if prov.name == "local" else None),
         max_runtime_s=settings.max_hours * 3600 if settings.max_hours else None,
         provider=prov.name,
-        instance_id=existing.id if existing else None,
-        terminate_instance_after=existing is None and not keep_alive,
-        launcher_grace_s=DEFAULT_LAUNCHER_GRACE_S if attached else None,
+        instance_id=instance.id if isinstance(instance, Instance) else None,
+        terminate_instance_after=isinstance(instance, CreatePlan) and not request.keep_alive,
+        launcher_grace_s=DEFAULT_LAUNCHER_GRACE_S if request.attached else None,
         trainctl_version=package_version(),
     )
-    if dry_run:
-        return LaunchPlan(
-            run_id=run_id,
-            run_url=run_url,
-            command=job_spec.command("python"),
-            instance=existing or plan,  # type: ignore[arg-type]
-            code_files=len(bundle.files) if bundle else 0,
-            code_bytes=bundle.total_bytes if bundle else 0,
-        )
+    return LaunchPlan(request=request, settings=settings, provider=prov, store_url=store_url, job=job, instance=instance, code=bundle)
+
+
+def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_event: Callable[[str], None] | None = None) -> Run:
+    """Carry out a plan: create the instance (or reuse the planned one), upload the code, write
+    ``job.json`` and start the agent; then follow the job to its end unless ``request.detach``.
+
+    Anything that fails after the instance was created terminates it (when that fails too, the
+    error log says what to terminate by hand).
+
+    Args:
+        plan: from :func:`plan_launch`.
+        on_output: receives the job's output as it arrives (attached launches; default: stdout).
+        on_event: receives one-line progress messages ("created local instance ...").
+
+    Raises:
+        ConfigError: a forwarded variable is no longer set, or the run already exists (nothing was created).
+        StoreError: the store cannot be written (nothing was created).
+        KeyboardInterrupt: while following; the run was cancelled first.
+        RunFailedError: never; an attached launch returns the Run, check ``run.exit_code``
+            (or use :meth:`Run.result`).
+    """
+    event = on_event or (lambda msg: log.info("trainctl: %s", msg))
+    started = time.monotonic()
+    prov, request, store_url = plan.provider, plan.request, plan.store_url
+    run_id, run_url = plan.run_id, plan.run_url
+    forwarded = _forwarded_env(plan.forward_env)  # read now: the plan holds names, never values
     ObjectStore(store_url).check_writable()
     job = JobStore(run_url)
     if job.exists():
@@ -611,9 +725,8 @@ def launch(
     # ---- create, upload, start (anything that fails from here terminates what was created)
     created: Instance | None = None
     try:
-        if existing is None:
-            assert plan is not None
-            create_spec = plan.spec
+        if isinstance(plan.instance, CreatePlan):
+            create_spec = plan.instance.spec
             if prov.installs_trainctl and "install" not in create_spec.options:
                 from trainctl_lightning.jobs.dist import ship_trainctl
 
@@ -623,17 +736,19 @@ def launch(
                     create_spec = replace(create_spec, options={**create_spec.options, "install": wheel})
             created = prov.create(create_spec)
             event(f"created {prov.name} instance {created.id}")
-        inst = existing or created
-        assert inst is not None
+            inst = created
+        else:
+            inst = plan.instance
         upload: UploadStats | None = None
         code_ref = None
-        if bundle is not None:
+        if plan.code is not None:
             from trainctl_lightning.jobs.codesync import upload_bundle
 
-            code_ref, upload = upload_bundle(bundle, store_url, run_url)
+            code_ref, upload = upload_bundle(plan.code, store_url, run_url)
             event(upload.describe())
         # spot: the agent watches for interruption notices (what the instance says, else what we asked for)
-        job_spec = replace(job_spec, code=code_ref, instance_id=inst.id, spot=inst.spot or bool(created and plan and plan.spec.spot))
+        spot = inst.spot or bool(created and isinstance(plan.instance, CreatePlan) and plan.instance.spec.spot)
+        job_spec = replace(plan.job, created_at=utc_now(), code=code_ref, instance_id=inst.id, spot=spot)
         job.write_spec(job_spec)
         job.write_state(JobState(run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now(), instance_id=inst.id, queued_at=job_spec.created_at))
         prov.start_agent(inst, AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded))
@@ -654,12 +769,12 @@ def launch(
         provider=prov.name,
         instance_id=inst.id,
         created_instance=created is not None,
-        keep_alive=keep_alive,
+        keep_alive=request.keep_alive,
         code=upload,
-        heartbeat=attached,
+        heartbeat=request.attached,
         _job=job,
     )
-    if detach:
+    if request.detach:
         return run
     try:
         run.wait(on_output=on_output or _stdout_sink)
@@ -669,3 +784,48 @@ def launch(
         raise
     return run
 
+
+def launch(
+    script: str | None = None,
+    *,
+    profile: str | None = None,
+    dry_run: bool = False,
+    on_output: OutputSink | None = None,
+    on_event: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Run | LaunchPlan:
+    """Run ``script`` (or ``module=...``) through the agent on an instance; see the module docs.
+
+    The short form of ``execute_plan(plan_launch(LaunchRequest(...), resolve_settings(...)))``.
+
+    Args:
+        script: path of the script, inside ``project_dir`` when code is synced.
+        profile: the config profile (``trainctl.toml`` / ``[tool.trainctl]``).
+        dry_run: return the :class:`LaunchPlan` (what would happen); create and upload nothing.
+        on_output: receives the job's output as it arrives (attached launches; default: stdout).
+        on_event: receives one-line progress messages ("created instance ...").
+        \\**options: :class:`LaunchRequest` fields (``module``, ``args``, ``run_id``, ``project_dir``,
+            ``env``, ``instance``, ``keep_alive``, ``detach``, ...) and :class:`Settings` fields that
+            override the config (``provider``, ``store``, ``instance_type``, ``spot``, ``region``,
+            ``image``, ``disk_gb``, ``max_hours``, ``setup``, ``env_mode``, ``code_max_mb``, ``tags``, ``options``).
+
+    Raises:
+        ConfigError: bad arguments or settings, an unknown option (nothing was created).
+        StoreError: the store cannot be written (nothing was created).
+        RunFailedError: never; an attached launch returns the Run, check ``run.exit_code``
+            (or use :meth:`Run.result`).
+
+    Example::
+
+        run = launch("train.py", args=["--epochs", "3"], provider="aws", instance_type="g5.xlarge", detach=True)
+    """
+    plan = _plan_from_options(script, profile, options)
+    if dry_run:
+        return plan
+    return execute_plan(plan, on_output=on_output, on_event=on_event)
+
+
+def _plan_from_options(script: str | None, profile: str | None, options: Mapping[str, Any]) -> LaunchPlan:
+    request_options, overrides = split_launch_options(options)
+    request = LaunchRequest(script=script, **request_options)
+    return plan_launch(request, resolve_settings(request.project_root(), profile, **overrides))

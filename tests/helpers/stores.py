@@ -73,5 +73,5 @@ class WrapSyncStore(Callback):
         store = self.sync.store
         assert store is not None, "WrapSyncStore must come after its CheckpointSync in callbacks"
         if self.fs is None:
-            self.fs = GatedFS(store.fs)
-        store.fs = self.fs
+            self.fs = GatedFS(store.objects.fs)
+        store.objects.fs = self.fs

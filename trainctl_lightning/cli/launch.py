@@ -60,36 +60,38 @@ def launch(
     def event(msg: str) -> None:
         stderr.print(f"[dim]trainctl:[/dim] {msg}", highlight=False, soft_wrap=True)
 
-    result = api.launch(
-        str(script),
+    request = api.LaunchRequest(
+        script=str(script),
         args=list(args or []),
+        run_id=run_id,
+        project_dir=project_dir,
+        include=list(include or []),
+        env=list(env or []),
+        instance=instance,
+        keep_alive=keep_alive,
+        detach=True,  # followed here, so that Ctrl-C can offer to detach
+        follow=not detach,
+    )
+    settings = api.resolve_settings(
+        request.project_root(),
+        profile,
         provider=provider,
         store=store,
         instance_type=instance_type,
         spot=spot,
         region=region,
-        instance=instance,
-        keep_alive=keep_alive,
-        env=list(env or []),
         env_mode=env_mode,
         max_hours=max_hours,
-        project_dir=project_dir,
-        include=list(include or []),
         code_max_mb=code_max_mb,
-        run_id=run_id,
-        profile=profile,
-        dry_run=dry_run,
-        detach=True,
-        follow=not detach,
-        on_event=event,
     )
-    if isinstance(result, api.LaunchPlan):
+    plan = api.plan_launch(request, settings)
+    if dry_run:
         if json_mode:
-            emit_json(result.to_dict())
+            emit_json(plan.to_dict())
         else:
-            stdout.print(result.describe(), highlight=False)
+            stdout.print(plan.describe(), highlight=False)
         return
-    run = result
+    run = api.execute_plan(plan, on_event=event)
     if detach:
         _emit_run(run, output)
         if not json_mode:

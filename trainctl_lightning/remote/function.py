@@ -49,8 +49,9 @@ class RemoteFunction(Generic[R]):
         provider, store, instance_type, spot, env, profile, project_dir, stream: as for
             :class:`~trainctl_lightning.remote.strategy.RemoteStrategy`.
         keep_alive: keep the instance after a call and reuse it for the next (:attr:`instance_id`).
-        dry_run: calls return the launch plan instead of running.
-        \\**launch_options: further :func:`trainctl_lightning.launch.launch` arguments.
+        dry_run: calls return the :class:`~trainctl_lightning.launch.LaunchPlan` instead of running.
+        \\**launch_options: further :func:`trainctl_lightning.launch.launch` options: fields of
+            :class:`~trainctl_lightning.launch.LaunchRequest` and :class:`~trainctl_lightning.config.Settings`.
 
     Raises:
         ConfigError: invalid options; at call time, an argument that cannot be sent (named).
@@ -104,7 +105,7 @@ class RemoteFunction(Generic[R]):
         data = dumps_payload(roots, payload, self.options.resolved_project_dir())
         call = RemoteCall(self.options, stem=name)
         if self.dry_run:
-            return call.plan(instance_id=self.instance_id)  # type: ignore[no-any-return]
+            return call.plan(instance_id=self.instance_id)  # type: ignore[return-value]  # a LaunchPlan, documented
         try:
             result = call.execute(data, instance_id=self.instance_id)
         finally:

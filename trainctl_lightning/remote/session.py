@@ -2,7 +2,8 @@
 
 Shared by :class:`~trainctl_lightning.remote.strategy.RemoteStrategy` and
 :func:`~trainctl_lightning.remote.function.remote`. The launch itself (instance, code sync, agent)
-is :func:`trainctl_lightning.launch.launch`; this module adds what a call that looks local needs:
+is :func:`trainctl_lightning.launch.plan_launch` and :func:`~trainctl_lightning.launch.execute_plan`;
+this module adds what a call that looks local needs:
 live output, Ctrl-C that cancels the remote run, the instance ended unless ``keep_alive``, and
 the remote outcome turned back into a return value or an exception.
 """
@@ -10,13 +11,12 @@ the remote outcome turned back into a return value or an exception.
 from __future__ import annotations
 
 import codecs
-import inspect
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from trainctl_lightning.errors import (
     ConfigError,
@@ -29,19 +29,23 @@ from trainctl_lightning.remote.payload import RemoteResult, loads_result
 from trainctl_lightning.store import ObjectStore, RunStore, layout
 from trainctl_lightning.store.layout import run_url_in
 
+if TYPE_CHECKING:
+    from trainctl_lightning.launch import LaunchPlan, Run
+
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "trainctl_lightning.remote.worker"
-#: launch() arguments a remote call sets itself; they cannot be given as launch options.
-_RESERVED = frozenset({"script", "module", "args", "run_id", "detach", "on_output", "instance", "dry_run", "sync_code"})
+#: Launch options a remote call sets itself; they cannot be given as launch options.
+_RESERVED = frozenset({"script", "module", "args", "run_id", "detach", "follow", "on_output", "instance", "dry_run", "sync_code"})
 
 
 @dataclass
 class RemoteOptions:
     """Where and how a remote call runs. ``None`` means the setting from ``trainctl.toml`` / the profile.
 
-    ``launch_options`` are further keyword arguments of :func:`trainctl_lightning.launch.launch`
-    (``region``, ``max_hours``, ``setup``, ``forward_env``, ``env_mode``, ``tags``, ...).
+    ``launch_options`` are further :class:`~trainctl_lightning.launch.LaunchRequest` fields and
+    :class:`~trainctl_lightning.config.Settings` overrides (``region``, ``max_hours``, ``setup``,
+    ``forward_env``, ``env_mode``, ``tags``, ...), as :func:`trainctl_lightning.launch.launch` takes them.
     """
 
     provider: str | None = None
@@ -60,16 +64,17 @@ class RemoteOptions:
     launch_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from trainctl_lightning.launch import launch
+        from trainctl_lightning.launch import REQUEST_OPTIONS, SETTINGS_OPTIONS
 
-        known = set(inspect.signature(launch).parameters)
+        own = {f.name for f in fields(self)}
+        known = (REQUEST_OPTIONS | SETTINGS_OPTIONS) - _RESERVED - own
         for name in self.launch_options:
             if name in _RESERVED:
                 raise ConfigError(f"launch option {name}={self.launch_options[name]!r} is set by the remote call itself; drop it")
+            if name in own:
+                raise ConfigError(f"launch option {name}={self.launch_options[name]!r} is an argument of its own: pass {name}=... directly")
             if name not in known:
-                raise ConfigError(
-                    f"unknown launch option {name!r}; options are: {', '.join(sorted(known - _RESERVED))}"
-                )
+                raise ConfigError(f"unknown launch option {name!r}; options are: {', '.join(sorted(known))}")
         if self.project_dir is not None and not Path(self.project_dir).expanduser().is_dir():
             raise ConfigError(f"project_dir {str(self.project_dir)!r} is not a directory")
 
@@ -114,13 +119,13 @@ class RemoteCall:
         self.store_url = options.store_url()
         self.run_id = new_run_id(stem)
         self.run_url = run_url_in(self.store_url, self.run_id)
-        self.run: Any = None
-        """The launched :class:`trainctl_lightning.launch.Run`, once launched."""
+        self.run: Run | None = None
+        """The launched run, once launched."""
         self.record: RemoteRun | None = None
 
-    def plan(self, instance_id: str | None = None) -> Any:
-        """What :meth:`execute` would launch (a ``LaunchPlan``), with nothing created or uploaded."""
-        return self._launch(self._reusable(instance_id), dry_run=True)
+    def plan(self, instance_id: str | None = None) -> LaunchPlan:
+        """What :meth:`execute` would launch, with nothing created or uploaded."""
+        return self._plan(self._reusable(instance_id))
 
     def upload_checkpoint(self, local_path: str, checkpoint_id: str) -> None:
         """Publish a local checkpoint file into the run under ``checkpoint_id`` (for ``ckpt_path``)."""
@@ -135,15 +140,16 @@ class RemoteCall:
                 killed, cancelled, or lost); the message carries the end of its output.
             KeyboardInterrupt: after cancelling the run and ending the instance.
         """
+        from trainctl_lightning.launch import execute_plan
+
         store = ObjectStore(self.run_url)
         instance_id = self._reusable(instance_id)
         store.write(layout.REMOTE_PAYLOAD, payload, create_only=True)
         try:
-            self.run = self._launch(instance_id)
+            run = self.run = execute_plan(self._plan(instance_id), on_event=self._event)
         except BaseException:
             store.delete(layout.REMOTE_PAYLOAD)  # nothing will ever read it
             raise
-        run = self.run
         self.record = RemoteRun(
             run_id=run.run_id, run_url=run.run_url, store_url=self.store_url, provider=run.provider, instance_id=run.instance_id
         )
@@ -157,7 +163,7 @@ class RemoteCall:
                 raise
         finally:
             self.record.phase = state.state() if state is not None else None
-            self._end_reused_instance(instance_id)
+            self._end_reused_instance(instance_id, run.provider)
         raw = store.read(layout.REMOTE_RESULT)
         if raw is None:
             from trainctl_lightning.launch import failure_error
@@ -169,11 +175,17 @@ class RemoteCall:
             )
         return loads_result(raw)
 
-    def _launch(self, instance_id: str | None, dry_run: bool = False) -> Any:
-        from trainctl_lightning.launch import launch
+    def _plan(self, instance_id: str | None) -> LaunchPlan:
+        from trainctl_lightning.launch import (
+            LaunchRequest,
+            plan_launch,
+            resolve_settings,
+            split_launch_options,
+        )
 
         opts = self.options
-        return launch(
+        request_options, overrides = split_launch_options(opts.launch_options)
+        request = LaunchRequest(
             module=WORKER_MODULE,
             args=[self.run_url],
             run_id=self.run_id,
@@ -182,16 +194,19 @@ class RemoteCall:
             follow=True,  # this session waits on the run: heartbeat + launcher watchdog
             instance=instance_id,
             keep_alive=opts.keep_alive,
+            env=opts.env,
+            **request_options,
+        )
+        settings = resolve_settings(
+            request.project_root(),
+            opts.profile,
             provider=opts.provider,
             store=self.store_url,
             instance_type=opts.instance_type,
             spot=opts.spot,
-            env=opts.env,
-            profile=opts.profile,
-            dry_run=dry_run,
-            on_event=self._event,
-            **opts.launch_options,
+            **overrides,
         )
+        return plan_launch(request, settings)
 
     # ----------------------------------------------------------------- helpers
     def _reusable(self, instance_id: str | None) -> str | None:
@@ -209,14 +224,14 @@ class RemoteCall:
             return None
         return instance_id
 
-    def _end_reused_instance(self, instance_id: str | None) -> None:
-        # launch() keeps an instance it did not create; a call without keep_alive ends it anyway.
+    def _end_reused_instance(self, instance_id: str | None, provider: str) -> None:
+        # A launch keeps an instance it did not create; a call without keep_alive ends it anyway.
         if instance_id is None or self.options.keep_alive:
             return
         from trainctl_lightning.launch import provider_for
 
         try:
-            provider_for(self.run.provider, instance_id).terminate(instance_id)
+            provider_for(provider, instance_id).terminate(instance_id)
             self._event(f"terminated instance {instance_id}")
         except TrainctlError as exc:
             log.error("trainctl: could not terminate %s (%s); run `trainctl terminate %s`", instance_id, exc, instance_id)

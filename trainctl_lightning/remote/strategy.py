@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -43,6 +43,9 @@ from trainctl_lightning.remote.session import (
     remote_exception,
 )
 from trainctl_lightning.store import RunStore, layout
+
+if TYPE_CHECKING:
+    from trainctl_lightning.launch import LaunchPlan
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,8 @@ class RemoteStrategy(SingleDeviceStrategy):
         stream: print the remote output while waiting.
         dry_run: check everything (the objects pickle, the launch resolves) and print the plan
             (:attr:`last_plan`) instead of running anything.
-        \**launch_options: further :func:`trainctl_lightning.launch.launch` arguments
+        \**launch_options: further :func:`trainctl_lightning.launch.launch` options, fields of
+            :class:`~trainctl_lightning.launch.LaunchRequest` and :class:`~trainctl_lightning.config.Settings`
             (``region``, ``max_hours``, ``setup``, ``forward_env``, ``env_mode``, ``tags``...).
 
     Raises:
@@ -154,7 +158,7 @@ class RemoteStrategy(SingleDeviceStrategy):
         """Where the latest call ran: run id and URL, instance, final and best checkpoint URLs."""
         self.last_checkpoint_url: str | None = None
         """The final checkpoint of the latest fit: what a later ``ckpt_path="last"`` means."""
-        self.last_plan: Any = None
+        self.last_plan: LaunchPlan | None = None
         """With ``dry_run``: the launch plan of the latest call."""
         self._trainer_config: tuple[type, dict[str, Any]] | None = None
 

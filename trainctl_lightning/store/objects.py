@@ -346,6 +346,9 @@ class ObjectStore:
     ) -> int:
         """Upload a local file to ``rel`` (multipart on S3) and check the stored size.
 
+        For data objects that a later create-only write commits (a checkpoint's manifest): on a
+        local disk the file is copied in place, so readers must go by the commit object.
+
         Returns the stored size. Raises:
             IntegrityError: the stored object's size differs from ``size`` (or the file's).
             StoreError: the upload failed for good.
