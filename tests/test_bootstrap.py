@@ -17,12 +17,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainctl_lightning.jobs.dist import DIST_DIR, ship_trainctl
+from trainctl_lightning.jobs.dist import ship_trainctl
 from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers import aws_bootstrap
 from trainctl_lightning.providers.aws_bootstrap import render_user_data
-from trainctl_lightning.store.layout import run_url_in
+from trainctl_lightning.store.layout import DIST, run_url_in
 from trainctl_lightning.timeutil import utc_now
 
 #: Which environment runs, and where its trainctl_lightning comes from (one line: ``WHERE [prefix, file]``).
@@ -66,7 +66,7 @@ def boot_env(tmp_path: Path, s3_env: dict[str, str]) -> dict[str, str]:
 def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_agent(tmp_path: Path, s3) -> None:
     store_url = f"s3://{s3.bucket}/store"
     wheel_url = ship_trainctl(store_url)
-    assert wheel_url is not None and wheel_url.startswith(f"{store_url}/{DIST_DIR}/") and wheel_url.endswith(".whl")
+    assert wheel_url is not None and wheel_url.startswith(f"{store_url}/{DIST}/") and wheel_url.endswith(".whl")
 
     run_id = "boot-20250101-000000-0002"
     run_url = run_url_in(store_url, run_id)

@@ -33,9 +33,10 @@ from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.metrics.read import read_metrics
 from trainctl_lightning.providers import get_provider
 from trainctl_lightning.remote import _lightning
-from trainctl_lightning.remote.payload import RESULT_NAME, loads_result
+from trainctl_lightning.remote.payload import loads_result
 from trainctl_lightning.remote.session import RemoteTraceback
 from trainctl_lightning.store import run_urls_in
+from trainctl_lightning.store.layout import REMOTE_RESULT
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -512,7 +513,7 @@ def test_predict_returns_the_predictions_computed_remotely(models, store) -> Non
     assert run is not None and run.phase == "succeeded" and run.run_url.startswith(store)
     assert JobStore(run.run_url).read_state().phase.value == "succeeded"
     # what the instance's worker wrote as its result is what trainer.predict returned here
-    remote = loads_result(RunStore(run.run_url).read_object(RESULT_NAME))
+    remote = loads_result(RunStore(run.run_url).objects.read(REMOTE_RESULT))
     assert remote.ok and remote.state["fn"] == "predict"
     assert isinstance(predictions, list) and [p.shape for p in predictions] == [(8, 1), (8, 1), (4, 1)]
     assert len(remote.value) == len(predictions)
