@@ -17,11 +17,11 @@ from tests.helpers.agent import make_job, run, start, store_objects
 from tests.helpers.provider_contract import FAST, python_job, wait_for
 from trainctl_lightning.agent.environment import (
     Requirements,
-    SetupError,
     collect_requirements,
     missing_requirements,
     script_metadata,
 )
+from trainctl_lightning.errors import SetupError
 from trainctl_lightning.humanize import human_duration
 from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, new_run_id
 from trainctl_lightning.jobs.store import JobStore

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from trainctl_lightning import RunStore
-from trainctl_lightning.checkpoint.publisher import JobState, Publisher, PublishJob
+from trainctl_lightning.checkpoint.publisher import Publisher, PublishJob, PublishState
 from trainctl_lightning.store import ObjectStore
 from trainctl_lightning.timeutil import utc_now
 
@@ -82,7 +82,7 @@ def test_rotated_away_mid_upload_is_published_whole_then_deleted_after_its_repla
     store.gates["a.ckpt"].set()
     result = pub.close(timeout=30)
 
-    assert a.state is JobState.PUBLISHED, "an upload in flight completes (all or nothing)"
+    assert a.state is PublishState.PUBLISHED, "an upload in flight completes (all or nothing)"
     assert result.ok
     assert [m.name for m in store.list_checkpoints()] == ["b.ckpt"]
     assert store.seen_at_delete == [("a.ckpt", ["a.ckpt", "b.ckpt"])], "deleted only once b was published"
@@ -98,7 +98,7 @@ def test_rotated_away_before_upload_started_is_never_uploaded(store, tmp_path):
     pub.local_removed(b.local_path, after_seq=c.seq)
     store.gates["a.ckpt"].set()
     pub.close(timeout=30)
-    assert b.state is JobState.SKIPPED
+    assert b.state is PublishState.SKIPPED
     assert "b.ckpt" not in store.started, "no byte of b was sent"
     assert [m.name for m in store.list_checkpoints()] == ["a.ckpt", "c.ckpt"]
     assert not Path(b.staged_path).exists()
@@ -128,8 +128,8 @@ def test_older_save_of_the_same_file_finishing_last_does_not_win(store, tmp_path
     del store.gates["last.ckpt"]  # the newer save of last.ckpt uploads at once...
     new = _job(tmp_path, "last.ckpt", 2)
     pub.submit(new)
-    assert new.done.wait(10) and new.state is JobState.PUBLISHED
+    assert new.done.wait(10) and new.state is PublishState.PUBLISHED
     gate.set()  # ...and the older one finishes after it
     pub.close(timeout=30)
-    assert old.state is JobState.PUBLISHED
+    assert old.state is PublishState.PUBLISHED
     assert [(m.name, m.global_step) for m in store.list_checkpoints()] == [("last.ckpt", 2)]

@@ -28,13 +28,12 @@ from torch.utils.data import DataLoader
 import trainctl_lightning
 from tests.helpers.leftovers import assert_nothing_running
 from trainctl_lightning import CheckpointSync, MetricsReporter, RemoteStrategy, RunStore
-from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.errors import ConfigError, RemoteTraceback
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.metrics.read import read_metrics
 from trainctl_lightning.providers import get_provider
 from trainctl_lightning.remote import _lightning
 from trainctl_lightning.remote.payload import loads_result
-from trainctl_lightning.remote.session import RemoteTraceback
 from trainctl_lightning.store import run_urls_in
 from trainctl_lightning.store.layout import REMOTE_RESULT
 

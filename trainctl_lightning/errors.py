@@ -56,6 +56,25 @@ class RunNotFoundError(JobError, LookupError):
     """No run with this id or URL exists in the store."""
 
 
+class SetupError(JobError):
+    """The job's environment could not be prepared on the instance (a setup command or an install failed)."""
+
+
+class SetupStopped(JobError):
+    """The job's setup was interrupted because the job was asked to stop."""
+
+
+class AgentFailure(JobError):
+    """Something the agent itself could not do; the message becomes the job state's ``error``."""
+
+
+class RemoteTraceback(TrainctlError):
+    """The traceback of an exception raised on the instance; set as the local exception's cause."""
+
+    def __str__(self) -> str:
+        return "\n" + str(self.args[0]) if self.args else ""
+
+
 class RunFailedError(JobError):
     """The job ran and ended without success; carries its exit code and the tail of its output."""
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainctl_lightning.errors import JobError
+from trainctl_lightning.errors import SetupError, SetupStopped
 from trainctl_lightning.jobs.spec import EnvMode, JobSpec
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,6 @@ if site.ENABLE_USER_SITE:
     paths.append(site.getusersitepackages())
 json.dump(paths, sys.stdout)
 """
-
-
-class SetupError(JobError):
-    """The job's environment could not be prepared (a setup command or an install failed)."""
-
-
-class SetupStopped(JobError):
-    """Setup was interrupted because the job was asked to stop."""
 
 
 @dataclass(frozen=True)

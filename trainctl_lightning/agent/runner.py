@@ -31,11 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainctl_lightning.agent.environment import (
-    SetupError,
-    SetupStopped,
-    prepare_environment,
-)
+from trainctl_lightning.agent.environment import prepare_environment
 from trainctl_lightning.agent.spot import (
     INTERRUPTION,
     SpotNotice,
@@ -44,9 +40,22 @@ from trainctl_lightning.agent.spot import (
     spot_watch_enabled,
 )
 from trainctl_lightning.agent.watchdog import LauncherWatchdog
-from trainctl_lightning.errors import ConflictError, RunNotFoundError, TrainctlError
+from trainctl_lightning.errors import (
+    AgentFailure,
+    ConflictError,
+    RunNotFoundError,
+    SetupError,
+    SetupStopped,
+    TrainctlError,
+)
 from trainctl_lightning.humanize import human_duration
-from trainctl_lightning.jobs.spec import JobPhase, JobSpec, JobState, validate_run_id
+from trainctl_lightning.jobs.spec import (
+    SAVE_NOW_SIGNAL,
+    JobPhase,
+    JobSpec,
+    JobState,
+    validate_run_id,
+)
 from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store.layout import RUN_URL_ENV, run_id_of
@@ -61,18 +70,12 @@ CANCEL_POLL_S = 1.0
 #: Lines of output kept for the error tail of a job that did not succeed.
 TAIL_LINES = 50
 NOTE_PREFIX = "[trainctl agent] "
-#: What the job gets on a spot notice: CheckpointSync saves and publishes a checkpoint now.
-SAVE_NOW_SIGNAL = signal.SIGUSR1
 #: Seconds an interruption notice without a readable time is assumed to leave (EC2 gives two minutes).
 NOTICE_LEAD_S = 120.0
 # During the run a write that keeps failing is retried on the next tick instead of blocking
 # heartbeats and cancel checks; the final writes ride out longer trouble.
 _TICK_RETRY = RetryPolicy(deadline_s=5.0, initial_backoff_s=0.2, max_backoff_s=2.0)
 _FINAL_RETRY = RetryPolicy(deadline_s=60.0)
-
-
-class AgentFailure(TrainctlError):
-    """Something the agent itself could not do; the message becomes the job state's ``error``."""
 
 
 @dataclass

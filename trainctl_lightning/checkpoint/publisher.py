@@ -38,7 +38,7 @@ from trainctl_lightning.store.manifest import CheckpointManifest
 log = logging.getLogger(__name__)
 
 
-class JobState(str, Enum):
+class PublishState(str, Enum):
     QUEUED = "queued"
     UPLOADING = "uploading"
     PUBLISHED = "published"
@@ -46,7 +46,7 @@ class JobState(str, Enum):
     FAILED = "failed"
 
     def is_terminal(self) -> bool:
-        return self in (JobState.PUBLISHED, JobState.SKIPPED, JobState.FAILED)
+        return self in (PublishState.PUBLISHED, PublishState.SKIPPED, PublishState.FAILED)
 
 
 @dataclass
@@ -63,7 +63,7 @@ class PublishJob:
     """Manifest fields: epoch, global_step, created_at, monitor, monitor_value, metrics."""
     size: int = 0
     uploaded: int = 0
-    state: JobState = JobState.QUEUED
+    state: PublishState = PublishState.QUEUED
     error: str | None = None
     manifest: CheckpointManifest | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -165,8 +165,8 @@ class Publisher:
         with self._lock:
             job.size = os.path.getsize(job.staged_path)
             for other in self._jobs:
-                if other.local_path == job.local_path and other.state is JobState.QUEUED:
-                    other.state = JobState.SKIPPED
+                if other.local_path == job.local_path and other.state is PublishState.QUEUED:
+                    other.state = PublishState.SKIPPED
                     other.error = f"superseded by a newer save of {job.name}"
             self._jobs.append(job)
         self._queue.put(job)
@@ -175,8 +175,8 @@ class Publisher:
         """ModelCheckpoint removed ``local_path``; mirror that once it is safe."""
         with self._lock:
             for job in self._jobs:
-                if job.local_path == local_path and job.state is JobState.QUEUED:
-                    job.state = JobState.SKIPPED
+                if job.local_path == local_path and job.state is PublishState.QUEUED:
+                    job.state = PublishState.SKIPPED
                     job.error = "rotated away by ModelCheckpoint before its upload started"
             if self.mirror_deletes:
                 self._pending_removals.append((local_path, after_seq))
@@ -192,15 +192,15 @@ class Publisher:
                 self._process(job)
             except BaseException as exc:  # a bug here must not silently kill the worker
                 log.exception("trainctl publisher: unexpected error on %s", job.name)
-                self._finish(job, JobState.FAILED, f"{type(exc).__name__}: {exc}")
+                self._finish(job, PublishState.FAILED, f"{type(exc).__name__}: {exc}")
 
     def _process(self, job: PublishJob) -> None:
         with self._lock:
-            skipped = job.state is JobState.SKIPPED
+            skipped = job.state is PublishState.SKIPPED
             if not skipped:
-                job.state = JobState.UPLOADING
+                job.state = PublishState.UPLOADING
         if skipped:
-            self._finish(job, JobState.SKIPPED, job.error)
+            self._finish(job, PublishState.SKIPPED, job.error)
             return
         meta = job.meta
         try:
@@ -221,7 +221,7 @@ class Publisher:
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.error("trainctl: could not publish checkpoint %s to %s: %s", job.name, self.store.url, reason)
-            self._finish(job, JobState.FAILED, reason)
+            self._finish(job, PublishState.FAILED, reason)
             return
         job.manifest = manifest
         log.info("trainctl: published %s as %s", job.name, self.store.url_of(layout.checkpoint_object(manifest.id)))
@@ -249,10 +249,10 @@ class Publisher:
             self._delete(stale, why=f"{job.name} was saved again")
         if not self.keep_local:
             self._drop_local(job)
-        self._finish(job, JobState.PUBLISHED, None)
+        self._finish(job, PublishState.PUBLISHED, None)
         self._apply_retention()
 
-    def _finish(self, job: PublishJob, state: JobState, error: str | None) -> None:
+    def _finish(self, job: PublishJob, state: PublishState, error: str | None) -> None:
         try:
             os.unlink(job.staged_path)
         except FileNotFoundError:
@@ -281,7 +281,7 @@ class Publisher:
                 if not all(j.state.is_terminal() for j in before + own):
                     keep.append((path, after_seq))
                     continue
-                if any(j.state is JobState.FAILED for j in before):
+                if any(j.state is PublishState.FAILED for j in before):
                     log.warning(
                         "trainctl: keeping the remote copy of %s, which ModelCheckpoint rotated away, "
                         "because a checkpoint saved before that was not published",
@@ -335,8 +335,8 @@ class Publisher:
             jobs, self._jobs = self._jobs, [j for j in self._jobs if not j.state.is_terminal()]
         self._run_removals()
         return FlushResult(
-            published=[j.name for j in jobs if j.state is JobState.PUBLISHED],
-            failed=[f"{j.name} ({j.error})" for j in jobs if j.state is JobState.FAILED],
+            published=[j.name for j in jobs if j.state is PublishState.PUBLISHED],
+            failed=[f"{j.name} ({j.error})" for j in jobs if j.state is PublishState.FAILED],
             unfinished=[j.name for j in jobs if not j.state.is_terminal()],
         )
 

@@ -16,14 +16,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
-from trainctl_lightning.checkpoint.publisher import JobState as PublishState
 from trainctl_lightning.checkpoint.publisher import Publisher
+from trainctl_lightning.checkpoint.publisher import PublishState
 from trainctl_lightning.errors import (
     ConfigError,
     StoreError,
     TrainctlError,
     UploadError,
 )
+from trainctl_lightning.jobs.spec import SAVE_NOW_SIGNAL
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RunStore, layout, validate_url
 from trainctl_lightning.store.layout import RUN_URL_ENV
@@ -31,9 +32,6 @@ from trainctl_lightning.timeutil import utc_now
 
 log = logging.getLogger(__name__)
 
-#: The signal that asks a training process to checkpoint now (the trainctl agent sends it to the
-#: job's process on a spot interruption notice).
-SAVE_NOW_SIGNAL = signal.SIGUSR1
 
 
 class CheckpointSync(Callback):

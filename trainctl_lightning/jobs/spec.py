@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -18,6 +19,10 @@ from typing import Any
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.timeutil import parse_time, utc_now
+
+#: The signal that asks a job's training process to checkpoint now: the agent sends it on a spot
+#: interruption notice, and CheckpointSync saves and publishes a checkpoint at the next batch end.
+SAVE_NOW_SIGNAL = signal.SIGUSR1
 
 JOB_FORMAT = "trainctl.job/1"
 JOB_STATE_FORMAT = "trainctl.job-state/1"

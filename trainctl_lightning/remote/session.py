@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from trainctl_lightning.errors import (
     ConfigError,
     InstanceNotFoundError,
+    RemoteTraceback,
     RunFailedError,
     TrainctlError,
 )
@@ -253,13 +254,6 @@ class RemoteCall:
             sys.stdout.flush()
 
         return write
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised on the instance; set as the local exception's cause."""
-
-    def __str__(self) -> str:
-        return "\n" + str(self.args[0]) if self.args else ""
 
 
 def remote_exception(result: RemoteResult, record: RemoteRun) -> BaseException:

@@ -128,8 +128,8 @@ def fetch_bundle(
         try:
             for f in wanted:
                 _materialise(cached, dest_path / f.path, f)
-        except _CacheCorrupt:
-            # a damaged cache entry: drop it, download again once
+        except IntegrityError:
+            # a damaged cache entry (it no longer matches its name): drop it, download again once
             cached.unlink(missing_ok=True)
             downloaded = _download_blob(blobs, sha, cached, wanted)
             for f in wanted:
@@ -183,17 +183,16 @@ def _download_blob(blobs: ObjectStore, sha: str, cached: Path, wanted: list[Bund
     return blobs.download(sha, cached, size=wanted[0].size, sha256=sha, label=f"code file {names}")
 
 
-class _CacheCorrupt(Exception):
-    """A cached blob does not match its name (internal: triggers one fresh download)."""
-
-
 def _materialise(cached: Path, target: Path, f: BundleFile) -> None:
-    """Copy a cached blob to ``target`` with ``f.mode``, verifying while copying, then rename."""
+    """Copy a cached blob to ``target`` with ``f.mode``, verifying while copying, then rename.
+
+    Raises:
+        IntegrityError: the cached blob does not match its checksum (nothing was written).
+        ConfigError: ``target`` cannot be written.
+    """
     if target.is_dir() and not target.is_symlink():
         raise ConfigError(f"cannot write code file {target}: a folder is in the way; fetch into an empty folder")
     try:
         copy_verified(cached, target, f.sha256, mode=f.mode)
-    except IntegrityError:
-        raise _CacheCorrupt(str(cached)) from None
     except OSError as exc:
         raise ConfigError(f"cannot write code file {target}: {exc}") from None
