@@ -76,11 +76,11 @@ TARGET_S3_RATIO = 8.0
 # =============================================================================================
 
 
-from _harness import loadavg as _loadavg  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
-from _harness import proc_cpu_s as _proc_cpu_s  # noqa: E402
-from _harness import round_or_none as _round  # noqa: E402
-from _harness import start_server, stop_server as _stop_server  # noqa: E402
-from _harness import load_child_spec, run_child  # noqa: E402
+from _harness import load_child_spec, run_child, start_server
+from _harness import loadavg as _loadavg
+from _harness import proc_cpu_s as _proc_cpu_s
+from _harness import round_or_none as _round
+from _harness import stop_server as _stop_server
 
 
 def _run_child(spec: dict[str, Any], env: dict[str, str], log_path: str, timeout: float, verbose: bool) -> dict[str, Any]:

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import round_or_none, start_server, stop_server  # noqa: E402
+from _harness import round_or_none, start_server, stop_server
 
 FIRST_LINE = "train.py: first line"
 TRAIN_PY = textwrap.dedent(

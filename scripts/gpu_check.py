@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from trainctl_lightning import CheckpointSync, RunStore  # noqa: E402
+from trainctl_lightning import CheckpointSync, RunStore
 
 
 class Wide(pl.LightningModule):

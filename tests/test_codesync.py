@@ -179,7 +179,7 @@ def test_secrets_are_skipped_and_named_unless_reincluded(project: Path, caplog):
 
     assert bundle.skipped_secrets == sorted([".env", ".env.production", "certs/server.pem", "tls.key", "id_rsa",
                                              "id_ed25519.pub", ".aws/", ".netrc", "gcp/credentials.json", ".pypirc"])
-    assert not any("s3cr3t".encode() in (project / f.path).read_bytes() for f in bundle.files)
+    assert not any(b"s3cr3t" in (project / f.path).read_bytes() for f in bundle.files)
     warning = [r for r in caplog.records if "secrets" in r.getMessage()]
     assert len(warning) == 1 and ".env.production" in warning[0].getMessage() and ".aws/" in warning[0].getMessage()
 

@@ -390,7 +390,7 @@ def fails(message):
 def test_remote_function_forms(store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     # tests/test_remote.py is outside the synced directory and not installed: it travels by value
-    import trainctl_lightning.remote.worker  # noqa: F401  (the package, now imported, stays callable)
+    import trainctl_lightning.remote.worker
 
     out = trainctl_lightning.remote(add, 2, 3, store=store, stream=False)
     assert out["sum"] == 5 and out["pid"] != os.getpid()

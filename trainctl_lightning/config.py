@@ -39,9 +39,10 @@ import difflib
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.jobs.spec import EnvMode, looks_secret
@@ -541,10 +542,10 @@ _TABLES = {"env", "tags", "options"}
 
 __all__ = [
     "CONFIG_FILE",
-    "ConfigFile",
     "ENV_VARS",
     "PROFILE_ENV",
     "PYPROJECT_FILE",
+    "ConfigFile",
     "ResolvedConfig",
     "Settings",
     "find_config_file",

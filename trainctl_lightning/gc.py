@@ -28,6 +28,8 @@ from trainctl_lightning.providers.api import Instance, InstanceState, Provider
 from trainctl_lightning.store.layout import TAG_STORE, run_url_in
 from trainctl_lightning.timeutil import parse_time
 
+__all__ = ["DEFAULT_BOOT_GRACE_S", "GcItem", "GcReport", "classify", "collect_garbage", "find_garbage"]
+
 #: Tag naming the store root of the instance's run, set at creation by providers that know it
 #: (aws). With ``trainctl:run-id`` it gives the run's URL: ``run_url_in(store, run_id)``.
 #: An instance younger than this with no run record (yet) may still be booting: kept.

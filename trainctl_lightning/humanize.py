@@ -26,8 +26,8 @@ def human_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "-"
     if seconds < 60:
-        return f"{seconds:g}s" if seconds < 10 and seconds != int(seconds) else f"{int(round(seconds))}s"
-    s = int(round(seconds))
+        return f"{seconds:g}s" if seconds < 10 and seconds != int(seconds) else f"{round(seconds)}s"
+    s = round(seconds)
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     if s < 86400:

@@ -40,10 +40,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from trainctl_lightning.config import Settings, load_config
 from trainctl_lightning.errors import (
@@ -80,6 +81,8 @@ from trainctl_lightning.timeutil import utc_now
 
 if TYPE_CHECKING:
     from trainctl_lightning.jobs.codesync import CodeBundle, UploadStats
+
+__all__ = ["REQUEST_OPTIONS", "SETTINGS_OPTIONS", "LaunchPlan", "LaunchRequest", "OutputSink", "Run", "create_instance", "execute_plan", "failure_error", "get_run", "launch", "list_resources", "monitor", "plan_launch", "provider_for", "resolve_run_url", "resolve_settings", "split_launch_options", "stop", "store_url_for", "terminate", "train"]
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["HOME_ENV", "default_store_url", "trainctl_home"]
+
 HOME_ENV = "TRAINCTL_HOME"
 
 

@@ -12,8 +12,11 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
+
+__all__ = ["RetryPolicy", "exception_chain", "is_transient"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

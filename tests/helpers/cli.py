@@ -66,7 +66,7 @@ class Running:
             reader.join(timeout=10)
         return code
 
-    def __enter__(self) -> "Running":
+    def __enter__(self) -> Running:
         return self
 
     def __exit__(self, *exc: object) -> None:

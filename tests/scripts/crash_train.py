@@ -31,13 +31,13 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import lightning.pytorch as pl  # noqa: E402
-import s3fs  # noqa: E402,F401  (imported here so that children do not pay for it)
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+import lightning.pytorch as pl
+import s3fs  # noqa: F401  (imported here so that children do not pay for it)
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tests.helpers.models import TinyRegressor, trainer_kwargs  # noqa: E402
-from trainctl_lightning import CheckpointSync, resume_path  # noqa: E402
+from tests.helpers.models import TinyRegressor, trainer_kwargs
+from trainctl_lightning import CheckpointSync, resume_path
 
 _PR_SET_PDEATHSIG = 1
 

@@ -5,11 +5,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.helpers.models import TinyRegressor, trainer_kwargs  # noqa: E402
-from trainctl_lightning import CheckpointSync, MetricsReporter  # noqa: E402
+from tests.helpers.models import TinyRegressor, trainer_kwargs
+from trainctl_lightning import CheckpointSync, MetricsReporter
 
 if __name__ == "__main__":
     url, ckpt_dir = sys.argv[1], sys.argv[2]

@@ -18,11 +18,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tests.helpers.models import TinyRegressor, trainer_kwargs  # noqa: E402
-from trainctl_lightning import CheckpointSync, resume_path  # noqa: E402
+from tests.helpers.models import TinyRegressor, trainer_kwargs
+from trainctl_lightning import CheckpointSync, resume_path
 
 
 class Steps(Callback):

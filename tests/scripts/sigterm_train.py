@@ -6,11 +6,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint  # noqa: E402
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 
-from tests.helpers.models import TinyRegressor, trainer_kwargs  # noqa: E402
-from trainctl_lightning import CheckpointSync, MetricsReporter  # noqa: E402
+from tests.helpers.models import TinyRegressor, trainer_kwargs
+from trainctl_lightning import CheckpointSync, MetricsReporter
 
 
 class Slow(Callback):

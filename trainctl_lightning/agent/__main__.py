@@ -6,6 +6,8 @@ this imports only the standard library until it knows what to do, and never Ligh
 ``--daemon`` detaches before any thread starts: the process that was started prints the
 agent's pid and exits at once (so whoever started it can reap it and leave no zombie), and the
 agent goes on in its own session, outliving the command that launched it.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+__all__ = ["daemonize", "main"]
 
 
 def _default_workdir() -> Path:

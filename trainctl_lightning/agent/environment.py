@@ -8,6 +8,8 @@ never reinstalled) and are cached by their requirements under ``<workdir>/envs/`
 
 Requirements come from the code root: ``pyproject.toml``'s ``[project].dependencies``, else
 ``requirements.txt``, plus the script's PEP 723 inline metadata (``# /// script``).
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from trainctl_lightning.errors import SetupError, SetupStopped
 from trainctl_lightning.jobs.spec import EnvMode, JobSpec
+
+__all__ = ["ENVS_DIR", "LogFn", "PreparedEnv", "Requirements", "StopFn", "build_isolated", "collect_requirements", "missing_requirements", "prepare_environment", "run_logged", "script_metadata"]
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ going down SIGTERMs the agent). A rebalance recommendation asks for a checkpoint
 
 With ``JobSpec.launcher_grace_s`` the agent cancels the job when the attached launcher's
 heartbeat stops (:mod:`.watchdog`).
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store.layout import RUN_URL_ENV, run_id_of
 from trainctl_lightning.timeutil import utc_now
+
+__all__ = ["CANCEL_POLL_S", "INSTANCE_ID_ENV", "NOTE_PREFIX", "NOTICE_LEAD_S", "RUN_ID_ENV", "TAIL_LINES", "Agent", "LogPump", "Outcome", "one_line", "run_agent"]
 
 log = logging.getLogger("trainctl_lightning.agent")
 

@@ -19,6 +19,8 @@ Settings, from the agent's environment:
     the metadata service (default ``http://169.254.169.254``; tests use ``LocalIMDS``).
 ``TRAINCTL_SPOT_POLL_S``
     seconds between polls (default 5).
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from trainctl_lightning.timeutil import utc_now
+
+__all__ = ["DEFAULT_ENDPOINT", "DEFAULT_POLL_S", "IMDS_ENDPOINT_ENV", "INSTANCE_ACTION_PATH", "INTERRUPTION", "REBALANCE", "REBALANCE_PATH", "SPOT_ENV", "SPOT_POLL_ENV", "TOKEN_TTL_S", "MetadataClient", "SpotNotice", "SpotWatcher", "handles_signal", "spot_watch_enabled"]
 
 log = logging.getLogger("trainctl_lightning.agent.spot")
 

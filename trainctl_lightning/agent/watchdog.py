@@ -5,16 +5,20 @@ at the max runtime. This adds the third way an instance outlives its purpose: th
 followed the job stopped refreshing ``control/launcher.json`` (see ``jobs/heartbeat.py``) for
 longer than ``JobSpec.launcher_grace_s``. The agent then cancels the job (SIGTERM: Lightning
 saves and stops) and, as after any ending, releases an instance its launch created.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from trainctl_lightning.jobs.heartbeat import read_launcher_heartbeat
 from trainctl_lightning.jobs.store import JobStore
+
+__all__ = ["LauncherWatchdog"]
 
 log = logging.getLogger("trainctl_lightning.agent.watchdog")
 

@@ -1,0 +1,1 @@
+"""Checkpoints: CheckpointSync (``sync.py``), resume_path (``resume.py``) and the checkpoint API (``api.py``)."""

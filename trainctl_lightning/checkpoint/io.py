@@ -15,6 +15,8 @@ writer thread (one, so saves and removals keep their order)
 
 The staging file is a second name for the same inode, so a later save over ``last.ckpt`` or a
 top-k rotation that deletes the visible file cannot change or remove what is being uploaded.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -45,6 +48,8 @@ from trainctl_lightning.checkpoint.publisher import (
 )
 from trainctl_lightning.checkpoint.snapshot import Snapshot, take_snapshot
 from trainctl_lightning.errors import ConfigError, TrainctlError, UploadError
+
+__all__ = ["STAGING_DIR", "SnapshotCheckpointIO"]
 
 log = logging.getLogger(__name__)
 

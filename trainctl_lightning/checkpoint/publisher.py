@@ -15,6 +15,8 @@ last. Around that it keeps the remote side a mirror of what ``ModelCheckpoint`` 
 
 Failures never stop training: a transient one is retried in the background, a permanent one
 is logged at ERROR at once and reported again, with every name, when the run flushes.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fsspec.callbacks import Callback
 
 from trainctl_lightning.errors import TrainctlError
 from trainctl_lightning.store import RunStore, layout
 from trainctl_lightning.store.manifest import CheckpointManifest
+
+__all__ = ["FlushResult", "PublishJob", "PublishState", "Publisher", "staged_name"]
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from trainctl_lightning.errors import ConfigError, IntegrityError
 from trainctl_lightning.store import RunStore
 from trainctl_lightning.store.layout import RUN_URL_ENV
 
+__all__ = ["CACHE_ENV", "default_cache_dir", "resume_path"]
+
 CACHE_ENV = "TRAINCTL_CACHE_DIR"
 log = logging.getLogger(__name__)
 

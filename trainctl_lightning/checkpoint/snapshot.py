@@ -11,6 +11,8 @@ original would have written.
 Non-tensor values (ints, strings, hyperparameters) are shared with the original; Lightning
 builds a fresh checkpoint dict for every save, so only objects a user mutates in place after
 saving could differ.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
+
+__all__ = ["Snapshot", "take_snapshot"]
 
 
 @dataclass

@@ -16,8 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
-from trainctl_lightning.checkpoint.publisher import Publisher
-from trainctl_lightning.checkpoint.publisher import PublishState
+from trainctl_lightning.checkpoint.publisher import Publisher, PublishState
 from trainctl_lightning.errors import (
     ConfigError,
     StoreError,
@@ -29,6 +28,8 @@ from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RunStore, layout, validate_url
 from trainctl_lightning.store.layout import RUN_URL_ENV
 from trainctl_lightning.timeutil import utc_now
+
+__all__ = ["CheckpointSync"]
 
 log = logging.getLogger(__name__)
 

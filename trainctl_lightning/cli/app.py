@@ -20,6 +20,8 @@ from trainctl_lightning.cli import gc as gc_cli
 from trainctl_lightning.cli import launch as launch_cli
 from trainctl_lightning.cli import metrics as metrics_cli
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     name="trainctl",
     help="Train PyTorch Lightning models on remote GPUs; never lose a checkpoint.",

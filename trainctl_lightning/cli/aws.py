@@ -10,6 +10,8 @@ from rich.table import Table
 from trainctl_lightning.cli.common import OutputOption, handle_errors
 from trainctl_lightning.cli.output import Format, emit_json, stdout
 
+__all__ = ["app", "setup"]
+
 app = typer.Typer(help="AWS-only commands: set up what the aws provider needs.", no_args_is_help=True)
 
 

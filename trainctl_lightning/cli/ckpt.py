@@ -14,6 +14,8 @@ from trainctl_lightning.cli.output import Format, emit_json, stdout, transfer_pr
 from trainctl_lightning.humanize import human_age, human_size
 from trainctl_lightning.store.manifest import CheckpointManifest
 
+__all__ = ["REF", "URL", "app", "download", "gc", "ls", "upload", "verify"]
+
 app = typer.Typer(help="List, download, upload and verify a run's checkpoints.", no_args_is_help=True)
 
 URL = typer.Argument(

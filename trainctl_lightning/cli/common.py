@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import typer
 from rich.markup import escape
 
 from trainctl_lightning.cli.output import Format, emit_json, stderr
 from trainctl_lightning.errors import TrainctlError
+
+__all__ = ["F", "OutputOption", "handle_errors", "resolve_run"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

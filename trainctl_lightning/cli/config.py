@@ -21,6 +21,8 @@ from trainctl_lightning.config import (
 )
 from trainctl_lightning.errors import ConfigError
 
+__all__ = ["app", "show", "validate"]
+
 app = typer.Typer(
     help="Show and check launch defaults (trainctl.toml, or the tool.trainctl table of pyproject.toml).",
     no_args_is_help=True,

@@ -11,6 +11,8 @@ from rich.table import Table
 from trainctl_lightning.cli.common import OutputOption, handle_errors
 from trainctl_lightning.cli.output import Format, emit_json, stdout
 
+__all__ = ["gc"]
+
 
 @handle_errors
 def gc(

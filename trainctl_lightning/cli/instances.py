@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -12,6 +12,8 @@ from trainctl_lightning.cli.common import OutputOption, handle_errors
 from trainctl_lightning.cli.output import Format, emit_json, stdout
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.providers.api import CreatePlan, Instance
+
+__all__ = ["create", "ls", "stop", "terminate"]
 
 
 def _tags(pairs: list[str] | None) -> dict[str, str]:
@@ -56,7 +58,7 @@ def create(
     disk_gb: Optional[int] = typer.Option(None, "--disk-gb", help="Root disk size in GB."),
     max_hours: Optional[float] = typer.Option(None, "--max-hours", help="Hard limit on the instance's life."),
     name: Optional[str] = typer.Option(None, "--name", help="A name shown in listings."),
-    tag: Optional[List[str]] = typer.Option(None, "--tag", help="KEY=VALUE tag (repeatable); trainctl's own are always added."),
+    tag: Optional[list[str]] = typer.Option(None, "--tag", help="KEY=VALUE tag (repeatable); trainctl's own are always added."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Config profile."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show exactly what would be created; create nothing."),
     output: Format = OutputOption,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -14,6 +14,8 @@ from trainctl_lightning.cli.common import OutputOption, handle_errors
 from trainctl_lightning.cli.output import Format, emit_json, stderr, stdout
 from trainctl_lightning.humanize import human_size
 from trainctl_lightning.jobs.spec import JobPhase, JobState
+
+__all__ = ["EXIT_CTRL_C", "launch", "logs", "status"]
 
 EXIT_CTRL_C = 130
 
@@ -29,7 +31,7 @@ def _raw_sink(stream) -> api.OutputSink:  # type: ignore[no-untyped-def]
 @handle_errors
 def launch(
     script: Path = typer.Argument(..., help="The training script, inside the project directory that is synced."),
-    args: Optional[List[str]] = typer.Argument(None, help="Arguments for the script (put them after --)."),
+    args: Optional[list[str]] = typer.Argument(None, help="Arguments for the script (put them after --)."),
     provider: Optional[str] = typer.Option(None, "--provider", "-p", help="local (default), aws, ..."),
     store: Optional[str] = typer.Option(None, "--store", help="Store URL for runs (default: config, else ~/.trainctl/store)."),
     instance_type: Optional[str] = typer.Option(None, "--instance-type", "-t", help="Instance type, e.g. g5.xlarge."),
@@ -38,11 +40,11 @@ def launch(
     instance: Optional[str] = typer.Option(None, "--instance", help="Run on this existing instance (kept afterwards)."),
     keep_alive: bool = typer.Option(False, "--keep-alive", help="Keep the instance this launch creates after the job."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once the job has started."),
-    env: Optional[List[str]] = typer.Option(None, "--env", "-e", help="NAME=VALUE for the job, or NAME to forward it unstored (repeatable)."),
+    env: Optional[list[str]] = typer.Option(None, "--env", "-e", help="NAME=VALUE for the job, or NAME to forward it unstored (repeatable)."),
     env_mode: Optional[str] = typer.Option(None, "--env-mode", help="auto (reuse this Python if it has what the project needs) | reuse | isolated."),
     max_hours: Optional[float] = typer.Option(None, "--max-hours", help="Stop the job (and the instance) after this many hours."),
     project_dir: Optional[Path] = typer.Option(None, "--project-dir", help="Directory to sync (default: the current one)."),
-    include: Optional[List[str]] = typer.Option(None, "--include", help="Sync this path even if ignored (repeatable)."),
+    include: Optional[list[str]] = typer.Option(None, "--include", help="Sync this path even if ignored (repeatable)."),
     code_max_mb: Optional[float] = typer.Option(None, "--code-max-mb", help="Refuse to sync a project larger than this (default 100 MB)."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Name the run (default: <script>-<time>-<hex>)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Config profile (trainctl.toml / [tool.trainctl])."),

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import typer
 from rich.live import Live
@@ -24,6 +25,8 @@ from trainctl_lightning.metrics import read, view
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.store import RunStore, layout, run_urls_in
 from trainctl_lightning.store.layout import run_id_of
+
+__all__ = ["EXIT_CTRL_C", "EXIT_FAILED", "EXIT_FINISHED", "EXIT_INTERRUPTED", "EXIT_STALE", "METRIC", "RUN", "F", "MetricsFormat", "load_run", "metrics", "monitor", "plot"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def monitor(
     url: str = typer.Argument(..., help="The run's store URL (or a prefix holding exactly one run), or a launched run's id.", callback=resolve_run),
     interval: float = typer.Option(2.0, "--interval", "-n", min=0.2, help="Seconds between refreshes."),
     once: bool = typer.Option(False, "--once", help="Print one frame and exit 0 (for scripts); exit 1 if the run has no status."),
-    metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Only this metric (repeatable)."),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", "-m", help="Only this metric (repeatable)."),
     output: Format = OutputOption,
 ) -> None:
     """Watch a run live: state, step, ETA, host, GPU, last checkpoint, latest metrics with a trend.
@@ -166,7 +169,7 @@ def metrics(
     output: MetricsFormat = typer.Option(
         MetricsFormat.table, "--output", case_sensitive=False, help="table for people; json or csv for programs."
     ),
-    metric: Optional[List[str]] = METRIC,
+    metric: Optional[list[str]] = METRIC,
 ) -> None:
     """Every metric record of a run, in the order logged (all attempts of a restarted run).
 
@@ -194,7 +197,7 @@ def metrics(
 def plot(
     run: str = RUN,
     out: Path = typer.Option(..., "-o", "--out", help="Image file to write (.png, .svg, .pdf...)."),
-    metric: Optional[List[str]] = typer.Option(
+    metric: Optional[list[str]] = typer.Option(
         None, "--metric", "-m", help="Metric to draw (repeatable); default: every metric but epoch."
     ),
     title: Optional[str] = typer.Option(None, help="Figure title (default: the run URL)."),

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any
 
 from fsspec.callbacks import Callback
 from rich.console import Console
@@ -18,6 +19,8 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+__all__ = ["Format", "emit_json", "stderr", "stdout", "transfer_progress"]
 
 
 class Format(str, Enum):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -15,6 +15,8 @@ from trainctl_lightning.humanize import human_ago
 from trainctl_lightning.metrics import read, view
 from trainctl_lightning.store import layout
 from trainctl_lightning.store.layout import run_id_of
+
+__all__ = ["app", "ls", "run_name"]
 
 app = typer.Typer(help="List runs: state, progress and latest metrics.", no_args_is_help=True)
 
@@ -30,7 +32,7 @@ def ls(
     url: Optional[str] = typer.Argument(
         None, help="A run's store URL, or a prefix holding runs (e.g. s3://bucket/runs); default: the configured store."
     ),
-    metric: Optional[List[str]] = typer.Option(
+    metric: Optional[list[str]] = typer.Option(
         None, "--metric", "-m", help="Metric to show (repeatable); default: the first 3 by name, epoch left out."
     ),
     output: Format = OutputOption,

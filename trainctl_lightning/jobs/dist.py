@@ -6,6 +6,8 @@ running from a source checkout (an editable install, a fork, a development versi
 what it runs: the agent on the instance reads the job spec this launcher wrote. So the launcher
 builds a wheel of its own source tree once per content, puts it in the store under
 ``_dist/<content hash>/<wheel file name>``, and the instance installs that.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from trainctl_lightning.errors import StoreError
 from trainctl_lightning.store import ObjectStore, layout
+
+__all__ = ["ship_trainctl", "source_digest", "source_tree"]
 
 log = logging.getLogger(__name__)
 

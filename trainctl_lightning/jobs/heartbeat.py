@@ -4,6 +4,8 @@ A job whose spec has ``launcher_grace_s`` is cancelled by its agent once this ob
 changed for that long (``trainctl_lightning/agent/watchdog.py``): the launcher was killed, its
 laptop went to sleep, or its network is gone, and nobody is watching the instance any more.
 Only the change counts, measured on the agent's clock, so the two machines' clocks need not agree.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.store import layout
 from trainctl_lightning.timeutil import utc_now
+
+__all__ = ["DEFAULT_LAUNCHER_GRACE_S", "LAUNCHER_HEARTBEAT_S", "LauncherHeartbeat", "read_launcher_heartbeat", "write_launcher_heartbeat"]
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ from typing import Any
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.timeutil import parse_time, utc_now
 
+__all__ = ["JOB_FORMAT", "JOB_STATE_FORMAT", "LOST_AFTER_S", "QUEUED_LOST_AFTER_S", "SAVE_NOW_SIGNAL", "CodeRef", "EnvMode", "JobPhase", "JobSpec", "JobState", "looks_secret", "new_run_id", "validate_run_id"]
+
 #: The signal that asks a job's training process to checkpoint now: the agent sends it on a spot
 #: interruption notice, and CheckpointSync saves and publishes a checkpoint at the next batch end.
 SAVE_NOW_SIGNAL = signal.SIGUSR1
@@ -175,7 +177,7 @@ class JobSpec:
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "JobSpec":
+    def from_json(cls, raw: bytes | str) -> JobSpec:
         data = json.loads(raw)
         if not str(data.get("format", "")).startswith("trainctl.job/"):
             raise ConfigError(f"not a trainctl job spec (format {data.get('format')!r})")
@@ -259,7 +261,7 @@ class JobState:
         return data
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "JobState":
+    def from_json(cls, raw: bytes | str) -> JobState:
         data = json.loads(raw)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["phase"] = JobPhase(known["phase"])

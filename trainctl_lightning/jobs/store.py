@@ -61,7 +61,7 @@ class JobStore:
         self.objects.write(layout.CODE_MANIFEST, data, create_only=True)
 
     # ------------------------------------------------------------ logs
-    def log_writer(self) -> "LogChunkWriter":
+    def log_writer(self) -> LogChunkWriter:
         return LogChunkWriter(self.objects)
 
     def read_log_chunks(self, skip: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, bytes]]:

@@ -14,12 +14,14 @@ that already uses pyplot. Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.metrics.records import MetricRecord
 from trainctl_lightning.metrics.view import format_value, metric_series, select_metrics
+
+__all__ = ["DPI", "MARK_POINTS_UP_TO", "PANEL_HEIGHT_IN", "PANEL_WIDTH_IN", "plot_metrics"]
 
 PANEL_WIDTH_IN = 6.0
 PANEL_HEIGHT_IN = 3.2

@@ -20,6 +20,8 @@ from trainctl_lightning.errors import IntegrityError
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.store import RunStore, layout, run_urls_in
 
+__all__ = ["MetricsFollower", "RunSummary", "list_runs", "metric_names", "parse_segment", "read_hparams", "read_metrics", "read_status"]
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,7 @@ def read_status(url: str, storage_options: dict[str, Any] | None = None) -> RunS
         status = RunStatus.from_json(raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"{store.url_of(layout.STATUS)} is not a readable trainctl status ({exc})") from exc
-    if status.phase.is_terminal() and status.phase is not Phase.FINISHED or status.is_stale():
+    if (status.phase.is_terminal() and status.phase is not Phase.FINISHED) or status.is_stale():
         # why a launched run stopped is the agent's to say: a spot interruption shows as preempted
         notice = _interruption(store)
         if notice:

@@ -15,6 +15,8 @@ from typing import Any
 
 from trainctl_lightning.timeutil import parse_time
 
+__all__ = ["MIN_STALE_AFTER_S", "STALE_AFTER_INTERVALS", "STATUS_FORMAT", "GpuInfo", "MetricRecord", "Phase", "RunStatus"]
+
 STATUS_FORMAT = "trainctl.status/1"
 #: A run whose status was not refreshed for this many refresh intervals is shown as stale.
 STALE_AFTER_INTERVALS = 3

@@ -29,6 +29,8 @@ from trainctl_lightning.store import RunStore, validate_url
 from trainctl_lightning.store.layout import RUN_URL_ENV
 from trainctl_lightning.timeutil import utc_now
 
+__all__ = ["MetricsReporter"]
+
 log = logging.getLogger(__name__)
 
 
@@ -193,7 +195,7 @@ class MetricsReporter(Logger):
             if trainer is not None:
                 self._trainer_ref = weakref.ref(trainer)
         if self._thread is None:
-            self.store  # resolve the URL here, so a missing one is raised into fit, not the writer thread
+            _ = self.store  # resolve the URL here, so a missing one is raised into fit, not the writer thread
             self._stop.clear()
             self._phase = Phase.STARTING if self._phase.is_terminal() else self._phase
             self._thread = threading.Thread(target=self._run, name="trainctl-metrics", daemon=True)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.progress_bar import ProgressBar
@@ -30,6 +31,8 @@ from trainctl_lightning.humanize import human_ago, human_duration
 from trainctl_lightning.metrics.read import metric_names
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.timeutil import parse_time
+
+__all__ = ["SPARK_BLOCKS", "STATE_STYLES", "TREND_POINTS", "MetricSummary", "filter_records", "format_checkpoint", "format_eta", "format_gpu", "format_rate", "format_step", "format_value", "latest_metrics_text", "metric_series", "monitor_json", "monitor_renderable", "records_csv", "records_json", "records_table", "select_metrics", "sparkline", "state_text", "summarize_metrics", "waiting_renderable"]
 
 #: Eight block heights, lowest first, for :func:`sparkline`.
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -70,7 +73,7 @@ def sparkline(values: Iterable[float], width: int = TREND_POINTS) -> str:
     if hi - lo <= 1e-12 * max(1.0, abs(hi), abs(lo)):
         return SPARK_BLOCKS[3] * len(finite)
     top = len(SPARK_BLOCKS) - 1
-    return "".join(SPARK_BLOCKS[min(top, int(round((v - lo) / (hi - lo) * top)))] for v in finite)
+    return "".join(SPARK_BLOCKS[min(top, round((v - lo) / (hi - lo) * top))] for v in finite)
 
 
 def format_value(value: float | None) -> str:

@@ -51,14 +51,14 @@ def get_provider(name: str | None = None, **options: Any) -> Provider:
 
 
 __all__ = [
+    "DEFAULT_PROVIDER",
+    "REGISTRY",
     "AgentLaunch",
     "CreatePlan",
-    "DEFAULT_PROVIDER",
     "Instance",
     "InstanceSpec",
     "InstanceState",
     "Provider",
-    "REGISTRY",
     "get_provider",
     "provider_names",
     "standard_tags",

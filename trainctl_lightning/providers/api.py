@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_OWNER, TAG_RUN_ID
 
+__all__ = ["MANAGED_BY", "AgentLaunch", "CreatePlan", "Instance", "InstanceSpec", "InstanceState", "Provider", "current_owner", "standard_tags"]
+
 MANAGED_BY = "trainctl-lightning"
 
 
@@ -138,7 +140,7 @@ class Instance:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Instance":
+    def from_dict(cls, data: dict[str, Any]) -> Instance:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["state"] = InstanceState(known.get("state", "unknown"))
         return cls(**known)

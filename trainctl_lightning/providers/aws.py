@@ -34,9 +34,10 @@ import shlex
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timezone
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import boto3
 from botocore.config import Config
@@ -78,6 +79,8 @@ from trainctl_lightning.store.layout import (
     run_id_of,
     store_url_of,
 )
+
+__all__ = ["DEFAULT_DISK_GB", "DEFAULT_INSTANCE_PROFILE", "DEFAULT_INSTANCE_TYPE", "DEFAULT_MAX_RUNTIME_S", "DLAMI_PARAMETER", "LAUNCH_STEPS", "ON_DEMAND_PRICES", "OPTIONS", "SECURITY_GROUP_PURPOSE", "AWSCreatePlan", "AWSProvider", "explain_aws_error", "no_region_error"]
 
 log = logging.getLogger(__name__)
 

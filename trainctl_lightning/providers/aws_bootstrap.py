@@ -17,6 +17,8 @@ machine with::
 
 The agent command itself always runs for real. User data is readable by anyone who can describe
 the instance: nothing secret goes in it (the instance reads the store with its instance profile).
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import shlex
 
 from trainctl_lightning import __version__
 from trainctl_lightning.errors import ConfigError
+
+__all__ = ["DEFAULT_WORKDIR", "USER_DATA_LIMIT", "default_install", "render_user_data", "summarize_user_data"]
 
 #: EC2 refuses user data over 16 KB (before base64).
 USER_DATA_LIMIT = 16 * 1024

@@ -30,6 +30,8 @@ from trainctl_lightning.providers.aws import (
 )
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_PURPOSE
 
+__all__ = ["ROLE_NAME", "SECURITY_GROUP_NAME", "SetupResult", "SetupStep", "bucket_policy", "setup_aws"]
+
 ROLE_NAME = DEFAULT_INSTANCE_PROFILE
 SECURITY_GROUP_NAME = "trainctl-lightning"
 _TRUST_POLICY = {

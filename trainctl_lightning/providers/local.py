@@ -27,8 +27,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError
 from trainctl_lightning.paths import trainctl_home
@@ -43,6 +44,8 @@ from trainctl_lightning.providers.api import (
 )
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NAME
 from trainctl_lightning.timeutil import utc_now
+
+__all__ = ["INSTANCE_TYPE", "RECORD_NAME", "ROOT_ENV", "STOP_WAIT_S", "WORK_DIR", "LocalProvider", "process_alive", "process_start_time"]
 
 log = logging.getLogger(__name__)
 

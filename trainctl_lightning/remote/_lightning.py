@@ -33,6 +33,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 
+__all__ = ["ENTRIES", "SUPPORTED_LIGHTNING", "Launcher", "captured_trainer_kwargs", "entry_arguments", "impl_parameters", "public_parameters", "set_progress"]
+
 #: The Lightning versions this module was written and tested against (also pinned in pyproject.toml).
 SUPPORTED_LIGHTNING = ">=2.4,<2.7"
 

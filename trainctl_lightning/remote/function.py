@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.remote.payload import FunctionPayload, dumps_payload
@@ -32,6 +33,8 @@ from trainctl_lightning.remote.session import (
     RemoteRun,
     remote_exception,
 )
+
+__all__ = ["RemoteFunction", "remote", "remote_function"]
 
 R = TypeVar("R")
 

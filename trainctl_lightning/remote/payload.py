@@ -8,6 +8,8 @@ not import (neither installed nor inside the synced project) is shipped by value
 Both files are an outer plain pickle of builtins (a format tag, the ``sys.path`` entries the
 worker must add, and the cloudpickled body), so the worker can set up imports before it
 unpickles anything of the user's.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import site
 import sys
 import sysconfig
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cloudpickle
 
 from trainctl_lightning.errors import ConfigError
+
+__all__ = ["PAYLOAD_FORMAT", "RESULT_FORMAT", "FunctionPayload", "RemoteResult", "TrainerPayload", "dumps_payload", "dumps_result", "loads_payload", "loads_result", "scalar_metrics", "unpicklable_error"]
 
 log = logging.getLogger(__name__)
 

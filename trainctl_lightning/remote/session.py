@@ -6,6 +6,8 @@ is :func:`trainctl_lightning.launch.plan_launch` and :func:`~trainctl_lightning.
 this module adds what a call that looks local needs:
 live output, Ctrl-C that cancels the remote run, the instance ended unless ``keep_alive``, and
 the remote outcome turned back into a return value or an exception.
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import codecs
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from trainctl_lightning.errors import (
     ConfigError,
@@ -32,6 +35,8 @@ from trainctl_lightning.store.layout import run_url_in
 
 if TYPE_CHECKING:
     from trainctl_lightning.launch import LaunchPlan, Run
+
+__all__ = ["WORKER_MODULE", "RemoteCall", "RemoteOptions", "RemoteRun", "remote_exception"]
 
 log = logging.getLogger(__name__)
 

@@ -47,6 +47,8 @@ from trainctl_lightning.store import RunStore, layout
 if TYPE_CHECKING:
     from trainctl_lightning.launch import LaunchPlan
 
+__all__ = ["RemoteStrategy"]
+
 log = logging.getLogger(__name__)
 
 #: Trainer arguments that describe the remote hardware: they belong on RemoteStrategy.

@@ -8,6 +8,8 @@ the working directory and ``$TRAINCTL_RUN_URL`` set. Exit status: 0 when the cal
 After ``fit``, the final weights are always in a published checkpoint: the newest one a
 ``CheckpointSync`` published at the final step, else one the worker saves and publishes to the
 run itself (``final.ckpt``).
+
+Internal: not part of the public API; it may change without notice.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from trainctl_lightning.remote.payload import (
     scalar_metrics,
 )
 from trainctl_lightning.store import RunStore, layout
+
+__all__ = ["main", "run_function", "run_trainer"]
 
 
 def main(argv: list[str] | None = None) -> int:

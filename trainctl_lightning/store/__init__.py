@@ -40,8 +40,8 @@ __all__ = [
     "RunStore",
     "explain_store_error",
     "layout",
-    "run_urls_in",
     "package_version",
+    "run_urls_in",
     "sha256_file",
     "validate_url",
 ]

@@ -36,7 +36,7 @@ from trainctl_lightning.store.manifest import CheckpointManifest, FileEntry
 from trainctl_lightning.store.objects import ObjectStore
 from trainctl_lightning.timeutil import utc_now
 
-__all__ = ["LocalFile", "RunStore", "run_urls_in", "package_version"]
+__all__ = ["LocalFile", "RunStore", "package_version", "run_urls_in"]
 
 log = logging.getLogger(__name__)
 

@@ -114,7 +114,7 @@ class _Rules:
         self._reinclude_parts = [p.split("/") for p in (_anchored(x) for x in reincludes + include) if p]
 
     @classmethod
-    def load(cls, root: Path, include: Sequence[str]) -> "_Rules":
+    def load(cls, root: Path, include: Sequence[str]) -> _Rules:
         lines = _read_lines(root / TRAINCTL_IGNORE)
         reincludes = [ln.strip()[1:] for ln in lines if ln.strip().startswith("!")]
         try:
