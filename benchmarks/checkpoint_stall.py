@@ -218,9 +218,7 @@ def _child(spec_path: str) -> None:
             dirpath = f"s3://{BUCKET}/{spec['prefix']}/native"
         else:
             dirpath = os.path.join(workdir, "ckpts")
-        callbacks.append(
-            ModelCheckpoint(dirpath=dirpath, every_n_train_steps=every_n, save_top_k=-1, save_last=False)
-        )
+        callbacks.append(ModelCheckpoint(dirpath=dirpath, every_n_train_steps=every_n, save_top_k=-1, save_last=False))
         if mode == "sync_s3":
             from trainctl_lightning import CheckpointSync
 
@@ -367,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "training, as a remote endpoint's would not (uploads then lag behind training); default 0",
     )
     parser.add_argument("--verbose", action="store_true", help="show the training runs' own output")
-    parser.add_argument("--raw-out", default=None, help="also write every run's raw timings (each step and gap) to this JSON file")
+    parser.add_argument(
+        "--raw-out", default=None, help="also write every run's raw timings (each step and gap) to this JSON file"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -573,8 +573,7 @@ def _summary(
         "median_step_s": {m: _round(results[m]["median_step_s"]) for m in modes},
         "end_of_fit_s": {m: _round(results[m]["end_of_fit_s"], 3) for m in modes},
         "cpu_per_ckpt_s": {
-            m: dict(zip(("training_process", "s3_server"), map(_round, _cpu_per_ckpt(results[m], base, n))))
-            for m in modes
+            m: dict(zip(("training_process", "s3_server"), map(_round, _cpu_per_ckpt(results[m], base, n)))) for m in modes
         },
         "server_nice": args.server_nice,
         "load_avg_1m": {"start": _round(args.load_start, 2), "end": _round(_loadavg(), 2)},

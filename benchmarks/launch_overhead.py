@@ -107,7 +107,9 @@ def make_project(root: Path) -> None:
 def time_to_first_line(cmd: list[str], cwd: Path, env: dict[str, str], stream: str) -> tuple[float, float, str, str]:
     """(seconds to the first line, seconds to exit, stdout, stderr) of ``cmd``."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+    )
     pipe = proc.stdout if stream == "stdout" else proc.stderr
     assert pipe is not None
     first = None
@@ -165,7 +167,7 @@ def main() -> int:
         launch_cmd = [sys.executable, "-m", "trainctl_lightning.cli.app", "launch", "train.py", "--output", "json"]
         for rep in range(repeats):
             order = list(modes)
-            order = order[rep % len(order):] + order[: rep % len(order)]
+            order = order[rep % len(order) :] + order[: rep % len(order)]
             for mode in order:
                 print(f"launch_overhead: round {rep} {mode} ...", file=sys.stderr, flush=True)
                 if mode == "direct":
@@ -178,7 +180,10 @@ def main() -> int:
                     agent[mode].append(state.get("timings", {}))
                 first_line[mode].append(f)
                 total[mode].append(t)
-                print(f"[{mode:9s} {rep}] first line {f:.2f}s, exit {t:.2f}s" + (f", code uploaded {uploaded[mode][-1]} B" if mode != "direct" else ""))
+                print(
+                    f"[{mode:9s} {rep}] first line {f:.2f}s, exit {t:.2f}s"
+                    + (f", code uploaded {uploaded[mode][-1]} B" if mode != "direct" else "")
+                )
 
         med = {m: statistics.median(v) for m, v in first_line.items()}
         med_total = {m: statistics.median(v) for m, v in total.items()}
@@ -223,13 +228,21 @@ def main() -> int:
 
 
 def _creds(env: dict[str, str]) -> dict[str, str]:
-    return {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"], "region_name": env["AWS_DEFAULT_REGION"]}
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
 
 
 def _job_state(run_id: str, cwd: Path, env: dict[str, str]) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "trainctl_lightning.cli.app", "status", run_id, "--output", "json"],
-        cwd=cwd, env=env, capture_output=True, text=True, check=True,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(out).get("job") or {}
 
@@ -239,14 +252,18 @@ def _terminate_leftovers(work: Path) -> None:
     env = {**os.environ, "TRAINCTL_HOME": str(work / "home")}
     listed = subprocess.run(
         [sys.executable, "-m", "trainctl_lightning.cli.app", "ls", "--provider", "local", "--output", "json"],
-        env=env, capture_output=True, text=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     try:
         instances = json.loads(listed.stdout).get("instances", [])
     except ValueError:
         return
     for inst in instances:
-        subprocess.run([sys.executable, "-m", "trainctl_lightning.cli.app", "terminate", inst["id"]], env=env, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "trainctl_lightning.cli.app", "terminate", inst["id"]], env=env, capture_output=True
+        )
 
 
 if __name__ == "__main__":

@@ -502,6 +502,7 @@ def _summary(runs: list[dict[str, Any]], args: argparse.Namespace, load_start: f
     real = ("csv", "metrics_reporter")
     overhead = {m: statistics.median(paired(m, "step_s")) for m in loggers}
     own = {m: statistics.median(paired(m, "step_s", "null_logger")) for m in real}
+
     # The same cost added up from what was timed inside each process: Lightning's connector and the
     # logger's own calls on the training thread, plus the CPU time of the process's other threads
     # (with the GIL, their Python work stops the training thread for about as long). As a share of
@@ -514,8 +515,7 @@ def _summary(runs: list[dict[str, Any]], args: argparse.Namespace, load_start: f
 
     accounted = {m: statistics.median(accounted_s(r) for r in _by_mode(runs, m)) for m in loggers}
     accounted_pct = {
-        m: statistics.median(100 * accounted_s(r) / (r["step_s"] - accounted_s(r)) for r in _by_mode(runs, m))
-        for m in loggers
+        m: statistics.median(100 * accounted_s(r) / (r["step_s"] - accounted_s(r)) for r in _by_mode(runs, m)) for m in loggers
     }
     steps_s = [r["step_s"] for r in none_runs]
     rep = _by_mode(runs, "metrics_reporter")

@@ -105,11 +105,15 @@ def main() -> None:
     for m in RunStore(store).list_checkpoints():
         print(f"   {m.id:48s} {m.name:28s} step {m.global_step:5d}  {m.size / 1e6:.1f} MB")
     status = read_status(store)
-    print(f"\n== status: {status.state()} at step {status.global_step}, "
-          f"val_acc={status.metrics.get('val_acc', float('nan')):.3f}, last checkpoint {status.last_checkpoint['name']}")
-    print(f"\nTry: .venv/bin/trainctl ckpt ls {store}\n     .venv/bin/trainctl ckpt verify {store}"
-          f"\n     .venv/bin/trainctl runs ls {store}\n     .venv/bin/trainctl metrics {store} --output csv"
-          f"\n     .venv/bin/trainctl plot {store} -o demo-runs/quickstart.png")
+    print(
+        f"\n== status: {status.state()} at step {status.global_step}, "
+        f"val_acc={status.metrics.get('val_acc', float('nan')):.3f}, last checkpoint {status.last_checkpoint['name']}"
+    )
+    print(
+        f"\nTry: .venv/bin/trainctl ckpt ls {store}\n     .venv/bin/trainctl ckpt verify {store}"
+        f"\n     .venv/bin/trainctl runs ls {store}\n     .venv/bin/trainctl metrics {store} --output csv"
+        f"\n     .venv/bin/trainctl plot {store} -o demo-runs/quickstart.png"
+    )
 
 
 if __name__ == "__main__":

@@ -99,8 +99,13 @@ def train(accelerator: str, work: Path, mode: str, steps: int, every: int) -> di
     if sync:
         callbacks.append(sync)
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks,
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
     )
     started = time.perf_counter()
     trainer.fit(model)
@@ -112,9 +117,13 @@ def train(accelerator: str, work: Path, mode: str, steps: int, every: int) -> di
     plain = sorted(v for k, v in gaps.items() if k not in saves)
     median = plain[len(plain) // 2]
     stalls = [gaps[k] - median for k in sorted(saves)]
-    result = {"mode": mode, "wall_s": round(wall, 2), "median_gap_between_steps_ms": round(median * 1e3, 2),
-              "stall_per_checkpoint_ms": round(1e3 * sorted(stalls)[len(stalls) // 2], 1) if stalls else None,
-              "device": str(trainer.strategy.root_device)}
+    result = {
+        "mode": mode,
+        "wall_s": round(wall, 2),
+        "median_gap_between_steps_ms": round(median * 1e3, 2),
+        "stall_per_checkpoint_ms": round(1e3 * sorted(stalls)[len(stalls) // 2], 1) if stalls else None,
+        "device": str(trainer.strategy.root_device),
+    }
     if sync:
         store = RunStore(store_url)
         published = store.list_checkpoints()
@@ -127,9 +136,12 @@ def train(accelerator: str, work: Path, mode: str, steps: int, every: int) -> di
                 exact += 1
             else:
                 print(f"MISMATCH: {m.name} at step {m.global_step} does not hold that step's weights")
-        result.update(published=len(published), exact_weights=exact,
-                      requested=[m.name for m in published if m.name.startswith("requested")],
-                      size_mb=round(published[0].size / 1e6, 1) if published else None)
+        result.update(
+            published=len(published),
+            exact_weights=exact,
+            requested=[m.name for m in published if m.name.startswith("requested")],
+            size_mb=round(published[0].size / 1e6, 1) if published else None,
+        )
     return result
 
 
@@ -143,14 +155,24 @@ def remote_fit(accelerator: str, work: Path) -> dict:
     model = Wide(width=256, depth=2)
     before = state_digest(model.state_dict())
     strategy = RemoteStrategy(accelerator=accelerator, devices=1, store=f"file://{work / 'remote-store'}")
-    trainer = pl.Trainer(strategy=strategy, max_steps=20, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath="ckpts", save_last=True), CheckpointSync()])
+    trainer = pl.Trainer(
+        strategy=strategy,
+        max_steps=20,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath="ckpts", save_last=True), CheckpointSync()],
+    )
     trainer.fit(model)
-    logs = (work / "remote-store" / strategy.remote_run.run_id / "logs")
+    logs = work / "remote-store" / strategy.remote_run.run_id / "logs"
     text = "".join(p.read_text() for p in sorted(logs.glob("*.log")))
     line = next((ln for ln in text.splitlines() if ln.startswith("GPU available")), "")
-    return {"global_step": trainer.global_step, "weights_changed": state_digest(model.state_dict()) != before,
-            "remote_gpu_line": line, "phase": strategy.remote_run.phase}
+    return {
+        "global_step": trainer.global_step,
+        "weights_changed": state_digest(model.state_dict()) != before,
+        "remote_gpu_line": line,
+        "phase": strategy.remote_run.phase,
+    }
 
 
 def main() -> int:

@@ -75,8 +75,9 @@ def test_heartbeat_refreshes_the_state(file_store: str, workdir: Path) -> None:
     agent = start(jobs, workdir)
     first = wait_for(jobs, {JobPhase.RUNNING}, timeout=30)
     # the job sleeps 2s and prints nothing: only a heartbeat (every 0.5s) refreshes a running state
-    second = wait_until(lambda: (s := jobs.read_state()).updated_at > first.updated_at and s, timeout=30,
-                        what="the state to be refreshed")
+    second = wait_until(
+        lambda: (s := jobs.read_state()).updated_at > first.updated_at and s, timeout=30, what="the state to be refreshed"
+    )
     assert second.phase is JobPhase.RUNNING and second.updated_at > first.updated_at
     assert second.pid == first.pid and process_start_time(first.pid) is not None
     assert agent.wait(timeout=30) == 0

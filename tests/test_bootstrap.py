@@ -107,7 +107,9 @@ def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_a
     prefix, module = json.loads(where.stdout.removeprefix("WHERE "))
     assert Path(prefix) == venv
     assert Path(module).is_relative_to(venv / "lib") and "site-packages" in Path(module).parts
-    installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "show", "trainctl-lightning"], env=env, capture_output=True, text=True)
+    installed = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "show", "trainctl-lightning"], env=env, capture_output=True, text=True
+    )
     assert installed.returncode == 0 and f"Location: {Path(module).parent.parent}" in installed.stdout
     # built from the source this test runs
     assert (Path(module).parent / "providers" / "aws_bootstrap.py").read_text() == Path(aws_bootstrap.__file__).read_text()

@@ -120,8 +120,11 @@ def test_restarted_run_keeps_publishing_to_the_same_url_and_resumes_from_the_pub
 
     trainer = pl.Trainer(
         **trainer_kwargs(max_steps=16, limit_val_batches=0),
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=4, save_last=True),
-                   CheckpointSync(url), StartStep()],
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=4, save_last=True),
+            CheckpointSync(url),
+            StartStep(),
+        ],
     )
     with caplog.at_level(logging.INFO, logger="trainctl_lightning"):
         trainer.fit(TinyRegressor(), ckpt_path=resume_path(url))
@@ -156,8 +159,10 @@ def test_keep_last_trims_the_store_and_keep_local_false_frees_disk(memory_url, t
 def test_mirror_deletes_off_keeps_every_remote_checkpoint(file_url, tmp_path):
     trainer = pl.Trainer(
         **trainer_kwargs(max_epochs=4, limit_train_batches=3),
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "c", monitor="val_loss", save_top_k=1),
-                   CheckpointSync(file_url, mirror_deletes=False)],
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "c", monitor="val_loss", save_top_k=1),
+            CheckpointSync(file_url, mirror_deletes=False),
+        ],
     )
     trainer.fit(TinyRegressor())
     assert len(_local_ckpts(tmp_path / "c")) == 1
@@ -223,8 +228,11 @@ def test_permanent_failure_is_loud_and_named_but_training_finishes(s3, tmp_path,
 
     trainer = pl.Trainer(
         **trainer_kwargs(max_steps=6, limit_val_batches=0),
-        callbacks=[DropBucket(), ModelCheckpoint(dirpath=tmp_path / "c", every_n_train_steps=3, save_top_k=-1),
-                   CheckpointSync(url, retry_timeout=5)],
+        callbacks=[
+            DropBucket(),
+            ModelCheckpoint(dirpath=tmp_path / "c", every_n_train_steps=3, save_top_k=-1),
+            CheckpointSync(url, retry_timeout=5),
+        ],
     )
     with caplog.at_level(logging.ERROR), pytest.raises(UploadError) as info:
         trainer.fit(TinyRegressor())

@@ -95,7 +95,9 @@ def test_a_store_down_longer_than_retry_timeout_fails_the_checkpoint_by_name(fil
         callbacks=[sync, down, StoreDown(), _every_step(tmp_path / "c", n=2)],
     )
     started = time.monotonic()
-    with pytest.raises(UploadError, match=r"failed: epoch=0-step=2\.ckpt \(StoreError: cannot reach the storage endpoint .*the store is down") as raised:
+    with pytest.raises(
+        UploadError, match=r"failed: epoch=0-step=2\.ckpt \(StoreError: cannot reach the storage endpoint .*the store is down"
+    ) as raised:
         trainer.fit(TinyRegressor())
     took = time.monotonic() - started
 

@@ -80,8 +80,10 @@ def test_errors_are_one_line_with_what_to_do(tmp_path, s3):
         (("ckpt", "ls", "nosuch://bucket/run"), "unknown storage protocol 'nosuch'"),
         (("ckpt", "download", f"file://{tmp_path}/empty"), "no complete checkpoint in"),
         (("ckpt", "upload", str(tmp_path / "missing.ckpt"), f"file://{tmp_path}/s"), "does not exist"),
-        (("ckpt", "upload", str(_lightning_like_ckpt(tmp_path / "a.ckpt", 1)), "s3://no-such-bucket/run"),
-         "bucket of s3://no-such-bucket/run does not exist: create it first"),
+        (
+            ("ckpt", "upload", str(_lightning_like_ckpt(tmp_path / "a.ckpt", 1)), "s3://no-such-bucket/run"),
+            "bucket of s3://no-such-bucket/run does not exist: create it first",
+        ),
     ]
     for args, message in cases:
         out = trainctl(*args, env=s3.env())

@@ -61,8 +61,16 @@ def write_status(url: str, phase: Phase, age_s: float = 0.0, **fields) -> RunSta
         updated_at=iso(now - timedelta(seconds=age_s)),
         started_at=iso(now - timedelta(seconds=age_s + 600)),
         refresh_interval_s=5.0,
-        **{"epoch": 2, "global_step": 50, "max_steps": 100, "steps_per_s": 4.0, "eta_s": 12.5,
-           "metrics": {"train_loss": 0.25, "epoch": 2.0}, "host": "gpu-box", **fields},
+        **{
+            "epoch": 2,
+            "global_step": 50,
+            "max_steps": 100,
+            "steps_per_s": 4.0,
+            "eta_s": 12.5,
+            "metrics": {"train_loss": 0.25, "epoch": 2.0},
+            "host": "gpu-box",
+            **fields,
+        },
     )
     RunStore(url).write_status(status.to_json())
     return status
@@ -91,7 +99,13 @@ def test_sparkline():
 
 def test_human_formatting():
     assert [human_duration(s) for s in (None, -1, 0, 45, 185, 7260, 3 * 86400 + 4 * 3600)] == [
-        "-", "-", "0s", "45s", "3m05s", "2h01m", "3d04h"
+        "-",
+        "-",
+        "0s",
+        "45s",
+        "3m05s",
+        "2h01m",
+        "3d04h",
     ]
     assert human_ago(61) == "1m01s ago"
     assert [view.format_value(v) for v in (None, float("nan"), 3.0, 0.123456, 1.5e-5)] == ["-", "nan", "3", "0.1235", "1.5e-05"]
@@ -100,17 +114,38 @@ def test_human_formatting():
 def test_monitor_frame_renders_status_metrics_and_trend():
     now = datetime.now(timezone.utc)
     status = RunStatus(
-        phase=Phase.TRAINING, updated_at=iso(now), started_at=iso(now - timedelta(minutes=5)), refresh_interval_s=5,
-        epoch=1, global_step=12, max_steps=100, steps_per_s=2.5, eta_s=35.2, host="gpu-box", pid=42,
+        phase=Phase.TRAINING,
+        updated_at=iso(now),
+        started_at=iso(now - timedelta(minutes=5)),
+        refresh_interval_s=5,
+        epoch=1,
+        global_step=12,
+        max_steps=100,
+        steps_per_s=2.5,
+        eta_s=35.2,
+        host="gpu-box",
+        pid=42,
         gpu=GpuInfo(name="NVIDIA H100", memory_used_mb=10240, memory_total_mb=81920, utilization_pct=97),
-        last_checkpoint={"name": "last.ckpt", "global_step": 10}, metrics={"train_loss": 0.5, "lr": 0.1, "epoch": 1.0},
+        last_checkpoint={"name": "last.ckpt", "global_step": 10},
+        metrics={"train_loss": 0.5, "lr": 0.1, "epoch": 1.0},
     )
     records = [MetricRecord(step=i, time=iso(now), metrics={"train_loss": 1.0 / (i + 1), "epoch": 0.0}) for i in range(12)]
     console = Console(record=True, width=140)
     console.print(view.monitor_renderable("s3://b/runs/x", status, records, now=now))
     text = console.export_text()
-    for needle in ("s3://b/runs/x", "training", "12/100", "12%", "2.5", "35s", "gpu-box (pid 42)",
-                   "NVIDIA H100 · 10.0/80.0 GiB · 97% busy", "last.ckpt (step 10)", "train_loss", "lr"):
+    for needle in (
+        "s3://b/runs/x",
+        "training",
+        "12/100",
+        "12%",
+        "2.5",
+        "35s",
+        "gpu-box (pid 42)",
+        "NVIDIA H100 · 10.0/80.0 GiB · 97% busy",
+        "last.ckpt (step 10)",
+        "train_loss",
+        "lr",
+    ):
         assert needle in text, (needle, text)
     assert view.sparkline(r.metrics["train_loss"] for r in records) in text
     assert "█▄▃▂▂▂▁▁▁▁▁▁" in text, "train_loss falls: its trend falls"
@@ -187,8 +222,9 @@ def test_plot_writes_one_panel_per_metric(trained, tmp_path):
 
 
 def test_plot_metrics_from_python(tmp_path, monkeypatch):
-    records = [MetricRecord(step=i, time="", metrics={"loss": float("nan") if i == 3 else 1 / (i + 1), "epoch": 0.0})
-               for i in range(10)]
+    records = [
+        MetricRecord(step=i, time="", metrics={"loss": float("nan") if i == 3 else 1 / (i + 1), "epoch": 0.0}) for i in range(10)
+    ]
     path = plot_metrics(records, None, tmp_path / "a.png", title="run")
     assert path.read_bytes().startswith(PNG_MAGIC)
 
@@ -265,7 +301,11 @@ def test_a_run_stopped_by_a_spot_interruption_shows_preempted(tmp_path):
     write_status(f"{prefix}/plain", Phase.INTERRUPTED)  # Ctrl-C: no notice, stays interrupted
 
     rows = {r["name"]: r for r in json.loads(trainctl("runs", "ls", prefix, "--output", "json").stdout)["runs"]}
-    assert {name: row["state"] for name, row in rows.items()} == {"interrupted": "preempted", "gone": "preempted", "plain": "interrupted"}
+    assert {name: row["state"] for name, row in rows.items()} == {
+        "interrupted": "preempted",
+        "gone": "preempted",
+        "plain": "interrupted",
+    }
     assert rows["gone"]["status"]["interruption"] == notice
     out = trainctl("monitor", f"{prefix}/gone", "--interval", "0.2")
     assert out.returncode == 3 and "preempted" in out.stdout
@@ -319,8 +359,9 @@ def test_monitor_waits_for_the_first_status_and_follows_the_run_to_its_end(file_
         wait_until(lambda: f"waiting for {file_url} to report…" in err.read_text(), timeout=30, what="the monitor to wait")
         assert proc.poll() is None, "still waiting"
         write_status(file_url, Phase.TRAINING, global_step=10)
-        wait_until(lambda: "training" in (text := out.read_text()) and "10/100" in text, timeout=30,
-                   what="a frame of the live run")
+        wait_until(
+            lambda: "training" in (text := out.read_text()) and "10/100" in text, timeout=30, what="a frame of the live run"
+        )
         assert proc.poll() is None, "watching a live run"
         write_status(file_url, Phase.FINISHED, global_step=100, eta_s=None)
         proc.wait(timeout=30)
@@ -350,8 +391,10 @@ def test_monitor_ctrl_c_exits_130_quietly(file_url, tmp_path):
 
 # ------------------------------------------------------------------ errors
 def test_errors_are_one_line(trained, tmp_path):
-    one_line_error(trainctl("plot", trained, "-m", "nope", "-o", str(tmp_path / "x.png")),
-                   "no metric named 'nope' in this run; available: train_loss, val_loss, epoch")
+    one_line_error(
+        trainctl("plot", trained, "-m", "nope", "-o", str(tmp_path / "x.png")),
+        "no metric named 'nope' in this run; available: train_loss, val_loss, epoch",
+    )
     assert not (tmp_path / "x.png").exists()
     one_line_error(trainctl("metrics", trained, "-m", "nope"), "available: train_loss, val_loss, epoch")
 

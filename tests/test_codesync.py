@@ -170,15 +170,37 @@ def test_default_skips_venvs_caches_git_and_symlinked_folders(project: Path, tmp
 
 
 def test_secrets_are_skipped_and_named_unless_reincluded(project: Path, caplog):
-    for rel in [".env", ".env.production", "certs/server.pem", "tls.key", "id_rsa", "id_ed25519.pub",
-                ".aws/credentials", ".netrc", "gcp/credentials.json", ".pypirc"]:
+    for rel in [
+        ".env",
+        ".env.production",
+        "certs/server.pem",
+        "tls.key",
+        "id_rsa",
+        "id_ed25519.pub",
+        ".aws/credentials",
+        ".netrc",
+        "gcp/credentials.json",
+        ".pypirc",
+    ]:
         _write(project, rel, "s3cr3t")
 
     with caplog.at_level(logging.WARNING, logger="trainctl_lightning.jobs.codesync"):
         bundle = scan_project(project)
 
-    assert bundle.skipped_secrets == sorted([".env", ".env.production", "certs/server.pem", "tls.key", "id_rsa",
-                                             "id_ed25519.pub", ".aws/", ".netrc", "gcp/credentials.json", ".pypirc"])
+    assert bundle.skipped_secrets == sorted(
+        [
+            ".env",
+            ".env.production",
+            "certs/server.pem",
+            "tls.key",
+            "id_rsa",
+            "id_ed25519.pub",
+            ".aws/",
+            ".netrc",
+            "gcp/credentials.json",
+            ".pypirc",
+        ]
+    )
     assert not any(b"s3cr3t" in (project / f.path).read_bytes() for f in bundle.files)
     warning = [r for r in caplog.records if "secrets" in r.getMessage()]
     assert len(warning) == 1 and ".env.production" in warning[0].getMessage() and ".aws/" in warning[0].getMessage()
@@ -356,11 +378,15 @@ def test_a_manifest_with_an_unsafe_path_is_refused(bad_path: str, tmp_path: Path
     content = b"print('pwned')\n"
     sha = hashlib.sha256(content).hexdigest()
     _write(store, f"_code/blobs/{sha}", content)
-    raw = json.dumps({"format": "trainctl.code/1",
-                      "files": {bad_path: {"sha256": sha, "size": len(content), "mode": 0o644}}}).encode()
+    raw = json.dumps(
+        {"format": "trainctl.code/1", "files": {bad_path: {"sha256": sha, "size": len(content), "mode": 0o644}}}
+    ).encode()
     _write(store, "run1/code.json", raw)
-    code = CodeRef(manifest_url=f"file://{store}/run1/code.json", manifest_sha256=hashlib.sha256(raw).hexdigest(),
-                   blobs_url=f"file://{store}/_code/blobs")
+    code = CodeRef(
+        manifest_url=f"file://{store}/run1/code.json",
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        blobs_url=f"file://{store}/_code/blobs",
+    )
 
     with pytest.raises(IntegrityError, match="unsafe path"):
         fetch_bundle(code, tmp_path / "work" / "dest")

@@ -208,9 +208,13 @@ ALLOWED_PROVIDERS = ", ".join(provider_names())
 BAD_FILES = [
     pytest.param('instanse_type = "g5.xlarge"\n', ["unknown key 'instanse_type'", "did you mean 'instance_type'?"], id="typo"),
     pytest.param(
-        '[profiles.gpu]\nregoin = "us-east-1"\n', ["unknown key 'profiles.gpu.regoin'", "did you mean 'region'?"], id="typo-in-profile"
+        '[profiles.gpu]\nregoin = "us-east-1"\n',
+        ["unknown key 'profiles.gpu.regoin'", "did you mean 'region'?"],
+        id="typo-in-profile",
     ),
-    pytest.param("zzz = 1\n", ["unknown key 'zzz'", "known keys: code_max_mb, default_profile, disk_gb"], id="unknown-no-suggestion"),
+    pytest.param(
+        "zzz = 1\n", ["unknown key 'zzz'", "known keys: code_max_mb, default_profile, disk_gb"], id="unknown-no-suggestion"
+    ),
     pytest.param('provider = "gcp"\n', [f"provider = 'gcp' is not a provider: choose one of {ALLOWED_PROVIDERS}"], id="provider"),
     pytest.param(
         '[profiles.gpu]\nenv_mode = "fresh"\n',
@@ -258,7 +262,9 @@ def test_bad_file_gives_one_line_naming_file_key_value_and_what_is_allowed(tmp_p
 
 def test_pyproject_errors_name_the_full_dotted_key(tmp_path):
     path = write(tmp_path / "pyproject.toml", "[tool.trainctl.profiles.gpu]\nspot = 1\n")
-    with pytest.raises(ConfigError, match=r"pyproject.toml: tool.trainctl.profiles.gpu.spot = 1 must be true or false, got an integer$"):
+    with pytest.raises(
+        ConfigError, match=r"pyproject.toml: tool.trainctl.profiles.gpu.spot = 1 must be true or false, got an integer$"
+    ):
         validate_file(path)
     write(tmp_path / "other" / "pyproject.toml", '[project]\nname = "x"\n')
     with pytest.raises(ConfigError, match=r"has no tool.trainctl table"):
@@ -280,7 +286,10 @@ def test_unknown_profile_names_the_known_ones(project, monkeypatch, tmp_path):
 
 def test_bad_env_vars_and_overrides_say_where_they_came_from(project, monkeypatch):
     monkeypatch.setenv("TRAINCTL_PROVIDER", "gcp")
-    with pytest.raises(ConfigError, match=rf"^environment variable TRAINCTL_PROVIDER: provider = 'gcp' is not a provider: choose one of {ALLOWED_PROVIDERS}$"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^environment variable TRAINCTL_PROVIDER: provider = 'gcp' is not a provider: choose one of {ALLOWED_PROVIDERS}$",
+    ):
         load_config(project)
     monkeypatch.delenv("TRAINCTL_PROVIDER")
     with pytest.raises(ConfigError, match=r"^command line: disk_gb = -10 must be > 0$"):

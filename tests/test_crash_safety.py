@@ -267,9 +267,7 @@ def _in_flight(run: Run, session: str | None) -> tuple[bool, bool]:
     """(a checkpoint file was being written, one was written but not yet published) at the kill."""
     staging = run.ckpt_dir / STAGING_DIR
     mine = [p.name for p in staging.glob(f"{session}-*")] if session and staging.is_dir() else []
-    writing = any(name.endswith(".partial") for name in mine) or any(
-        run.ckpt_dir.glob(f".*.{session}.tmp") if session else []
-    )
+    writing = any(name.endswith(".partial") for name in mine) or any(run.ckpt_dir.glob(f".*.{session}.tmp") if session else [])
     publishing = any(not name.endswith(".partial") for name in mine)
     return writing, publishing
 

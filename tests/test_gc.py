@@ -45,7 +45,9 @@ def test_gc_terminates_an_instance_whose_run_ended_and_keeps_the_others(project:
     assert live.returncode == 0, live.stderr
     live = json.loads(live.stdout)
     idle = json.loads(trainctl("create", "--output", "json", cwd=project).stdout)  # no run: jobs may still come
-    wait_until(lambda: "before the gate" in trainctl("logs", live["run_id"], cwd=project, env=env).stdout, what="the live job to run")
+    wait_until(
+        lambda: "before the gate" in trainctl("logs", live["run_id"], cwd=project, env=env).stdout, what="the live job to run"
+    )
 
     gc = ["gc", "--provider", "local", "--store", store, "--output", "json"]
     listed = trainctl(*gc, cwd=project)
@@ -69,7 +71,10 @@ def test_gc_terminates_an_instance_whose_run_ended_and_keeps_the_others(project:
     # the kept run goes on to the end untouched
     gate.open()
     wait_until(lambda: states(project)[live["instance_id"]] == "terminated", timeout=30, what="the live run to end")
-    assert json.loads(trainctl("status", live["run_id"], "--output", "json", cwd=project, env=env).stdout)["job"]["phase"] == "succeeded"
+    assert (
+        json.loads(trainctl("status", live["run_id"], "--output", "json", cwd=project, env=env).stdout)["job"]["phase"]
+        == "succeeded"
+    )
     assert json.loads(trainctl(*gc, "--yes", cwd=project).stdout)["garbage"] == []
     trainctl("terminate", idle["id"], cwd=project)
     assert_nothing_running()

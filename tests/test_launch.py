@@ -126,7 +126,9 @@ def check_run_arrived(project: Path, store: str, result: subprocess.CompletedPro
 def test_launch_a_lightning_script_with_a_file_store(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = f"file://{tmp_path}/store"
     monkeypatch.setenv("TRAINCTL_STORE", store)
-    result = trainctl("launch", "train.py", "--store", store, "--output", "json", "--", "--tag", "x", cwd=project, env={"TRAINCTL_STORE": store})
+    result = trainctl(
+        "launch", "train.py", "--store", store, "--output", "json", "--", "--tag", "x", cwd=project, env={"TRAINCTL_STORE": store}
+    )
     out = check_run_arrived(project, store, result)
     instances = json.loads(trainctl("ls", "--all", "--output", "json", cwd=project).stdout)["instances"]
     assert [(i["id"], i["state"]) for i in instances] == [(out["instance_id"], "terminated")]
@@ -207,9 +209,13 @@ def test_plan_then_execute(project: Path, tmp_path: Path, monkeypatch: pytest.Mo
     assert_nothing_running()
 
 
-def test_a_launch_that_fails_after_creating_its_instance_terminates_it(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_launch_that_fails_after_creating_its_instance_terminates_it(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(project)
-    plan = api.plan_launch(api.LaunchRequest("train.py", detach=True), api.resolve_settings(project, store=f"file://{tmp_path}/store"))
+    plan = api.plan_launch(
+        api.LaunchRequest("train.py", detach=True), api.resolve_settings(project, store=f"file://{tmp_path}/store")
+    )
     (project / "train.py").write_text("print('edited after planning')\n")  # the scanned file changed
     with pytest.raises(IntegrityError, match="changed after it was scanned"):
         api.execute_plan(plan)
@@ -298,7 +304,9 @@ def test_invalid_config_is_refused(project: Path) -> None:
 
 def test_dry_run_shows_what_would_happen_and_creates_nothing(project: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    result = trainctl("launch", "train.py", "--dry-run", "--output", "json", cwd=project, env={"TRAINCTL_STORE": f"file://{store}"})
+    result = trainctl(
+        "launch", "train.py", "--dry-run", "--output", "json", cwd=project, env={"TRAINCTL_STORE": f"file://{store}"}
+    )
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["dry_run"] and plan["command"][-1] == "train.py" and plan["code_files"] == 3

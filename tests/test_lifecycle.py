@@ -119,8 +119,10 @@ def test_lightning_seams_we_rely_on(tmp_path, fail):
     io = _RecordingIO()
     trainer = pl.Trainer(
         **trainer_kwargs(max_steps=6, limit_val_batches=0),
-        callbacks=[_Install(io), ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=1,
-                                                 monitor="step", mode="max")],
+        callbacks=[
+            _Install(io),
+            ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=1, monitor="step", mode="max"),
+        ],
     )
     if fail:
         with pytest.raises(RuntimeError):

@@ -87,8 +87,13 @@ def test_status_is_refreshed_while_training_with_rate_eta_and_checkpoint(file_ur
             if trainer.global_step % 20 == 0:
                 # training holds still here: the writer thread must report this very step
                 step = trainer.global_step
-                seen.append(wait_until(lambda: (s := read_status(file_url)) is not None and s.global_step == step and s,
-                                       timeout=10, what=f"a status at step {step}"))
+                seen.append(
+                    wait_until(
+                        lambda: (s := read_status(file_url)) is not None and s.global_step == step and s,
+                        timeout=10,
+                        what=f"a status at step {step}",
+                    )
+                )
 
     trainer = pl.Trainer(
         **_kwargs(max_steps=120, limit_val_batches=0),
@@ -133,8 +138,13 @@ def test_flush_every_n_records_writes_segments_during_training(memory_url):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 45:
                 # 45 records so far, and no flush is due for an hour: only flush_every writes segments
-                counts.append(wait_until(lambda: (n := len(RunStore(memory_url).read_metrics_segments())) >= 3 and n,
-                                         timeout=10, what="segments of 10 records"))
+                counts.append(
+                    wait_until(
+                        lambda: (n := len(RunStore(memory_url).read_metrics_segments())) >= 3 and n,
+                        timeout=10,
+                        what="segments of 10 records",
+                    )
+                )
 
     trainer = pl.Trainer(
         **_kwargs(max_steps=50, limit_val_batches=0),
@@ -168,8 +178,9 @@ def test_a_killed_run_shows_stale(s3, tmp_path):
         for line in proc.stdout:
             if "TRAINING" in line:
                 break
-        wait_until(lambda: (s := read_status(url)) is not None and s.phase is Phase.TRAINING, timeout=30,
-                   what="a training status")
+        wait_until(
+            lambda: (s := read_status(url)) is not None and s.phase is Phase.TRAINING, timeout=30, what="a training status"
+        )
         proc.kill()
         proc.wait(timeout=30)
     finally:

@@ -253,9 +253,7 @@ def _doomed_fit(server: LocalS3, tmp_path, *, max_steps: int = 8, delete_at_step
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_bucket_deleted_mid_run_fails_loudly_at_the_end_without_stopping_training(
-    outage_s3: LocalS3, tmp_path, caplog
-):
+def test_bucket_deleted_mid_run_fails_loudly_at_the_end_without_stopping_training(outage_s3: LocalS3, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="trainctl_lightning")
     max_steps, delete_at_step = 8, 3
     trainer, _, ckpt, pace, error, deleted_at = _doomed_fit(
@@ -297,9 +295,9 @@ def test_bucket_deleted_mid_run_fails_loudly_at_the_end_without_stopping_trainin
     assert min(r.created for r in errors) < pace.batch_ends[-1], "the failure was only reported at the end of the fit"
     assert {name for name in after if any(f" {name} " in r.getMessage() for r in errors)} == after
     # A missing bucket is not retried for minutes: no retry warnings after it went.
-    assert not [
-        r for r in caplog.records if r.name == "trainctl_lightning.retry" and r.created > deleted_at
-    ], "a missing bucket was treated as transient"
+    assert not [r for r in caplog.records if r.name == "trainctl_lightning.retry" and r.created > deleted_at], (
+        "a missing bucket was treated as transient"
+    )
 
 
 @pytest.mark.slow
@@ -318,9 +316,7 @@ def test_last_flush_still_reports_the_failures_after_fit_raised(outage_s3: Local
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_upload_error_names_the_lost_checkpoints_when_an_on_exception_checkpoint_is_configured(
-    outage_s3: LocalS3, tmp_path
-):
+def test_upload_error_names_the_lost_checkpoints_when_an_on_exception_checkpoint_is_configured(outage_s3: LocalS3, tmp_path):
     """The end-of-fit ``UploadError`` goes through Lightning's exception handling, which runs
     every callback's ``on_exception``: ``OnExceptionCheckpoint`` then saves once more, after a fit
     that trained to the end. That save must not replace the error that names the checkpoints

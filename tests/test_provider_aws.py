@@ -413,7 +413,9 @@ def _bootstrap(tmp_path: Path, script: str, python: str, env: dict[str, str] | N
 def test_boot_script_schedules_the_cap_runs_the_agent_and_powers_off(tmp_path):
     argv_file = tmp_path / "argv.json"
     fake_python = tmp_path / "python"
-    fake_python.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))\nsys.exit(3)\n")
+    fake_python.write_text(
+        f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(argv_file)!r}, 'w'))\nsys.exit(3)\n"
+    )
     fake_python.chmod(fake_python.stat().st_mode | stat.S_IEXEC)
     script = render_user_data("s3://bucket/store/run-1", max_runtime_s=90 * 60, region="eu-west-1")
 
@@ -522,10 +524,14 @@ def test_gc_cli_lists_then_terminates_an_orphan(provider, ec2, ami, set_up, stor
     assert [g["instance"]["id"] for g in data["garbage"]] == [orphan.id] and not data["terminate"]
     assert orphan.id in not_terminated(ec2)
 
-    table = subprocess.run([*TRAINCTL, *args[:-2]], capture_output=True, text=True, env={**os.environ, **s3.env(), "COLUMNS": "200"}, timeout=120)
+    table = subprocess.run(
+        [*TRAINCTL, *args[:-2]], capture_output=True, text=True, env={**os.environ, **s3.env(), "COLUMNS": "200"}, timeout=120
+    )
     assert orphan.id in table.stdout and "--yes" in table.stdout
 
-    done = subprocess.run([*TRAINCTL, *args, "--yes"], capture_output=True, text=True, env={**os.environ, **s3.env()}, timeout=120)
+    done = subprocess.run(
+        [*TRAINCTL, *args, "--yes"], capture_output=True, text=True, env={**os.environ, **s3.env()}, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["garbage"][0]["terminated"] is True
     assert not_terminated(ec2) == [theirs]
@@ -587,7 +593,9 @@ def test_launch_through_the_aws_provider_hands_the_job_off_via_s3(s3, ec2, ami, 
     monkeypatch.chdir(project)
     with pytest.raises(ConfigError, match="cannot forward SECRET_TOKEN"):
         monkeypatch.setenv("SECRET_TOKEN", "hunter2")
-        api.launch("train.py", provider="aws", store=store_url, image=ami, instance_type="g5.xlarge", env=["SECRET_TOKEN"], detach=True)
+        api.launch(
+            "train.py", provider="aws", store=store_url, image=ami, instance_type="g5.xlarge", env=["SECRET_TOKEN"], detach=True
+        )
     assert raw_instances(ec2) == []
 
     run = api.launch("train.py", provider="aws", store=store_url, image=ami, instance_type="g5.xlarge", spot=True, detach=True)
@@ -597,7 +605,9 @@ def test_launch_through_the_aws_provider_hands_the_job_off_via_s3(s3, ec2, ami, 
     [inst] = raw_instances(ec2)
     tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
     assert tags[TAG_RUN_ID] == run.run_id and tags[TAG_MANAGED_BY] == "trainctl-lightning"
-    script = base64.b64decode(ec2.describe_instance_attribute(InstanceId=inst["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
+    script = base64.b64decode(
+        ec2.describe_instance_attribute(InstanceId=inst["InstanceId"], Attribute="userData")["UserData"]["Value"]
+    ).decode()
     assert f"RUN_URL={run.run_url}" in script
     wheel = re.search(r"INSTALL=(s3://\S+\.whl)", script).group(1)
     assert wheel.startswith(f"{store_url}/_dist/") and fsspec.filesystem("s3").exists(wheel)

@@ -150,7 +150,9 @@ class TestLocalProvider(ProviderContract):
         with pytest.raises(ProviderError, match="stopped"):
             submit(provider, stopped, file_store, module="platform")
 
-    def test_stop_lets_a_job_finish_saving_after_sigterm(self, provider: LocalProvider, instance: Instance, file_store: str) -> None:
+    def test_stop_lets_a_job_finish_saving_after_sigterm(
+        self, provider: LocalProvider, instance: Instance, file_store: str
+    ) -> None:
         """A job that takes a while to save on SIGTERM (as Lightning publishing a checkpoint does)
         is not killed halfway by `trainctl stop`."""
         code = (
@@ -192,7 +194,9 @@ class TestLocalProvider(ProviderContract):
         assert not os.path.exists(released.details["workdir"])
         assert running(provider, instance, []) == []
 
-    def test_agent_outlives_the_process_that_started_it(self, provider: LocalProvider, instance: Instance, file_store: str) -> None:
+    def test_agent_outlives_the_process_that_started_it(
+        self, provider: LocalProvider, instance: Instance, file_store: str
+    ) -> None:
         script = textwrap.dedent(
             f"""
             import sys

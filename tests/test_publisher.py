@@ -61,8 +61,9 @@ def _job(tmp_path: Path, name: str, step: int) -> PublishJob:
     if staged.exists():
         staged.unlink()
     os.link(visible, staged)
-    return PublishJob(seq=next(_seq), local_path=str(visible), staged_path=str(staged),
-                      meta={"global_step": step, "created_at": utc_now()})
+    return PublishJob(
+        seq=next(_seq), local_path=str(visible), staged_path=str(staged), meta={"global_step": step, "created_at": utc_now()}
+    )
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 # The model lives in a module of the synced project, so the instance imports it by name.
 MODELS_PY = textwrap.dedent(
-    '''
+    """
     import time
 
     import torch
@@ -96,7 +96,7 @@ MODELS_PY = textwrap.dedent(
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, 8, generator=g)
         return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
-    '''
+    """
 )
 
 TRAINER_KWARGS = dict(
@@ -214,7 +214,9 @@ def test_checkpoint_sync_best_url_then_validate_and_test(models, store, tmp_path
     results = trainer.validate(model)
     assert strategy.remote_run.final_checkpoint_url is None and strategy.last_checkpoint_url
     assert trainer.state.fn is TrainerFn.VALIDATING and trainer.state.status is TrainerStatus.FINISHED
-    assert set(results[0]) == {"val_loss"} and trainer.callback_metrics["val_loss"].item() == pytest.approx(results[0]["val_loss"])
+    assert set(results[0]) == {"val_loss"} and trainer.callback_metrics["val_loss"].item() == pytest.approx(
+        results[0]["val_loss"]
+    )
     # the same validation here, of the final checkpoint, gives the same loss
     final = models.Regressor.load_from_checkpoint(_download(strategy.last_checkpoint_url, tmp_path))
     local = pl.Trainer(accelerator="cpu", **TRAINER_KWARGS).validate(final, verbose=False)
@@ -412,7 +414,9 @@ def test_remote_function_forms(store: str, tmp_path: Path, monkeypatch: pytest.M
     assert_nothing_running()
 
 
-def test_project_modules_import_on_the_instance_from_their_sys_path_entry(tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_project_modules_import_on_the_instance_from_their_sys_path_entry(
+    tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A src/ layout: the instance imports the package by reference from the synced src/ folder."""
     package = tmp_path / "proj" / "src" / "srclayout_helpers"
     package.mkdir(parents=True)

@@ -182,7 +182,9 @@ def _wait_checkpoint(url: str, prefix: str, timeout: float) -> tuple[CheckpointM
             return found[0], time.monotonic() - started
         time.sleep(0.05)
     logs = JobStore(url).read_logs().decode(errors="replace")[-3000:] if JobStore(url).exists() else ""
-    raise AssertionError(f"no {prefix}* checkpoint in {url} after {timeout}s: {[m.name for m in store.list_checkpoints()]}\n{logs}")
+    raise AssertionError(
+        f"no {prefix}* checkpoint in {url} after {timeout}s: {[m.name for m in store.list_checkpoints()]}\n{logs}"
+    )
 
 
 def test_sigusr1_saves_and_publishes_now_and_chains_to_the_previous_handler(s3, tmp_path: Path) -> None:
@@ -314,7 +316,9 @@ def test_the_agent_stops_the_job_when_the_notice_time_comes(file_store: str, imd
     assert agent.returncode != 0
 
 
-def test_a_rebalance_recommendation_asks_for_a_checkpoint_without_preempting(file_store: str, imds: LocalIMDS, workdir: Path) -> None:
+def test_a_rebalance_recommendation_asks_for_a_checkpoint_without_preempting(
+    file_store: str, imds: LocalIMDS, workdir: Path
+) -> None:
     code = (
         "import signal, time; signal.signal(signal.SIGUSR1, lambda *a: print('SAVE NOW', flush=True)); "
         "print('up', flush=True); time.sleep(3)"

@@ -40,8 +40,14 @@ def test_publish_then_list_latest_download_verify(store_url, tmp_path):
     assert store.list_checkpoints() == []
     assert store.latest_checkpoint() is None
 
-    first = store.publish_checkpoint([_ckpt_file(tmp_path, "epoch=0-step=10.ckpt")], epoch=0, global_step=10,
-                                     monitor="val_loss", monitor_value=0.5, metrics={"val_loss": 0.5})
+    first = store.publish_checkpoint(
+        [_ckpt_file(tmp_path, "epoch=0-step=10.ckpt")],
+        epoch=0,
+        global_step=10,
+        monitor="val_loss",
+        monitor_value=0.5,
+        metrics={"val_loss": 0.5},
+    )
     second = store.publish_checkpoint([_ckpt_file(tmp_path, "last.ckpt", seed=1)], epoch=1, global_step=20)
 
     listed = store.list_checkpoints()
@@ -218,7 +224,9 @@ def test_large_file_goes_up_in_concurrent_parts(s3, tmp_path):
     store = RunStore(s3.url(), max_concurrency=4, part_size=5 * 2**20)
     big = _ckpt_file(tmp_path, "big.ckpt", size=23 * 2**20)
     m = store.publish_checkpoint([big], global_step=1)
-    head = s3.server.client().head_object(Bucket=s3.bucket, Key=store.objects.path("checkpoints", m.id, "big.ckpt").split("/", 1)[1])
+    head = s3.server.client().head_object(
+        Bucket=s3.bucket, Key=store.objects.path("checkpoints", m.id, "big.ckpt").split("/", 1)[1]
+    )
     assert head["ETag"].strip('"').endswith("-5"), "expected a 5-part multipart upload"
     store.verify_checkpoint(m)
 

@@ -94,8 +94,11 @@ def test_a_job_whose_launcher_is_gone_is_cancelled_and_its_instance_released(fil
         assert state.phase is JobPhase.CANCELLED
         assert state.error.startswith("the launcher is gone: its heartbeat has not changed for"), state.error
         assert took < 2.0 + 6, f"cancelled {took:.1f}s after the last heartbeat"
-        wait_until(lambda: provider.describe(instance.id).state is InstanceState.TERMINATED, timeout=10,
-                   what="the agent to release its instance")
+        wait_until(
+            lambda: provider.describe(instance.id).state is InstanceState.TERMINATED,
+            timeout=10,
+            what="the agent to release its instance",
+        )
         assert provider.describe(instance.id).details["terminated_by"] == "agent"
         assert "cancelling the job" in jobs.read_logs().decode()
     finally:

@@ -7,7 +7,24 @@ to do next, in one line.
 
 from __future__ import annotations
 
-__all__ = ["AgentFailure", "CheckpointNotFoundError", "ConfigError", "ConflictError", "InstanceNotFoundError", "IntegrityError", "JobError", "ProviderError", "RemoteTraceback", "RunFailedError", "RunNotFoundError", "SetupError", "SetupStopped", "StoreError", "TrainctlError", "UploadError"]
+__all__ = [
+    "AgentFailure",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "ConflictError",
+    "InstanceNotFoundError",
+    "IntegrityError",
+    "JobError",
+    "ProviderError",
+    "RemoteTraceback",
+    "RunFailedError",
+    "RunNotFoundError",
+    "SetupError",
+    "SetupStopped",
+    "StoreError",
+    "TrainctlError",
+    "UploadError",
+]
 
 
 class TrainctlError(Exception):

@@ -163,9 +163,7 @@ def _store_problem(store_url: str) -> str | None:
     return None
 
 
-def find_garbage(
-    provider: Provider, store_url: str | None = None, boot_grace_s: float = DEFAULT_BOOT_GRACE_S
-) -> GcReport:
+def find_garbage(provider: Provider, store_url: str | None = None, boot_grace_s: float = DEFAULT_BOOT_GRACE_S) -> GcReport:
     """Every live instance the provider lists, each classified; nothing is changed.
 
     Instances already terminating or terminated are left out: they cost nothing more.

@@ -82,7 +82,30 @@ from trainctl_lightning.timeutil import utc_now
 if TYPE_CHECKING:
     from trainctl_lightning.jobs.codesync import CodeBundle, UploadStats
 
-__all__ = ["REQUEST_OPTIONS", "SETTINGS_OPTIONS", "LaunchPlan", "LaunchRequest", "OutputSink", "Run", "create_instance", "execute_plan", "failure_error", "get_run", "launch", "list_resources", "monitor", "plan_launch", "provider_for", "resolve_run_url", "resolve_settings", "split_launch_options", "stop", "store_url_for", "terminate", "train"]
+__all__ = [
+    "REQUEST_OPTIONS",
+    "SETTINGS_OPTIONS",
+    "LaunchPlan",
+    "LaunchRequest",
+    "OutputSink",
+    "Run",
+    "create_instance",
+    "execute_plan",
+    "failure_error",
+    "get_run",
+    "launch",
+    "list_resources",
+    "monitor",
+    "plan_launch",
+    "provider_for",
+    "resolve_run_url",
+    "resolve_settings",
+    "split_launch_options",
+    "stop",
+    "store_url_for",
+    "terminate",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +364,9 @@ class Run:
                     on_output(chunk)
         state = self.state()
         if state is None or not (state.phase.is_terminal() or state.lost):
-            raise JobError(f"run {self.run_id} did not end within {timeout:.0f}s; it is still running (`trainctl logs {self.run_id} -f`)")
+            raise JobError(
+                f"run {self.run_id} did not end within {timeout:.0f}s; it is still running (`trainctl logs {self.run_id} -f`)"
+            )
         self._release_instance()
         return state
 
@@ -382,7 +407,9 @@ class Run:
             except TrainctlError as exc:
                 if force:
                     raise
-                log.warning("trainctl: could not terminate %s: %s; run `trainctl terminate %s`", self.instance_id, exc, self.instance_id)
+                log.warning(
+                    "trainctl: could not terminate %s: %s; run `trainctl terminate %s`", self.instance_id, exc, self.instance_id
+                )
 
     def to_dict(self) -> dict[str, Any]:
         state = self.state()
@@ -544,7 +571,9 @@ def _instance_spec(
 def _forwarded_env(names: Sequence[str]) -> dict[str, str]:
     missing = [n for n in names if n not in os.environ]
     if missing:
-        raise ConfigError(f"cannot forward {', '.join(missing)}: not set in this environment (export it, or drop it from forward_env)")
+        raise ConfigError(
+            f"cannot forward {', '.join(missing)}: not set in this environment (export it, or drop it from forward_env)"
+        )
     return {n: os.environ[n] for n in names}
 
 
@@ -672,7 +701,9 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
     if request.sync_code:
         from trainctl_lightning.jobs.codesync import scan_project
 
-        bundle = scan_project(root, max_total_mb=settings.code_max_mb, max_file_mb=settings.code_max_mb / 2, include=request.include)
+        bundle = scan_project(
+            root, max_total_mb=settings.code_max_mb, max_file_mb=settings.code_max_mb / 2, include=request.include
+        )
 
     job = JobSpec(  # validated here (env names, runtime), before anything is created
         run_id=run_id,
@@ -693,7 +724,9 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
         launcher_grace_s=DEFAULT_LAUNCHER_GRACE_S if request.attached else None,
         trainctl_version=package_version(),
     )
-    return LaunchPlan(request=request, settings=settings, provider=prov, store_url=store_url, job=job, instance=instance, code=bundle)
+    return LaunchPlan(
+        request=request, settings=settings, provider=prov, store_url=store_url, job=job, instance=instance, code=bundle
+    )
 
 
 def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_event: Callable[[str], None] | None = None) -> Run:
@@ -753,7 +786,11 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
         spot = inst.spot or bool(created and isinstance(plan.instance, CreatePlan) and plan.instance.spec.spot)
         job_spec = replace(plan.job, created_at=utc_now(), code=code_ref, instance_id=inst.id, spot=spot)
         job.write_spec(job_spec)
-        job.write_state(JobState(run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now(), instance_id=inst.id, queued_at=job_spec.created_at))
+        job.write_state(
+            JobState(
+                run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now(), instance_id=inst.id, queued_at=job_spec.created_at
+            )
+        )
         prov.start_agent(inst, AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded))
         event(f"started run {run_id} on {inst.id} ({time.monotonic() - started:.1f}s); store: {run_url}")
     except BaseException:
@@ -762,7 +799,12 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
                 prov.terminate(created.id)
                 event(f"terminated {created.id} after the failed launch")
             except Exception as cleanup:  # the original error matters more; say what to clean by hand
-                log.error("trainctl: could not terminate %s after a failed launch (%s); run `trainctl terminate %s`", created.id, cleanup, created.id)
+                log.error(
+                    "trainctl: could not terminate %s after a failed launch (%s); run `trainctl terminate %s`",
+                    created.id,
+                    cleanup,
+                    created.id,
+                )
         raise
 
     run = Run(

@@ -27,7 +27,9 @@ def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: floa
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what or getattr(predicate, '__name__', 'a condition')}")
+            raise AssertionError(
+                f"timed out after {timeout:g}s waiting for {what or getattr(predicate, '__name__', 'a condition')}"
+            )
         time.sleep(interval)
 
 

@@ -51,9 +51,7 @@ def python_job(code: str) -> dict:
     return dict(module="timeit", args=["-n", "1", "-r", "1", code])
 
 
-def submit(
-    provider: Provider, instance: Instance, store_url: str, forward_env: dict[str, str] | None = None, **job
-) -> JobStore:
+def submit(provider: Provider, instance: Instance, store_url: str, forward_env: dict[str, str] | None = None, **job) -> JobStore:
     """Write a job for ``instance`` into the store and start its agent, as ``trainctl launch`` does."""
     run_id = new_run_id(job.pop("stem", "contract"))
     run_url = run_url_in(store_url, run_id)

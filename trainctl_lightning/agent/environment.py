@@ -33,7 +33,19 @@ from pathlib import Path
 from trainctl_lightning.errors import SetupError, SetupStopped
 from trainctl_lightning.jobs.spec import EnvMode, JobSpec
 
-__all__ = ["ENVS_DIR", "LogFn", "PreparedEnv", "Requirements", "StopFn", "build_isolated", "collect_requirements", "missing_requirements", "prepare_environment", "run_logged", "script_metadata"]
+__all__ = [
+    "ENVS_DIR",
+    "LogFn",
+    "PreparedEnv",
+    "Requirements",
+    "StopFn",
+    "build_isolated",
+    "collect_requirements",
+    "missing_requirements",
+    "prepare_environment",
+    "run_logged",
+    "script_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +285,7 @@ def prepare_environment(
         total = len(reqs)
         if not missing:
             return PreparedEnv(base, f"reused {base} (all {total} requirements satisfied)")
-        why = f"{len(missing)} of {total} requirements missing: {', '.join(missing[:3])}" + (
-            ", ..." if len(missing) > 3 else ""
-        )
+        why = f"{len(missing)} of {total} requirements missing: {', '.join(missing[:3])}" + (", ..." if len(missing) > 3 else "")
         log_output(f"[trainctl agent] {base} does not satisfy the project: {why}; building an isolated environment\n".encode())
     else:
         why = "env mode isolated"
@@ -361,9 +371,7 @@ def _run_step(argv: list[str], cwd: Path, env: dict[str, str], log_output: LogFn
     # in the code root: relative paths in requirements (``-e .``) are relative to the project
     code, last = run_logged(argv, cwd=cwd, env=env, log_output=log_output, stop=stop)
     if code != 0:
-        raise SetupError(
-            f"{what} failed ({Path(argv[0]).name} exit code {code})" + (f": {last}" if last else "")
-        )
+        raise SetupError(f"{what} failed ({Path(argv[0]).name} exit code {code})" + (f": {last}" if last else ""))
 
 
 # ---------------------------------------------------------------- subprocesses

@@ -63,7 +63,19 @@ from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store.layout import RUN_URL_ENV, run_id_of
 from trainctl_lightning.timeutil import utc_now
 
-__all__ = ["CANCEL_POLL_S", "INSTANCE_ID_ENV", "NOTE_PREFIX", "NOTICE_LEAD_S", "RUN_ID_ENV", "TAIL_LINES", "Agent", "LogPump", "Outcome", "one_line", "run_agent"]
+__all__ = [
+    "CANCEL_POLL_S",
+    "INSTANCE_ID_ENV",
+    "NOTE_PREFIX",
+    "NOTICE_LEAD_S",
+    "RUN_ID_ENV",
+    "TAIL_LINES",
+    "Agent",
+    "LogPump",
+    "Outcome",
+    "one_line",
+    "run_agent",
+]
 
 log = logging.getLogger("trainctl_lightning.agent")
 
@@ -294,8 +306,8 @@ class Agent:
             self.timings["setup"] = round(time.monotonic() - start, 3)
         log.info("environment: %s", prepared.description)
         with self._state_lock:
-            self.state.python = prepared.python
-            self.state.env_mode = prepared.mode
+            self._live_state().python = prepared.python
+            self._live_state().env_mode = prepared.mode
         if self._stop_request:
             return self._stopped(None)
         return self._run_process(prepared.python, code_root)
@@ -305,7 +317,9 @@ class Agent:
         assert spec is not None and self.pump is not None
         cwd = code_root / spec.workdir
         if not cwd.is_dir():
-            return Outcome(JobPhase.FAILED, None, f"the job's working directory {spec.workdir!r} is not in the code at {code_root}")
+            return Outcome(
+                JobPhase.FAILED, None, f"the job's working directory {spec.workdir!r} is not in the code at {code_root}"
+            )
         argv = spec.command(python)
         if spec.script:
             script = code_root / spec.script
@@ -338,8 +352,8 @@ class Agent:
             return Outcome(JobPhase.FAILED, None, one_line(f"could not start {argv[0]}: {exc}"))
         start = time.monotonic()
         with self._state_lock:
-            self.state.pid = proc.pid
-            self.state.running_at = utc_now()
+            self._live_state().pid = proc.pid
+            self._live_state().running_at = utc_now()
         self._set_phase(JobPhase.RUNNING)
         log.info("run %s: started pid %d: %s", spec.run_id, proc.pid, " ".join(argv[:4]))
         reader = threading.Thread(target=self._read_output, args=(proc,), name="job-output", daemon=True)
@@ -410,10 +424,14 @@ class Agent:
                 self._notice_deadline = time.monotonic() + (left if left is not None else NOTICE_LEAD_S)
                 self.state.interruption = notice.to_dict()
             when = f"{notice.time} (in {max(0.0, left):.0f}s)" if left is not None else "an unknown time"
-            self.pump.note(f"spot interruption notice: {notice.action or 'interruption'} at {when}; asking the job to checkpoint now")
+            self.pump.note(
+                f"spot interruption notice: {notice.action or 'interruption'} at {when}; asking the job to checkpoint now"
+            )
             self._write_state()  # at once: if the agent dies with the instance, the state still says why
         else:
-            self.pump.note("spot rebalance recommendation: the instance is at elevated risk of interruption; asking the job to checkpoint now")
+            self.pump.note(
+                "spot rebalance recommendation: the instance is at elevated risk of interruption; asking the job to checkpoint now"
+            )
         self._save_pending = True
 
     def _ask_job_to_save(self, proc: subprocess.Popen) -> None:
@@ -483,16 +501,22 @@ class Agent:
                 wake = min(wake, max(self._notice_deadline, now + 0.1))
             self._done.wait(max(0.01, wake - time.monotonic()))
 
+    def _live_state(self) -> JobState:
+        """The job's state once the run has begun (it exists from then on)."""
+        assert self.state is not None, "the job state is set when the run begins"
+        return self.state
+
     def _set_phase(self, phase: JobPhase) -> None:
         with self._state_lock:
-            self.state.phase = phase
+            self._live_state().phase = phase
         self._write_state()
 
     def _write_state(self) -> bool:
         with self._state_lock:
-            self.state.touch()
+            state = self._live_state()
+            state.touch()
             try:
-                self.jobs.write_state(self.state)
+                self.jobs.write_state(state)
                 return True
             except Exception as exc:
                 log.warning("could not write the job state (will retry): %s", one_line(exc))

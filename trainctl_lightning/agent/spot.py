@@ -40,7 +40,23 @@ from typing import Any
 
 from trainctl_lightning.timeutil import utc_now
 
-__all__ = ["DEFAULT_ENDPOINT", "DEFAULT_POLL_S", "IMDS_ENDPOINT_ENV", "INSTANCE_ACTION_PATH", "INTERRUPTION", "REBALANCE", "REBALANCE_PATH", "SPOT_ENV", "SPOT_POLL_ENV", "TOKEN_TTL_S", "MetadataClient", "SpotNotice", "SpotWatcher", "handles_signal", "spot_watch_enabled"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "DEFAULT_POLL_S",
+    "IMDS_ENDPOINT_ENV",
+    "INSTANCE_ACTION_PATH",
+    "INTERRUPTION",
+    "REBALANCE",
+    "REBALANCE_PATH",
+    "SPOT_ENV",
+    "SPOT_POLL_ENV",
+    "TOKEN_TTL_S",
+    "MetadataClient",
+    "SpotNotice",
+    "SpotWatcher",
+    "handles_signal",
+    "spot_watch_enabled",
+]
 
 log = logging.getLogger("trainctl_lightning.agent.spot")
 
@@ -278,4 +294,3 @@ def _env_float(name: str, default: float) -> float:
         log.warning("$%s=%r is not a number of seconds; using %g", name, raw, default)
         return default
     return value if value > 0 else default
-

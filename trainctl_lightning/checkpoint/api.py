@@ -21,7 +21,14 @@ from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.store import RunStore
 from trainctl_lightning.store.manifest import CheckpointManifest
 
-__all__ = ["collect_orphans", "download_checkpoint", "list_checkpoints", "read_progress", "upload_checkpoint", "verify_checkpoint"]
+__all__ = [
+    "collect_orphans",
+    "download_checkpoint",
+    "list_checkpoints",
+    "read_progress",
+    "upload_checkpoint",
+    "verify_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 

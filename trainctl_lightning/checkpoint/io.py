@@ -111,7 +111,6 @@ class SnapshotCheckpointIO(CheckpointIO):
         if isinstance(inner, AsyncCheckpointIO):  # we already write in the background
             inner = inner.checkpoint_io
         self.inner: CheckpointIO = inner or TorchCheckpointIO()
-        self.publisher = publisher
         self.session = session
         self.max_pending_snapshots = max_pending_snapshots
         self._metadata = metadata or (lambda checkpoint, path: {})
@@ -271,9 +270,7 @@ class SnapshotCheckpointIO(CheckpointIO):
     def _flush_or_raise(self) -> None:
         result = self.flush()
         if not result.ok and self.raise_outside_fit:
-            raise UploadError(
-                f"checkpoint not published: {result.describe()}", failed=result.failed + result.unfinished
-            )
+            raise UploadError(f"checkpoint not published: {result.describe()}", failed=result.failed + result.unfinished)
 
     def _raise_writer_error(self) -> None:
         if self._error is not None:

@@ -103,9 +103,7 @@ class FlushResult:
         return not self.failed and not self.unfinished
 
     def merged(self, other: FlushResult) -> FlushResult:
-        return FlushResult(
-            self.published + other.published, self.failed + other.failed, self.unfinished + other.unfinished
-        )
+        return FlushResult(self.published + other.published, self.failed + other.failed, self.unfinished + other.unfinished)
 
     def describe(self) -> str:
         parts = []
@@ -159,9 +157,7 @@ class Publisher:
         self._earlier = {m.name: m for m in existing or []}
         self._on_published = on_published
         self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._worker, name=f"trainctl-publish-{i}", daemon=True) for i in range(workers)
-        ]
+        self._threads = [threading.Thread(target=self._worker, name=f"trainctl-publish-{i}", daemon=True) for i in range(workers)]
         for t in self._threads:
             t.start()
 

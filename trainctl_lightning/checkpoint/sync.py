@@ -9,6 +9,8 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
-from trainctl_lightning.checkpoint.publisher import Publisher, PublishState
+from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, PublishState
 from trainctl_lightning.errors import (
     ConfigError,
     StoreError,
@@ -27,12 +29,12 @@ from trainctl_lightning.jobs.spec import SAVE_NOW_SIGNAL
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RunStore, layout, validate_url
 from trainctl_lightning.store.layout import RUN_URL_ENV
+from trainctl_lightning.store.manifest import CheckpointManifest
 from trainctl_lightning.timeutil import utc_now
 
 __all__ = ["CheckpointSync"]
 
 log = logging.getLogger(__name__)
-
 
 
 class CheckpointSync(Callback):
@@ -144,12 +146,12 @@ class CheckpointSync(Callback):
         self._io: SnapshotCheckpointIO | None = None
         self._trainer: pl.Trainer | None = None
         self._end_error: UploadError | None = None
-        self._existing: list[Any] = []
-        self._last_published: Any = None
+        self._existing: list[CheckpointManifest] = []
+        self._last_published: CheckpointManifest | None = None
         # (file name prefix, monotonic time) of a pending "checkpoint now"; set from a signal handler
         self._save_request: tuple[str, float] | None = None
-        self._signal_handler: Any = None
-        self._previous_handler: Any = None
+        self._signal_handler: Callable[[int, FrameType | None], None] | None = None
+        self._previous_handler: Callable[[int, FrameType | None], Any] | int | None = None
         self._vote_group: Any = None  # gloo group of a multi-process fit, for the per-batch request vote
 
     def __repr__(self) -> str:
@@ -160,12 +162,12 @@ class CheckpointSync(Callback):
         return f"CheckpointSync{{url={self.url!r}}}"
 
     @property
-    def last_published(self) -> Any:
+    def last_published(self) -> CheckpointManifest | None:
         """Manifest of the newest checkpoint this callback published (None before the first)."""
         return self._last_published
 
     @property
-    def last_flush(self) -> Any:
+    def last_flush(self) -> FlushResult | None:
         """Outcome of the latest end-of-fit flush (published / failed / unfinished names)."""
         return self._io.last_flush if self._io is not None else None
 
@@ -370,7 +372,9 @@ class CheckpointSync(Callback):
 
     def _install_signal_handler(self, trainer: pl.Trainer) -> None:
         if threading.current_thread() is not threading.main_thread():
-            log.info("trainctl: fit runs outside the main thread: SIGUSR1 does not request a checkpoint (request_checkpoint() does)")
+            log.info(
+                "trainctl: fit runs outside the main thread: SIGUSR1 does not request a checkpoint (request_checkpoint() does)"
+            )
             return
         environment = getattr(trainer.strategy, "cluster_environment", None)
         if getattr(environment, "auto_requeue", False) and getattr(environment, "requeue_signal", None) == SAVE_NOW_SIGNAL:
@@ -424,12 +428,7 @@ class CheckpointSync(Callback):
             return meta
         folder = os.path.dirname(os.path.abspath(path))
         for cb in trainer.checkpoint_callbacks:
-            if (
-                isinstance(cb, ModelCheckpoint)
-                and cb.monitor
-                and cb.dirpath
-                and os.path.abspath(str(cb.dirpath)) == folder
-            ):
+            if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.dirpath and os.path.abspath(str(cb.dirpath)) == folder:
                 meta["monitor"] = cb.monitor
                 meta["monitor_value"] = _scalar(cb.current_score)
                 break

@@ -18,7 +18,9 @@ app = typer.Typer(help="AWS-only commands: set up what the aws provider needs.",
 @app.command("setup")
 @handle_errors
 def setup(
-    bucket: str = typer.Option(..., "--bucket", help="The run store's bucket (or s3://bucket/prefix); instances may use nothing else."),
+    bucket: str = typer.Option(
+        ..., "--bucket", help="The run store's bucket (or s3://bucket/prefix); instances may use nothing else."
+    ),
     prefix: Optional[str] = typer.Option(None, "--prefix", help="Restrict instances to keys under this prefix of the bucket."),
     region: Optional[str] = typer.Option(None, "--region", help="AWS region; default: AWS_DEFAULT_REGION or the profile's."),
     aws_profile: Optional[str] = typer.Option(None, "--aws-profile", help="Named AWS profile; default: AWS_PROFILE."),

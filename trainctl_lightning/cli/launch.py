@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 import typer
 from rich.table import Table
@@ -20,7 +20,7 @@ __all__ = ["EXIT_CTRL_C", "launch", "logs", "status"]
 EXIT_CTRL_C = 130
 
 
-def _raw_sink(stream) -> api.OutputSink:  # type: ignore[no-untyped-def]
+def _raw_sink(stream: TextIO) -> api.OutputSink:
     def write(chunk: bytes) -> None:
         stream.buffer.write(chunk)
         stream.flush()
@@ -40,12 +40,18 @@ def launch(
     instance: Optional[str] = typer.Option(None, "--instance", help="Run on this existing instance (kept afterwards)."),
     keep_alive: bool = typer.Option(False, "--keep-alive", help="Keep the instance this launch creates after the job."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once the job has started."),
-    env: Optional[list[str]] = typer.Option(None, "--env", "-e", help="NAME=VALUE for the job, or NAME to forward it unstored (repeatable)."),
-    env_mode: Optional[str] = typer.Option(None, "--env-mode", help="auto (reuse this Python if it has what the project needs) | reuse | isolated."),
+    env: Optional[list[str]] = typer.Option(
+        None, "--env", "-e", help="NAME=VALUE for the job, or NAME to forward it unstored (repeatable)."
+    ),
+    env_mode: Optional[str] = typer.Option(
+        None, "--env-mode", help="auto (reuse this Python if it has what the project needs) | reuse | isolated."
+    ),
     max_hours: Optional[float] = typer.Option(None, "--max-hours", help="Stop the job (and the instance) after this many hours."),
     project_dir: Optional[Path] = typer.Option(None, "--project-dir", help="Directory to sync (default: the current one)."),
     include: Optional[list[str]] = typer.Option(None, "--include", help="Sync this path even if ignored (repeatable)."),
-    code_max_mb: Optional[float] = typer.Option(None, "--code-max-mb", help="Refuse to sync a project larger than this (default 100 MB)."),
+    code_max_mb: Optional[float] = typer.Option(
+        None, "--code-max-mb", help="Refuse to sync a project larger than this (default 100 MB)."
+    ),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Name the run (default: <script>-<time>-<hex>)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Config profile (trainctl.toml / [tool.trainctl])."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be created and run; create nothing."),
@@ -119,7 +125,9 @@ def launch(
     _emit_run(run, output, state)
     if state.phase is not JobPhase.SUCCEEDED:
         if not json_mode:
-            stderr.print(f"[red]run {run.run_id} {state.state()}[/red]" + (f": {state.error}" if state.error else ""), highlight=False)
+            stderr.print(
+                f"[red]run {run.run_id} {state.state()}[/red]" + (f": {state.error}" if state.error else ""), highlight=False
+            )
         raise typer.Exit(state.exit_code if state.exit_code not in (None, 0) else 1)
 
 
@@ -224,4 +232,8 @@ def logs(
         raise typer.Exit(EXIT_CTRL_C) from None
     state = r.state()
     if state is not None and state.phase.is_terminal():
-        stderr.print(f"[dim]trainctl:[/dim] run {r.run_id} {state.state()}" + (f" (exit code {state.exit_code})" if state.exit_code is not None else ""), highlight=False)
+        stderr.print(
+            f"[dim]trainctl:[/dim] run {r.run_id} {state.state()}"
+            + (f" (exit code {state.exit_code})" if state.exit_code is not None else ""),
+            highlight=False,
+        )

@@ -26,7 +26,21 @@ from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.store import RunStore, layout, run_urls_in
 from trainctl_lightning.store.layout import run_id_of
 
-__all__ = ["EXIT_CTRL_C", "EXIT_FAILED", "EXIT_FINISHED", "EXIT_INTERRUPTED", "EXIT_STALE", "METRIC", "RUN", "F", "MetricsFormat", "load_run", "metrics", "monitor", "plot"]
+__all__ = [
+    "EXIT_CTRL_C",
+    "EXIT_FAILED",
+    "EXIT_FINISHED",
+    "EXIT_INTERRUPTED",
+    "EXIT_STALE",
+    "METRIC",
+    "RUN",
+    "F",
+    "MetricsFormat",
+    "load_run",
+    "metrics",
+    "monitor",
+    "plot",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +91,9 @@ def load_run(url: str) -> tuple[RunStatus | None, list[MetricRecord]]:
 
 # ------------------------------------------------------------------ monitor
 def monitor(
-    url: str = typer.Argument(..., help="The run's store URL (or a prefix holding exactly one run), or a launched run's id.", callback=resolve_run),
+    url: str = typer.Argument(
+        ..., help="The run's store URL (or a prefix holding exactly one run), or a launched run's id.", callback=resolve_run
+    ),
     interval: float = typer.Option(2.0, "--interval", "-n", min=0.2, help="Seconds between refreshes."),
     once: bool = typer.Option(False, "--once", help="Print one frame and exit 0 (for scripts); exit 1 if the run has no status."),
     metric: Optional[list[str]] = typer.Option(None, "--metric", "-m", help="Only this metric (repeatable)."),
@@ -106,7 +122,9 @@ def monitor(
 @handle_errors
 def _monitor(url: str, interval: float, once: bool, names: list[str] | None, output: Format) -> int:
     if output is Format.json and not once:
-        raise ConfigError("--output json needs --once (the live view is for people); e.g. trainctl monitor URL --once --output json")
+        raise ConfigError(
+            "--output json needs --once (the live view is for people); e.g. trainctl monitor URL --once --output json"
+        )
     status = read.read_status(url)
     if status is None:
         children = run_urls_in(url)
@@ -120,7 +138,9 @@ def _monitor(url: str, interval: float, once: bool, names: list[str] | None, out
             store = RunStore(url)
             if not (store.list_checkpoints() or read.read_metrics(url)):
                 raise _no_run_error(url)
-            raise ConfigError(f"{url} has no status yet: the run has not reported (MetricsReporter writes {layout.run_url_in(url, layout.STATUS)})")
+            raise ConfigError(
+                f"{url} has no status yet: the run has not reported (MetricsReporter writes {layout.run_url_in(url, layout.STATUS)})"
+            )
         status = _wait_for_status(url, interval)
 
     if once:

@@ -47,7 +47,9 @@ def ls(
         url = store_url_for()
     runs = read.list_runs(url)
     if not runs:
-        raise ConfigError(f"no runs at {url}: no {layout.STATUS} or {layout.CHECKPOINTS} there or in the folders directly below it")
+        raise ConfigError(
+            f"no runs at {url}: no {layout.STATUS} or {layout.CHECKPOINTS} there or in the folders directly below it"
+        )
     now = datetime.now(timezone.utc)
     if output is Format.json:
         emit_json({"url": url, "runs": [{"name": run_name(r.url), **r.to_dict()} for r in runs]})

@@ -21,7 +21,13 @@ from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.store import layout
 from trainctl_lightning.timeutil import utc_now
 
-__all__ = ["DEFAULT_LAUNCHER_GRACE_S", "LAUNCHER_HEARTBEAT_S", "LauncherHeartbeat", "read_launcher_heartbeat", "write_launcher_heartbeat"]
+__all__ = [
+    "DEFAULT_LAUNCHER_GRACE_S",
+    "LAUNCHER_HEARTBEAT_S",
+    "LauncherHeartbeat",
+    "read_launcher_heartbeat",
+    "write_launcher_heartbeat",
+]
 
 log = logging.getLogger(__name__)
 

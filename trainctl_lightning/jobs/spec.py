@@ -20,7 +20,21 @@ from typing import Any
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.timeutil import parse_time, utc_now
 
-__all__ = ["JOB_FORMAT", "JOB_STATE_FORMAT", "LOST_AFTER_S", "QUEUED_LOST_AFTER_S", "SAVE_NOW_SIGNAL", "CodeRef", "EnvMode", "JobPhase", "JobSpec", "JobState", "looks_secret", "new_run_id", "validate_run_id"]
+__all__ = [
+    "JOB_FORMAT",
+    "JOB_STATE_FORMAT",
+    "LOST_AFTER_S",
+    "QUEUED_LOST_AFTER_S",
+    "SAVE_NOW_SIGNAL",
+    "CodeRef",
+    "EnvMode",
+    "JobPhase",
+    "JobSpec",
+    "JobState",
+    "looks_secret",
+    "new_run_id",
+    "validate_run_id",
+]
 
 #: The signal that asks a job's training process to checkpoint now: the agent sends it on a spot
 #: interruption notice, and CheckpointSync saves and publishes a checkpoint at the next batch end.

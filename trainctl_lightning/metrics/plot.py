@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.metrics.records import MetricRecord
@@ -112,7 +113,7 @@ def _by_step(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return sorted(latest.items())
 
 
-def _matplotlib():  # type: ignore[no-untyped-def]
+def _matplotlib() -> Any:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -20,7 +20,16 @@ from trainctl_lightning.errors import IntegrityError
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.store import RunStore, layout, run_urls_in
 
-__all__ = ["MetricsFollower", "RunSummary", "list_runs", "metric_names", "parse_segment", "read_hparams", "read_metrics", "read_status"]
+__all__ = [
+    "MetricsFollower",
+    "RunSummary",
+    "list_runs",
+    "metric_names",
+    "parse_segment",
+    "read_hparams",
+    "read_metrics",
+    "read_status",
+]
 
 log = logging.getLogger(__name__)
 

@@ -149,9 +149,7 @@ class RunStatus:
             host=str(data.get("host", "")),
             pid=data.get("pid"),
             session=str(data.get("session", "")),
-            gpu=GpuInfo(**{k: gpu.get(k) for k in ("name", "memory_used_mb", "memory_total_mb", "utilization_pct")})
-            if isinstance(gpu, dict)
-            else None,
+            gpu=_gpu_info(gpu) if isinstance(gpu, dict) else None,
             error=data.get("error"),
             interruption=data.get("interruption") if isinstance(data.get("interruption"), dict) else None,
             format=str(data.get("format", STATUS_FORMAT)),
@@ -162,3 +160,16 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _gpu_info(data: dict[str, Any]) -> GpuInfo:
+    def number(key: str) -> float | None:
+        value = data.get(key)
+        return None if value is None else float(value)
+
+    return GpuInfo(
+        name=str(data.get("name", "")),
+        memory_used_mb=number("memory_used_mb"),
+        memory_total_mb=number("memory_total_mb"),
+        utilization_pct=number("utilization_pct"),
+    )

@@ -15,6 +15,7 @@ import weakref
 from argparse import Namespace
 from collections import deque
 from datetime import datetime, timezone
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -253,8 +254,10 @@ class MetricsReporter(Logger):
             epoch, step = trainer.current_epoch, trainer.global_step
             total = _total_steps(trainer)
             if not phase.is_terminal():
-                phase = Phase.VALIDATING if trainer.validating or trainer.sanity_checking else (
-                    Phase.TESTING if trainer.testing else Phase.TRAINING if trainer.training else phase
+                phase = (
+                    Phase.VALIDATING
+                    if trainer.validating or trainer.sanity_checking
+                    else (Phase.TESTING if trainer.testing else Phase.TRAINING if trainer.training else phase)
                 )
         rate = self._steps_per_s(step)
         eta = (total - step) / rate if rate and total is not None and step is not None and total >= step else None
@@ -300,7 +303,7 @@ def _trainer_from_stack(max_depth: int = 8) -> pl.Trainer | None:
     logger connector, ``trainer`` in ``_log_hyperparams``). This is the only place we look at
     Lightning's call stack; ``tests/test_lifecycle.py`` fails loudly if it stops working.
     """
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(max_depth):
         if frame is None:
             return None
@@ -330,7 +333,7 @@ def _last_checkpoint(trainer: pl.Trainer | None) -> dict[str, Any] | None:
         return None
     from trainctl_lightning.checkpoint.sync import CheckpointSync
 
-    for cb in trainer.callbacks:
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]  # a property Lightning adds
         if isinstance(cb, CheckpointSync) and cb.last_published is not None:
             m = cb.last_published
             return {"name": m.name, "id": m.id, "global_step": m.global_step, "url": cb.url}
@@ -428,4 +431,3 @@ def _is_number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return not isinstance(value, str)
-

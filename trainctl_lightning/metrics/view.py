@@ -32,7 +32,31 @@ from trainctl_lightning.metrics.read import metric_names
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.timeutil import parse_time
 
-__all__ = ["SPARK_BLOCKS", "STATE_STYLES", "TREND_POINTS", "MetricSummary", "filter_records", "format_checkpoint", "format_eta", "format_gpu", "format_rate", "format_step", "format_value", "latest_metrics_text", "metric_series", "monitor_json", "monitor_renderable", "records_csv", "records_json", "records_table", "select_metrics", "sparkline", "state_text", "summarize_metrics", "waiting_renderable"]
+__all__ = [
+    "SPARK_BLOCKS",
+    "STATE_STYLES",
+    "TREND_POINTS",
+    "MetricSummary",
+    "filter_records",
+    "format_checkpoint",
+    "format_eta",
+    "format_gpu",
+    "format_rate",
+    "format_step",
+    "format_value",
+    "latest_metrics_text",
+    "metric_series",
+    "monitor_json",
+    "monitor_renderable",
+    "records_csv",
+    "records_json",
+    "records_table",
+    "select_metrics",
+    "sparkline",
+    "state_text",
+    "summarize_metrics",
+    "waiting_renderable",
+]
 
 #: Eight block heights, lowest first, for :func:`sparkline`.
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -238,8 +262,11 @@ def monitor_renderable(
 
     headline = Text.assemble(state_text(state))
     if state == "stale":
-        headline.append(f"  (last reported {status.phase.value}, {human_ago(status.age_s(now))}; stale after "
-                        f"{human_duration(status.stale_after_s)} without a refresh)", style="dim")
+        headline.append(
+            f"  (last reported {status.phase.value}, {human_ago(status.age_s(now))}; stale after "
+            f"{human_duration(status.stale_after_s)} without a refresh)",
+            style="dim",
+        )
     grid.add_row("state", headline)
     grid.add_row("epoch", "-" if status.epoch is None else str(status.epoch))
     step_cell: RenderableType = Text(format_step(status))

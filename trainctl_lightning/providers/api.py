@@ -24,7 +24,17 @@ from typing import Any, ClassVar
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_OWNER, TAG_RUN_ID
 
-__all__ = ["MANAGED_BY", "AgentLaunch", "CreatePlan", "Instance", "InstanceSpec", "InstanceState", "Provider", "current_owner", "standard_tags"]
+__all__ = [
+    "MANAGED_BY",
+    "AgentLaunch",
+    "CreatePlan",
+    "Instance",
+    "InstanceSpec",
+    "InstanceState",
+    "Provider",
+    "current_owner",
+    "standard_tags",
+]
 
 MANAGED_BY = "trainctl-lightning"
 

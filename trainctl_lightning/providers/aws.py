@@ -80,7 +80,21 @@ from trainctl_lightning.store.layout import (
     store_url_of,
 )
 
-__all__ = ["DEFAULT_DISK_GB", "DEFAULT_INSTANCE_PROFILE", "DEFAULT_INSTANCE_TYPE", "DEFAULT_MAX_RUNTIME_S", "DLAMI_PARAMETER", "LAUNCH_STEPS", "ON_DEMAND_PRICES", "OPTIONS", "SECURITY_GROUP_PURPOSE", "AWSCreatePlan", "AWSProvider", "explain_aws_error", "no_region_error"]
+__all__ = [
+    "DEFAULT_DISK_GB",
+    "DEFAULT_INSTANCE_PROFILE",
+    "DEFAULT_INSTANCE_TYPE",
+    "DEFAULT_MAX_RUNTIME_S",
+    "DLAMI_PARAMETER",
+    "LAUNCH_STEPS",
+    "ON_DEMAND_PRICES",
+    "OPTIONS",
+    "SECURITY_GROUP_PURPOSE",
+    "AWSCreatePlan",
+    "AWSProvider",
+    "explain_aws_error",
+    "no_region_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +195,9 @@ def explain_aws_error(exc: BaseException, action: str, region: str | None = None
         message = exc.response.get("Error", {}).get("Message", str(exc))
         where = f" in {region}" if region else ""
         if code in _CREDENTIAL_CODES:
-            return ConfigError(f"AWS rejected the credentials ({code}) to {action}: refresh them (`aws sts get-caller-identity` checks)")
+            return ConfigError(
+                f"AWS rejected the credentials ({code}) to {action}: refresh them (`aws sts get-caller-identity` checks)"
+            )
         if code in ("UnauthorizedOperation", "AccessDenied", "AccessDeniedException"):
             return ProviderError(f"not allowed to {action}{where} ({code}): the credentials need that permission; {message}")
         if code in _CAPACITY_CODES:
@@ -234,6 +250,7 @@ class AWSCreatePlan(CreatePlan):
 
 #: The hard cap on an instance's life when none is given: generous for training, but never unbounded.
 DEFAULT_MAX_RUNTIME_S = 24 * 3600.0
+
 
 class AWSProvider(Provider):
     """EC2 instances in one region, with boto3.
@@ -341,7 +358,9 @@ class AWSProvider(Provider):
         for key in ("run_url", "store_url"):
             value = getattr(spec, key)
             if value is not None and (not isinstance(value, str) or not value.startswith("s3://")):
-                raise ConfigError(f"the aws provider needs {key} as an s3:// URL (instances read the store from S3), got {value!r}")
+                raise ConfigError(
+                    f"the aws provider needs {key} as an s3:// URL (instances read the store from S3), got {value!r}"
+                )
         for name in spec.env:
             if looks_secret(name):
                 raise ConfigError(
@@ -356,7 +375,9 @@ class AWSProvider(Provider):
             root_device, min_disk = self._check_image(ec2, image_id, region)
             disk_gb = spec.disk_gb or max(DEFAULT_DISK_GB, min_disk)
             if disk_gb < min_disk:
-                raise ConfigError(f"disk_gb={disk_gb} is smaller than image {image_id}'s {min_disk} GB root snapshot: ask for at least {min_disk}")
+                raise ConfigError(
+                    f"disk_gb={disk_gb} is smaller than image {image_id}'s {min_disk} GB root snapshot: ask for at least {min_disk}"
+                )
             profile = self._instance_profile(options, region, spec.run_url)
             security_groups = options.get("security_group_ids") or (
                 [] if options.get("subnet_id") else self._default_security_groups(ec2)
@@ -456,7 +477,9 @@ class AWSProvider(Provider):
             groups = [g.strip() for g in groups.split(",") if g.strip()]
         if groups is not None:
             if not isinstance(groups, (list, tuple)) or not all(isinstance(g, str) and g.startswith("sg-") for g in groups):
-                raise ConfigError(f"aws option security_group_ids must be a list of sg-... ids, got {options['security_group_ids']!r}")
+                raise ConfigError(
+                    f"aws option security_group_ids must be a list of sg-... ids, got {options['security_group_ids']!r}"
+                )
             checked["security_group_ids"] = list(groups)
         for key in ("subnet_id", "key_name", "iam_instance_profile", "install"):
             if key in options and not (isinstance(options[key], str) and options[key]):

@@ -45,7 +45,16 @@ from trainctl_lightning.providers.api import (
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NAME
 from trainctl_lightning.timeutil import utc_now
 
-__all__ = ["INSTANCE_TYPE", "RECORD_NAME", "ROOT_ENV", "STOP_WAIT_S", "WORK_DIR", "LocalProvider", "process_alive", "process_start_time"]
+__all__ = [
+    "INSTANCE_TYPE",
+    "RECORD_NAME",
+    "ROOT_ENV",
+    "STOP_WAIT_S",
+    "WORK_DIR",
+    "LocalProvider",
+    "process_alive",
+    "process_start_time",
+]
 
 log = logging.getLogger(__name__)
 

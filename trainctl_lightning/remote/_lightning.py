@@ -28,12 +28,22 @@ from __future__ import annotations
 
 import inspect
 import sys
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 
-__all__ = ["ENTRIES", "SUPPORTED_LIGHTNING", "Launcher", "captured_trainer_kwargs", "entry_arguments", "impl_parameters", "public_parameters", "set_progress"]
+__all__ = [
+    "ENTRIES",
+    "SUPPORTED_LIGHTNING",
+    "Launcher",
+    "captured_trainer_kwargs",
+    "entry_arguments",
+    "impl_parameters",
+    "public_parameters",
+    "set_progress",
+]
 
 #: The Lightning versions this module was written and tested against (also pinned in pyproject.toml).
 SUPPORTED_LIGHTNING = ">=2.4,<2.7"
@@ -68,7 +78,7 @@ def captured_trainer_kwargs() -> tuple[type, dict[str, Any]] | None:
     None when no Trainer constructor is on the stack.
     """
     wrapper_code = pl.Trainer.__init__.__code__  # the _defaults_from_env_vars wrapper
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     try:
         while frame is not None:
             if frame.f_code is wrapper_code:
@@ -86,7 +96,8 @@ def set_progress(trainer: pl.Trainer, global_step: int, current_epoch: int) -> N
     """Make ``trainer.global_step`` / ``trainer.current_epoch`` report the remote run's values."""
     epoch = trainer.fit_loop.epoch_progress
     for counter in (epoch.total, epoch.current):
-        counter.ready = counter.started = counter.processed = counter.completed = current_epoch
+        counter.ready = counter.completed = current_epoch
+        counter.started = counter.processed = current_epoch  # type: ignore[attr-defined]  # _ReadyCompletedTracker subclasses
     loop = trainer.fit_loop.epoch_loop
     for counter in (
         loop.automatic_optimization.optim_progress.optimizer.step.total,

@@ -104,7 +104,11 @@ class RemoteFunction(Generic[R]):
     def __call__(self, *args: Any, **kwargs: Any) -> R:
         name = getattr(self.fn, "__name__", "function")
         payload = FunctionPayload(fn=self.fn, args=args, kwargs=kwargs)
-        roots = {name: self.fn, **{f"args[{i}]": a for i, a in enumerate(args)}, **{f"kwargs[{k!r}]": v for k, v in kwargs.items()}}
+        roots = {
+            name: self.fn,
+            **{f"args[{i}]": a for i, a in enumerate(args)},
+            **{f"kwargs[{k!r}]": v for k, v in kwargs.items()},
+        }
         data = dumps_payload(roots, payload, self.options.resolved_project_dir())
         call = RemoteCall(self.options, stem=name)
         if self.dry_run:
@@ -117,7 +121,7 @@ class RemoteFunction(Generic[R]):
                 self.instance_id = call.record.instance_id if self.options.keep_alive else None
         if not result.ok:
             raise remote_exception(result, call.record)  # type: ignore[arg-type]
-        return result.value  # type: ignore[no-any-return]
+        return result.value
 
     def terminate_instance(self) -> None:
         """End the instance kept by ``keep_alive`` (no-op without one). Idempotent."""

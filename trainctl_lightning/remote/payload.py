@@ -31,7 +31,19 @@ import cloudpickle
 
 from trainctl_lightning.errors import ConfigError
 
-__all__ = ["PAYLOAD_FORMAT", "RESULT_FORMAT", "FunctionPayload", "RemoteResult", "TrainerPayload", "dumps_payload", "dumps_result", "loads_payload", "loads_result", "scalar_metrics", "unpicklable_error"]
+__all__ = [
+    "PAYLOAD_FORMAT",
+    "RESULT_FORMAT",
+    "FunctionPayload",
+    "RemoteResult",
+    "TrainerPayload",
+    "dumps_payload",
+    "dumps_result",
+    "loads_payload",
+    "loads_result",
+    "scalar_metrics",
+    "unpicklable_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +158,7 @@ def _rebuild(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _cloudpickle(obj: Any) -> tuple[bytes, set[str]]:
-    buffer, modules = io.BytesIO(), set()
+    buffer, modules = io.BytesIO(), set[str]()
     _RecordingPickler(buffer, modules).dump(obj)
     return buffer.getvalue(), modules
 
@@ -177,8 +189,7 @@ def dumps_payload(roots: dict[str, Any], body: Any, project_dir: str | os.PathLi
                 )
             for module in missing:
                 log.info(
-                    "trainctl: shipping module %s (%s) by value: it is neither installed nor inside the synced "
-                    "project %s",
+                    "trainctl: shipping module %s (%s) by value: it is neither installed nor inside the synced project %s",
                     module.__name__,
                     getattr(module, "__file__", "?"),
                     project,

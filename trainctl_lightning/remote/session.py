@@ -78,7 +78,9 @@ class RemoteOptions:
             if name in _RESERVED:
                 raise ConfigError(f"launch option {name}={self.launch_options[name]!r} is set by the remote call itself; drop it")
             if name in own:
-                raise ConfigError(f"launch option {name}={self.launch_options[name]!r} is an argument of its own: pass {name}=... directly")
+                raise ConfigError(
+                    f"launch option {name}={self.launch_options[name]!r} is an argument of its own: pass {name}=... directly"
+                )
             if name not in known:
                 raise ConfigError(f"unknown launch option {name!r}; options are: {', '.join(sorted(known))}")
         if self.project_dir is not None and not Path(self.project_dir).expanduser().is_dir():
@@ -135,7 +137,9 @@ class RemoteCall:
 
     def upload_checkpoint(self, local_path: str, checkpoint_id: str) -> None:
         """Publish a local checkpoint file into the run under ``checkpoint_id`` (for ``ckpt_path``)."""
-        RunStore(self.run_url).publish_checkpoint([local_path], checkpoint_id=checkpoint_id, source={"uploaded_by": "RemoteStrategy ckpt_path"})
+        RunStore(self.run_url).publish_checkpoint(
+            [local_path], checkpoint_id=checkpoint_id, source={"uploaded_by": "RemoteStrategy ckpt_path"}
+        )
 
     def execute(self, payload: bytes, instance_id: str | None = None) -> RemoteResult:
         """Run the payload and return the worker's result.
@@ -177,7 +181,10 @@ class RemoteCall:
             assert state is not None
             error = failure_error(run.run_id, state)
             raise RunFailedError(
-                f"the remote worker wrote no result: {error}", exit_code=error.exit_code, error_tail=error.error_tail, run_id=run.run_id
+                f"the remote worker wrote no result: {error}",
+                exit_code=error.exit_code,
+                error_tail=error.error_tail,
+                run_id=run.run_id,
             )
         return loads_result(raw)
 
@@ -288,6 +295,6 @@ def remote_exception(result: RemoteResult, record: RemoteRun) -> BaseException:
         if hasattr(exc, "add_note"):
             exc.add_note(note)
         else:  # Python 3.10
-            exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+            exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
     exc.__cause__ = RemoteTraceback(result.traceback or "(no traceback)")
     return exc

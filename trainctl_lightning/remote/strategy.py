@@ -200,11 +200,12 @@ class RemoteStrategy(SingleDeviceStrategy):
                     f"Trainer({name}={kwargs[name]!r}) with RemoteStrategy: the instance's hardware is set on the "
                     f"strategy, e.g. RemoteStrategy({name}={kwargs[name]!r}); the local Trainer runs on CPU"
                 )
-        if trainer_class.__init__ is not pl.Trainer.__init__:
+        if trainer_class.__init__ is not pl.Trainer.__init__:  # type: ignore[misc]  # the class, not an instance
             # A subclass with its own constructor: its arguments are not the ones captured.
             log.warning(
                 "trainctl: %s overrides Trainer.__init__; the instance builds a plain lightning Trainer with the "
-                "captured arguments", trainer_class.__qualname__,
+                "captured arguments",
+                trainer_class.__qualname__,
             )
             trainer_class = pl.Trainer
         self._trainer_config = (
@@ -227,7 +228,7 @@ class _RemoteLauncher(_lightning.Launcher):
         return True  # nothing is forked or spawned here: notebooks work
 
     @override
-    def kill(self, signum: Any) -> None:
+    def kill(self, signum: int) -> None:
         call = self._call
         if call is not None and call.run is not None:
             call.run.cancel(f"the launching process got signal {signum}")
@@ -329,7 +330,9 @@ class _RemoteLauncher(_lightning.Launcher):
             _load_weights(model, result.final_checkpoint, record)
             self._strategy.last_checkpoint_url = record.final_checkpoint_url
             _lightning.set_progress(trainer, result.global_step or 0, result.current_epoch or 0)
-            if isinstance(trainer.checkpoint_callback, ModelCheckpoint) and (result.best_checkpoint_url or result.best_model_path):
+            if isinstance(trainer.checkpoint_callback, ModelCheckpoint) and (
+                result.best_checkpoint_url or result.best_model_path
+            ):
                 trainer.checkpoint_callback.best_model_path = result.best_checkpoint_url or result.best_model_path or ""
         state = result.state
         trainer.state = TrainerState(
@@ -337,7 +340,10 @@ class _RemoteLauncher(_lightning.Launcher):
             status=TrainerStatus(state["status"]) if state.get("status") else TrainerStatus.FINISHED,
             stage=RunningStage(state["stage"]) if state.get("stage") else None,
         )
-        for local, remote_values in ((trainer.callback_metrics, result.callback_metrics), (trainer.logged_metrics, result.logged_metrics)):
+        for local, remote_values in (
+            (trainer.callback_metrics, result.callback_metrics),
+            (trainer.logged_metrics, result.logged_metrics),
+        ):
             local.clear()
             local.update({k: torch.tensor(v) for k, v in remote_values.items()})
 

@@ -104,6 +104,7 @@ TAG_PURPOSE = "trainctl:purpose"
 TAG_NAME = "Name"
 """The console name of an instance."""
 
+
 def run_url_in(store_url: str, run_id: str) -> str:
     """The URL of run ``run_id`` in the store rooted at ``store_url``."""
     return f"{store_url.rstrip('/')}/{run_id}"
@@ -138,4 +139,3 @@ def dist_dir(key: str) -> str:
 def checkpoint_object(checkpoint_id: str, name: str = "") -> str:
     """Path (relative to the run) of a checkpoint's folder, or of one object in it."""
     return f"{CHECKPOINTS}/{checkpoint_id}/{name}" if name else f"{CHECKPOINTS}/{checkpoint_id}"
-

@@ -99,10 +99,7 @@ class CheckpointManifest:
             fmt = str(data.get("format", ""))
             if fmt.split("/")[0] != MANIFEST_FORMAT.split("/")[0] or fmt.split("/")[-1][:1] != "1":
                 raise ValueError(f"unsupported format {fmt!r}")
-            files = tuple(
-                FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"]))
-                for f in data["files"]
-            )
+            files = tuple(FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"])) for f in data["files"])
             if not files:
                 raise ValueError("lists no files")
             return cls(
@@ -121,10 +118,8 @@ class CheckpointManifest:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(
-                f"{where} is not a readable trainctl checkpoint manifest ({exc}); "
-                "delete it or fix it by hand"
+                f"{where} is not a readable trainctl checkpoint manifest ({exc}); delete it or fix it by hand"
             ) from exc
-
 
 
 def _opt_int(value: Any) -> int | None:

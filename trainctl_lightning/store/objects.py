@@ -316,7 +316,9 @@ class ObjectStore:
 
         return self.call(read, what=f"read {len(paths)} objects in {self.url}", action=action)
 
-    def read_new(self, rel_dir: str, pattern: str = "*", skip: Iterable[str] = (), action: str = "read") -> list[tuple[str, bytes]]:
+    def read_new(
+        self, rel_dir: str, pattern: str = "*", skip: Iterable[str] = (), action: str = "read"
+    ) -> list[tuple[str, bytes]]:
         """Objects directly in ``rel_dir`` matching ``pattern``, not named in ``skip``, as
         (name, content) in name order. For immutable, append-only series (log chunks, metrics)."""
         known = set(skip)
@@ -372,9 +374,7 @@ class ObjectStore:
 
         stored = self.call(stat, what=f"stat {self.url_of(rel)}", action="read", stop=stop)
         if stored != expected:
-            raise IntegrityError(
-                f"uploaded {self.url_of(rel)} has {stored} bytes, expected {expected}; the upload was cut short"
-            )
+            raise IntegrityError(f"uploaded {self.url_of(rel)} has {stored} bytes, expected {expected}; the upload was cut short")
         return stored
 
     def download(

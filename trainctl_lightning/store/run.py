@@ -84,9 +84,7 @@ class RunStore:
         max_concurrency: int = 8,
         part_size: int = 16 * 2**20,
     ) -> None:
-        self.objects = ObjectStore(
-            url, storage_options, retry=retry, max_concurrency=max_concurrency, part_size=part_size
-        )
+        self.objects = ObjectStore(url, storage_options, retry=retry, max_concurrency=max_concurrency, part_size=part_size)
         """The run's objects (the primitives every method here is built on)."""
         self.url = self.objects.url
 
@@ -165,9 +163,7 @@ class RunStore:
         manifest_rel = layout.checkpoint_object(ckpt_id, layout.CHECKPOINT_MANIFEST)
         if checkpoint_id is not None and self.objects.exists(manifest_rel):
             # Generated ids are never reused; a caller-chosen one must not clobber data either.
-            raise ConflictError(
-                f"checkpoint {ckpt_id} already exists in {self.url}; it was not overwritten (use a new id)"
-            )
+            raise ConflictError(f"checkpoint {ckpt_id} already exists in {self.url}; it was not overwritten (use a new id)")
         try:
             manifest_files = []
             for local, rel in entries:

@@ -59,7 +59,6 @@ class CodeBundle:
         return hashlib.sha256(self.manifest_bytes()).hexdigest()
 
 
-
 def parse_manifest(raw: bytes, where: str = "code manifest") -> list[BundleFile]:
     """The files of a code manifest, every entry checked (safe path, checksum form, mode).
 
@@ -72,9 +71,7 @@ def parse_manifest(raw: bytes, where: str = "code manifest") -> list[BundleFile]
         raise IntegrityError(f"{where} is not valid JSON ({exc}); refusing it") from None
     if not isinstance(data, dict) or data.get("format") != CODE_FORMAT:
         fmt = data.get("format") if isinstance(data, dict) else None
-        raise IntegrityError(
-            f"{where} has format {fmt!r}, this trainctl reads {CODE_FORMAT!r}: upgrade trainctl on the instance"
-        )
+        raise IntegrityError(f"{where} has format {fmt!r}, this trainctl reads {CODE_FORMAT!r}: upgrade trainctl on the instance")
     entries = data.get("files")
     if not isinstance(entries, dict):
         raise IntegrityError(f"{where} has no 'files' table; refusing it")
@@ -112,8 +109,6 @@ def _check_rel_path(path: Any, where: str) -> None:
         or any(part in ("", ".", "..") for part in path.split("/"))
     ):
         raise IntegrityError(f"{where} lists the unsafe path {path!r} (absolute or leaving the project); refusing it")
-
-
 
 
 def run_parallel(pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], Any]]) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -27,6 +28,7 @@ from trainctl_lightning.store.files import copy_verified, sha256_file
 __all__ = ["FetchStats", "default_blob_cache", "fetch_bundle"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class FetchStats:
@@ -94,9 +96,7 @@ def fetch_bundle(
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(
-            f"cannot use blob cache {cache}: {exc}; set TRAINCTL_CACHE_DIR to a writable folder"
-        ) from None
+        raise ConfigError(f"cannot use blob cache {cache}: {exc}; set TRAINCTL_CACHE_DIR to a writable folder") from None
     blobs = ObjectStore(code.blobs_url, opts)
 
     by_sha: dict[str, list[BundleFile]] = {}
@@ -141,7 +141,7 @@ def fetch_bundle(
     if by_sha:
         results = run_parallel(
             ThreadPoolExecutor(max_workers=min(workers, len(by_sha)), thread_name_prefix="trainctl-code-down"),
-            [lambda s=s, w=w: fetch_one(s, w) for s, w in by_sha.items()],
+            [functools.partial(fetch_one, s, w) for s, w in by_sha.items()],
         )
     stats = FetchStats(
         files=len(files),
@@ -158,7 +158,6 @@ def fetch_bundle(
         stats.seconds,
     )
     return stats
-
 
 
 def _read_manifest(url: str, opts: dict[str, Any]) -> bytes:

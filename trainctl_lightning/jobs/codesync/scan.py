@@ -42,6 +42,7 @@ SECRET_PATTERNS = (
 )
 _MB = 1_000_000  # sizes and limits are decimal megabytes, as printed
 
+
 def scan_project(
     root: str | os.PathLike[str],
     *,
@@ -147,9 +148,7 @@ class _Rules:
             return False
         if self.trainctl is None or self.trainctl.check_file(rel).include is not False:
             return True
-        return not any(
-            p.include is False and not _blanket(str(p.pattern)) and p.match_file(rel) for p in self.trainctl.patterns
-        )
+        return not any(p.include is False and not _blanket(str(p.pattern)) and p.match_file(rel) for p in self.trainctl.patterns)
 
     def may_reinclude_below(self, rel_dir: str) -> bool:
         """Whether some anchored re-include pattern could match a path inside ``rel_dir``."""
@@ -326,7 +325,3 @@ def _biggest(files: list[_Candidate], limit: int = 4) -> list[tuple[str, int]]:
             name, size = best + "/", dir_size[best]
         picked.append((name, size))
     return picked
-
-
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # Blobs up to this size are read into memory once, checked and put in one request: what is
 # stored is exactly what was hashed. Larger ones are streamed and the local file re-hashed after.
 _IN_MEMORY_MAX = 8 << 20
+
 
 @dataclass
 class UploadStats:
@@ -98,7 +100,7 @@ def upload_bundle(
     if todo:
         run_parallel(
             ThreadPoolExecutor(max_workers=min(workers, len(todo)), thread_name_prefix="trainctl-code-up"),
-            [lambda f=f: _put_blob(blobs, bundle.root, f, report) for f in todo.values()],
+            [functools.partial(_put_blob, blobs, bundle.root, f, report) for f in todo.values()],
         )
     data = bundle.manifest_bytes()
     try:
@@ -151,6 +153,7 @@ def _locked(progress: Callable[[int], None] | None) -> Callable[[int], None]:
 class _Progress(Callback):
     def __init__(self, report: Callable[[int], None]) -> None:
         super().__init__()
+        self.value: int = 0
         self._report = report
 
     def relative_update(self, inc: int = 1) -> None:
