@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import CheckpointSync, RunStore, UploadError
-from trainctl_lightning.checkpoint.publisher import JobState, PublishJob
+from trainctl_lightning.checkpoint.publisher import PublishState, PublishJob
 from trainctl_lightning.testing import LocalS3
 
 BUCKET = "trainctl-outage"
@@ -97,7 +97,7 @@ class Outage(threading.Thread):
         publisher = getattr(trainer.strategy.checkpoint_io, "publisher", None) if trainer else None
         if publisher is None:
             return []
-        return [j for j in publisher.pending() if j.state is JobState.UPLOADING]
+        return [j for j in publisher.pending() if j.state is PublishState.UPLOADING]
 
     def run(self) -> None:
         try:
@@ -172,7 +172,7 @@ def test_endpoint_outage_mid_upload_is_ridden_out(outage_s3: LocalS3, tmp_path, 
         if r.name == "trainctl_lightning.checkpoint.publisher" and r.getMessage().startswith("trainctl: published ")
     }
     for job in outage.in_flight:
-        assert job.state is JobState.PUBLISHED, (job.name, job.state, job.error)
+        assert job.state is PublishState.PUBLISHED, (job.name, job.state, job.error)
         assert job.manifest is not None
         assert published_at[job.manifest.id] > outage.up_at, (job.name, "published before the outage ended?")
     retried = [
