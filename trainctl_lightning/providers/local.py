@@ -42,6 +42,7 @@ from trainctl_lightning.providers.api import (
     Provider,
     standard_tags,
 )
+from trainctl_lightning.store.files import write_atomic
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NAME
 from trainctl_lightning.timeutil import utc_now
 
@@ -405,10 +406,7 @@ class LocalProvider(Provider):
         data = instance.to_dict()
         for agent in data["details"].get("agents", []):
             agent.pop("alive", None)  # computed on read, never stored
-        path = self.root / instance.id / RECORD_NAME
-        tmp = path.with_name(f".{RECORD_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(self.root / instance.id / RECORD_NAME, json.dumps(data, indent=2, sort_keys=True).encode())
 
     @contextlib.contextmanager
     def _locked(self, instance_id: str) -> Iterator[None]:
