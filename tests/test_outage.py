@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import CheckpointSync, RunStore, UploadError
-from trainctl_lightning.checkpoint.publisher import PublishState, PublishJob
+from trainctl_lightning.checkpoint.publisher import PublishJob, PublishState
 from trainctl_lightning.testing import LocalS3
 
 BUCKET = "trainctl-outage"
