@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-__all__ = ["age_s", "parse_time", "utc_now"]
+__all__ = ["parse_time", "utc_now"]
 
 
 def utc_now() -> str:
@@ -20,8 +20,3 @@ def parse_time(value: str) -> datetime:
     """
     dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-
-
-def age_s(when: datetime, now: datetime | None = None) -> float:
-    """Seconds from ``when`` to ``now`` (default: the current time)."""
-    return ((now or datetime.now(timezone.utc)) - when).total_seconds()

@@ -117,14 +117,6 @@ class ObjectStore:
     def __repr__(self) -> str:  # storage_options may hold secrets: never shown
         return f"{type(self).__name__}({self.url!r})"
 
-    def child(self, *parts: str) -> ObjectStore:
-        """The objects below ``<this prefix>/<parts>``, sharing this one's filesystem and retry."""
-        sub = object.__new__(ObjectStore)
-        sub.__dict__.update(self.__dict__)
-        sub.root = self.path(*parts)
-        sub.url = sub.url_of()
-        return sub
-
     # ----------------------------------------------------------------- addressing
     def path(self, *parts: str) -> str:
         """Backend path of an object below this prefix (never outside it).
