@@ -90,7 +90,8 @@ class MetricsReporter(Logger):
         self.status_interval = status_interval
         self.session = uuid.uuid4().hex[:8]
         self._started = datetime.now(timezone.utc)
-        self._segment_prefix = f"{self._started:%Y%m%dT%H%M%S}-{self.session}"
+        # microseconds: a run restarted within the same second still lists after the one before it
+        self._segment_prefix = f"{self._started:%Y%m%dT%H%M%S%f}-{self.session}"
         self._segments_written = 0
         # Logged but not yet written: ("m", unix time, step, values) or ("h", unix time, params).
         # Encoding happens on the writer thread; the training thread only appends.
