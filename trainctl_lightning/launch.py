@@ -286,6 +286,11 @@ class LaunchPlan:
                 f"run {self.run_id} -> {self.run_url}",
                 f"command: {' '.join(self.command)}",
                 f"code: {self.code_files} files, {self.code_bytes} bytes (before de-duplication)",
+                *(
+                    [f"code: skipped as secrets: {', '.join(self.code.skipped_secrets)}"]
+                    if self.code and self.code.skipped_secrets
+                    else []
+                ),
                 what,
             ]
         )
@@ -298,6 +303,7 @@ class LaunchPlan:
             "command": self.command,
             "code_files": self.code_files,
             "code_bytes": self.code_bytes,
+            "code_skipped_secrets": list(self.code.skipped_secrets) if self.code else [],
             "instance": self.instance.to_dict(),
         }
 
@@ -782,6 +788,10 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
 
             code_ref, upload = upload_bundle(plan.code, store_url, run_url)
             event(upload.describe())
+            if plan.code.skipped_secrets:
+                from trainctl_lightning.jobs.codesync import describe_skipped
+
+                event(describe_skipped(plan.code.skipped_secrets))
         # spot: the agent watches for interruption notices (what the instance says, else what we asked for)
         spot = inst.spot or bool(created and isinstance(plan.instance, CreatePlan) and plan.instance.spec.spot)
         job_spec = replace(plan.job, created_at=utc_now(), code=code_ref, instance_id=inst.id, spot=spot)
