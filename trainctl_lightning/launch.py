@@ -788,10 +788,6 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
 
             code_ref, upload = upload_bundle(plan.code, store_url, run_url)
             event(upload.describe())
-            if plan.code.skipped_secrets:
-                from trainctl_lightning.jobs.codesync import describe_skipped
-
-                event(describe_skipped(plan.code.skipped_secrets))
         # spot: the agent watches for interruption notices (what the instance says, else what we asked for)
         spot = inst.spot or bool(created and isinstance(plan.instance, CreatePlan) and plan.instance.spec.spot)
         job_spec = replace(plan.job, created_at=utc_now(), code=code_ref, instance_id=inst.id, spot=spot)

@@ -43,7 +43,7 @@ from typing import Any
 from trainctl_lightning.agent.jobproc import JobProcess, read_job_records
 from trainctl_lightning.agent.jobproc import process_start_time as process_start_time
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError
-from trainctl_lightning.paths import make_private_dir, trainctl_home
+from trainctl_lightning.paths import PRIVATE_FILE_MODE, make_private_dir, trainctl_home
 from trainctl_lightning.providers.api import (
     AgentLaunch,
     CreatePlan,
@@ -53,7 +53,7 @@ from trainctl_lightning.providers.api import (
     Provider,
     standard_tags,
 )
-from trainctl_lightning.store.files import write_atomic
+from trainctl_lightning.store.files import atomic_file
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NAME
 from trainctl_lightning.timeutil import utc_now
 
@@ -489,7 +489,8 @@ class LocalProvider(Provider):
         data = instance.to_dict()
         for agent in data["details"].get("agents", []):
             agent.pop("alive", None)  # computed on read, never stored
-        write_atomic(self.root / instance.id / RECORD_NAME, json.dumps(data, indent=2, sort_keys=True).encode())
+        with atomic_file(self.root / instance.id / RECORD_NAME, PRIVATE_FILE_MODE) as tmp:
+            tmp.write_bytes(json.dumps(data, indent=2, sort_keys=True).encode())
 
     @contextlib.contextmanager
     def _locked(self, instance_id: str) -> Iterator[None]:
@@ -498,7 +499,7 @@ class LocalProvider(Provider):
             raise InstanceNotFoundError(
                 f"no local instance {instance_id!r} created by trainctl; `trainctl ls --provider local` lists them"
             )
-        with open(lock_path, "a") as lock:
+        with open(os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

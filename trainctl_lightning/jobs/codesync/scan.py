@@ -288,7 +288,7 @@ def _walk(root: Path, rules: _Rules) -> tuple[list[_Candidate], list[str]]:
                 target = os.path.realpath(entry.path)
                 if os.path.commonpath([real_root, target]) != real_root:
                     # possibly ~/.aws/credentials: named, and counted with the secrets
-                    log.warning("not uploading %s: it is a symlink to a file outside the project", rel)
+                    log.debug("not uploading %s: it is a symlink to a file outside the project", rel)
                     secrets.append(rel)
                     continue
                 if rules.secret(os.path.relpath(target, real_root).replace(os.sep, "/")):
