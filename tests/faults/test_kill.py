@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from tests.helpers import wait_until
 from tests.helpers.cli import trainctl
 from tests.helpers.leftovers import assert_nothing_running
 from tests.helpers.provider_contract import python_job, submit, wait_for
-from trainctl_lightning.agent.jobproc import JOBS_DIR, process_start_time
+from trainctl_lightning.agent.jobproc import JOBS_DIR, JobProcess, process_start_time, write_job_record
 from trainctl_lightning.jobs.spec import JobPhase
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers.api import Instance, InstanceState
@@ -185,3 +187,24 @@ def test_a_killed_job_fails_with_a_clear_line_and_its_agent_exits(
     assert not list((Path(instance.details["workdir"]) / JOBS_DIR).glob("*.json"))  # the agent cleaned up
     provider.terminate(instance.id)
     assert_nothing_running()
+
+
+def test_a_recorded_job_whose_pid_was_reused_is_never_signalled(provider: LocalProvider, instance: Instance) -> None:
+    # a stranger now holds the pid (and group) a dead agent's job record names, with another start time
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        record = JobProcess(
+            run_id="gone-run",
+            run_url="file:///nowhere/gone-run",
+            pid=stranger.pid,
+            start_time=(process_start_time(stranger.pid) or 0) + 1,
+            agent_pid=stranger.pid,
+            stop_grace_s=0.1,
+        )
+        write_job_record(Path(instance.details["workdir"]), record)
+        terminated = provider.terminate(instance.id)
+        assert stranger.poll() is None  # still running: never signalled
+        assert terminated.state is InstanceState.TERMINATED and "notes" not in terminated.details
+    finally:
+        stranger.kill()
+        stranger.wait()

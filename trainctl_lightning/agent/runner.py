@@ -18,6 +18,10 @@ going down SIGTERMs the agent). A rebalance recommendation asks for a checkpoint
 With ``JobSpec.launcher_grace_s`` the agent cancels the job when the attached launcher's
 heartbeat stops (:mod:`.watchdog`).
 
+The job runs in a process group of its own, recorded in ``<workdir>/jobs/<run id>.json`` while
+it runs, and gets SIGTERM if the agent dies (:mod:`.jobproc`): a provider can then end the
+whole group without the agent, and no job runs on unsupervised.
+
 Internal: not part of the public API; it may change without notice.
 """
 
