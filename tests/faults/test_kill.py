@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tests.helpers.cli import trainctl
 from tests.helpers.leftovers import assert_nothing_running
 from tests.helpers.provider_contract import python_job, submit, wait_for
 from trainctl_lightning.agent.jobproc import JOBS_DIR, JobProcess, process_start_time, write_job_record
-from trainctl_lightning.jobs.spec import JobPhase
+from trainctl_lightning.jobs.spec import JobPhase, JobState
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers.api import Instance, InstanceState
 from trainctl_lightning.providers.local import LocalProvider
@@ -49,7 +50,7 @@ def provider() -> LocalProvider:
 
 
 @pytest.fixture
-def instance(provider: LocalProvider):
+def instance(provider: LocalProvider) -> Iterator[Instance]:
     created = provider.create()
     yield created
     provider.terminate(created.id)  # no-op when the test terminated it
@@ -60,6 +61,11 @@ def file_store(tmp_path: Path) -> str:
     return f"file://{tmp_path}/store"
 
 
+def running_pid(state: JobState) -> int:
+    assert state.pid is not None, state
+    return state.pid
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie waiting for its parent to reap it runs no more)."""
     return process_start_time(pid) is not None
@@ -67,6 +73,7 @@ def alive(pid: int) -> bool:
 
 def child_pid(jobs: JobStore) -> int:
     match = wait_until(lambda: re.search(rb"child (\d+)", jobs.read_logs()), what="the job to print its child's pid")
+    assert match is not None
     return int(match.group(1))
 
 
@@ -108,26 +115,27 @@ def test_terminate_ends_the_process_group_of_a_job_whose_agent_was_killed(
 ) -> None:
     jobs = submit(provider, instance, file_store, **STUBBORN_JOB)
     state = wait_for(jobs, {JobPhase.RUNNING})
+    pid = running_pid(state)
     child = child_pid(jobs)
     work = instance.details["workdir"]
     [record] = (Path(work) / JOBS_DIR).glob("*.json")
-    assert json.loads(record.read_text())["pid"] == state.pid
+    assert json.loads(record.read_text())["pid"] == pid
 
     agent_pid = kill_agent(provider, instance)
     # the death signal (SIGTERM) is ignored by this job: without `terminate` it would run on
-    assert alive(state.pid) and alive(child)
+    assert alive(pid) and alive(child)
 
-    with WorkdirWatch(work, [state.pid, child]) as watch:
+    with WorkdirWatch(work, [pid, child]) as watch:
         result = trainctl("terminate", instance.id, "--output", "json")
     assert result.returncode == 0, result.stderr
     assert watch.violations == []
-    assert not alive(state.pid) and not alive(child)
+    assert not alive(pid) and not alive(child)
     assert not os.path.exists(work)
 
     terminated = json.loads(result.stdout)
     assert terminated["state"] == InstanceState.TERMINATED.value
     note = (
-        f"agent pid {agent_pid} of run {state.run_id} was dead; its job's process group {state.pid} "
+        f"agent pid {agent_pid} of run {state.run_id} was dead; its job's process group {pid} "
         "killed with SIGKILL after 2s of SIGTERM"
     )
     assert terminated["details"]["notes"] == [note]
@@ -139,6 +147,7 @@ def test_terminate_ends_the_process_group_of_a_job_whose_agent_was_killed(
 def test_stop_ends_an_orphaned_job_and_says_so(provider: LocalProvider, instance: Instance, file_store: str) -> None:
     jobs = submit(provider, instance, file_store, **STUBBORN_JOB)
     state = wait_for(jobs, {JobPhase.RUNNING})
+    pid = running_pid(state)
     child = child_pid(jobs)
     kill_agent(provider, instance)
 
@@ -146,8 +155,8 @@ def test_stop_ends_an_orphaned_job_and_says_so(provider: LocalProvider, instance
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"{instance.id}: stopped"
-    assert f"its job's process group {state.pid} killed with SIGKILL" in lines[1]
-    assert not alive(state.pid) and not alive(child)
+    assert f"its job's process group {pid} killed with SIGKILL" in lines[1]
+    assert not alive(pid) and not alive(child)
     assert os.path.exists(instance.details["workdir"])  # stop keeps the disk
     provider.terminate(instance.id)
     assert_nothing_running()
@@ -156,14 +165,15 @@ def test_stop_ends_an_orphaned_job_and_says_so(provider: LocalProvider, instance
 def test_a_job_dies_with_its_agent(provider: LocalProvider, instance: Instance, file_store: str) -> None:
     jobs = submit(provider, instance, file_store, **SLEEPY_JOB)
     state = wait_for(jobs, {JobPhase.RUNNING})
+    pid = running_pid(state)
     child = child_pid(jobs)
     agent_pid = kill_agent(provider, instance)
     # nobody watches it any more: it gets SIGTERM at once (the death signal), not an hour later
-    wait_until(lambda: not alive(state.pid), timeout=10, what="the job to die with its agent")
+    wait_until(lambda: not alive(pid), timeout=10, what="the job to die with its agent")
 
     terminated = provider.terminate(instance.id)
     assert not alive(child)  # what the job left in its group went with `terminate`
-    note = f"agent pid {agent_pid} of run {state.run_id} was dead; its job's process group {state.pid} ended on SIGTERM"
+    note = f"agent pid {agent_pid} of run {state.run_id} was dead; its job's process group {pid} ended on SIGTERM"
     assert terminated.details["notes"] == [note]
     final = jobs.read_state()
     assert final is not None and final.phase is JobPhase.FAILED and final.error == note
@@ -175,8 +185,9 @@ def test_a_killed_job_fails_with_a_clear_line_and_its_agent_exits(
 ) -> None:
     jobs = submit(provider, instance, file_store, **SLEEPY_JOB)
     state = wait_for(jobs, {JobPhase.RUNNING})
+    pid = running_pid(state)
     child = child_pid(jobs)  # holds the output pipe: the agent must not wait on it forever
-    os.kill(state.pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
 
     final = wait_for(jobs, timeout=30)
     assert final.phase is JobPhase.FAILED
@@ -208,3 +219,20 @@ def test_a_recorded_job_whose_pid_was_reused_is_never_signalled(provider: LocalP
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_run_whose_agent_died_ends_failed_saying_so(provider: LocalProvider, instance: Instance, file_store: str) -> None:
+    jobs = submit(provider, instance, file_store, **python_job("import time; print('up', flush=True); time.sleep(120)"))
+    state = wait_for(jobs, {JobPhase.RUNNING})
+    pid = running_pid(state)
+    agent_pid = kill_agent(provider, instance)
+    wait_until(lambda: not alive(pid), timeout=10, what="the job to die with its agent")
+    current = jobs.read_state()
+    assert current is not None and current.phase is JobPhase.RUNNING  # nobody was left to say otherwise
+
+    terminated = provider.terminate(instance.id)
+    note = f"agent pid {agent_pid} of run {state.run_id} died before the job ended"
+    assert terminated.details["notes"] == [note]
+    final = jobs.read_state()
+    assert final is not None and final.phase is JobPhase.FAILED and final.error == note
+    assert_nothing_running()

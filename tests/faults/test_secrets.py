@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def files_below(*roots: Path) -> list[Path]:
 
 
 @pytest.fixture(autouse=True)
-def _release_instances():
+def _release_instances() -> Iterator[None]:
     yield
     release_local_instances()
 
