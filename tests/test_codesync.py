@@ -21,6 +21,7 @@ from trainctl_lightning.errors import (
 from trainctl_lightning.jobs.codesync import (
     CodeBundle,
     fetch_bundle,
+    parse_manifest,
     scan_project,
     upload_bundle,
 )
@@ -166,7 +167,9 @@ def test_default_skips_venvs_caches_git_and_symlinked_folders(project: Path, tmp
     }
     linked = next(f for f in bundle.files if f.path == "model-link.py")
     assert linked.sha256 == hashlib.sha256(b"class Model: ...\n").hexdigest()
-    assert "notes.txt" in caplog.text and "outside the project" in caplog.text
+    # a link out of the project may point at ~/.aws/credentials: skipped and named with the secrets
+    assert bundle.skipped_secrets == ["notes.txt"]
+    assert "notes.txt" in caplog.text and "out of the project" in caplog.text
 
 
 def test_secrets_are_skipped_and_named_unless_reincluded(project: Path, caplog):
@@ -450,3 +453,24 @@ def test_a_missing_bucket_is_one_clear_store_error(project: Path, s3):
     with pytest.raises(StoreError) as info:
         upload_bundle(scan_project(project), "s3://no-such-bucket/runs", "s3://no-such-bucket/runs/run1")
     assert "\n" not in str(info.value) and "no-such-bucket" in str(info.value)
+
+
+def test_a_manifest_entry_without_a_mode_reads_as_0644_and_setuid_is_refused():
+    sha = hashlib.sha256(b"x").hexdigest()
+    old = json.dumps({"format": "trainctl.code/1", "files": {"a.py": {"sha256": sha, "size": 1}}}).encode()
+    [entry] = parse_manifest(old)
+    assert entry.mode == 0o644
+    for bad in (0o4755, -1, "0644", True):
+        raw = json.dumps({"format": "trainctl.code/1", "files": {"a.py": {"sha256": sha, "size": 1, "mode": bad}}})
+        with pytest.raises(IntegrityError, match=r"entry 'a.py' has mode .*expected permission bits from 0 to 0o777"):
+            parse_manifest(raw.encode())
+
+
+def test_a_symlink_to_a_secret_or_out_of_the_project_is_skipped_and_named(project: Path, tmp_path: Path):
+    _write(project, "config/.env", "TOKEN=1")
+    outside = _write(tmp_path, "elsewhere/token.txt", "outside")
+    (project / "settings.cfg").symlink_to(project / "config" / ".env")
+    (project / "token.txt").symlink_to(outside)
+    bundle = scan_project(project)
+    assert {"settings.cfg", "token.txt", "config/.env"} <= set(bundle.skipped_secrets)
+    assert not {"settings.cfg", "token.txt"} & _paths(bundle)

@@ -286,6 +286,11 @@ class LaunchPlan:
                 f"run {self.run_id} -> {self.run_url}",
                 f"command: {' '.join(self.command)}",
                 f"code: {self.code_files} files, {self.code_bytes} bytes (before de-duplication)",
+                *(
+                    [f"code: skipped as secrets: {', '.join(self.code.skipped_secrets)}"]
+                    if self.code and self.code.skipped_secrets
+                    else []
+                ),
                 what,
             ]
         )
@@ -298,6 +303,7 @@ class LaunchPlan:
             "command": self.command,
             "code_files": self.code_files,
             "code_bytes": self.code_bytes,
+            "code_skipped_secrets": list(self.code.skipped_secrets) if self.code else [],
             "instance": self.instance.to_dict(),
         }
 

@@ -32,7 +32,7 @@ def daemonize(log_file: Path) -> None:
 
     The child has its own session, stdin from /dev/null and stdout/stderr appended to ``log_file``.
     """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -42,7 +42,7 @@ def daemonize(log_file: Path) -> None:
     os.setsid()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(out, 1)
     os.dup2(out, 2)
     for fd in (null, out):
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--log-file", type=Path, help="where a --daemon agent writes its own log")
     args = parser.parse_args(argv)
 
+    from trainctl_lightning.agent.jobproc import use_agent_umask
+
+    use_agent_umask()
     workdir = (args.workdir or _default_workdir()).resolve()
     if args.daemon:
         if args.log_file is None:

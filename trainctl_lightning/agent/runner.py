@@ -18,6 +18,10 @@ going down SIGTERMs the agent). A rebalance recommendation asks for a checkpoint
 With ``JobSpec.launcher_grace_s`` the agent cancels the job when the attached launcher's
 heartbeat stops (:mod:`.watchdog`).
 
+The job runs in a process group of its own, recorded in ``<workdir>/jobs/<run id>.json`` while
+it runs, and gets SIGTERM if the agent dies (:mod:`.jobproc`): a provider can then end the
+whole group without the agent, and no job runs on unsupervised.
+
 Internal: not part of the public API; it may change without notice.
 """
 
@@ -34,6 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainctl_lightning.agent.environment import prepare_environment
+from trainctl_lightning.agent.jobproc import (
+    JobProcess,
+    die_with_parent,
+    process_start_time,
+    remove_job_record,
+    write_job_record,
+)
 from trainctl_lightning.agent.spot import (
     INTERRUPTION,
     SpotNotice,
@@ -347,9 +358,30 @@ class Agent:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: a stop reaches its children too
+                preexec_fn=die_with_parent(),  # SIGTERM if the agent dies: never an unsupervised job
             )
         except OSError as exc:
             return Outcome(JobPhase.FAILED, None, one_line(f"could not start {argv[0]}: {exc}"))
+        try:
+            return self._supervise_process(proc, argv)
+        finally:
+            remove_job_record(self.workdir, spec.run_id)
+
+    def _supervise_process(self, proc: subprocess.Popen, argv: list[str]) -> Outcome:
+        spec = self.spec
+        assert spec is not None
+        job = JobProcess(
+            run_id=spec.run_id,
+            run_url=spec.run_url,
+            pid=proc.pid,
+            start_time=process_start_time(proc.pid),
+            agent_pid=os.getpid(),
+            stop_grace_s=spec.stop_grace_s,
+        )
+        try:  # so that `trainctl stop`/`terminate` can end the job's group if this agent dies
+            write_job_record(self.workdir, job)
+        except OSError as exc:
+            log.warning("could not record the job's process group %d: %s", proc.pid, one_line(exc))
         start = time.monotonic()
         with self._state_lock:
             self._live_state().pid = proc.pid
@@ -386,6 +418,13 @@ class Agent:
             return Outcome(stopped[0], exit_code, stopped[1])
         if returncode == 0:
             return Outcome(JobPhase.SUCCEEDED, 0)
+        if returncode == -signal.SIGKILL:
+            return Outcome(
+                JobPhase.FAILED,
+                exit_code,
+                "the job was killed by SIGKILL, not by trainctl (the out-of-memory killer, or a kill -9): "
+                "look for 'Killed process' in the kernel log (dmesg)",
+            )
         if returncode < 0:
             return Outcome(JobPhase.FAILED, exit_code, f"the job was killed by {_signal_name(-returncode)}")
         return Outcome(JobPhase.FAILED, exit_code, f"the job exited with code {exit_code}")

@@ -118,7 +118,9 @@ def stop(
     if output is Format.json:
         emit_json(inst.to_dict())
     else:
-        stdout.print(f"{inst.id}: {inst.state.value}", highlight=False)
+        stdout.print(f"{inst.id}: {inst.state.value}", highlight=False, markup=False)
+        for note in inst.details.get("notes", []):  # what had to be done: a dead agent, a killed job
+            stdout.print(f"  {note}", highlight=False, markup=False)
 
 
 @handle_errors
@@ -132,4 +134,6 @@ def terminate(
     if output is Format.json:
         emit_json(inst.to_dict())
     else:
-        stdout.print(f"{inst.id}: {inst.state.value}", highlight=False)
+        stdout.print(f"{inst.id}: {inst.state.value}", highlight=False, markup=False)
+        for note in inst.details.get("notes", []):  # what had to be done: a dead agent, a killed job
+            stdout.print(f"  {note}", highlight=False, markup=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from trainctl_lightning import launch as api
@@ -66,7 +67,7 @@ def launch(
     json_mode = output is Format.json
 
     def event(msg: str) -> None:
-        stderr.print(f"[dim]trainctl:[/dim] {msg}", highlight=False, soft_wrap=True)
+        stderr.print(f"[dim]trainctl:[/dim] {escape(msg)}", highlight=False, soft_wrap=True)
 
     request = api.LaunchRequest(
         script=str(script),

@@ -11,10 +11,19 @@ The agent runs detached (``--daemon``): it is not a child of the CLI that starte
 outlives it. State lives on disk, so ``trainctl ls``/``stop``/``terminate`` from a later
 process see and control what an earlier one created. A process is only ever signalled after
 its start time is checked against the one recorded, so a reused pid is never hit.
+
+A dead agent does not leave its job behind: the agent records each job's process group in
+``work/jobs/<run id>.json`` (:mod:`trainctl_lightning.agent.jobproc`), and ``stop``/``terminate``
+end every recorded group whose agent is gone (SIGTERM, the job's grace, SIGKILL) and wait for
+it before anything is deleted. What they had to do is kept in the record's ``details.notes``
+and, for a run whose agent died before writing its final state, in the run's job state.
+
+Everything under ``$TRAINCTL_HOME`` is private to the user: folders 0700, files 0600.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import json
@@ -31,8 +40,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from trainctl_lightning.agent.jobproc import JobProcess, read_job_records
+from trainctl_lightning.agent.jobproc import process_start_time as process_start_time
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError
-from trainctl_lightning.paths import trainctl_home
+from trainctl_lightning.paths import PRIVATE_FILE_MODE, make_private_dir, trainctl_home
 from trainctl_lightning.providers.api import (
     AgentLaunch,
     CreatePlan,
@@ -42,7 +53,7 @@ from trainctl_lightning.providers.api import (
     Provider,
     standard_tags,
 )
-from trainctl_lightning.store.files import write_atomic
+from trainctl_lightning.store.files import atomic_file
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NAME
 from trainctl_lightning.timeutil import utc_now
 
@@ -73,19 +84,6 @@ _ID = re.compile(r"^local-[0-9a-f]{8}$")
 
 
 # ---------------------------------------------------------------- processes
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of a live process (clock ticks since boot, from /proc), None if gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 def process_alive(pid: int, start_time: int | None) -> bool:
@@ -180,10 +178,10 @@ class LocalProvider(Provider):
     def _create(self, plan: CreatePlan) -> Instance:
         instance_id = plan.request["id"]
         inst_dir = self.root / instance_id
-        self.root.mkdir(parents=True, exist_ok=True)
-        inst_dir.mkdir()  # a new id: never an existing instance's directory
+        make_private_dir(self.root)
+        inst_dir.mkdir(mode=0o700)  # a new id: never an existing instance's directory
         try:
-            (inst_dir / WORK_DIR).mkdir()
+            (inst_dir / WORK_DIR).mkdir(mode=0o700)
             instance = Instance(
                 id=instance_id,
                 provider=self.name,
@@ -228,8 +226,8 @@ class LocalProvider(Provider):
         instance = self._begin(instance_id, InstanceState.STOPPING)
         if instance.state.is_terminal():
             raise ProviderError(f"local instance {instance_id} is terminated; there is nothing to stop")
-        self._stop_agents(instance)
-        instance = self._end(instance_id, InstanceState.STOPPED, "stopped_at")
+        notes = self._stop_agents(instance)
+        instance = self._end(instance_id, InstanceState.STOPPED, "stopped_at", notes)
         log.info("stopped local instance %s", instance_id)
         return instance
 
@@ -237,9 +235,9 @@ class LocalProvider(Provider):
         instance = self._begin(instance_id, InstanceState.TERMINATING)
         if instance.state.is_terminal():
             return instance
-        self._stop_agents(instance)
+        notes = self._stop_agents(instance)  # returns once every job process is gone
         self._remove_work(instance)
-        instance = self._end(instance_id, InstanceState.TERMINATED, "terminated_at")
+        instance = self._end(instance_id, InstanceState.TERMINATED, "terminated_at", notes)
         log.info("terminated local instance %s", instance_id)
         return instance
 
@@ -254,12 +252,17 @@ class LocalProvider(Provider):
                 instance.state = before
         return self._with_liveness(instance)
 
-    def _end(self, instance_id: str, state: InstanceState, stamp: str) -> Instance:
+    def _end(self, instance_id: str, state: InstanceState, stamp: str, notes: builtins.list[str]) -> Instance:
         with self._locked(instance_id):
             instance = self._read_known(instance_id)
+            changed = bool(notes)
+            if notes:
+                instance.details.setdefault("notes", []).extend(notes)
             if not instance.state.is_terminal():
                 instance.state = state
                 instance.details[stamp] = utc_now()
+                changed = True
+            if changed:
                 self._write(instance)
         return self._with_liveness(instance)
 
@@ -328,6 +331,7 @@ class LocalProvider(Provider):
             "run_id": launch.run_id,
             "pid": pid,
             "start_time": process_start_time(pid),
+            "run_url": launch.run_url,
             "started_at": utc_now(),
             "log_file": str(agent_log),
         }
@@ -339,16 +343,31 @@ class LocalProvider(Provider):
 
     # ------------------------------------------------------------ helpers
 
-    def _stop_agents(self, instance: Instance) -> None:
-        """SIGTERM every live agent (each stops its job), wait, then SIGKILL agents and jobs left.
+    def _stop_agents(self, instance: Instance) -> builtins.list[str]:
+        """End every job on the instance and wait until none of their processes is left.
+
+        Live agents get SIGTERM (each stops its job), and SIGKILL if they outlast
+        :data:`STOP_WAIT_S`. A job whose agent is dead is ended here, through the process group
+        its agent recorded: SIGTERM, the job's grace, SIGKILL. Returns notes on what had to be
+        done beyond the agents' own stop (a dead agent, a group that needed killing).
 
         Called without the instance lock: an agent that ends may take it to release the instance.
+
+        Raises:
+            ProviderError: a job's processes survived SIGKILL; nothing was deleted.
         """
-        live = [a for a in instance.details.get("agents", []) if process_alive(a["pid"], a.get("start_time"))]
-        if not live:
-            return
+        work = self.root / instance.id / WORK_DIR
+        agents = instance.details.get("agents", [])
+        live = [a for a in agents if process_alive(a["pid"], a.get("start_time"))]
+        live_pids = {a["pid"] for a in live}
+        notes: builtins.list[str] = []
+        failures: builtins.list[str] = []
+        # jobs whose agent is gone first: nobody else will stop them
+        for job in read_job_records(work):
+            if job.agent_pid not in live_pids:
+                self._end_job(job, f"agent pid {job.agent_pid} of run {job.run_id} was dead", None, notes, failures)
         # the agent starts its job in a session of its own: remember it, in case the agent must be killed
-        jobs = _children({a["pid"] for a in live})
+        jobs = _children(live_pids)
         for agent in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(agent["pid"], signal.SIGTERM)
@@ -364,9 +383,73 @@ class LocalProvider(Provider):
             for agent in live:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(agent["pid"], signal.SIGKILL)
-        for job in jobs:
-            if _session_alive(job):
-                _kill_group(job, signal.SIGKILL)
+                notes.append(
+                    f"agent pid {agent['pid']} of run {agent.get('run_id')} did not stop within {STOP_WAIT_S:.0f}s: killed"
+                )
+        # what a killed agent (or a job that outlived its agent's stop) left running
+        for job in read_job_records(work):
+            if job.agent_pid in live_pids:
+                self._end_job(job, f"the job of run {job.run_id} outlived its agent", 0.0, notes, failures)
+        for pgid in jobs:
+            if _session_alive(pgid):
+                _kill_group(pgid, signal.SIGKILL)
+        notes += self._record_dead_agents(agents)
+        if failures:
+            raise ProviderError(
+                f"local instance {instance.id}: {'; '.join(failures)}; its working directory was kept. "
+                "Run the command again once they are gone"
+            )
+        return notes
+
+    def _end_job(
+        self, job: JobProcess, why: str, grace_s: float | None, notes: builtins.list[str], failures: builtins.list[str]
+    ) -> None:
+        try:
+            done = job.end(grace_s)
+        except TimeoutError as exc:
+            failures.append(str(exc))
+            log.error("%s; %s", why, exc)
+            return
+        if done is not None:
+            note = f"{why}; its job's {done}"
+            notes.append(note)
+            log.warning("%s", note)
+            self._fail_run(job.run_url, job.run_id, note)
+
+    def _record_dead_agents(self, agents: builtins.list[dict[str, Any]]) -> builtins.list[str]:
+        """A run whose agent died before writing its final state gets one now, saying so."""
+        notes = []
+        for agent in agents:
+            run_url = agent.get("run_url")
+            if not run_url or process_alive(agent["pid"], agent.get("start_time")):
+                continue
+            note = f"agent pid {agent['pid']} of run {agent.get('run_id')} died before the job ended"
+            if self._fail_run(run_url, str(agent.get("run_id")), note):
+                notes.append(note)
+        return notes
+
+    @staticmethod
+    def _fail_run(run_url: str, run_id: str, note: str) -> bool:
+        """End a run's job state as failed with ``note`` unless it is terminal already; whether it was written."""
+        from trainctl_lightning.jobs.spec import JobPhase
+        from trainctl_lightning.jobs.store import JobStore
+        from trainctl_lightning.retry import RetryPolicy
+
+        try:
+            jobs = JobStore(run_url)
+            jobs.objects.retry = RetryPolicy(deadline_s=10.0)
+            state = jobs.read_state()
+            if state is None or state.phase.is_terminal():
+                return False
+            state.phase = JobPhase.FAILED
+            state.error = note
+            state.ended_at = utc_now()
+            state.touch()
+            jobs.write_state(state)
+            return True
+        except Exception as exc:  # the processes are dealt with; a store we cannot reach only costs the note
+            log.warning("could not record in %s that %s: %s", run_url, note, " ".join(str(exc).split()))
+            return False
 
     def _remove_work(self, instance: Instance) -> None:
         work = self.root / instance.id / WORK_DIR
@@ -406,7 +489,8 @@ class LocalProvider(Provider):
         data = instance.to_dict()
         for agent in data["details"].get("agents", []):
             agent.pop("alive", None)  # computed on read, never stored
-        write_atomic(self.root / instance.id / RECORD_NAME, json.dumps(data, indent=2, sort_keys=True).encode())
+        with atomic_file(self.root / instance.id / RECORD_NAME, PRIVATE_FILE_MODE) as tmp:
+            tmp.write_bytes(json.dumps(data, indent=2, sort_keys=True).encode())
 
     @contextlib.contextmanager
     def _locked(self, instance_id: str) -> Iterator[None]:
@@ -415,7 +499,7 @@ class LocalProvider(Provider):
             raise InstanceNotFoundError(
                 f"no local instance {instance_id!r} created by trainctl; `trainctl ls --provider local` lists them"
             )
-        with open(lock_path, "a") as lock:
+        with open(os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

@@ -30,6 +30,7 @@ from trainctl_lightning.errors import (
     StoreError,
     TrainctlError,
 )
+from trainctl_lightning.paths import PRIVATE_FILE_MODE, make_private_dir
 from trainctl_lightning.retry import RetryPolicy, exception_chain
 from trainctl_lightning.store.files import (
     HASH_CHUNK,
@@ -355,8 +356,10 @@ class ObjectStore:
 
         def put() -> None:
             if self.is_local:
-                os.makedirs(os.path.dirname(remote), exist_ok=True)
+                make_private_dir(os.path.dirname(remote))
             self.fs.put_file(os.fspath(local), remote, callback=callback or NoOpCallback(), **kwargs)
+            if self.is_local:
+                os.chmod(remote, PRIVATE_FILE_MODE)
 
         self.call(put, what=f"upload {self.url_of(rel)}", action="write to", stop=stop)
 
@@ -453,11 +456,12 @@ class ObjectStore:
         On S3 (and S3-compatible stores that honour ``If-None-Match``) the check is done by the
         server; locally by link(2), which is atomic; elsewhere fsspec checks then writes.
         """
-        if self.is_local:
+        if self.is_local:  # private to the user: folders 0700, files 0600 (create_exclusive's are)
+            make_private_dir(os.path.dirname(path))
             if create_only:
                 create_exclusive(path, data)
             else:
-                with atomic_file(path) as tmp:
+                with atomic_file(path, PRIVATE_FILE_MODE) as tmp:
                     tmp.write_bytes(data)
             return
         self.fs.pipe_file(path, data, mode="create" if create_only else "overwrite")

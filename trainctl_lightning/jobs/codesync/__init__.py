@@ -9,7 +9,7 @@ Design:
   checksum, so it can never be "updated": whoever reads it can verify it, and a blob is never
   deleted or replaced by a later launch.
 * **One manifest per run.** What makes a tree is its manifest (``<run>/code.json``): relative
-  path -> sha256, size, mode, as canonical JSON, so equal trees give equal bytes. It is written
+  path -> sha256, size, mode (the permission bits), as canonical JSON, so equal trees give equal bytes. It is written
   create-only into the run, and its SHA-256 goes into ``job.json`` (:class:`CodeRef`): the agent
   refuses a manifest that does not match, and a run keeps the exact code it was launched with
   even when later launches share (and add to) the blob prefix.
@@ -17,8 +17,9 @@ Design:
   nested ones, with git's semantics: a nested file's patterns are relative to its folder, deeper
   files and later lines win) and then a root ``.trainctlignore`` (same syntax; its ``!pattern``
   re-includes what git ignores). Some things are never uploaded: ``.git/``, caches, virtualenvs,
-  ``node_modules/``. Files that look like secrets (``.env``, keys, ``.aws/`` ...) are skipped and
-  named unless ``.trainctlignore`` re-includes them by name. A project that is still too big
+  ``node_modules/``. Files that look like secrets (:data:`SECRET_PATTERNS`: ``.env``, keys,
+  ``.ssh/``, ``.aws/``, ``credentials``, ``.netrc`` ...), symlinks to them and symlinks out of the
+  project are skipped and named (names only) unless ``.trainctlignore`` re-includes them by name. A project that is still too big
   after that (a dataset or a venv in the tree) is refused before anything is uploaded, with a
   message naming the big folders.
 * **Fetching.** The agent downloads the manifest, checks it against the job's :class:`CodeRef`,
@@ -53,6 +54,7 @@ from trainctl_lightning.jobs.codesync.scan import (
     ALWAYS_SKIP_DIRS,
     SECRET_PATTERNS,
     TRAINCTL_IGNORE,
+    describe_skipped,
     scan_project,
 )
 from trainctl_lightning.jobs.codesync.upload import UploadStats, upload_bundle
@@ -67,6 +69,7 @@ __all__ = [
     "FetchStats",
     "UploadStats",
     "default_blob_cache",
+    "describe_skipped",
     "fetch_bundle",
     "parse_manifest",
     "scan_project",

@@ -18,8 +18,8 @@ __all__ = ["CODE_FORMAT", "BundleFile", "CodeBundle", "parse_manifest", "run_par
 CODE_FORMAT = "trainctl.code/1"
 """The manifest format this trainctl writes and reads."""
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-EXEC = 0o755
 PLAIN = 0o644
+"""The mode of an entry that has none (no manifest this trainctl writes lacks one)."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class BundleFile:
     sha256: str
     """Hex SHA-256 of the content; also the blob's name in the store."""
     mode: int
-    """``0o755`` when the local file is executable by anyone, else ``0o644``."""
+    """The local file's permission bits (``st_mode & 0o777``): a private ``0o600`` file stays
+    private on the instance, an executable stays executable. Never setuid, setgid or sticky."""
 
 
 @dataclass
@@ -80,13 +81,15 @@ def parse_manifest(raw: bytes, where: str = "code manifest") -> list[BundleFile]
         _check_rel_path(path, where)
         if not isinstance(entry, dict):
             raise IntegrityError(f"{where}: entry {path!r} is not an object; refusing it")
-        sha, size, mode = entry.get("sha256"), entry.get("size"), entry.get("mode")
+        sha, size, mode = entry.get("sha256"), entry.get("size"), entry.get("mode", PLAIN)
         if not isinstance(sha, str) or not SHA_RE.match(sha):
             raise IntegrityError(f"{where}: entry {path!r} has sha256 {sha!r}, not 64 hex digits; refusing it")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise IntegrityError(f"{where}: entry {path!r} has size {size!r}; refusing it")
-        if mode not in (PLAIN, EXEC) or isinstance(mode, bool):
-            raise IntegrityError(f"{where}: entry {path!r} has mode {mode!r}, expected 0o644 or 0o755; refusing it")
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+            raise IntegrityError(
+                f"{where}: entry {path!r} has mode {mode!r}, expected permission bits from 0 to 0o777; refusing it"
+            )
         files.append(BundleFile(path=path, size=size, sha256=sha, mode=mode))
     files.sort(key=lambda f: f.path)
     names = {f.path for f in files}

@@ -22,6 +22,7 @@ from trainctl_lightning.jobs.codesync.bundle import (
     run_parallel,
 )
 from trainctl_lightning.jobs.spec import CodeRef
+from trainctl_lightning.paths import PRIVATE_FILE_MODE, make_private_dir
 from trainctl_lightning.store import ObjectStore
 from trainctl_lightning.store.files import copy_verified, sha256_file
 
@@ -59,7 +60,8 @@ def fetch_bundle(
     """Rebuild a code bundle under ``dest``, every file verified against its checksum.
 
     Files already in ``dest`` with the right content are kept (their mode is fixed); other
-    files in ``dest`` are left alone. Each file is written under a temporary name and renamed
+    files in ``dest`` are left alone. Every file gets the permission bits the manifest records
+    (a ``0600`` file stays private); the blob cache is private to the user (``0700``/``0600``). Each file is written under a temporary name and renamed
     once verified, so a failed fetch never leaves a corrupt file behind.
 
     Args:
@@ -94,7 +96,7 @@ def fetch_bundle(
     real_dest = os.path.realpath(dest_path)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_blob_cache()
     try:
-        cache.mkdir(parents=True, exist_ok=True)
+        make_private_dir(cache)
     except OSError as exc:
         raise ConfigError(f"cannot use blob cache {cache}: {exc}; set TRAINCTL_CACHE_DIR to a writable folder") from None
     blobs = ObjectStore(code.blobs_url, opts)
@@ -171,15 +173,15 @@ def _read_manifest(url: str, opts: dict[str, Any]) -> bytes:
 def _has_content(target: Path, f: BundleFile) -> bool:
     try:
         st = os.lstat(target)
-    except OSError:
+        return stat.S_ISREG(st.st_mode) and st.st_size == f.size and sha256_file(target)[0] == f.sha256
+    except OSError:  # gone, or not readable (a mode without owner read): written again
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == f.size and sha256_file(target)[0] == f.sha256
 
 
 def _download_blob(blobs: ObjectStore, sha: str, cached: Path, wanted: list[BundleFile]) -> int:
     """Download one blob into the cache, verified; returns its size."""
     names = ", ".join(f.path for f in wanted[:3]) + (" ..." if len(wanted) > 3 else "")
-    return blobs.download(sha, cached, size=wanted[0].size, sha256=sha, label=f"code file {names}")
+    return blobs.download(sha, cached, size=wanted[0].size, sha256=sha, label=f"code file {names}", mode=PRIVATE_FILE_MODE)
 
 
 def _materialise(cached: Path, target: Path, f: BundleFile) -> None:

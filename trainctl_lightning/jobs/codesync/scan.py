@@ -13,10 +13,10 @@ import pathspec
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.humanize import human_size
-from trainctl_lightning.jobs.codesync.bundle import EXEC, PLAIN, BundleFile, CodeBundle
+from trainctl_lightning.jobs.codesync.bundle import BundleFile, CodeBundle
 from trainctl_lightning.store import sha256_file
 
-__all__ = ["ALWAYS_SKIP_DIRS", "SECRET_PATTERNS", "TRAINCTL_IGNORE", "scan_project"]
+__all__ = ["ALWAYS_SKIP_DIRS", "SECRET_PATTERNS", "TRAINCTL_IGNORE", "describe_skipped", "scan_project"]
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,46 @@ ALWAYS_SKIP_DIRS = frozenset(
 )
 #: A folder holding one of these is a Python environment (virtualenv / conda), never uploaded.
 _ENV_MARKERS = ("pyvenv.cfg", "conda-meta")
-#: Files that usually hold credentials; skipped unless ``.trainctlignore`` re-includes them with ``!``.
+#: Files and folders that usually hold credentials: never uploaded, in one place.
+#:
+#: gitignore syntax, matched against the path below the project root (a pattern without a
+#: ``/`` matches at any depth; ``**/`` makes a path pattern match at any depth). A symlink is
+#: skipped when its own name or the file it resolves to matches, or when it resolves outside
+#: the project. Skipped paths are named (names only) in the launch's output and in
+#: :attr:`CodeBundle.skipped_secrets`. To upload one on purpose, name it in a ``!`` line of
+#: ``.trainctlignore`` (``!config/dev.env``); ``--include`` and a blanket ``!*`` do not.
 SECRET_PATTERNS = (
+    # environment files: dotenv, direnv
     ".env",
     ".env.*",
+    ".envrc",
+    # private keys and certificate bundles
     "*.pem",
     "*.key",
+    "*.p12",
+    "*.pfx",
     "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
     "id_ed25519*",
+    # SSH (keys, config, known_hosts, authorized_keys), AWS, GnuPG: whole folders
+    ".ssh/",
     ".aws/",
-    ".netrc",
+    ".gnupg/",
+    "authorized_keys",
+    "known_hosts",
+    # credential and token files of common tools
+    "credentials",  # AWS shared credentials file
     "credentials.json",
+    "application_default_credentials.json",  # gcloud
+    ".git-credentials",
+    ".netrc",
+    "_netrc",
+    ".pgpass",
+    ".npmrc",
     ".pypirc",
+    "**/.docker/config.json",
+    "kaggle.json",
 )
 _MB = 1_000_000  # sizes and limits are decimal megabytes, as printed
 
@@ -60,7 +88,8 @@ def scan_project(
         max_total_mb: refuse a project whose files add up to more than this (decimal MB).
         max_file_mb: refuse a project with one file larger than this.
         include: extra gitignore-style patterns to upload even though an ignore file excludes
-            them (``--include``); they do not override the built-in skips or the secret rules.
+            them (``--include``); they do not override the built-in skips or the secret rules
+            (:data:`SECRET_PATTERNS`: only a ``!NAME`` line of ``.trainctlignore`` does).
 
     Raises:
         ConfigError: ``root`` is not a directory, or the project is over a size limit (the
@@ -93,13 +122,16 @@ def scan_project(
         files.append(BundleFile(path=rel, size=size, sha256=digest, mode=mode))
     files.sort(key=lambda f: f.path)
     if secrets:
-        log.warning(
-            "not uploading %d file(s) that look like secrets: %s (add '!NAME' to %s to upload one on purpose)",
-            len(secrets),
-            ", ".join(secrets),
-            TRAINCTL_IGNORE,
-        )
+        log.warning("%s", describe_skipped(secrets))
     return CodeBundle(root=project, files=files, skipped_secrets=secrets)
+
+
+def describe_skipped(secrets: Sequence[str]) -> str:
+    """One line naming the files left out as secrets (names only, never content)."""
+    return (
+        f"not uploading {len(secrets)} file(s) that may hold secrets (credential files, or symlinks to them "
+        f"or out of the project): {', '.join(secrets)} (a '!NAME' line in {TRAINCTL_IGNORE} uploads one on purpose)"
+    )
 
 
 class _Rules:
@@ -255,7 +287,12 @@ def _walk(root: Path, rules: _Rules) -> tuple[list[_Candidate], list[str]]:
             if is_link:
                 target = os.path.realpath(entry.path)
                 if os.path.commonpath([real_root, target]) != real_root:
-                    log.warning("not uploading %s: it is a symlink to %s, outside the project", rel, target)
+                    # possibly ~/.aws/credentials: named, and counted with the secrets
+                    log.debug("not uploading %s: it is a symlink to a file outside the project", rel)
+                    secrets.append(rel)
+                    continue
+                if rules.secret(os.path.relpath(target, real_root).replace(os.sep, "/")):
+                    secrets.append(rel)  # a link to .env is .env
                     continue
             try:
                 st = entry.stat()  # follows a link to a file inside the project
@@ -264,7 +301,7 @@ def _walk(root: Path, rules: _Rules) -> tuple[list[_Candidate], list[str]]:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue  # sockets, fifos, devices
-            found.append((rel, entry.path, st.st_size, EXEC if st.st_mode & 0o111 else PLAIN))
+            found.append((rel, entry.path, st.st_size, stat.S_IMODE(st.st_mode) & 0o777))
     if dir_links:
         log.info("not following symlinks to folders (their content is not uploaded): %s", ", ".join(sorted(dir_links)))
     return found, sorted(secrets)

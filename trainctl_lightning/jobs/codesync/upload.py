@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from trainctl_lightning.jobs.codesync.bundle import (
 )
 from trainctl_lightning.jobs.spec import CodeRef
 from trainctl_lightning.jobs.store import JobStore
+from trainctl_lightning.paths import PRIVATE_FILE_MODE, make_private_dir
 from trainctl_lightning.store import ObjectStore, layout
 from trainctl_lightning.store.files import copy_verified, sha256_file
 
@@ -178,8 +180,10 @@ def _put_blob(blobs: ObjectStore, root: Path, f: BundleFile, report: Callable[[i
     if blobs.is_local:
         # copied under a temporary name while hashing, then renamed: a half-written or changed
         # file never appears under a checksum name (a later listing would take it as present)
+        target = blobs.path(f.sha256)
+        make_private_dir(os.path.dirname(target))  # a local store is private to the user
         try:
-            copy_verified(local, blobs.path(f.sha256), f.sha256, progress=report)
+            copy_verified(local, target, f.sha256, mode=PRIVATE_FILE_MODE, progress=report)
         except IntegrityError:
             raise _changed(local) from None
         return
