@@ -54,44 +54,51 @@ def main(argv: list[str] | None = None) -> int:
     if raw is None:
         print(f"trainctl worker: no {layout.REMOTE_PAYLOAD} in {store.url}; nothing to run", file=sys.stderr)
         return 2
-    value_as = "cloudpickle"
     try:
         data = verify_payload(raw, key=key, run_id=run_id, name=store.url_of(layout.REMOTE_PAYLOAD))
     except AuthenticationError as exc:
         print(f"trainctl worker: {exc}", file=sys.stderr, flush=True)
-        if key is None:
-            return 2  # cannot sign a result either; the launcher reports the job's output
-        result = _failure(exc)
+        if key is not None:  # the launcher gets the refusal as a signed result (without a key it cannot)
+            _write_result(store, _failure(exc), key, run_id, "json")
+        return 2
+    assert key is not None  # verify_payload refuses without one
+    value_as = "cloudpickle"
+    try:
+        payload = loads_payload(data)
+    except BaseException as exc:
+        result = _failure(exc, hint=_import_hint(exc))
     else:
-        try:
-            payload = loads_payload(data)
-        except BaseException as exc:
-            result = _failure(exc, hint=_import_hint(exc))
+        if isinstance(payload, TrainerPayload):
+            result = run_trainer(payload, store)
+            value_as = "cloudpickle" if payload.entry == "predict" else "json"  # fit/validate/test return data
+        elif isinstance(payload, FunctionPayload):
+            result = run_function(payload)
         else:
-            if isinstance(payload, TrainerPayload):
-                result = run_trainer(payload, store)
-                value_as = "cloudpickle" if payload.entry == "predict" else "json"  # fit/validate/test return data
-            elif isinstance(payload, FunctionPayload):
-                result = run_function(payload)
-            else:
-                result = _failure(TypeError(f"unknown payload {type(payload).__name__}"))
-    if _is_rank_zero():
-        assert key is not None
-        try:
-            store.objects.write(
-                layout.REMOTE_RESULT, dumps_result(result, key=key, run_id=run_id, value_as=value_as), create_only=True
-            )
-        except ConflictError:
-            print(
-                f"trainctl worker: {store.url_of(layout.REMOTE_RESULT)} was already there before this worker finished; "
-                "something other than this run wrote it (the launcher refuses it unless it is signed with the run's key)",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 3
+            result = _failure(TypeError(f"unknown payload {type(payload).__name__}"))
+    if not _write_result(store, result, key, run_id, value_as):
+        return 3
     if not result.ok:
         print(result.traceback or result.error_message, file=sys.stderr, flush=True)
     return 0 if result.ok else 1
+
+
+def _write_result(store: RunStore, result: RemoteResult, key: str, run_id: str, value_as: str) -> bool:
+    """Write the signed result (rank zero only). False when a result.pkl was already there."""
+    if not _is_rank_zero():
+        return True
+    try:
+        store.objects.write(
+            layout.REMOTE_RESULT, dumps_result(result, key=key, run_id=run_id, value_as=value_as), create_only=True
+        )
+    except ConflictError:
+        print(
+            f"trainctl worker: {store.url_of(layout.REMOTE_RESULT)} was already there before this worker finished; "
+            "something other than this run wrote it (the launcher refuses it unless it is signed with the run's key)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
 
 
 def run_function(payload: FunctionPayload) -> RemoteResult:
