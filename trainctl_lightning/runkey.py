@@ -121,13 +121,13 @@ def verify(key: str | None, blob: bytes, *, purpose: str, name: str, run_id: str
     header = blob[:newline].split(b" ") if newline > 0 and is_signed(blob) else []
     if len(header) != 3:
         raise AuthenticationError(f"refusing {name}: it is not signed with run {run_id or '?'}'s key; {advice}")
-    found_purpose, tag = header[1].decode("ascii", "replace"), header[2].decode("ascii", "replace")
+    found_purpose, tag = header[1].decode("ascii", "replace"), header[2]
     if found_purpose != purpose:
         raise AuthenticationError(
             f"refusing {name}: it is signed as a {found_purpose!r} object where a {purpose!r} is expected; {advice}"
         )
     body = blob[newline + 1 :]
-    if not hmac.compare_digest(tag, _mac(key, purpose, run_id, body)):
+    if not hmac.compare_digest(tag, _mac(key, purpose, run_id, body).encode()):  # bytes: any input compares
         raise AuthenticationError(
             f"refusing {name}: its signature does not match run {run_id or '?'}'s key (changed after it was signed, or "
             f"signed for another run); {advice}"

@@ -218,6 +218,8 @@ def test_results_are_refused_unless_signed_for_this_run_and_purpose(tmp_path: Pa
         "a payload replayed as a result": sign(key, pickle.dumps(Planted(marker)), purpose="payload", run_id=run_id),
         "a changed body": good[:-3] + b"xyz",
         "a forged header": b"trainctl-signed/1 result " + b"0" * 64 + b"\n" + pickle.dumps(Planted(marker)),
+        "a tag that is not hex": "trainctl-signed/1 result \u00e9t\u00e9\n".encode() + pickle.dumps(Planted(marker)),
+        "a header without a newline": b"trainctl-signed/1 result " + b"0" * 200,
     }
     for what, blob in cases.items():
         with pytest.raises(AuthenticationError) as refused:
