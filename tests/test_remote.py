@@ -33,7 +33,9 @@ from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.metrics.read import read_metrics
 from trainctl_lightning.providers import get_provider
 from trainctl_lightning.remote import _lightning
+from trainctl_lightning.remote import session as remote_session
 from trainctl_lightning.remote.payload import loads_result
+from trainctl_lightning.runkey import load_key
 from trainctl_lightning.store import run_urls_in
 from trainctl_lightning.store.layout import REMOTE_RESULT
 
@@ -500,7 +502,9 @@ def test_lightning_internals_we_rely_on(models) -> None:
 # ----------------------------------------------------------------------------- predict
 
 
-def test_predict_returns_the_predictions_computed_remotely(models, store) -> None:
+def test_predict_returns_the_predictions_computed_remotely(models, store, monkeypatch) -> None:
+    # keep the run's key after the call, to read what the worker signed
+    monkeypatch.setattr(remote_session, "forget_key", lambda run_id: None)
     model = models.Regressor()
     with torch.no_grad():  # weights no fresh Regressor has: the remote run must use the ones sent
         for p in model.parameters():
@@ -516,7 +520,8 @@ def test_predict_returns_the_predictions_computed_remotely(models, store) -> Non
     assert run is not None and run.phase == "succeeded" and run.run_url.startswith(store)
     assert JobStore(run.run_url).read_state().phase.value == "succeeded"
     # what the instance's worker wrote as its result is what trainer.predict returned here
-    remote = loads_result(RunStore(run.run_url).objects.read(REMOTE_RESULT))
+    raw = RunStore(run.run_url).objects.read(REMOTE_RESULT)
+    remote = loads_result(raw, key=load_key(run.run_id), run_id=run.run_id, name=REMOTE_RESULT)
     assert remote.ok and remote.state["fn"] == "predict"
     assert isinstance(predictions, list) and [p.shape for p in predictions] == [(8, 1), (8, 1), (4, 1)]
     assert len(remote.value) == len(predictions)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainctl_lightning.checkpoint.resume import resume_path
 from trainctl_lightning.errors import (
+    AuthenticationError,
     CheckpointNotFoundError,
     ConfigError,
     ConflictError,
@@ -23,6 +24,7 @@ from trainctl_lightning.errors import (
     IntegrityError,
     JobError,
     ProviderError,
+    RemoteError,
     RunFailedError,
     RunNotFoundError,
     StoreError,
@@ -62,6 +64,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AuthenticationError",
     "CheckpointManifest",
     "CheckpointNotFoundError",
     "CheckpointSync",
@@ -73,6 +76,7 @@ __all__ = [
     "JobError",
     "MetricsReporter",
     "ProviderError",
+    "RemoteError",
     "RemoteStrategy",
     "RunFailedError",
     "RunNotFoundError",

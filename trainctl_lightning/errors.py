@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "AgentFailure",
+    "AuthenticationError",
     "CheckpointNotFoundError",
     "ConfigError",
     "ConflictError",
@@ -16,6 +17,7 @@ __all__ = [
     "IntegrityError",
     "JobError",
     "ProviderError",
+    "RemoteError",
     "RemoteTraceback",
     "RunFailedError",
     "RunNotFoundError",
@@ -45,6 +47,10 @@ class CheckpointNotFoundError(StoreError, LookupError):
 
 class IntegrityError(StoreError):
     """A stored object does not match its manifest (corrupt, truncated or replaced)."""
+
+
+class AuthenticationError(StoreError):
+    """An object in the store is not signed with its run's key (planted, tampered, or from another run); nothing in it was loaded."""
 
 
 class ConflictError(StoreError):
@@ -102,3 +108,19 @@ class RunFailedError(JobError):
         self.exit_code = exit_code
         self.error_tail = error_tail
         self.run_id = run_id
+
+
+class RemoteError(RunFailedError):
+    """A remote exception whose type cannot be rebuilt here safely: it carries the type's name and the remote text.
+
+    ``type_name`` is ``module.QualName`` of the remote exception, ``remote_message`` its message,
+    ``remote_traceback`` the formatted remote traceback.
+    """
+
+    def __init__(
+        self, message: str, *, type_name: str = "", remote_message: str = "", remote_traceback: str = "", run_id: str = ""
+    ) -> None:
+        super().__init__(message, exit_code=1, error_tail=remote_traceback, run_id=run_id)
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback

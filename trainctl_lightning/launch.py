@@ -75,6 +75,7 @@ from trainctl_lightning.providers.api import (
     InstanceSpec,
     Provider,
 )
+from trainctl_lightning.runkey import forget_key, load_key, new_key, save_key
 from trainctl_lightning.store import ObjectStore, package_version
 from trainctl_lightning.store.layout import TAG_RUN_ID, run_url_in, store_url_of
 from trainctl_lightning.timeutil import utc_now
@@ -764,6 +765,11 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
     if job.exists():
         raise ConfigError(f"run {run_id} already exists in {store_url}; choose another run id")
 
+    # The run's signing key: kept here, handed to the agent out of band, never in the store. A remote
+    # call saved one already (it signs its payload before launching).
+    run_key = load_key(run_id) or new_key()
+    save_key(run_id, run_key)
+
     # ---- create, upload, start (anything that fails from here terminates what was created)
     created: Instance | None = None
     try:
@@ -797,9 +803,10 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
                 run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now(), instance_id=inst.id, queued_at=job_spec.created_at
             )
         )
-        prov.start_agent(inst, AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded))
+        prov.start_agent(inst, AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded, run_key=run_key))
         event(f"started run {run_id} on {inst.id} ({time.monotonic() - started:.1f}s); store: {run_url}")
     except BaseException:
+        forget_key(run_id)  # no agent got it
         if created is not None:
             try:
                 prov.terminate(created.id)

@@ -71,6 +71,7 @@ from trainctl_lightning.jobs.spec import (
 )
 from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
 from trainctl_lightning.retry import RetryPolicy
+from trainctl_lightning.runkey import RUN_KEY_ENV
 from trainctl_lightning.store.layout import RUN_URL_ENV, run_id_of
 from trainctl_lightning.timeutil import utc_now
 
@@ -346,6 +347,10 @@ class Agent:
         }
         if spec.instance_id:
             env[INSTANCE_ID_ENV] = spec.instance_id
+        # The run's key comes only from the agent's own environment (out of band), never from job.json.
+        env.pop(RUN_KEY_ENV, None)
+        if os.environ.get(RUN_KEY_ENV):
+            env[RUN_KEY_ENV] = os.environ[RUN_KEY_ENV]
         unset = [name for name in spec.forward_env if name not in os.environ]
         if unset:  # names only: values are never logged
             self.pump.note(f"forwarded variables not set for the agent: {', '.join(unset)}")

@@ -28,6 +28,7 @@ from trainctl_lightning.errors import (
 from trainctl_lightning.jobs.spec import SAVE_NOW_SIGNAL
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RunStore, layout, validate_url
+from trainctl_lightning.store.credentials import without_credentials
 from trainctl_lightning.store.layout import RUN_URL_ENV
 from trainctl_lightning.store.manifest import CheckpointManifest
 from trainctl_lightning.timeutil import utc_now
@@ -58,7 +59,10 @@ class CheckpointSync(Callback):
     Args:
         url: fsspec URL of the run, e.g. ``"s3://bucket/runs/exp1"`` or ``"file:///data/exp1"``.
             Defaults to ``$TRAINCTL_RUN_URL`` (set when launched by trainctl).
-        storage_options: fsspec options (credentials, ``endpoint_url``); never logged.
+        storage_options: fsspec options (credentials, ``endpoint_url``); never logged. Never
+            pickled either: when the callback travels to an instance (``RemoteStrategy``), the
+            credential-like entries are dropped (:mod:`trainctl_lightning.store.credentials`) and
+            the instance uses its own credentials, from its environment or role.
         keep_last: keep at most this many newest checkpoints in the store (default: all that
             ``ModelCheckpoint`` keeps).
         mirror_deletes: delete the remote copy when ``ModelCheckpoint`` removes or saves over a
@@ -156,6 +160,15 @@ class CheckpointSync(Callback):
 
     def __repr__(self) -> str:
         return f"CheckpointSync({self.url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled when RemoteStrategy ships the callback: credentials stay on this machine.
+        state = self.__dict__.copy()
+        state["storage_options"] = without_credentials(self.storage_options, repr(self))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     @property
     def state_key(self) -> str:

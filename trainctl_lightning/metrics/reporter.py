@@ -50,7 +50,10 @@ class MetricsReporter(Logger):
     Args:
         url: the run's store URL; defaults to ``$TRAINCTL_RUN_URL`` (set when launched by
             trainctl). Use the same URL as ``CheckpointSync`` so a run is one URL.
-        storage_options: fsspec options (credentials, endpoint); never logged.
+        storage_options: fsspec options (credentials, endpoint); never logged. Never pickled
+            either: when the reporter travels to an instance (``RemoteStrategy``), the
+            credential-like entries are dropped (:mod:`trainctl_lightning.store.credentials`) and
+            the instance uses its own credentials, from its environment or role.
         flush_interval: seconds between metric segment writes.
         flush_every: also write a segment once this many records are buffered.
         status_interval: seconds between status refreshes (at most 10).

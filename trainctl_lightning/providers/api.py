@@ -212,8 +212,11 @@ class AgentLaunch:
     run_id: str
     run_url: str
     forward_env: dict[str, str] = field(default_factory=dict)
+    run_key: str = field(default="", repr=False)
+    """The run's signing key (:mod:`trainctl_lightning.runkey`): the agent gets it as
+    ``$TRAINCTL_RUN_KEY``, out of band. Never written to the store, logs or user data in clear."""
 
-    def __repr__(self) -> str:  # forward_env may hold secrets
+    def __repr__(self) -> str:  # forward_env and run_key are secrets
         return f"AgentLaunch(run_id={self.run_id!r}, run_url={self.run_url!r}, forward_env=<{len(self.forward_env)} names>)"
 
 

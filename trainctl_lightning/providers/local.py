@@ -53,6 +53,7 @@ from trainctl_lightning.providers.api import (
     Provider,
     standard_tags,
 )
+from trainctl_lightning.runkey import RUN_KEY_ENV
 from trainctl_lightning.store.files import atomic_file
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NAME
 from trainctl_lightning.timeutil import utc_now
@@ -316,6 +317,9 @@ class LocalProvider(Provider):
             str(agent_log),
         ]
         env = {**os.environ, **current.details.get("env", {}), **launch.forward_env, ROOT_ENV: str(self.root)}
+        env.pop(RUN_KEY_ENV, None)  # never another run's key (a launch from inside a job)
+        if launch.run_key:
+            env[RUN_KEY_ENV] = launch.run_key  # the process environment: never written to disk or the store
         try:
             proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:

@@ -5,9 +5,18 @@ a notebook) go by value; everything else goes by reference and is imported on th
 where the synced project directory is the working directory. A module that the instance could
 not import (neither installed nor inside the synced project) is shipped by value too.
 
-Both files are an outer plain pickle of builtins (a format tag, the ``sys.path`` entries the
-worker must add, and the cloudpickled body), so the worker can set up imports before it
-unpickles anything of the user's.
+Nothing read from the store is unpickled before it is proven to come from the run: both files
+travel in a signed envelope (:mod:`trainctl_lightning.runkey`, HMAC-SHA256 with the run's key,
+which never passes through the store), checked on the raw bytes first.
+
+- The payload, inside its envelope, is an outer plain pickle of builtins (a format tag, the
+  ``sys.path`` entries the worker must add, and the cloudpickled body), so the worker can set
+  up imports before it unpickles anything of the user's.
+- The result, inside its envelope, is data: one line of JSON (outcome, metrics, trainer state,
+  the final checkpoint's reference and sha256, a remote exception as type name, message and
+  traceback text), then the return value. The return value of ``fit``/``validate``/``test`` is
+  JSON too; only ``predict`` and ``remote(fn)`` return values, which may be any object, follow
+  cloudpickled after the JSON line.
 
 Internal: not part of the public API; it may change without notice.
 """
@@ -15,6 +24,7 @@ Internal: not part of the public API; it may change without notice.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -29,7 +39,9 @@ from typing import Any
 
 import cloudpickle
 
-from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.errors import ConfigError, IntegrityError
+from trainctl_lightning.runkey import sign, verify
+from trainctl_lightning.store.credentials import without_credentials
 
 __all__ = [
     "PAYLOAD_FORMAT",
@@ -42,13 +54,17 @@ __all__ = [
     "loads_payload",
     "loads_result",
     "scalar_metrics",
+    "sign_payload",
     "unpicklable_error",
+    "verify_payload",
 ]
 
 log = logging.getLogger(__name__)
 
 PAYLOAD_FORMAT = "trainctl.remote-payload/1"
-RESULT_FORMAT = "trainctl.remote-result/1"
+RESULT_FORMAT = "trainctl.remote-result/2"
+#: How a result's return value travels: nothing, in the JSON line, or cloudpickled after it.
+_VALUE_ENCODINGS = ("none", "json", "cloudpickle")
 #: Modules the instance always has: the agent itself runs trainctl_lightning.
 _ALWAYS_THERE = ("trainctl_lightning",)
 #: How deep the search for an unpicklable attribute goes before it reports what it has.
@@ -95,11 +111,14 @@ class RemoteResult:
     """The entry's (or function's) return value."""
     error_type: str | None = None
     """``module.QualName`` of the exception the remote call raised."""
+    error_module: str | None = None
+    """The module of that exception's class (``error_type`` without the qualified name)."""
     error_message: str | None = None
+    """``str()`` of the exception, plus a hint when the worker has one."""
+    error_arg: str | None = None
+    """The message to rebuild the exception with: its only argument when that is a string, else ``str(exc)``."""
     traceback: str | None = None
     """The remote traceback, formatted."""
-    exception: bytes | None = None
-    """The exception, cloudpickled, when it could be."""
     state: dict[str, str | None] = field(default_factory=dict)
     """``trainer.state`` as ``{"fn", "status", "stage"}`` values."""
     global_step: int | None = None
@@ -107,7 +126,9 @@ class RemoteResult:
     callback_metrics: dict[str, float] = field(default_factory=dict)
     logged_metrics: dict[str, float] = field(default_factory=dict)
     final_checkpoint: dict[str, Any] | None = None
-    """``{"store_url", "id", "url", "global_step"}`` of the checkpoint holding the final weights."""
+    """``{"store_url", "id", "url", "global_step", "files"}`` of the checkpoint holding the final
+    weights; ``files`` maps each file's path to its sha256, so the launcher can tell the files it
+    downloads are the ones the run published."""
     best_model_path: str | None = None
     """The best checkpoint's path on the instance (``ModelCheckpoint.best_model_path``)."""
     best_checkpoint_url: str | None = None
@@ -139,12 +160,12 @@ def _fresh_reduce(obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
     """Our own objects that hold threads and locks travel as their constructor arguments.
 
     A ``MetricsReporter`` made here (never started) is rebuilt on the instance with the same
-    settings; its background writer starts there.
+    settings, less credentials in its storage options; its background writer starts there.
     """
     reporter = sys.modules.get("trainctl_lightning.metrics.reporter")
     if reporter is not None and type(obj) is reporter.MetricsReporter:
         options = {
-            "storage_options": obj.storage_options,
+            "storage_options": without_credentials(obj.storage_options, repr(obj)),
             "flush_interval": obj.flush_interval,
             "flush_every": obj.flush_every,
             "status_interval": obj.status_interval,
@@ -202,8 +223,25 @@ def dumps_payload(roots: dict[str, Any], body: Any, project_dir: str | os.PathLi
             cloudpickle.unregister_pickle_by_value(module)
 
 
+def sign_payload(data: bytes, *, key: str, run_id: str) -> bytes:
+    """A payload from :func:`dumps_payload` in its signed envelope, as written to ``remote/payload.pkl``."""
+    return sign(key, data, purpose="payload", run_id=run_id)
+
+
+def verify_payload(raw: bytes, *, key: str | None, run_id: str, name: str) -> bytes:
+    """The payload inside a signed ``remote/payload.pkl``; see :func:`trainctl_lightning.runkey.verify`.
+
+    Raises:
+        AuthenticationError: not signed with the run's key; nothing was unpickled.
+    """
+    return verify(key, raw, purpose="payload", name=name, run_id=run_id)
+
+
 def loads_payload(raw: bytes) -> Any:
-    """The body of a payload written by :func:`dumps_payload`, after adding its sys.path entries."""
+    """The body of a payload written by :func:`dumps_payload`, after adding its sys.path entries.
+
+    Only for bytes that :func:`verify_payload` returned: this unpickles them.
+    """
     outer = pickle.loads(raw)
     if not isinstance(outer, dict) or outer.get("format") != PAYLOAD_FORMAT:
         raise ConfigError(f"not a trainctl remote payload (format {outer.get('format') if isinstance(outer, dict) else None!r})")
@@ -214,24 +252,126 @@ def loads_payload(raw: bytes) -> Any:
     return pickle.loads(outer["body"])
 
 
-def dumps_result(result: RemoteResult) -> bytes:
+def dumps_result(result: RemoteResult, *, key: str, run_id: str, value_as: str = "cloudpickle") -> bytes:
+    """``result`` as signed bytes for ``remote/result.pkl``.
+
+    Args:
+        result: what the worker reports.
+        key: the run's key (from ``$TRAINCTL_RUN_KEY``).
+        run_id: the run it belongs to.
+        value_as: ``json`` for a Trainer entry's return value (``fit``/``validate``/``test``: plain
+            data); ``cloudpickle`` for values that may be any object (``predict``, ``remote(fn)``).
+    """
+    header, tail = _result_header(result), b""
+    if result.value is None:
+        header["value_encoding"] = "none"
+    elif value_as == "json":
+        try:
+            header["value"] = json.loads(json.dumps(result.value))
+            header["value_encoding"] = "json"
+        except (TypeError, ValueError) as exc:  # the run's outcome must still come back
+            header["value_encoding"] = "none"
+            header["error_message"] = (result.error_message or "") + f" (return value could not be sent back: {exc})"
+    else:
+        try:
+            tail = cloudpickle.dumps(result.value, protocol=pickle.HIGHEST_PROTOCOL)
+            header["value_encoding"] = "cloudpickle"
+        except Exception as exc:  # a return value that cannot travel must not hide the run's outcome
+            header["value_encoding"] = "none"
+            header["error_message"] = (result.error_message or "") + f" (return value could not be sent back: {exc})"
+    line = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
+    return sign(key, line + b"\n" + tail, purpose="result", run_id=run_id)
+
+
+def loads_result(raw: bytes, *, key: str | None, run_id: str, name: str) -> RemoteResult:
+    """The result in a signed ``remote/result.pkl``, checked before anything in it is read.
+
+    Args:
+        raw: the object's bytes as read from the store.
+        key: the run's key; ``name``: the object, for messages; ``run_id``: the run it must belong to.
+
+    Raises:
+        AuthenticationError: not signed with the run's key (planted, changed, or another run's);
+            nothing in it was loaded.
+        IntegrityError: signed, but not a result this version understands.
+    """
+    body = verify(key, raw, purpose="result", name=name, run_id=run_id)
+    line, _, tail = body.partition(b"\n")
     try:
-        body = cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # a return value that cannot travel must not hide the run's outcome
-        result.value = None
-        result.error_message = (result.error_message or "") + f" (return value could not be sent back: {exc})"
-        body = cloudpickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-    return pickle.dumps({"format": RESULT_FORMAT, "body": body}, protocol=pickle.HIGHEST_PROTOCOL)
+        header = json.loads(line)
+    except ValueError as exc:
+        raise IntegrityError(
+            f"{name} is signed but its header is not JSON ({exc}); the worker and launcher versions may differ"
+        ) from None
+    if not isinstance(header, dict) or header.get("format") != RESULT_FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise IntegrityError(
+            f"{name} is a remote result of format {found!r}, not {RESULT_FORMAT!r}: install the same trainctl-lightning "
+            "version here and on the instance"
+        )
+    encoding = header.get("value_encoding", "none")
+    if encoding not in _VALUE_ENCODINGS:
+        raise IntegrityError(f"{name}: unknown return value encoding {encoding!r}")
+    value: Any = None
+    if encoding == "json":
+        value = header.get("value")
+    elif encoding == "cloudpickle":
+        value = pickle.loads(tail)  # authenticated above: written by this run's worker
+    return RemoteResult(
+        ok=bool(header.get("ok")),
+        value=value,
+        error_type=_opt_str(header.get("error_type")),
+        error_module=_opt_str(header.get("error_module")),
+        error_message=_opt_str(header.get("error_message")),
+        error_arg=_opt_str(header.get("error_arg")),
+        traceback=_opt_str(header.get("traceback")),
+        state={str(k): _opt_str(v) for k, v in _dict(header.get("state")).items()},
+        global_step=_opt_int(header.get("global_step")),
+        current_epoch=_opt_int(header.get("current_epoch")),
+        callback_metrics=_floats(header.get("callback_metrics")),
+        logged_metrics=_floats(header.get("logged_metrics")),
+        final_checkpoint=_dict(header.get("final_checkpoint")) or None,
+        best_model_path=_opt_str(header.get("best_model_path")),
+        best_checkpoint_url=_opt_str(header.get("best_checkpoint_url")),
+        host=_opt_str(header.get("host")),
+    )
 
 
-def loads_result(raw: bytes) -> RemoteResult:
-    outer = pickle.loads(raw)
-    if not isinstance(outer, dict) or outer.get("format") != RESULT_FORMAT:
-        raise ConfigError("not a trainctl remote result")
-    result = pickle.loads(outer["body"])
-    if not isinstance(result, RemoteResult):
-        raise ConfigError(f"not a trainctl remote result (got {type(result).__name__})")
-    return result
+def _result_header(result: RemoteResult) -> dict[str, Any]:
+    return {
+        "format": RESULT_FORMAT,
+        "ok": result.ok,
+        "error_type": result.error_type,
+        "error_module": result.error_module,
+        "error_message": result.error_message,
+        "error_arg": result.error_arg,
+        "traceback": result.traceback,
+        "state": dict(result.state),
+        "global_step": result.global_step,
+        "current_epoch": result.current_epoch,
+        "callback_metrics": dict(result.callback_metrics),
+        "logged_metrics": dict(result.logged_metrics),
+        "final_checkpoint": result.final_checkpoint,
+        "best_model_path": result.best_model_path,
+        "best_checkpoint_url": result.best_checkpoint_url,
+        "host": result.host,
+    }
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _floats(value: Any) -> dict[str, float]:
+    return {str(k): float(v) for k, v in _dict(value).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _module_root(module: types.ModuleType) -> tuple[str, Path] | None:

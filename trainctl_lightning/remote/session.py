@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Any
 from trainctl_lightning.errors import (
     ConfigError,
     InstanceNotFoundError,
+    RemoteError,
     RemoteTraceback,
     RunFailedError,
     TrainctlError,
 )
 from trainctl_lightning.jobs.spec import JobState, new_run_id
-from trainctl_lightning.remote.payload import RemoteResult, loads_result
+from trainctl_lightning.remote.payload import RemoteResult, loads_result, sign_payload
+from trainctl_lightning.runkey import forget_key, new_key, save_key
 from trainctl_lightning.store import ObjectStore, RunStore, layout
 from trainctl_lightning.store.layout import run_url_in
 
@@ -149,12 +151,23 @@ class RemoteCall:
             RunFailedError: the job ended without writing a result (it could not start, was
                 killed, cancelled, or lost); the message carries the end of its output.
             KeyboardInterrupt: after cancelling the run and ending the instance.
+            AuthenticationError: ``remote/result.pkl`` is not signed with the run's key (something
+                else wrote it); nothing in it was loaded.
         """
+        try:
+            return self._execute(payload, instance_id)
+        finally:
+            forget_key(self.run_id)  # the result is read (or never will be): the key has no further use here
+
+    def _execute(self, payload: bytes, instance_id: str | None) -> RemoteResult:
         from trainctl_lightning.launch import execute_plan
 
         store = ObjectStore(self.run_url)
         instance_id = self._reusable(instance_id)
-        store.write(layout.REMOTE_PAYLOAD, payload, create_only=True)
+        # The run's key signs the payload now; execute_plan hands the same key to the agent.
+        key = new_key()
+        save_key(self.run_id, key)
+        store.write(layout.REMOTE_PAYLOAD, sign_payload(payload, key=key, run_id=self.run_id), create_only=True)
         try:
             run = self.run = execute_plan(self._plan(instance_id), on_event=self._event)
         except BaseException:
@@ -186,7 +199,7 @@ class RemoteCall:
                 error_tail=error.error_tail,
                 run_id=run.run_id,
             )
-        return loads_result(raw)
+        return loads_result(raw, key=key, run_id=run.run_id, name=f"{run.run_url}/{layout.REMOTE_RESULT}")
 
     def _plan(self, instance_id: str | None) -> LaunchPlan:
         from trainctl_lightning.launch import (
@@ -271,23 +284,20 @@ class RemoteCall:
 def remote_exception(result: RemoteResult, record: RemoteRun) -> BaseException:
     """The exception the remote call raised, rebuilt locally with the remote traceback as its cause.
 
-    The same type when the exception could be sent back, else :class:`RunFailedError`.
+    Only its type name, message and traceback text travel; nothing is unpickled. It is raised as
+    the same type when that type is already imported here, derives from ``Exception``, and can
+    be built from its message alone (builtins such as ``ValueError``, ``TrainctlError`` subclasses,
+    most user exceptions); otherwise as :class:`RemoteError`, which carries the type name and text.
     """
-    import pickle
-
     where = f"run {record.run_id} ({record.run_url})"
-    exc: Any = None
-    if result.exception is not None:
-        try:
-            exc = pickle.loads(result.exception)
-        except Exception as load_error:  # e.g. an exception class whose __init__ needs other arguments
-            log.debug("could not rebuild the remote exception: %s", load_error)
-    if not isinstance(exc, BaseException):
-        exc = RunFailedError(
+    exc = _rebuild_exception(result)
+    if exc is None:
+        exc = RemoteError(
             f"{result.error_type}: {result.error_message} (raised remotely in {where})\n"
             f"remote traceback:\n{result.traceback or '(none)'}",
-            exit_code=1,
-            error_tail=result.traceback or "",
+            type_name=result.error_type or "",
+            remote_message=result.error_message or "",
+            remote_traceback=result.traceback or "",
             run_id=record.run_id,
         )
     else:
@@ -298,3 +308,25 @@ def remote_exception(result: RemoteResult, record: RemoteRun) -> BaseException:
             exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
     exc.__cause__ = RemoteTraceback(result.traceback or "(no traceback)")
     return exc
+
+
+def _rebuild_exception(result: RemoteResult) -> Exception | None:
+    """``type(message)`` for a remote exception whose type is safe to build here, else None."""
+    module_name, type_name = result.error_module, result.error_type
+    if not module_name or not type_name or not type_name.startswith(module_name + "."):
+        return None
+    module = sys.modules.get(module_name)  # already imported: nothing new is imported (and run) for it
+    if module is None:
+        return None
+    cls: Any = module
+    for part in type_name[len(module_name) + 1 :].split("."):
+        cls = getattr(cls, part, None)
+    if not isinstance(cls, type) or not issubclass(cls, Exception):
+        return None
+    message = result.error_arg if result.error_arg is not None else (result.error_message or "")
+    try:
+        exc = cls(message)
+    except Exception as error:  # needs other arguments: it comes back as text
+        log.debug("could not rebuild the remote %s from its message: %s", type_name, error)
+        return None
+    return exc if type(exc) is cls else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from lightning.pytorch.trainer.states import (
 )
 from typing_extensions import override
 
-from trainctl_lightning.errors import ConfigError, RunFailedError
+from trainctl_lightning.errors import AuthenticationError, ConfigError, IntegrityError, RunFailedError
 from trainctl_lightning.remote import _lightning
 from trainctl_lightning.remote.payload import (
     RemoteResult,
@@ -47,7 +48,7 @@ from trainctl_lightning.store import RunStore, layout
 if TYPE_CHECKING:
     from trainctl_lightning.launch import LaunchPlan
 
-__all__ = ["RemoteStrategy"]
+__all__ = ["RemoteStrategy", "load_state_dict", "prune_weights_cache", "weights_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,24 @@ class RemoteStrategy(SingleDeviceStrategy):
         stream: print the remote output while waiting.
         dry_run: check everything (the objects pickle, the launch resolves) and print the plan
             (:attr:`last_plan`) instead of running anything.
+        cache_runs: how many runs' downloaded final weights stay in the local cache
+            (``<cache dir>/remote/<run id>/``, the cache dir being ``$TRAINCTL_CACHE_DIR`` or
+            ``~/.cache/trainctl``); older ones are deleted after each ``fit``. ``0`` deletes the
+            file as soon as the weights are loaded.
         \**launch_options: further :func:`trainctl_lightning.launch.launch` options, fields of
             :class:`~trainctl_lightning.launch.LaunchRequest` and :class:`~trainctl_lightning.config.Settings`
             (``region``, ``max_hours``, ``setup``, ``forward_env``, ``env_mode``, ``tags``...).
+
+    Nothing read back from the store is trusted: the result must be signed with the run's key
+    (:mod:`trainctl_lightning.runkey`) and the final weights are read with ``weights_only=True``.
 
     Raises:
         ConfigError: an invalid argument (here); at Trainer construction, hardware arguments given
             to the Trainer instead of here; at ``fit``, an object that cannot be sent (named, e.g.
             ``model.loader_lock (a _thread.lock)``), before anything is created.
+        AuthenticationError: the run's result or final checkpoint in the store is not what the
+            run wrote (planted or replaced); nothing in it was loaded.
+        IntegrityError: the final checkpoint holds objects other than tensors and plain data.
 
     Example::
 
@@ -123,6 +134,7 @@ class RemoteStrategy(SingleDeviceStrategy):
         remote_strategy: str | Strategy = "auto",
         stream: bool = True,
         dry_run: bool = False,
+        cache_runs: int = 2,
         **launch_options: Any,
     ) -> None:
         # Locally everything runs on the CPU: the accelerator set on the strategy wins over
@@ -138,6 +150,9 @@ class RemoteStrategy(SingleDeviceStrategy):
             raise ConfigError(
                 f"RemoteStrategy(devices={devices!r}): give 'auto', a count >= 1, -1 (all), or a list of device indices"
             )
+        if not isinstance(cache_runs, int) or isinstance(cache_runs, bool) or cache_runs < 0:
+            raise ConfigError(f"RemoteStrategy(cache_runs={cache_runs!r}): must be an integer >= 0")
+        self.cache_runs = cache_runs
         self.remote_accelerator = accelerator
         self.remote_devices = devices
         self.remote_strategy = remote_strategy
@@ -327,7 +342,7 @@ class _RemoteLauncher(_lightning.Launcher):
                     f"run {record.run_id} finished without a final checkpoint; the local model was not updated",
                     run_id=record.run_id,
                 )
-            _load_weights(model, result.final_checkpoint, record)
+            _load_weights(model, result.final_checkpoint, record, self._strategy.cache_runs)
             self._strategy.last_checkpoint_url = record.final_checkpoint_url
             _lightning.set_progress(trainer, result.global_step or 0, result.current_epoch or 0)
             if isinstance(trainer.checkpoint_callback, ModelCheckpoint) and (
@@ -348,16 +363,32 @@ class _RemoteLauncher(_lightning.Launcher):
             local.update({k: torch.tensor(v) for k, v in remote_values.items()})
 
 
-def _load_weights(model: pl.LightningModule, final: dict[str, Any], record: RemoteRun) -> None:
+def weights_cache_dir() -> Path:
+    """Where RemoteStrategy keeps the final weights it downloads: ``<cache dir>/remote/<run id>/``."""
     from trainctl_lightning.checkpoint.resume import default_cache_dir
 
+    return default_cache_dir() / "remote"
+
+
+def _load_weights(model: pl.LightningModule, final: dict[str, Any], record: RemoteRun, cache_runs: int) -> None:
     store = RunStore(final["store_url"])
     manifest = store.get_checkpoint(final["id"])
-    path = store.download_checkpoint(manifest, default_cache_dir() / "remote" / record.run_id / manifest.id)
-    # Our own run's checkpoint, as trusted as the objects we sent; hyperparameters may hold any object.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    name = str(final.get("url") or f"{store.url} checkpoint {manifest.id}")
+    signed = final.get("files")
+    published = {entry.path: entry.sha256 for entry in manifest.files}
+    if not isinstance(signed, dict) or published != signed:
+        raise AuthenticationError(
+            f"refusing {name}: its manifest does not list the files run {record.run_id} reported publishing (replaced "
+            "in the store after the run wrote it); the local model was not updated. Check who can write to the store"
+        )
+    root = weights_cache_dir()
+    try:
+        path = store.download_checkpoint(manifest, root / record.run_id / manifest.id)
+        state_dict = load_state_dict(path, name=name)
+    finally:
+        prune_weights_cache(root, keep=cache_runs, current=record.run_id)
     # Not strict, like Lightning's own spawn launcher: configure_model() may have added layers remotely.
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         log.warning(
             "trainctl: the final weights of run %s did not match the local model exactly (missing: %s; unexpected: %s)",
@@ -365,6 +396,53 @@ def _load_weights(model: pl.LightningModule, final: dict[str, Any], record: Remo
             ", ".join(missing[:5]) or "none",
             ", ".join(unexpected[:5]) or "none",
         )
+
+
+def load_state_dict(path: str | os.PathLike[str], *, name: str) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint file, read with ``weights_only=True``.
+
+    Only tensors and plain data are read: an object that would need code to rebuild (a pickle
+    calling anything) is refused, so nothing in the file runs here.
+
+    Raises:
+        IntegrityError: the file holds something other than tensors and plain data, or no
+            ``state_dict``; one line naming ``name``.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusing a global, or not a torch file at all
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        detail = detail or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise IntegrityError(
+            f"refusing to load {name}: it is not plain tensors and data ({detail[:300]}); nothing in it was run. "
+            "If you trust whoever wrote it, load it yourself with torch.load(..., weights_only=False)"
+        ) from None
+    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict):
+        raise IntegrityError(f"refusing to load {name}: it has no state_dict (not a Lightning checkpoint)")
+    return state_dict
+
+
+def prune_weights_cache(root: Path, *, keep: int, current: str | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest run folders under ``root`` (by modification time).
+
+    ``current`` (the run just loaded) counts as the newest. Only folders directly under
+    ``root`` are touched; symbolic links are left alone. Returns what was deleted.
+    """
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+
+    def newest_first(path: Path) -> tuple[bool, float]:
+        return (path.name == current, path.stat().st_mtime)
+
+    removed: list[Path] = []
+    for path in sorted(runs, key=newest_first, reverse=True)[keep:]:
+        shutil.rmtree(path, ignore_errors=False)
+        removed.append(path)
+    if removed:
+        log.info("trainctl: pruned %d cached remote weights folder(s) under %s (cache_runs=%d)", len(removed), root, keep)
+    return removed
 
 
 def _valid_devices(devices: Any) -> bool:

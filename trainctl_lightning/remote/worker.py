@@ -2,8 +2,11 @@
 
 Reads ``<run>/remote/payload.pkl``, makes the call it describes (a Trainer entry or a plain
 function) and writes ``<run>/remote/result.pkl``. The agent starts it with the synced project as
-the working directory and ``$TRAINCTL_RUN_URL`` set. Exit status: 0 when the call succeeded,
-1 when it raised (the result carries the exception), 2 when there was nothing to run.
+the working directory and ``$TRAINCTL_RUN_URL`` and ``$TRAINCTL_RUN_KEY`` set. The payload's
+signature is checked with that key on the raw bytes before anything in it is unpickled, and the
+result is signed with it (:mod:`trainctl_lightning.runkey`). Exit status: 0 when the call
+succeeded, 1 when it raised (the result carries the exception), 2 when there was nothing to run
+or the payload was refused (not signed with the run's key), 3 when a result was already there.
 
 After ``fit``, the final weights are always in a published checkpoint: the newest one a
 ``CheckpointSync`` published at the final step, else one the worker saves and publishes to the
@@ -15,7 +18,6 @@ Internal: not part of the public API; it may change without notice.
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import sys
 import tempfile
@@ -23,8 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
+from trainctl_lightning.errors import AuthenticationError, ConflictError
 from trainctl_lightning.remote.payload import (
     FunctionPayload,
     RemoteResult,
@@ -32,7 +33,9 @@ from trainctl_lightning.remote.payload import (
     dumps_result,
     loads_payload,
     scalar_metrics,
+    verify_payload,
 )
+from trainctl_lightning.runkey import RUN_KEY_ENV
 from trainctl_lightning.store import RunStore, layout
 
 __all__ = ["main", "run_function", "run_trainer"]
@@ -45,26 +48,57 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m {__spec__.name if __spec__ else 'trainctl_lightning.remote.worker'} RUN_URL", file=sys.stderr)
         return 2
     store = RunStore(run_url)
+    run_id = layout.run_id_of(store.url)
+    key = os.environ.get(RUN_KEY_ENV) or None
     raw = store.objects.read(layout.REMOTE_PAYLOAD)
     if raw is None:
         print(f"trainctl worker: no {layout.REMOTE_PAYLOAD} in {store.url}; nothing to run", file=sys.stderr)
         return 2
     try:
-        payload = loads_payload(raw)
+        data = verify_payload(raw, key=key, run_id=run_id, name=store.url_of(layout.REMOTE_PAYLOAD))
+    except AuthenticationError as exc:
+        print(f"trainctl worker: {exc}", file=sys.stderr, flush=True)
+        if key is not None:  # the launcher gets the refusal as a signed result (without a key it cannot)
+            _write_result(store, _failure(exc), key, run_id, "json")
+        return 2
+    assert key is not None  # verify_payload refuses without one
+    value_as = "cloudpickle"
+    try:
+        payload = loads_payload(data)
     except BaseException as exc:
         result = _failure(exc, hint=_import_hint(exc))
     else:
         if isinstance(payload, TrainerPayload):
             result = run_trainer(payload, store)
+            value_as = "cloudpickle" if payload.entry == "predict" else "json"  # fit/validate/test return data
         elif isinstance(payload, FunctionPayload):
             result = run_function(payload)
         else:
             result = _failure(TypeError(f"unknown payload {type(payload).__name__}"))
-    if _is_rank_zero():
-        store.objects.write(layout.REMOTE_RESULT, dumps_result(result), create_only=True)
+    if not _write_result(store, result, key, run_id, value_as):
+        return 3
     if not result.ok:
         print(result.traceback or result.error_message, file=sys.stderr, flush=True)
     return 0 if result.ok else 1
+
+
+def _write_result(store: RunStore, result: RemoteResult, key: str, run_id: str, value_as: str) -> bool:
+    """Write the signed result (rank zero only). False when a result.pkl was already there."""
+    if not _is_rank_zero():
+        return True
+    try:
+        store.objects.write(
+            layout.REMOTE_RESULT, dumps_result(result, key=key, run_id=run_id, value_as=value_as), create_only=True
+        )
+    except ConflictError:
+        print(
+            f"trainctl worker: {store.url_of(layout.REMOTE_RESULT)} was already there before this worker finished; "
+            "something other than this run wrote it (the launcher refuses it unless it is signed with the run's key)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
 
 
 def run_function(payload: FunctionPayload) -> RemoteResult:
@@ -160,7 +194,14 @@ def _final_checkpoint(trainer: Any, store: RunStore) -> dict[str, Any] | None:
 
 
 def _reference(store: RunStore, manifest: Any) -> dict[str, Any]:
-    return {"store_url": store.url, "id": manifest.id, "url": store.checkpoint_url(manifest), "global_step": manifest.global_step}
+    return {
+        "store_url": store.url,
+        "id": manifest.id,
+        "url": store.checkpoint_url(manifest),
+        "global_step": manifest.global_step,
+        # signed with the result: the launcher checks what it downloads against these
+        "files": {entry.path: entry.sha256 for entry in manifest.files},
+    }
 
 
 def _published_url(trainer: Any, local_path: str) -> str | None:
@@ -181,18 +222,16 @@ def _syncs(trainer: Any) -> list[Any]:
 
 
 def _failure(exc: BaseException, hint: str = "") -> RemoteResult:
+    """The exception as text: the launcher rebuilds it only from its type name and message."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        blob = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-        pickle.loads(blob)  # an exception that pickles but cannot be rebuilt is no use to the caller
-    except Exception:
-        blob = None
+    args = exc.args
     return RemoteResult(
         ok=False,
         error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        error_module=type(exc).__module__,
         error_message=str(exc) + (f" ({hint})" if hint else ""),
+        error_arg=args[0] if len(args) == 1 and isinstance(args[0], str) else str(exc),
         traceback=text + (f"\n{hint}\n" if hint else ""),
-        exception=blob,
         host=socket.gethostname(),
     )
 
