@@ -31,7 +31,7 @@ from trainctl_lightning.errors import (
 )
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import layout
-from trainctl_lightning.store.files import check_content, sha256_file
+from trainctl_lightning.store.files import check_content, inside, safe_name, safe_relpath, sha256_file
 from trainctl_lightning.store.manifest import CheckpointManifest, FileEntry
 from trainctl_lightning.store.objects import ObjectStore
 from trainctl_lightning.timeutil import utc_now
@@ -217,25 +217,33 @@ class RunStore:
     def list_checkpoints(self) -> list[CheckpointManifest]:
         """Every complete checkpoint, oldest first (by time taken, then step).
 
+        A manifest that does not parse, or is unsafe (a path leaving its folder), is skipped with
+        a warning naming it: one damaged object never hides the others.
+
         Raises:
             StoreError: the store cannot be read.
         """
+        return self._scan_checkpoints()[0]
+
+    def _scan_checkpoints(self) -> tuple[list[CheckpointManifest], dict[str, IntegrityError]]:
+        """The readable manifests, sorted, and why each damaged one (by folder name) was skipped."""
         rels = self.objects.glob(layout.checkpoint_object("*", layout.CHECKPOINT_MANIFEST))
         raw = self.objects.read_many(rels, action="list")
         manifests = []
+        damaged: dict[str, IntegrityError] = {}
         for rel, data in raw.items():
             where = self.url_of(rel)
+            folder = rel.split("/")[-2]
             try:
                 m = CheckpointManifest.from_json(data, where)
+                if m.id != folder:
+                    raise IntegrityError(f"{where} says its id is {m.id!r} but it is in folder {folder!r}; refusing it")
             except IntegrityError as exc:
                 log.warning("skipping unreadable checkpoint: %s", exc)
-                continue
-            folder = rel.split("/")[-2]
-            if m.id != folder:
-                log.warning("skipping %s: manifest id %r does not match its folder %r", where, m.id, folder)
+                damaged[folder] = exc
                 continue
             manifests.append(m)
-        return sorted(manifests, key=CheckpointManifest.sort_key)
+        return sorted(manifests, key=CheckpointManifest.sort_key), damaged
 
     def latest_checkpoint(self) -> CheckpointManifest | None:
         """The newest complete checkpoint (taken last; highest step on a tie), or None."""
@@ -247,10 +255,15 @@ class RunStore:
 
         Raises:
             CheckpointNotFoundError: nothing matches; the message lists what exists.
+            IntegrityError: ``ref`` is the id of a checkpoint whose manifest is damaged.
         """
-        found = self.list_checkpoints()
+        found, damaged = self._scan_checkpoints()
+        if ref is not None and ref in damaged:
+            raise damaged[ref]  # asked for by id: say what is wrong with it, in one line
         if not found:
-            raise CheckpointNotFoundError(f"no complete checkpoint in {self.url}")
+            raise CheckpointNotFoundError(
+                f"no complete checkpoint in {self.url}" + (f" ({len(damaged)} damaged manifest(s) skipped)" if damaged else "")
+            )
         if ref is None or ref == "latest":
             return found[-1]
         for m in found:
@@ -277,18 +290,25 @@ class RunStore:
         renamed only once its size and checksum match, so a corrupt download leaves nothing
         behind. Files already present with the right checksum are not downloaded again.
 
+        Every target is checked to resolve inside ``dest`` (a manifest path cannot leave it,
+        nor can a symlink already in ``dest``) before anything is written.
+
         Returns:
             The local path to pass to ``trainer.fit(ckpt_path=...)``: the file for a one-file
             checkpoint, else ``dest``.
 
         Raises:
-            IntegrityError: an object is corrupt or truncated; the message names it.
+            IntegrityError: an object is corrupt or truncated, or a path would leave ``dest``;
+                the message names it.
             StoreError: the store cannot be read.
         """
         dest = Path(dest)
+        what = f"checkpoint {manifest.id} in {self.url}"
+        safe_name(manifest.id, what)
+        targets = [inside(dest, entry.path, what) for entry in manifest.files]
         dest.mkdir(parents=True, exist_ok=True)
-        for entry in manifest.files:
-            target = dest / entry.path
+        for entry, target in zip(manifest.files, targets):
+            inside(dest, entry.path, what)  # again now that dest exists: a symlink in it must not lead out
             if target.is_file() and target.stat().st_size == entry.size and sha256_file(target)[0] == entry.sha256:
                 continue
             self.objects.download(
@@ -299,7 +319,7 @@ class RunStore:
                 callback=callback,
             )
         if len(manifest.files) == 1:
-            return dest / manifest.files[0].path
+            return targets[0]
         return dest
 
     def verify_checkpoint(self, manifest: CheckpointManifest, callback: Callback | None = None) -> None:
@@ -325,7 +345,13 @@ class RunStore:
         folders: dict[str, list[str]] = {}
         for rel in self.objects.find(layout.CHECKPOINTS):
             if "/" in rel:
-                folders.setdefault(rel.split("/", 1)[0], []).append(rel)
+                folder = rel.split("/", 1)[0]
+                try:
+                    safe_name(folder, f"checkpoint folder in {self.url}")
+                except IntegrityError as exc:
+                    log.warning("skipping %s", exc)
+                    continue
+                folders.setdefault(folder, []).append(rel)
         now = datetime.now(timezone.utc)
         found = []
         for ckpt_id, members in folders.items():
@@ -352,11 +378,16 @@ class RunStore:
         """Delete a checkpoint: the manifest first (so it stops existing at once), then its data.
 
         Only objects inside this run's ``checkpoints/<id>/`` folder are ever touched.
+
+        Raises:
+            ConfigError: the id or a file path would leave that folder (nothing is deleted).
         """
         _check_checkpoint_id(manifest.id)
+        # every object is checked before the first delete: a bad path deletes nothing at all
+        members = [_member(manifest.id, entry.path) for entry in manifest.files]
         self.objects.delete(layout.checkpoint_object(manifest.id, layout.CHECKPOINT_MANIFEST))
-        for entry in manifest.files:
-            self.objects.delete(layout.checkpoint_object(manifest.id, entry.path))
+        for rel in members:
+            self.objects.delete(rel)
         self.objects.delete_folder(layout.checkpoint_object(manifest.id))
 
     # ------------------------------------------------------ metrics and status
@@ -400,8 +431,23 @@ def run_urls_in(store_url: str, storage_options: dict[str, Any] | None = None) -
 
 
 def _check_checkpoint_id(ckpt_id: str) -> None:
-    if not ckpt_id or "/" in ckpt_id or ckpt_id in (".", ".."):
-        raise ConfigError(f"refusing to delete checkpoint with unsafe id {ckpt_id!r}")
+    try:
+        safe_name(ckpt_id, "checkpoint to delete")
+    except IntegrityError as exc:
+        raise ConfigError(f"refusing to delete: {exc}") from None
+
+
+def _member(ckpt_id: str, path: str) -> str:
+    """The store path of one object of a checkpoint, asserted to be inside its folder."""
+    try:
+        safe_relpath(path, f"checkpoint {ckpt_id}")
+    except IntegrityError as exc:
+        raise ConfigError(f"refusing to delete: {exc}") from None
+    rel = layout.checkpoint_object(ckpt_id, path)
+    folder = layout.checkpoint_object(ckpt_id) + "/"
+    if not rel.startswith(folder) or ".." in rel.split("/"):
+        raise ConfigError(f"refusing to delete {rel!r}: not inside {folder}")
+    return rel
 
 
 def _expand_local(files: Iterable[LocalFile]) -> list[tuple[str, str]]:
