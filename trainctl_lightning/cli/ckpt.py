@@ -110,7 +110,9 @@ def verify(url: str = URL, ref: Optional[str] = REF, output: Format = OutputOpti
     if output is Format.json:
         emit_json(_summary(manifest, verified=True))
     else:
-        stdout.print(f"ok: {shown(manifest.id)} ({len(manifest.files)} file(s), {human_size(manifest.size)}) matches its manifest")
+        stdout.print(
+            f"ok: {shown(manifest.id)} ({len(manifest.files)} file(s), {human_size(manifest.size)}) matches its manifest"
+        )
 
 
 @app.command("gc")

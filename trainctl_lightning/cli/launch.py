@@ -134,7 +134,8 @@ def launch(
     if state.phase is not JobPhase.SUCCEEDED:
         if not json_mode:
             stderr.print(
-                f"[red]run {shown(run.run_id)} {state.state()}[/red]" + (f": {shown(state.error)}" if state.error else ""), highlight=False
+                f"[red]run {shown(run.run_id)} {state.state()}[/red]" + (f": {shown(state.error)}" if state.error else ""),
+                highlight=False,
             )
         raise typer.Exit(state.exit_code if state.exit_code not in (None, 0) else 1)
 

@@ -369,7 +369,9 @@ def records_table(records: Sequence[MetricRecord], names: Sequence[str], title: 
     for n in names:
         table.add_column(Text(printable(n)), justify="right", no_wrap=True)
     for r in records:
-        table.add_row(str(r.step), Text(printable(r.time)), *(format_value(r.metrics[n]) if n in r.metrics else "" for n in names))
+        table.add_row(
+            str(r.step), Text(printable(r.time)), *(format_value(r.metrics[n]) if n in r.metrics else "" for n in names)
+        )
     return table
 
 

@@ -28,6 +28,7 @@ from trainctl_lightning.errors import (
     ConfigError,
     ConflictError,
     IntegrityError,
+    StoreError,
 )
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import layout
@@ -164,6 +165,7 @@ class RunStore:
         if checkpoint_id is not None and self.objects.exists(manifest_rel):
             # Generated ids are never reused; a caller-chosen one must not clobber data either.
             raise ConflictError(f"checkpoint {ckpt_id} already exists in {self.url}; it was not overwritten (use a new id)")
+        manifest_maybe_written = False  # then the data must stay: a manifest may point at it
         try:
             manifest_files = []
             for local, rel in entries:
@@ -188,19 +190,43 @@ class RunStore:
                 metrics=dict(metrics or {}),
                 source={"host": socket.gethostname(), "pid": os.getpid(), **(source or {})},
             )
+            body = manifest.to_json()
             try:
-                self.objects.write(manifest_rel, manifest.to_json(), create_only=True, stop=stop)
+                self.objects.write(manifest_rel, body, create_only=True, stop=stop)
             except ConflictError:
                 raise ConflictError(
                     f"{self.url_of(manifest_rel)} already exists; another writer published checkpoint "
                     f"{ckpt_id} and it was not overwritten"
                 ) from None
+            except BaseException:
+                manifest_maybe_written = True
+                if self._manifest_landed(manifest_rel, body):
+                    log.warning("checkpoint %s was published although the store's reply was lost", ckpt_id)
+                    return manifest
+                manifest_maybe_written = False  # read back: it is not there
+                raise
         except ConflictError:
             raise  # the objects there belong to the manifest that won; leave them alone
         except BaseException:
-            self._discard_unpublished(folder, [rel for _, rel in entries])
+            if not manifest_maybe_written:
+                self._discard_unpublished(folder, [rel for _, rel in entries])
             raise
         return manifest
+
+    def _manifest_landed(self, manifest_rel: str, body: bytes) -> bool:
+        """After a failed manifest write: whether it landed after all (its reply was lost).
+
+        Raises:
+            StoreError: the store cannot tell; the data objects are then left in place (a
+                manifest may be pointing at them), never deleted.
+        """
+        try:
+            return self.objects.read(manifest_rel) == body
+        except Exception as exc:
+            raise StoreError(
+                f"the manifest write of {self.url_of(manifest_rel)} failed and the store cannot say whether it "
+                f"landed ({exc}); its data objects were left in place: `trainctl ckpt gc` removes them if it did not"
+            ) from exc
 
     def _discard_unpublished(self, folder: str, rels: list[str]) -> None:
         """Best effort: remove data objects of a checkpoint whose manifest was never written.
