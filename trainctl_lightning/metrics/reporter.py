@@ -218,6 +218,8 @@ class MetricsReporter(Logger):
             now = time.monotonic()
             if stopping or now >= next_flush or len(self._buffer) >= self.flush_every:
                 self._flush_segment()
+                if stopping and self._unwritten is not None:
+                    self._flush_segment()  # the last one: a write that landed with its reply lost is found now
                 next_flush = now + self.flush_interval
             if stopping or now >= next_status:
                 self._write_status()
