@@ -52,7 +52,7 @@ def plant_checkpoint(
 ) -> None:
     """A complete-looking checkpoint whose one file entry is ``path`` (its data planted there too)."""
     entry = {"path": path, "size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
-    if not path.startswith("/"):
+    if not path.startswith("/") and ".." not in path and "\x00" not in path:  # never write outside while planting
         plant(url, layout.checkpoint_object(ckpt_id, path), content)
     plant(
         url,

@@ -251,8 +251,11 @@ class RunStore:
         """
         return self._scan_checkpoints()[0]
 
-    def _scan_checkpoints(self) -> tuple[list[CheckpointManifest], dict[str, IntegrityError]]:
-        """The readable manifests, sorted, and why each damaged one (by folder name) was skipped."""
+    def _scan_checkpoints(self, asked: str | None = None) -> tuple[list[CheckpointManifest], dict[str, IntegrityError]]:
+        """The readable manifests, sorted, and why each damaged one (by folder name) was skipped.
+
+        Each damaged one is logged as a warning, except ``asked`` (the caller reports that one).
+        """
         rels = self.objects.glob(layout.checkpoint_object("*", layout.CHECKPOINT_MANIFEST))
         raw = self.objects.read_many(rels, action="list")
         manifests = []
@@ -265,7 +268,8 @@ class RunStore:
                 if m.id != folder:
                     raise IntegrityError(f"{where} says its id is {m.id!r} but it is in folder {folder!r}; refusing it")
             except IntegrityError as exc:
-                log.warning("skipping unreadable checkpoint: %s", exc)
+                if folder != asked:
+                    log.warning("skipping unreadable checkpoint: %s", exc)
                 damaged[folder] = exc
                 continue
             manifests.append(m)
@@ -283,7 +287,7 @@ class RunStore:
             CheckpointNotFoundError: nothing matches; the message lists what exists.
             IntegrityError: ``ref`` is the id of a checkpoint whose manifest is damaged.
         """
-        found, damaged = self._scan_checkpoints()
+        found, damaged = self._scan_checkpoints(asked=ref)
         if ref is not None and ref in damaged:
             raise damaged[ref]  # asked for by id: say what is wrong with it, in one line
         if not found:
