@@ -78,7 +78,7 @@ def _untouched(sentinel: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", list(_traversals(Path("/x"))))
-def test_a_manifest_with_an_unsafe_path_is_refused_when_parsed(kind: str, sentinel: Path):
+def test_a_manifest_with_an_unsafe_path_is_refused_when_parsed(kind: str, sentinel: Path) -> None:
     path = _traversals(sentinel)[kind]
     raw = manifest_json(BAD_ID, [{"path": path, "size": 1, "sha256": "0" * 64}])
     with pytest.raises(IntegrityError, match="unsafe path") as err:
@@ -88,7 +88,7 @@ def test_a_manifest_with_an_unsafe_path_is_refused_when_parsed(kind: str, sentin
         safe_relpath(path, "a code manifest")  # the one rule both manifest kinds use
 
 
-def test_an_unsafe_checkpoint_id_is_refused_when_parsed():
+def test_an_unsafe_checkpoint_id_is_refused_when_parsed() -> None:
     raw = manifest_json("../../evil", [{"path": "x.ckpt", "size": 1, "sha256": "0" * 64}])
     with pytest.raises(IntegrityError, match="unsafe name"):
         CheckpointManifest.from_json(raw, "MANIFEST.json")
@@ -96,7 +96,7 @@ def test_an_unsafe_checkpoint_id_is_refused_when_parsed():
 
 def test_resume_path_skips_traversal_manifests_and_resumes_from_the_newest_good_one(
     url: str, tmp_path: Path, sentinel: Path, caplog: pytest.LogCaptureFixture
-):
+) -> None:
     good = _publish_good(url, tmp_path)
     for i, path in enumerate(_traversals(sentinel).values()):
         plant_checkpoint(url, f"{BAD_ID}{i}", path, EVIL)
@@ -110,7 +110,7 @@ def test_resume_path_skips_traversal_manifests_and_resumes_from_the_newest_good_
     assert [m.id for m in RunStore(url).list_checkpoints()] == [good.id]
 
 
-def test_a_symlink_in_the_destination_cannot_take_a_download_outside(tmp_path: Path, sentinel: Path):
+def test_a_symlink_in_the_destination_cannot_take_a_download_outside(tmp_path: Path, sentinel: Path) -> None:
     url = f"file://{tmp_path}/store/run"
     good = _publish_good(url, tmp_path)
     plant_checkpoint(url, BAD_ID, "link/.bashrc", EVIL)
@@ -127,7 +127,7 @@ def test_a_symlink_in_the_destination_cannot_take_a_download_outside(tmp_path: P
 
 
 @pytest.mark.parametrize("kind", ["absolute", "dotdot", "inner-dotdot"])
-def test_ckpt_download_refuses_a_traversal_manifest_in_one_line(url: str, tmp_path: Path, sentinel: Path, kind: str):
+def test_ckpt_download_refuses_a_traversal_manifest_in_one_line(url: str, tmp_path: Path, sentinel: Path, kind: str) -> None:
     good = _publish_good(url, tmp_path)
     plant_checkpoint(url, BAD_ID, _traversals(sentinel)[kind], EVIL)
     dest = tmp_path / "dest"
@@ -142,7 +142,7 @@ def test_ckpt_download_refuses_a_traversal_manifest_in_one_line(url: str, tmp_pa
     _untouched(sentinel)
 
 
-def test_keep_last_never_deletes_outside_the_run_and_keeps_the_newest(url: str, tmp_path: Path, sentinel: Path):
+def test_keep_last_never_deletes_outside_the_run_and_keeps_the_newest(url: str, tmp_path: Path, sentinel: Path) -> None:
     victim_rel = "../../victim.ckpt"  # from checkpoints/<id>/: the run's own folder, next to checkpoints/
     plant(url, "victim.ckpt", b"another object of the run")
     for i, path in enumerate([victim_rel, str(sentinel), "a/../../../victim.ckpt"]):
@@ -162,7 +162,7 @@ def test_keep_last_never_deletes_outside_the_run_and_keeps_the_newest(url: str, 
     _untouched(sentinel)
 
 
-def test_delete_checkpoint_refuses_a_path_leaving_its_folder_and_deletes_nothing(url: str, tmp_path: Path):
+def test_delete_checkpoint_refuses_a_path_leaving_its_folder_and_deletes_nothing(url: str, tmp_path: Path) -> None:
     good = _publish_good(url, tmp_path)
     store = RunStore(url)
     plant(url, "victim.ckpt", b"keep me")
@@ -192,7 +192,7 @@ def test_delete_checkpoint_refuses_a_path_leaving_its_folder_and_deletes_nothing
 )
 def test_a_damaged_manifest_is_skipped_in_listings_and_named_when_asked_for(
     url: str, tmp_path: Path, raw: bytes, caplog: pytest.LogCaptureFixture
-):
+) -> None:
     good = _publish_good(url, tmp_path)
     plant(url, layout.checkpoint_object(BAD_ID, layout.CHECKPOINT_MANIFEST), raw)
     with caplog.at_level(logging.WARNING):
@@ -209,7 +209,7 @@ def test_a_damaged_manifest_is_skipped_in_listings_and_named_when_asked_for(
     assert len(asked.stderr.strip().splitlines()) == 1 and BAD_ID in asked.stderr
 
 
-def test_wrong_sha256_content_is_refused_and_resume_falls_back(url: str, tmp_path: Path, sentinel: Path):
+def test_wrong_sha256_content_is_refused_and_resume_falls_back(url: str, tmp_path: Path, sentinel: Path) -> None:
     good = _publish_good(url, tmp_path)
     entry = {"path": "x.ckpt", "size": len(EVIL), "sha256": hashlib.sha256(b"something else entirely").hexdigest()}
     plant(url, layout.checkpoint_object(BAD_ID, "x.ckpt"), EVIL[: len(EVIL)])
@@ -227,11 +227,13 @@ def test_wrong_sha256_content_is_refused_and_resume_falls_back(url: str, tmp_pat
 
 @pytest.mark.parametrize("obj", [layout.JOB, layout.JOB_STATE, layout.STATUS])
 @pytest.mark.parametrize(
-    "raw", [b'{"phase": "runn', b"\xff\xfe", b"[]", b'{"phase": "running", "updated_at": "noon"}'], ids=["torn", "binary", "list", "fields"]
+    "raw",
+    [b'{"phase": "runn', b"\xff\xfe", b"[]", b'{"phase": "running", "updated_at": "noon"}'],
+    ids=["torn", "binary", "list", "fields"],
 )
 def test_damaged_job_and_status_objects_give_one_line_and_never_hide_other_runs(
     file_store: str, obj: str, raw: bytes, caplog: pytest.LogCaptureFixture
-):
+) -> None:
     good_url, bad_url = f"{file_store}/good", f"{file_store}/bad"
     for run_url in (good_url, bad_url):
         jobs = JobStore(run_url)
@@ -261,7 +263,7 @@ def test_damaged_job_and_status_objects_give_one_line_and_never_hide_other_runs(
 
 
 @pytest.mark.parametrize("name", ["\x1b[31mred\x1b[0m.ckpt", "[/bold]x.ckpt", "[link=file:///etc]y[/link].ckpt", "a\rb\x07.ckpt"])
-def test_names_from_the_store_are_escaped_in_ckpt_ls(url: str, tmp_path: Path, name: str):
+def test_names_from_the_store_are_escaped_in_ckpt_ls(url: str, tmp_path: Path, name: str) -> None:
     local = tmp_path / "w.ckpt"
     local.write_bytes(b"w")
     RunStore(url).publish_checkpoint([local], name=name, global_step=1)
@@ -274,7 +276,7 @@ def test_names_from_the_store_are_escaped_in_ckpt_ls(url: str, tmp_path: Path, n
         assert "\\x1b" in listed.stdout or "\\r" in listed.stdout
 
 
-def test_the_resume_cache_keeps_the_newest_few(tmp_path: Path):
+def test_the_resume_cache_keeps_the_newest_few(tmp_path: Path) -> None:
     url = f"file://{tmp_path}/store/run"
     store = RunStore(url)
     cache = tmp_path / "cache"
@@ -291,7 +293,7 @@ def test_the_resume_cache_keeps_the_newest_few(tmp_path: Path):
         resume_path(url, cache_dir=cache, cache_keep=0)
 
 
-def test_asking_for_a_missing_checkpoint_still_lists_the_names(url: str, tmp_path: Path):
+def test_asking_for_a_missing_checkpoint_still_lists_the_names(url: str, tmp_path: Path) -> None:
     _publish_good(url, tmp_path)
     with pytest.raises(CheckpointNotFoundError, match="epoch=0-step=4.ckpt"):
         RunStore(url).get_checkpoint("nope")

@@ -19,8 +19,8 @@ from trainctl_lightning.agent.runner import LogPump
 from trainctl_lightning.errors import ConflictError, StoreError
 from trainctl_lightning.jobs.spec import JobSpec
 from trainctl_lightning.jobs.store import JobStore
-from trainctl_lightning.metrics.reporter import MetricsReporter
 from trainctl_lightning.metrics.read import read_metrics
+from trainctl_lightning.metrics.reporter import MetricsReporter
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RunStore, layout
 from trainctl_lightning.timeutil import utc_now
@@ -41,7 +41,7 @@ def _spec(run_url: str) -> JobSpec:
     return JobSpec(run_id=run_url.rsplit("/", 1)[-1], run_url=run_url, created_at=utc_now(), script="train.py")
 
 
-def test_a_retried_create_finds_its_own_object_and_succeeds(url: str, monkeypatch: pytest.MonkeyPatch):
+def test_a_retried_create_finds_its_own_object_and_succeeds(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     lost = LostReplies(lambda path: path.endswith("a.json")).install(monkeypatch)
     store = RunStore(url, retry=QUICK_RETRIES)
     store.objects.write("a.json", b'{"mine": 1}', create_only=True)
@@ -51,7 +51,7 @@ def test_a_retried_create_finds_its_own_object_and_succeeds(url: str, monkeypatc
 
 def test_a_create_repeated_by_the_caller_after_a_lost_reply_succeeds_and_foreign_content_conflicts(
     url: str, monkeypatch: pytest.MonkeyPatch
-):
+) -> None:
     lost = LostReplies(lambda path: path.endswith("b.json")).install(monkeypatch)
     store = RunStore(url, retry=NO_RETRIES)
     with pytest.raises(StoreError, match="connection reset"):
@@ -65,7 +65,7 @@ def test_a_create_repeated_by_the_caller_after_a_lost_reply_succeeds_and_foreign
 
 def test_metrics_segments_after_a_lost_reply_are_written_once_and_the_buffer_drains(
     url: str, monkeypatch: pytest.MonkeyPatch
-):
+) -> None:
     lost = LostReplies(lambda path: f"/{layout.METRICS}/" in path).install(monkeypatch)
     reporter = MetricsReporter(url, flush_interval=0.05)
     reporter.store.objects.retry = NO_RETRIES  # the failed write reaches the reporter itself
@@ -85,7 +85,7 @@ def test_metrics_segments_after_a_lost_reply_are_written_once_and_the_buffer_dra
     assert reporter._buffer == [] and reporter._unwritten is None
 
 
-def test_a_fit_whose_first_metrics_reply_is_lost_reports_every_step_once(url: str, monkeypatch: pytest.MonkeyPatch):
+def test_a_fit_whose_first_metrics_reply_is_lost_reports_every_step_once(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     lost = LostReplies(lambda path: f"/{layout.METRICS}/" in path).install(monkeypatch)
     reporter = MetricsReporter(url, flush_interval=0.05, flush_every=4)
     reporter.store.objects.retry = NO_RETRIES
@@ -97,7 +97,7 @@ def test_a_fit_whose_first_metrics_reply_is_lost_reports_every_step_once(url: st
     assert reporter._buffer == [] and reporter._unwritten is None
 
 
-def test_a_metrics_segment_name_taken_by_another_object_moves_to_the_next_name(url: str):
+def test_a_metrics_segment_name_taken_by_another_object_moves_to_the_next_name(url: str) -> None:
     reporter = MetricsReporter(url, flush_interval=0.05)
     reporter.store.objects.write(f"{layout.METRICS}/{reporter._segment_name()}", b"not ours\n", create_only=True)
     reporter._buffer.append(("m", 0.0, 3, {"loss": 1.5}))
@@ -108,7 +108,9 @@ def test_a_metrics_segment_name_taken_by_another_object_moves_to_the_next_name(u
     assert [(r.step, r.metrics) for r in read_metrics(url)] == [(3, {"loss": 1.5})]
 
 
-def test_a_manifest_whose_reply_is_lost_is_published_and_its_data_kept(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_manifest_whose_reply_is_lost_is_published_and_its_data_kept(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lost = LostReplies(lambda path: path.endswith(layout.CHECKPOINT_MANIFEST)).install(monkeypatch)
     local = tmp_path / "epoch=0-step=4.ckpt"
     local.write_bytes(b"weights" * 1000)
@@ -119,7 +121,7 @@ def test_a_manifest_whose_reply_is_lost_is_published_and_its_data_kept(url: str,
     RunStore(url).verify_checkpoint(manifest)  # its data was not discarded as "unpublished"
 
 
-def test_a_manifest_id_held_by_another_manifest_is_a_conflict(url: str, tmp_path: Path):
+def test_a_manifest_id_held_by_another_manifest_is_a_conflict(url: str, tmp_path: Path) -> None:
     local = tmp_path / "a.ckpt"
     local.write_bytes(b"a")
     store = RunStore(url)
@@ -129,7 +131,9 @@ def test_a_manifest_id_held_by_another_manifest_is_a_conflict(url: str, tmp_path
     assert store.get_checkpoint(first.id) == first
 
 
-def test_log_chunks_after_a_lost_reply_lose_nothing_and_repeat_nothing(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_log_chunks_after_a_lost_reply_lose_nothing_and_repeat_nothing(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lost = LostReplies(lambda path: path.endswith(".log")).install(monkeypatch)
     jobs = JobStore(url)
     jobs.objects.retry = NO_RETRIES
@@ -146,7 +150,7 @@ def test_log_chunks_after_a_lost_reply_lose_nothing_and_repeat_nothing(url: str,
     assert len(jobs.read_log_chunks()) == 2
 
 
-def test_a_log_chunk_name_taken_by_another_object_moves_to_the_next_name(url: str, tmp_path: Path):
+def test_a_log_chunk_name_taken_by_another_object_moves_to_the_next_name(url: str, tmp_path: Path) -> None:
     jobs = JobStore(url)
     writer = jobs.log_writer()
     jobs.objects.write(f"{layout.LOGS}/{writer.prefix}-{writer.seq:06d}.log", b"planted\n", create_only=True)
@@ -159,7 +163,7 @@ def test_a_log_chunk_name_taken_by_another_object_moves_to_the_next_name(url: st
     assert jobs.read_logs() == b"planted\nours\n"
 
 
-def test_a_job_record_whose_reply_is_lost_is_written_once(url: str, monkeypatch: pytest.MonkeyPatch):
+def test_a_job_record_whose_reply_is_lost_is_written_once(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     lost = LostReplies(lambda path: path.endswith(layout.JOB)).install(monkeypatch)
     jobs = JobStore(url)
     jobs.objects.retry = NO_RETRIES
