@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
-__all__ = ["human_age", "human_ago", "human_duration", "human_size"]
+__all__ = ["human_age", "human_ago", "human_duration", "human_size", "printable"]
 
 
 def human_size(n: float) -> str:
@@ -48,3 +48,12 @@ def human_age(when: datetime) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
+
+
+def printable(value: object) -> str:
+    """Text from the store made harmless on a terminal: control characters (an ANSI escape, a
+    carriage return, a bell) and other non-printable ones become ``\\x1b``-style escapes."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

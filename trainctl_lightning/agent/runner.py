@@ -133,6 +133,7 @@ class LogPump:
         local_path.parent.mkdir(parents=True, exist_ok=True)
         self._local = open(local_path, "ab")
         self._buf = bytearray()
+        self._unshipped: bytes | None = None  # a chunk whose write failed, retried as it is
         self._tail = bytearray()
         self._tail_bytes = tail_bytes
         self._lock = threading.Lock()
@@ -162,24 +163,33 @@ class LogPump:
             pass
 
     def ship(self) -> bool:
-        """Write the buffered output to the store; False (data kept) when that failed."""
+        """Write the buffered output to the store; False (data kept) when that failed.
+
+        A chunk whose write failed is retried unchanged under the same name before anything
+        newer: when the failed write had landed (its reply was lost), the store finds the same
+        bytes there and the retry succeeds, so no output is lost or written twice.
+        """
         with self._ship_lock:
             while True:
-                with self._lock:
-                    data = bytes(self._buf[: self.MAX_CHUNK])
-                    del self._buf[: len(data)]
+                data = self._unshipped
+                if data is None:
+                    with self._lock:
+                        data = bytes(self._buf[: self.MAX_CHUNK])
+                        del self._buf[: len(data)]
                 if not data:
                     return True
                 try:
                     self.writer.write(data)
                 except ConflictError:
-                    # an earlier attempt that "failed" did land: that chunk is there, move on
+                    # another object holds that name (not our bytes): ours go under the next one
+                    self._unshipped = data
                     self.writer.seq += 1
+                    continue
                 except Exception as exc:
-                    with self._lock:
-                        self._buf[:0] = data
+                    self._unshipped = data
                     log.warning("could not ship %d bytes of output (will retry): %s", len(data), one_line(exc))
                     return False
+                self._unshipped = None
 
     def tail(self, lines: int = TAIL_LINES) -> str:
         with self._lock:

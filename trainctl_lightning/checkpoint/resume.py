@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,11 @@ from trainctl_lightning.errors import ConfigError, IntegrityError
 from trainctl_lightning.store import RunStore
 from trainctl_lightning.store.layout import RUN_URL_ENV
 
-__all__ = ["CACHE_ENV", "default_cache_dir", "resume_path"]
+__all__ = ["CACHE_ENV", "DEFAULT_CACHE_KEEP", "default_cache_dir", "prune_cache", "resume_path"]
 
 CACHE_ENV = "TRAINCTL_CACHE_DIR"
+DEFAULT_CACHE_KEEP = 3
+"""Checkpoints of one run that ``resume_path`` keeps in its cache (the most recently used)."""
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +35,7 @@ def resume_path(
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     fallback: bool = True,
+    cache_keep: int = DEFAULT_CACHE_KEEP,
 ) -> str | None:
     """Download the run's newest complete checkpoint (verified) and return its local path.
 
@@ -47,6 +51,8 @@ def resume_path(
         fallback: when the newest checkpoint fails verification, log an error naming it and
             use the next older one that verifies (an unattended restart should not die on one
             bad object); with ``False``, raise instead.
+        cache_keep: how many checkpoints of this run to keep in the cache (the most recently
+            used; the one returned is always kept); older downloads are deleted.
 
     Raises:
         IntegrityError: no published checkpoint verifies (or the newest does not, without
@@ -58,6 +64,8 @@ def resume_path(
         trainer.fit(model, ckpt_path=resume_path("s3://bucket/runs/exp1"))
     """
     url = url if url is not None else os.environ.get(RUN_URL_ENV)
+    if isinstance(cache_keep, bool) or not isinstance(cache_keep, int) or cache_keep < 1:
+        raise ConfigError(f"resume_path(cache_keep={cache_keep!r}): keep at least 1 checkpoint in the cache")
     if not url:
         raise ConfigError(f"resume_path() needs the run's store URL, or ${RUN_URL_ENV} set")
     store = RunStore(url, storage_options)
@@ -68,9 +76,34 @@ def resume_path(
     dest = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "checkpoints" / run_key
     for manifest in candidates:
         try:
-            return str(store.download_checkpoint(manifest, dest / manifest.id))
+            path = store.download_checkpoint(manifest, dest / manifest.id)
         except IntegrityError as exc:
             if not fallback or manifest is candidates[-1]:
                 raise
             log.error("trainctl: not resuming from %s: %s; trying the next older checkpoint", manifest.id, exc)
+            continue
+        os.utime(dest / manifest.id)  # "most recently used", for the pruning below
+        prune_cache(dest, keep=cache_keep, protect=manifest.id)
+        return str(path)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def prune_cache(folder: str | os.PathLike[str], *, keep: int = DEFAULT_CACHE_KEEP, protect: str = "") -> list[str]:
+    """Delete all but the ``keep`` most recently used checkpoint folders directly in ``folder``.
+
+    Only real folders are removed (a symlink there is left alone); ``protect`` is never removed.
+
+    Returns:
+        The names of the folders deleted.
+    """
+    root = Path(folder)
+    entries = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()] if root.is_dir() else []
+    entries.sort(key=lambda p: (p.name == protect, p.stat().st_mtime), reverse=True)
+    removed = []
+    for old in entries[keep:]:
+        if old.name == protect:
+            continue
+        shutil.rmtree(old)
+        removed.append(old.name)
+        log.info("trainctl: pruned %s from the resume cache (keeping the %d most recent)", old.name, keep)
+    return removed

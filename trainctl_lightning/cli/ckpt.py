@@ -10,7 +10,7 @@ from rich.table import Table
 
 from trainctl_lightning.checkpoint import api
 from trainctl_lightning.cli.common import OutputOption, handle_errors, resolve_run
-from trainctl_lightning.cli.output import Format, emit_json, stdout, transfer_progress
+from trainctl_lightning.cli.output import Format, emit_json, shown, stdout, transfer_progress
 from trainctl_lightning.humanize import human_age, human_size
 from trainctl_lightning.store.manifest import CheckpointManifest
 
@@ -37,9 +37,9 @@ def ls(url: str = URL, output: Format = OutputOption) -> None:
         emit_json({"url": url, "checkpoints": [_summary(m, latest=(m is found[-1])) for m in found]})
         return
     if not found:
-        stdout.print(f"no complete checkpoints in {url}")
+        stdout.print(f"no complete checkpoints in {shown(url)}")
         return
-    table = Table(title=f"checkpoints in {url}", title_justify="left")
+    table = Table(title=f"checkpoints in {shown(url)}", title_justify="left")
     table.add_column("")
     table.add_column("ID", overflow="fold")
     table.add_column("NAME", overflow="fold")
@@ -51,12 +51,12 @@ def ls(url: str = URL, output: Format = OutputOption) -> None:
         monitor = f"{m.monitor}={m.monitor_value:.4g}" if m.monitor and m.monitor_value is not None else ""
         table.add_row(
             "*" if m is found[-1] else "",
-            m.id,
-            m.name,
+            shown(m.id),
+            shown(m.name),
             "" if m.epoch is None else str(m.epoch),
             "" if m.global_step is None else str(m.global_step),
             human_size(m.size),
-            monitor,
+            shown(monitor),
             human_age(m.created),
         )
     stdout.print(table)
@@ -72,12 +72,12 @@ def download(
 ) -> None:
     """Download a checkpoint (the latest by default), verifying every object's checksum."""
     manifest = api.RunStore(url).get_checkpoint(ref)
-    with transfer_progress(f"downloading {manifest.name}", manifest.size, output) as cb:
+    with transfer_progress(f"downloading {shown(manifest.name)}", manifest.size, output) as cb:
         _, path = api.download_checkpoint(url, manifest.id, dest, callback=cb)
     if output is Format.json:
         emit_json(_summary(manifest, local_path=str(path)))
     else:
-        stdout.print(f"downloaded {manifest.id} ({human_size(manifest.size)}, verified) to {path}")
+        stdout.print(f"downloaded {shown(manifest.id)} ({human_size(manifest.size)}, verified) to {shown(path)}")
 
 
 @app.command("upload")
@@ -97,7 +97,7 @@ def upload(
     if output is Format.json:
         emit_json(_summary(manifest))
     else:
-        stdout.print(f"published {file} as {manifest.id} ({human_size(manifest.size)}) in {url}")
+        stdout.print(f"published {shown(file)} as {shown(manifest.id)} ({human_size(manifest.size)}) in {shown(url)}")
 
 
 @app.command("verify")
@@ -105,12 +105,14 @@ def upload(
 def verify(url: str = URL, ref: Optional[str] = REF, output: Format = OutputOption) -> None:
     """Re-read a stored checkpoint (the latest by default) and check every object's checksum."""
     manifest = api.RunStore(url).get_checkpoint(ref)
-    with transfer_progress(f"verifying {manifest.name}", manifest.size, output) as cb:
+    with transfer_progress(f"verifying {shown(manifest.name)}", manifest.size, output) as cb:
         api.verify_checkpoint(url, manifest.id, callback=cb)
     if output is Format.json:
         emit_json(_summary(manifest, verified=True))
     else:
-        stdout.print(f"ok: {manifest.id} ({len(manifest.files)} file(s), {human_size(manifest.size)}) matches its manifest")
+        stdout.print(
+            f"ok: {shown(manifest.id)} ({len(manifest.files)} file(s), {human_size(manifest.size)}) matches its manifest"
+        )
 
 
 @app.command("gc")
@@ -131,8 +133,8 @@ def gc(
         emit_json({"url": url, "deleted": yes, "orphans": found})
         return
     if not found:
-        stdout.print(f"no orphaned checkpoint data in {url}")
+        stdout.print(f"no orphaned checkpoint data in {shown(url)}")
         return
     verb = "deleted" if yes else "would delete (run again with --yes)"
     for item in found:
-        stdout.print(f"{verb}: checkpoints/{item['id']}/" + (f" ({item['deleted_objects']} object(s))" if yes else ""))
+        stdout.print(f"{verb}: checkpoints/{shown(item['id'])}/" + (f" ({item['deleted_objects']} object(s))" if yes else ""))

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
-from rich.markup import escape
 
-from trainctl_lightning.cli.output import Format, emit_json, stderr
+from trainctl_lightning.cli.output import Format, emit_json, shown, stderr
 from trainctl_lightning.errors import TrainctlError
 
 __all__ = ["F", "OutputOption", "handle_errors", "resolve_run"]
@@ -41,7 +40,7 @@ def handle_errors(fn: F) -> F:
         except TrainctlError as exc:
             if getattr(kwargs.get("output"), "value", kwargs.get("output")) == Format.json.value:
                 emit_json({"error": str(exc), "type": type(exc).__name__})
-            stderr.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            stderr.print(f"[red]error:[/red] {shown(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

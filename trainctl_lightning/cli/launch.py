@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional, TextIO
@@ -12,13 +13,20 @@ from rich.table import Table
 
 from trainctl_lightning import launch as api
 from trainctl_lightning.cli.common import OutputOption, handle_errors
-from trainctl_lightning.cli.output import Format, emit_json, stderr, stdout
+from trainctl_lightning.cli.output import Format, emit_json, shown, stderr, stdout
+from trainctl_lightning.errors import IntegrityError
 from trainctl_lightning.humanize import human_size
 from trainctl_lightning.jobs.spec import JobPhase, JobState
 
 __all__ = ["EXIT_CTRL_C", "launch", "logs", "status"]
 
 EXIT_CTRL_C = 130
+log = logging.getLogger(__name__)
+
+
+def _seconds(value: object) -> str:
+    """A timing from the store: ``12.3s``, or the raw value when it is not a number."""
+    return f"{value:.1f}s" if isinstance(value, (int, float)) else repr(value)
 
 
 def _raw_sink(stream: TextIO) -> api.OutputSink:
@@ -127,7 +135,8 @@ def launch(
     if state.phase is not JobPhase.SUCCEEDED:
         if not json_mode:
             stderr.print(
-                f"[red]run {run.run_id} {state.state()}[/red]" + (f": {state.error}" if state.error else ""), highlight=False
+                f"[red]run {shown(run.run_id)} {state.state()}[/red]" + (f": {shown(state.error)}" if state.error else ""),
+                highlight=False,
             )
         raise typer.Exit(state.exit_code if state.exit_code not in (None, 0) else 1)
 
@@ -169,7 +178,11 @@ def status(
     state = r.state()
     from trainctl_lightning.metrics import read
 
-    training = read.read_status(r.run_url)
+    try:
+        training = read.read_status(r.run_url)
+    except IntegrityError as exc:  # the job's own state still shows; the damaged object is named
+        log.warning("%s", exc)
+        training = None
     if output is Format.json:
         emit_json(
             {
@@ -179,27 +192,27 @@ def status(
             }
         )
         return
-    table = Table(show_header=False, title=f"run {r.run_id}", title_justify="left")
+    table = Table(show_header=False, title=f"run {shown(r.run_id)}", title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     table.add_row("state", state.state() if state else "unknown")
-    table.add_row("url", r.run_url)
-    table.add_row("instance", f"{r.instance_id or '-'} ({r.provider})")
+    table.add_row("url", shown(r.run_url))
+    table.add_row("instance", shown(f"{r.instance_id or '-'} ({r.provider})"))
     if state is not None:
         if state.exit_code is not None:
             table.add_row("exit code", str(state.exit_code))
         if state.error:
-            table.add_row("error", state.error)
+            table.add_row("error", shown(state.error))
         if state.timings:
-            table.add_row("timings", ", ".join(f"{k} {v:.1f}s" for k, v in state.timings.items()))
+            table.add_row("timings", shown(", ".join(f"{k} {_seconds(v)}" for k, v in state.timings.items())))
         if state.env_mode:
-            table.add_row("environment", state.env_mode)
-        table.add_row("updated", state.updated_at)
+            table.add_row("environment", shown(state.env_mode))
+        table.add_row("updated", shown(state.updated_at))
     if training is not None:
         step = f"step {training.global_step}" + (f"/{training.max_steps}" if training.max_steps else "")
         table.add_row("training", f"{training.state()} {step}, epoch {training.epoch}")
         if training.metrics:
-            table.add_row("metrics", ", ".join(f"{k}={v:.4g}" for k, v in list(training.metrics.items())[:6]))
+            table.add_row("metrics", shown(", ".join(f"{k}={v:.4g}" for k, v in list(training.metrics.items())[:6])))
     stdout.print(table)
     if state is not None and state.error_tail and state.phase is not JobPhase.SUCCEEDED:
         stdout.print("[bold]last output:[/bold]")
@@ -234,7 +247,7 @@ def logs(
     state = r.state()
     if state is not None and state.phase.is_terminal():
         stderr.print(
-            f"[dim]trainctl:[/dim] run {r.run_id} {state.state()}"
+            f"[dim]trainctl:[/dim] run {shown(r.run_id)} {state.state()}"
             + (f" (exit code {state.exit_code})" if state.exit_code is not None else ""),
             highlight=False,
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 from fsspec.callbacks import Callback
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -20,7 +21,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-__all__ = ["Format", "emit_json", "stderr", "stdout", "transfer_progress"]
+from trainctl_lightning.humanize import printable
+
+__all__ = ["Format", "emit_json", "shown", "stderr", "stdout", "transfer_progress"]
 
 
 class Format(str, Enum):
@@ -35,6 +38,15 @@ stderr = Console(stderr=True)
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def shown(value: object) -> str:
+    """Store-supplied text (checkpoint and run names, hosts, errors...) ready for a rich table or line.
+
+    Non-printable characters become ``\\x1b``-style escapes (no ANSI sequence reaches the
+    terminal) and rich markup is escaped (``[/bold]`` prints as itself instead of failing).
+    """
+    return escape(printable(value))
 
 
 class _RichCallback(Callback):

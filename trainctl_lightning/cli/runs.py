@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from trainctl_lightning.cli.common import OutputOption, handle_errors
-from trainctl_lightning.cli.output import Format, emit_json, stdout
+from trainctl_lightning.cli.output import Format, emit_json, shown, stdout
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.humanize import human_ago
 from trainctl_lightning.metrics import read, view
@@ -54,7 +54,7 @@ def ls(
     if output is Format.json:
         emit_json({"url": url, "runs": [{"name": run_name(r.url), **r.to_dict()} for r in runs]})
         return
-    table = Table(title=f"runs in {url}", title_justify="left")
+    table = Table(title=f"runs in {shown(url)}", title_justify="left")
     table.add_column("RUN", overflow="fold", min_width=10)
     table.add_column("STATE", no_wrap=True)
     for col in ("EPOCH", "STEP", "STEPS/S", "ETA", "AGE", "CKPTS"):
@@ -64,7 +64,7 @@ def ls(
         s = r.status
         state = s.state(now) if s else "unknown"
         table.add_row(
-            run_name(r.url),
+            shown(run_name(r.url)),
             view.state_text(state),
             "-" if s is None or s.epoch is None else str(s.epoch),
             view.format_step(s),
@@ -72,6 +72,6 @@ def ls(
             view.format_eta(s, now),
             human_ago(s.age_s(now)) if s else "-",
             str(r.checkpoints),
-            view.latest_metrics_text(s.metrics, metric).replace(" ", "\n") if s else "",
+            shown(view.latest_metrics_text(s.metrics, metric)).replace(" ", "\n") if s else "",
         )
     stdout.print(table)

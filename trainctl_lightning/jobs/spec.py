@@ -279,4 +279,6 @@ class JobState:
         data = json.loads(raw)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["phase"] = JobPhase(known["phase"])
+        known["updated_at"] = str(known["updated_at"])
+        parse_time(known["updated_at"])  # every reader compares it to now: refuse it here
         return cls(**known)

@@ -9,14 +9,16 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
-from trainctl_lightning.errors import RunNotFoundError
+from trainctl_lightning.errors import IntegrityError, RunNotFoundError
 from trainctl_lightning.jobs.spec import JobSpec, JobState
 from trainctl_lightning.store import ObjectStore, layout
 from trainctl_lightning.timeutil import utc_now
 
 __all__ = ["JobStore", "LogChunkWriter"]
+
+T = TypeVar("T")
 
 
 class JobStore:
@@ -44,18 +46,28 @@ class JobStore:
         self.objects.write(layout.JOB, spec.to_json(), create_only=True)
 
     def read_spec(self) -> JobSpec:
-        """Raises RunNotFoundError when there is no job at this URL."""
+        """The job spec.
+
+        Raises:
+            RunNotFoundError: there is no job at this URL.
+            IntegrityError: ``job.json`` is there but does not parse (one line naming it).
+        """
         raw = self.objects.read(layout.JOB)
         if raw is None:
             raise RunNotFoundError(f"no job in {self.url} (no {layout.JOB}); `trainctl runs ls STORE` lists runs")
-        return JobSpec.from_json(raw)
+        return _parse(JobSpec.from_json, raw, self.objects.url_of(layout.JOB), "job spec")
 
     def write_state(self, state: JobState) -> None:
         self.objects.write(layout.JOB_STATE, state.to_json())
 
     def read_state(self) -> JobState | None:
+        """The job's state, or None before anyone wrote one.
+
+        Raises:
+            IntegrityError: ``job-state.json`` is there but does not parse (one line naming it).
+        """
         raw = self.objects.read(layout.JOB_STATE)
-        return None if raw is None else JobState.from_json(raw)
+        return None if raw is None else _parse(JobState.from_json, raw, self.objects.url_of(layout.JOB_STATE), "job state")
 
     def write_code_manifest(self, data: bytes) -> None:
         self.objects.write(layout.CODE_MANIFEST, data, create_only=True)
@@ -103,6 +115,17 @@ class JobStore:
             return str(json.loads(raw).get("reason") or "cancelled")
         except ValueError:
             return "cancelled"
+
+
+def _parse(parse: Callable[[bytes], T], raw: bytes, where: str, what: str) -> T:
+    """``parse(raw)``, with any parse failure turned into one IntegrityError line naming the object."""
+    try:
+        return parse(raw)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise IntegrityError(
+            f"{where} is not a readable trainctl {what} ({type(exc).__name__}: {exc}); it is damaged or was "
+            "written by something else: delete it or fix it by hand"
+        ) from None
 
 
 class LogChunkWriter:

@@ -19,6 +19,7 @@ from typing import Any
 from trainctl_lightning.errors import IntegrityError
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.store import RunStore, layout, run_urls_in
+from trainctl_lightning.timeutil import parse_time
 
 __all__ = [
     "MetricsFollower",
@@ -64,8 +65,13 @@ def read_status(url: str, storage_options: dict[str, Any] | None = None) -> RunS
         return None
     try:
         status = RunStatus.from_json(raw)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"{store.url_of(layout.STATUS)} is not a readable trainctl status ({exc})") from exc
+        parse_time(status.updated_at)  # every reader compares it to now: refuse it here
+        parse_time(status.started_at)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise IntegrityError(
+            f"{store.url_of(layout.STATUS)} is not a readable trainctl status ({type(exc).__name__}: {exc}); "
+            "it is damaged or was written by something else"
+        ) from None
     if (status.phase.is_terminal() and status.phase is not Phase.FINISHED) or status.is_stale():
         # why a launched run stopped is the agent's to say: a spot interruption shows as preempted
         notice = _interruption(store)
@@ -81,7 +87,11 @@ def _interruption(store: RunStore) -> dict[str, Any] | None:
         return None
     try:
         job = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError) as exc:
+        log.warning("ignoring %s: not JSON (%s)", store.url_of(layout.JOB_STATE), exc)
+        return None
+    if not isinstance(job, dict):
+        log.warning("ignoring %s: not a JSON object", store.url_of(layout.JOB_STATE))
         return None
     notice = job.get("interruption")
     if isinstance(notice, dict) and notice:
@@ -116,17 +126,17 @@ class MetricsFollower:
 def parse_segment(name: str, data: bytes) -> list[MetricRecord]:
     """The metric records of one segment; unreadable lines are skipped with a warning."""
     records = []
-    for number, line in enumerate(data.decode().splitlines(), 1):
+    for number, line in enumerate(data.decode(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-        except ValueError:
-            log.warning("skipping unreadable line %d of metrics segment %s", number, name)
-            continue
-        if "metrics" in item:
-            metrics = {k: (float(v) if v is not None else float("nan")) for k, v in item["metrics"].items()}
+            if not isinstance(item, dict) or "metrics" not in item:
+                continue
+            metrics = {str(k): (float(v) if v is not None else float("nan")) for k, v in item["metrics"].items()}
             records.append(MetricRecord(step=int(item.get("step", 0)), time=str(item.get("t", "")), metrics=metrics))
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            log.warning("skipping unreadable line %d of metrics segment %s", number, name)
     return records
 
 
@@ -134,12 +144,12 @@ def read_hparams(url: str, storage_options: dict[str, Any] | None = None) -> dic
     """Hyperparameters the run logged (later logs win)."""
     merged: dict[str, Any] = {}
     for _, data in RunStore(url, storage_options).read_metrics_segments():
-        for line in data.decode().splitlines():
+        for line in data.decode(errors="replace").splitlines():
             try:
                 item = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(item.get("hparams"), dict):
+            if isinstance(item, dict) and isinstance(item.get("hparams"), dict):
                 merged.update(item["hparams"])
     return merged
 

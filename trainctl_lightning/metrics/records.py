@@ -139,21 +139,34 @@ class RunStatus:
             updated_at=str(data["updated_at"]),
             started_at=str(data.get("started_at", data["updated_at"])),
             refresh_interval_s=float(data.get("refresh_interval_s", 10.0)),
-            epoch=data.get("epoch"),
-            global_step=data.get("global_step"),
-            max_steps=data.get("max_steps"),
-            steps_per_s=data.get("steps_per_s"),
-            eta_s=data.get("eta_s"),
-            last_checkpoint=data.get("last_checkpoint"),
+            epoch=_opt_int(data.get("epoch")),
+            global_step=_opt_int(data.get("global_step")),
+            max_steps=_opt_int(data.get("max_steps")),
+            steps_per_s=_opt_float(data.get("steps_per_s")),
+            eta_s=_opt_float(data.get("eta_s")),
+            last_checkpoint=data.get("last_checkpoint") if isinstance(data.get("last_checkpoint"), dict) else None,
             metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items() if v is not None},
             host=str(data.get("host", "")),
-            pid=data.get("pid"),
+            pid=_opt_int(data.get("pid")),
             session=str(data.get("session", "")),
             gpu=_gpu_info(gpu) if isinstance(gpu, dict) else None,
-            error=data.get("error"),
+            error=None if data.get("error") is None else str(data.get("error")),
             interruption=data.get("interruption") if isinstance(data.get("interruption"), dict) else None,
             format=str(data.get("format", STATUS_FORMAT)),
         )
+
+
+def _opt_int(value: Any) -> int | None:
+    """A whole number read from the store (a damaged value raises ValueError, for one clear line)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a whole number")
+    return value
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _finite(value: Any) -> Any:

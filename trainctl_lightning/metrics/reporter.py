@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.errors import ConfigError, ConflictError
 from trainctl_lightning.metrics.records import GpuInfo, Phase, RunStatus
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RunStore, validate_url
@@ -99,6 +99,10 @@ class MetricsReporter(Logger):
         # Logged but not yet written: ("m", unix time, step, values) or ("h", unix time, params).
         # Encoding happens on the writer thread; the training thread only appends.
         self._buffer: list[tuple[Any, ...]] = []
+        # A segment whose write failed: (name, bytes, latest values), retried as it is before
+        # anything newer, so a write that landed but whose reply was lost is found there (same
+        # name, same bytes: success) rather than retried under a name it already holds.
+        self._unwritten: tuple[str, bytes, dict[str, float]] | None = None
         self._latest: dict[str, float] = {}  # latest value of each metric already written
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -217,6 +221,8 @@ class MetricsReporter(Logger):
             now = time.monotonic()
             if stopping or now >= next_flush or len(self._buffer) >= self.flush_every:
                 self._flush_segment()
+                if stopping and self._unwritten is not None:
+                    self._flush_segment()  # the last one: a write that landed with its reply lost is found now
                 next_flush = now + self.flush_interval
             if stopping or now >= next_status:
                 self._write_status()
@@ -226,22 +232,37 @@ class MetricsReporter(Logger):
             self._wake.wait(max(0.05, min(next_flush, next_status) - time.monotonic()))
             self._wake.clear()
 
+    def _segment_name(self) -> str:
+        return f"{self._segment_prefix}-{self._segments_written:06d}.jsonl"
+
     def _flush_segment(self) -> None:
-        with self._lock:
-            entries, self._buffer = self._buffer, []
-        if not entries:
-            return
-        name = f"{self._segment_prefix}-{self._segments_written:06d}.jsonl"
-        data, latest = _encode_batch(entries)
-        try:
-            self.store.write_metrics_segment(name, data)
+        """Write the segment that failed before (unchanged), then what is buffered, as new segments."""
+        for _ in range(100):  # bounded: a prefix full of foreign objects must not spin this thread
+            if self._unwritten is None:
+                with self._lock:
+                    entries, self._buffer = self._buffer, []
+                if not entries:
+                    return
+                data, latest = _encode_batch(entries)
+                self._unwritten = (self._segment_name(), data, latest)
+            name, data, latest = self._unwritten
+            try:
+                self.store.write_metrics_segment(name, data)
+            except ConflictError:
+                # another object holds that name (not our bytes): ours go under the next one
+                self.write_errors += 1
+                self._segments_written += 1
+                self._unwritten = (self._segment_name(), data, latest)
+                log.warning("trainctl: metrics segment %s in %s is taken; writing it as the next one", name, self.url)
+                continue
+            except Exception as exc:
+                self.write_errors += 1
+                log.error("trainctl: could not write metrics to %s (%s); will retry", self.url, exc)
+                return
+            self._unwritten = None
             self._segments_written += 1
             self._latest.update(latest)
-        except Exception as exc:
-            self.write_errors += 1
-            with self._lock:  # keep them for the next try, in order
-                self._buffer[:0] = entries
-            log.error("trainctl: could not write metrics to %s (%s); will retry", self.url, exc)
+        log.error("trainctl: could not find a free metrics segment name in %s; will retry", self.url)
 
     def _write_status(self) -> None:
         try:
@@ -267,7 +288,8 @@ class MetricsReporter(Logger):
         eta = (total - step) / rate if rate and total is not None and step is not None and total >= step else None
         with self._lock:
             pending = list(self._buffer)
-        latest = {**self._latest, **_latest_values(pending)}
+        unwritten = self._unwritten
+        latest = {**self._latest, **(unwritten[2] if unwritten else {}), **_latest_values(pending)}
         return RunStatus(
             phase=phase,
             updated_at=utc_now(),

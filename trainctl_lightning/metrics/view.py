@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from trainctl_lightning.errors import ConfigError
-from trainctl_lightning.humanize import human_ago, human_duration
+from trainctl_lightning.humanize import human_ago, human_duration, printable
 from trainctl_lightning.metrics.read import metric_names
 from trainctl_lightning.metrics.records import MetricRecord, Phase, RunStatus
 from trainctl_lightning.timeutil import parse_time
@@ -282,15 +282,15 @@ def monitor_renderable(
     host = status.host or "-"
     if status.pid is not None:
         host += f" (pid {status.pid})"
-    grid.add_row("host", host)
+    grid.add_row("host", Text(printable(host)))
     if status.gpu is not None:
-        grid.add_row("GPU", format_gpu(status))
-    grid.add_row("checkpoint", format_checkpoint(status.last_checkpoint))
+        grid.add_row("GPU", Text(printable(format_gpu(status))))
+    grid.add_row("checkpoint", Text(printable(format_checkpoint(status.last_checkpoint))))
     grid.add_row("updated", human_ago(status.age_s(now)))
     if status.error:
-        grid.add_row("error", Text(status.error, style="red"))
+        grid.add_row("error", Text(printable(status.error), style="red"))
 
-    parts: list[RenderableType] = [Text(url, style="bold"), grid]
+    parts: list[RenderableType] = [Text(printable(url), style="bold"), grid]
     summaries = summarize_metrics(records, status, names)
     if summaries:
         table = Table(title="metrics", title_justify="left", expand=False)
@@ -300,7 +300,7 @@ def monitor_renderable(
         table.add_column(f"TREND (last {TREND_POINTS})", no_wrap=True, style="cyan")
         for m in summaries:
             table.add_row(
-                m.name,
+                Text(printable(m.name)),
                 format_value(m.last),
                 "-" if m.step is None else str(m.step),
                 format_value(m.min),
@@ -367,9 +367,11 @@ def records_table(records: Sequence[MetricRecord], names: Sequence[str], title: 
     table.add_column("STEP", justify="right", no_wrap=True)
     table.add_column("TIME", no_wrap=True)
     for n in names:
-        table.add_column(n, justify="right", no_wrap=True)
+        table.add_column(Text(printable(n)), justify="right", no_wrap=True)
     for r in records:
-        table.add_row(str(r.step), r.time, *(format_value(r.metrics[n]) if n in r.metrics else "" for n in names))
+        table.add_row(
+            str(r.step), Text(printable(r.time)), *(format_value(r.metrics[n]) if n in r.metrics else "" for n in names)
+        )
     return table
 
 

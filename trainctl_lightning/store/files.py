@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,10 +19,94 @@ from pathlib import Path
 
 from trainctl_lightning.errors import IntegrityError
 
-__all__ = ["HASH_CHUNK", "atomic_file", "check_content", "copy_verified", "create_exclusive", "sha256_file", "write_atomic"]
+__all__ = [
+    "HASH_CHUNK",
+    "atomic_file",
+    "check_content",
+    "copy_verified",
+    "create_exclusive",
+    "inside",
+    "safe_name",
+    "safe_relpath",
+    "sha256_file",
+    "write_atomic",
+]
 
 HASH_CHUNK = 8 * 2**20
 """Bytes read at a time when hashing or copying."""
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_relpath(path: object, what: str) -> str:
+    """Check a relative path that came from the store (a manifest entry) before it names a local file.
+
+    The one rule every manifest kind shares (checkpoint and code manifests): a non-empty POSIX
+    path relative to its folder, with no absolute start, drive letter, backslash, NUL or other
+    control character, and no empty, ``.`` or ``..`` part. Such a path cannot leave its folder
+    by itself (a symlink already on the disk can; :func:`inside` checks that).
+
+    Args:
+        path: the value as read from the store.
+        what: the object it came from, for the message (``checkpoint manifest s3://b/r/...``).
+
+    Returns:
+        ``path``, unchanged.
+
+    Raises:
+        IntegrityError: one line naming the object and the path.
+    """
+    if (
+        not isinstance(path, str)
+        or not path
+        or path.startswith("/")
+        or "\\" in path
+        or _DRIVE.match(path)
+        or any(ord(c) < 32 or ord(c) == 127 for c in path)
+        or any(part in ("", ".", "..") for part in path.split("/"))
+    ):
+        raise IntegrityError(
+            f"{what} lists the unsafe path {path!r} (absolute, or leaving its folder); refusing it: "
+            "whoever can write to the store wrote it, so check who can"
+        )
+    return path
+
+
+def safe_name(name: object, what: str) -> str:
+    """Check a single path component from the store (a checkpoint id, a folder name).
+
+    Raises:
+        IntegrityError: not one safe path part (see :func:`safe_relpath`), with the value.
+    """
+    if not isinstance(name, str) or "/" in name:
+        raise IntegrityError(f"{what} has the unsafe name {name!r} (not one plain file name); refusing it")
+    return safe_relpath(name, what)
+
+
+def inside(root: str | os.PathLike[str], rel: str, what: str = "a store path") -> Path:
+    """``root / rel``, checked to stay inside ``root`` once symlinks already on disk are resolved.
+
+    Args:
+        root: the destination folder (need not exist yet).
+        rel: a path from the store; checked with :func:`safe_relpath` first.
+        what: the object ``rel`` came from, for the message.
+
+    Returns:
+        ``Path(root) / rel`` (not resolved: the caller writes where it asked).
+
+    Raises:
+        IntegrityError: ``rel`` is unsafe, or resolves outside ``root`` (through a symlink there).
+    """
+    safe_relpath(rel, what)
+    target = Path(root) / rel
+    base = os.path.realpath(root)
+    resolved = os.path.realpath(target)
+    if os.path.commonpath([base, resolved]) != base:
+        raise IntegrityError(
+            f"{what}: {rel!r} would be written to {resolved}, outside {root} (through a symlink there); refusing it"
+        )
+    return target
 
 
 def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:

@@ -11,16 +11,19 @@ major version and ignore fields they do not know.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 from trainctl_lightning.errors import IntegrityError
+from trainctl_lightning.store.files import safe_name, safe_relpath
 from trainctl_lightning.timeutil import parse_time
 
 __all__ = ["MANIFEST_FORMAT", "CheckpointManifest", "FileEntry"]
 
 MANIFEST_FORMAT = "trainctl.checkpoint/1"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -89,41 +92,92 @@ class CheckpointManifest:
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> CheckpointManifest:
-        """Parse a manifest.
+        """Parse a manifest, checking every field a reader acts on.
+
+        Paths and the id must be safe (:func:`~trainctl_lightning.store.files.safe_relpath`, the
+        rule code manifests use too), so nothing parsed from the store can name a file outside a
+        checkpoint's folder; ``created_at`` must be a time, sizes whole and checksums hex.
 
         Raises:
-            IntegrityError: not a trainctl checkpoint manifest of a format we can read.
+            IntegrityError: not a trainctl checkpoint manifest of a format we can read, or unsafe.
         """
+        what = f"checkpoint manifest {where}"
         try:
             data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
             fmt = str(data.get("format", ""))
             if fmt.split("/")[0] != MANIFEST_FORMAT.split("/")[0] or fmt.split("/")[-1][:1] != "1":
                 raise ValueError(f"unsupported format {fmt!r}")
-            files = tuple(FileEntry(path=str(f["path"]), size=int(f["size"]), sha256=str(f["sha256"])) for f in data["files"])
+            if not isinstance(data["files"], list):
+                raise ValueError("'files' is not a list")
+            files = tuple(_file_entry(f, what) for f in data["files"])
             if not files:
                 raise ValueError("lists no files")
-            return cls(
-                id=str(data["id"]),
-                name=str(data["name"]),
+            _check_tree([f.path for f in files])
+            created_at = str(data["created_at"])
+            parse_time(created_at)  # a listing sorts by it: refuse it here, not in every sort
+            metrics = data.get("metrics") or {}
+            monitor = data.get("monitor")
+            manifest = cls(
+                id=safe_name(data["id"], what),
+                name=_text(data["name"], "name"),
                 epoch=_opt_int(data.get("epoch")),
                 global_step=_opt_int(data.get("global_step")),
-                created_at=str(data["created_at"]),
+                created_at=created_at,
                 files=files,
                 package_version=str(data.get("package_version", "unknown")),
-                monitor=data.get("monitor"),
+                monitor=None if monitor is None else _text(monitor, "monitor"),
                 monitor_value=_opt_float(data.get("monitor_value")),
-                metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
+                metrics={str(k): float(v) for k, v in dict(metrics).items()},
                 source=dict(data.get("source") or {}),
                 format=fmt,
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except IntegrityError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise IntegrityError(
-                f"{where} is not a readable trainctl checkpoint manifest ({exc}); delete it or fix it by hand"
-            ) from exc
+                f"{where} is not a readable trainctl checkpoint manifest ({type(exc).__name__}: {exc}); "
+                "delete it or fix it by hand"
+            ) from None
+        return manifest
+
+
+def _file_entry(item: Any, what: str) -> FileEntry:
+    if not isinstance(item, dict):
+        raise ValueError(f"a 'files' entry is {item!r}, not an object")
+    sha, size = item["sha256"], item["size"]
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise ValueError(f"entry {item.get('path')!r} has sha256 {sha!r}, not 64 hex digits")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"entry {item.get('path')!r} has size {size!r}")
+    return FileEntry(path=safe_relpath(item["path"], what), size=size, sha256=sha)
+
+
+def _check_tree(paths: list[str]) -> None:
+    """No path twice, and none both a file and a folder of another."""
+    seen = set(paths)
+    if len(seen) != len(paths):
+        raise ValueError("lists a file twice")
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in seen:
+                raise ValueError(f"lists {'/'.join(parts[:i])!r} both as a file and as a folder")
+
+
+def _text(value: Any, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{field_name} is {value!r}, not a string")
+    return value
 
 
 def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a whole number")
+    return value
 
 
 def _opt_float(value: Any) -> float | None:

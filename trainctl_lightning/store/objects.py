@@ -176,25 +176,22 @@ class ObjectStore:
         """Write one object atomically: readers see the old content or the new, never a mix.
 
         With ``create_only`` the write fails rather than replace an existing object (S3 checks
-        this on the server with ``If-None-Match``; local files with link(2)). A retried create
-        whose first attempt landed but whose reply was lost finds its own content there: that
-        counts as success.
+        this on the server with ``If-None-Match``; local files with link(2)). An object already
+        there with exactly ``data`` counts as success: a create whose reply was lost (within this
+        call's retries or in an earlier call that the caller repeats) finds its own content.
 
         Raises:
             ConflictError: ``create_only`` and another writer's object is there (left as it was).
             StoreError: the store cannot be written.
         """
         path = self.path(rel)
-        attempts = 0
 
         def write() -> None:
-            nonlocal attempts
-            attempts += 1
             try:
                 self._write_bytes(path, data, create_only)
             except FileExistsError:
-                if attempts > 1 and self._read_bytes(path) == data:
-                    return  # our own earlier attempt landed
+                if self._read_bytes(path) == data:
+                    return  # our own earlier attempt landed (its reply was lost)
                 raise ConflictError(f"{self.url_of(rel)} already exists; not overwritten") from None
 
         self.call(write, what=f"write {self.url_of(rel)}", action="write to", stop=stop)

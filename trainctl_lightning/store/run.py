@@ -28,10 +28,11 @@ from trainctl_lightning.errors import (
     ConfigError,
     ConflictError,
     IntegrityError,
+    StoreError,
 )
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import layout
-from trainctl_lightning.store.files import check_content, sha256_file
+from trainctl_lightning.store.files import check_content, inside, safe_name, safe_relpath, sha256_file
 from trainctl_lightning.store.manifest import CheckpointManifest, FileEntry
 from trainctl_lightning.store.objects import ObjectStore
 from trainctl_lightning.timeutil import utc_now
@@ -164,6 +165,7 @@ class RunStore:
         if checkpoint_id is not None and self.objects.exists(manifest_rel):
             # Generated ids are never reused; a caller-chosen one must not clobber data either.
             raise ConflictError(f"checkpoint {ckpt_id} already exists in {self.url}; it was not overwritten (use a new id)")
+        manifest_maybe_written = False  # then the data must stay: a manifest may point at it
         try:
             manifest_files = []
             for local, rel in entries:
@@ -188,19 +190,43 @@ class RunStore:
                 metrics=dict(metrics or {}),
                 source={"host": socket.gethostname(), "pid": os.getpid(), **(source or {})},
             )
+            body = manifest.to_json()
             try:
-                self.objects.write(manifest_rel, manifest.to_json(), create_only=True, stop=stop)
+                self.objects.write(manifest_rel, body, create_only=True, stop=stop)
             except ConflictError:
                 raise ConflictError(
                     f"{self.url_of(manifest_rel)} already exists; another writer published checkpoint "
                     f"{ckpt_id} and it was not overwritten"
                 ) from None
+            except BaseException:
+                manifest_maybe_written = True
+                if self._manifest_landed(manifest_rel, body):
+                    log.warning("checkpoint %s was published although the store's reply was lost", ckpt_id)
+                    return manifest
+                manifest_maybe_written = False  # read back: it is not there
+                raise
         except ConflictError:
             raise  # the objects there belong to the manifest that won; leave them alone
         except BaseException:
-            self._discard_unpublished(folder, [rel for _, rel in entries])
+            if not manifest_maybe_written:
+                self._discard_unpublished(folder, [rel for _, rel in entries])
             raise
         return manifest
+
+    def _manifest_landed(self, manifest_rel: str, body: bytes) -> bool:
+        """After a failed manifest write: whether it landed after all (its reply was lost).
+
+        Raises:
+            StoreError: the store cannot tell; the data objects are then left in place (a
+                manifest may be pointing at them), never deleted.
+        """
+        try:
+            return self.objects.read(manifest_rel) == body
+        except Exception as exc:
+            raise StoreError(
+                f"the manifest write of {self.url_of(manifest_rel)} failed and the store cannot say whether it "
+                f"landed ({exc}); its data objects were left in place: `trainctl ckpt gc` removes them if it did not"
+            ) from exc
 
     def _discard_unpublished(self, folder: str, rels: list[str]) -> None:
         """Best effort: remove data objects of a checkpoint whose manifest was never written.
@@ -217,25 +243,37 @@ class RunStore:
     def list_checkpoints(self) -> list[CheckpointManifest]:
         """Every complete checkpoint, oldest first (by time taken, then step).
 
+        A manifest that does not parse, or is unsafe (a path leaving its folder), is skipped with
+        a warning naming it: one damaged object never hides the others.
+
         Raises:
             StoreError: the store cannot be read.
+        """
+        return self._scan_checkpoints()[0]
+
+    def _scan_checkpoints(self, asked: str | None = None) -> tuple[list[CheckpointManifest], dict[str, IntegrityError]]:
+        """The readable manifests, sorted, and why each damaged one (by folder name) was skipped.
+
+        Each damaged one is logged as a warning, except ``asked`` (the caller reports that one).
         """
         rels = self.objects.glob(layout.checkpoint_object("*", layout.CHECKPOINT_MANIFEST))
         raw = self.objects.read_many(rels, action="list")
         manifests = []
+        damaged: dict[str, IntegrityError] = {}
         for rel, data in raw.items():
             where = self.url_of(rel)
+            folder = rel.split("/")[-2]
             try:
                 m = CheckpointManifest.from_json(data, where)
+                if m.id != folder:
+                    raise IntegrityError(f"{where} says its id is {m.id!r} but it is in folder {folder!r}; refusing it")
             except IntegrityError as exc:
-                log.warning("skipping unreadable checkpoint: %s", exc)
-                continue
-            folder = rel.split("/")[-2]
-            if m.id != folder:
-                log.warning("skipping %s: manifest id %r does not match its folder %r", where, m.id, folder)
+                if folder != asked:
+                    log.warning("skipping unreadable checkpoint: %s", exc)
+                damaged[folder] = exc
                 continue
             manifests.append(m)
-        return sorted(manifests, key=CheckpointManifest.sort_key)
+        return sorted(manifests, key=CheckpointManifest.sort_key), damaged
 
     def latest_checkpoint(self) -> CheckpointManifest | None:
         """The newest complete checkpoint (taken last; highest step on a tie), or None."""
@@ -247,10 +285,15 @@ class RunStore:
 
         Raises:
             CheckpointNotFoundError: nothing matches; the message lists what exists.
+            IntegrityError: ``ref`` is the id of a checkpoint whose manifest is damaged.
         """
-        found = self.list_checkpoints()
+        found, damaged = self._scan_checkpoints(asked=ref)
+        if ref is not None and ref in damaged:
+            raise damaged[ref]  # asked for by id: say what is wrong with it, in one line
         if not found:
-            raise CheckpointNotFoundError(f"no complete checkpoint in {self.url}")
+            raise CheckpointNotFoundError(
+                f"no complete checkpoint in {self.url}" + (f" ({len(damaged)} damaged manifest(s) skipped)" if damaged else "")
+            )
         if ref is None or ref == "latest":
             return found[-1]
         for m in found:
@@ -277,18 +320,25 @@ class RunStore:
         renamed only once its size and checksum match, so a corrupt download leaves nothing
         behind. Files already present with the right checksum are not downloaded again.
 
+        Every target is checked to resolve inside ``dest`` (a manifest path cannot leave it,
+        nor can a symlink already in ``dest``) before anything is written.
+
         Returns:
             The local path to pass to ``trainer.fit(ckpt_path=...)``: the file for a one-file
             checkpoint, else ``dest``.
 
         Raises:
-            IntegrityError: an object is corrupt or truncated; the message names it.
+            IntegrityError: an object is corrupt or truncated, or a path would leave ``dest``;
+                the message names it.
             StoreError: the store cannot be read.
         """
         dest = Path(dest)
+        what = f"checkpoint {manifest.id} in {self.url}"
+        safe_name(manifest.id, what)
+        targets = [inside(dest, entry.path, what) for entry in manifest.files]
         dest.mkdir(parents=True, exist_ok=True)
-        for entry in manifest.files:
-            target = dest / entry.path
+        for entry, target in zip(manifest.files, targets):
+            inside(dest, entry.path, what)  # again now that dest exists: a symlink in it must not lead out
             if target.is_file() and target.stat().st_size == entry.size and sha256_file(target)[0] == entry.sha256:
                 continue
             self.objects.download(
@@ -299,7 +349,7 @@ class RunStore:
                 callback=callback,
             )
         if len(manifest.files) == 1:
-            return dest / manifest.files[0].path
+            return targets[0]
         return dest
 
     def verify_checkpoint(self, manifest: CheckpointManifest, callback: Callback | None = None) -> None:
@@ -325,7 +375,13 @@ class RunStore:
         folders: dict[str, list[str]] = {}
         for rel in self.objects.find(layout.CHECKPOINTS):
             if "/" in rel:
-                folders.setdefault(rel.split("/", 1)[0], []).append(rel)
+                folder = rel.split("/", 1)[0]
+                try:
+                    safe_name(folder, f"checkpoint folder in {self.url}")
+                except IntegrityError as exc:
+                    log.warning("skipping %s", exc)
+                    continue
+                folders.setdefault(folder, []).append(rel)
         now = datetime.now(timezone.utc)
         found = []
         for ckpt_id, members in folders.items():
@@ -352,11 +408,16 @@ class RunStore:
         """Delete a checkpoint: the manifest first (so it stops existing at once), then its data.
 
         Only objects inside this run's ``checkpoints/<id>/`` folder are ever touched.
+
+        Raises:
+            ConfigError: the id or a file path would leave that folder (nothing is deleted).
         """
         _check_checkpoint_id(manifest.id)
+        # every object is checked before the first delete: a bad path deletes nothing at all
+        members = [_member(manifest.id, entry.path) for entry in manifest.files]
         self.objects.delete(layout.checkpoint_object(manifest.id, layout.CHECKPOINT_MANIFEST))
-        for entry in manifest.files:
-            self.objects.delete(layout.checkpoint_object(manifest.id, entry.path))
+        for rel in members:
+            self.objects.delete(rel)
         self.objects.delete_folder(layout.checkpoint_object(manifest.id))
 
     # ------------------------------------------------------ metrics and status
@@ -400,8 +461,23 @@ def run_urls_in(store_url: str, storage_options: dict[str, Any] | None = None) -
 
 
 def _check_checkpoint_id(ckpt_id: str) -> None:
-    if not ckpt_id or "/" in ckpt_id or ckpt_id in (".", ".."):
-        raise ConfigError(f"refusing to delete checkpoint with unsafe id {ckpt_id!r}")
+    try:
+        safe_name(ckpt_id, "checkpoint to delete")
+    except IntegrityError as exc:
+        raise ConfigError(f"refusing to delete: {exc}") from None
+
+
+def _member(ckpt_id: str, path: str) -> str:
+    """The store path of one object of a checkpoint, asserted to be inside its folder."""
+    try:
+        safe_relpath(path, f"checkpoint {ckpt_id}")
+    except IntegrityError as exc:
+        raise ConfigError(f"refusing to delete: {exc}") from None
+    rel = layout.checkpoint_object(ckpt_id, path)
+    folder = layout.checkpoint_object(ckpt_id) + "/"
+    if not rel.startswith(folder) or ".." in rel.split("/"):
+        raise ConfigError(f"refusing to delete {rel!r}: not inside {folder}")
+    return rel
 
 
 def _expand_local(files: Iterable[LocalFile]) -> list[tuple[str, str]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trainctl_lightning.errors import IntegrityError
+from trainctl_lightning.store.files import safe_relpath
 
 __all__ = ["CODE_FORMAT", "BundleFile", "CodeBundle", "parse_manifest", "run_parallel"]
 
@@ -103,15 +104,7 @@ def parse_manifest(raw: bytes, where: str = "code manifest") -> list[BundleFile]
 
 
 def _check_rel_path(path: Any, where: str) -> None:
-    if (
-        not isinstance(path, str)
-        or not path
-        or path.startswith("/")
-        or "\x00" in path
-        or "\\" in path
-        or any(part in ("", ".", "..") for part in path.split("/"))
-    ):
-        raise IntegrityError(f"{where} lists the unsafe path {path!r} (absolute or leaving the project); refusing it")
+    safe_relpath(path, where)  # the rule checkpoint manifests share
 
 
 def run_parallel(pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], Any]]) -> list[Any]:
