@@ -196,6 +196,9 @@ class SnapshotCheckpointIO(CheckpointIO):
                     self.max_pending_snapshots,
                 )
         try:
+            # The slot is freed only once the save before it is written or has failed, so with
+            # max_pending_snapshots=1 a failed write is always raised here, at the next save.
+            self._raise_writer_error()
             meta = self._metadata(checkpoint, path)
             snapshot = take_snapshot(checkpoint)
         except BaseException:
@@ -355,7 +358,10 @@ class SnapshotCheckpointIO(CheckpointIO):
         staged: Path | None = None
         tmp = target.with_name(f".{target.name}.{self.session}.tmp")
         try:
-            staged = self._write_staged(op, target)
+            try:
+                staged = self._write_staged(op, target)
+            finally:
+                op.snapshot = None  # type: ignore[assignment]  # free host memory
             # A second name for the staged inode, renamed over the target: readers of the target
             # path see the old file or the new one, never a partial one.
             try:
@@ -371,6 +377,7 @@ class SnapshotCheckpointIO(CheckpointIO):
             self._write_failed(op, run, exc)
             return
         finally:
+            self._slots.release()  # after a failure is recorded: the next save sees it
             op.written.set()
             with self._written_lock:
                 if self._written.get(op.path) is op.written:
@@ -407,7 +414,10 @@ class SnapshotCheckpointIO(CheckpointIO):
             run.unwritten.pop(op.seq, None)
             if not run.abandoned:
                 failed = PublishJob(seq=op.seq, local_path=op.path, staged_path="", meta=op.meta)
-                failed.error = f"not written to local disk: {cause}; the checkpoints saved before it are kept"
+                failed.error = (
+                    f"not written to {target.parent}: {cause}; the checkpoints saved before it are kept; "
+                    f"{_what_to_do(exc, target.parent)}"
+                )
                 run.publisher.write_failed(failed)
         error = UploadError(line, failed=[target.name])
         error.__cause__ = exc
@@ -415,7 +425,7 @@ class SnapshotCheckpointIO(CheckpointIO):
         self._error_reported = not run.abandoned
 
     def _write_staged(self, op: _Save, target: Path) -> Path:
-        """Write the snapshot to a private staging file; free its memory and slot either way."""
+        """Write the snapshot to a private staging file (a partial one is removed)."""
         staging_dir = target.parent / STAGING_DIR
         partial: Path | None = None
         try:
@@ -435,8 +445,6 @@ class SnapshotCheckpointIO(CheckpointIO):
             partial = None
             return staged
         finally:
-            op.snapshot = None  # type: ignore[assignment]  # free host memory before the slot
-            self._slots.release()
             if partial is not None:
                 partial.unlink(missing_ok=True)
 
