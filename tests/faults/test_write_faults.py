@@ -144,9 +144,7 @@ def test_a_write_failing_at_the_last_save_fails_the_fit_by_name_and_keeps_the_pr
 
 
 @pytest.mark.parametrize("backend", ["file", "s3"])
-def test_a_failed_upload_keeps_the_previous_checkpoint_in_the_store_and_stops_local_rotation(
-    backend, request, tmp_path
-):
+def test_a_failed_upload_keeps_the_previous_checkpoint_in_the_store_and_stops_local_rotation(backend, request, tmp_path):
     url = request.getfixturevalue("s3").url() if backend == "s3" else request.getfixturevalue("file_url")
     error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if backend == "file" else OSError(errno.EIO, os.strerror(errno.EIO))
     ckpts = tmp_path / "c"
@@ -209,9 +207,7 @@ def test_sigkill_mid_publish_leaves_the_newest_complete_checkpoint_to_resume_fro
         return bool(staged and any((f / "epoch=1.ckpt").is_file() for f in folders))
 
     try:
-        wait_until(
-            lambda: half_published() or proc.poll() is not None, timeout=120, what="epoch=1.ckpt to be half published"
-        )
+        wait_until(lambda: half_published() or proc.poll() is not None, timeout=120, what="epoch=1.ckpt to be half published")
         assert proc.poll() is None, f"the training script ended early:\n{log.read_text()[-3000:]}"
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL

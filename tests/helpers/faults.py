@@ -72,7 +72,15 @@ class FailingDisk:
             trainer.fit(model)
     """
 
-    def __init__(self, folder: str | os.PathLike[str], error: int = errno.ENOSPC, *, nth: int = 1, at: str = "write", after_bytes: int = 4096) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        error: int = errno.ENOSPC,
+        *,
+        nth: int = 1,
+        at: str = "write",
+        after_bytes: int = 4096,
+    ) -> None:
         if at not in ("write", "open"):
             raise ValueError(f"FailingDisk(at={at!r}): 'write' or 'open'")
         self.folder = os.path.abspath(folder)

@@ -453,7 +453,11 @@ class SnapshotCheckpointIO(CheckpointIO):
         # save: keep the file here and in the store until the fit ends or a flush reports.
         failed = [job.name for job in run.publisher.failed_saves(op.after_seq)]
         if failed or run.abandoned:
-            why = f"{', '.join(failed)} was not written or published" if failed else "a flush stopped waiting for the saves before it"
+            why = (
+                f"{', '.join(failed)} was not written or published"
+                if failed
+                else "a flush stopped waiting for the saves before it"
+            )
             log.warning(
                 "trainctl: keeping %s, locally and in the store, though ModelCheckpoint rotated it away: %s",
                 op.path,
