@@ -535,14 +535,14 @@ def _free_space(folder: Path) -> str:
 
 def _newest_here(folder: Path) -> str:
     """``; newest there: epoch=0.ckpt`` -- the newest complete checkpoint file left in ``folder``."""
+    found: list[tuple[float, str]] = []
     try:
-        files = [p for p in folder.iterdir() if p.suffix == ".ckpt" and not p.name.startswith(".") and p.is_file()]
-    except OSError:
+        for entry in os.scandir(folder):
+            if entry.name.endswith(".ckpt") and not entry.name.startswith(".") and entry.is_file():
+                found.append((entry.stat().st_mtime, entry.name))
+    except OSError:  # unreadable, or a file removed while we looked: say nothing rather than guess
         return ""
-    if not files:
-        return ""
-    newest = max(files, key=lambda p: p.stat().st_mtime)
-    return f" (newest there: {newest.name})"
+    return f" (newest there: {max(found)[1]})" if found else ""
 
 
 def _what_to_do(exc: BaseException, folder: Path) -> str:
