@@ -18,7 +18,7 @@ from tests.helpers import wait_until
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from tests.helpers.stores import WrapSyncStore
 from trainctl_lightning import CheckpointSync, RunStore, UploadError
-from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
+from trainctl_lightning.checkpoint.io import STAGING_DIR, SnapshotCheckpointIO
 
 STEP2 = "epoch=0-step=2.ckpt"
 
@@ -52,11 +52,6 @@ def test_an_upload_that_outlasts_flush_timeout_is_named_as_unfinished(file_url, 
     wait_until(lambda: slow.fs.in_flight == 0, timeout=15, what="the abandoned upload to end")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (issue 11, item 4): when a checkpoint's local write outlasts flush_timeout (and the "
-    "flush's 5 s writer join), the flush reports success with nothing published and the checkpoint is lost",
-)
 def test_a_write_that_outlasts_flush_timeout_is_named_as_unfinished(file_url, tmp_path):
     disk_back = threading.Event()
 
@@ -72,14 +67,19 @@ def test_a_write_that_outlasts_flush_timeout_is_named_as_unfinished(file_url, tm
         callbacks=[sync, _every_step(tmp_path / "c", n=2)],
     )
     try:
-        with pytest.raises(UploadError, match=r"epoch=0-step=2\.ckpt"):
+        with pytest.raises(UploadError, match=r"still being written to local disk .*: epoch=0-step=2\.ckpt"):
             trainer.fit(TinyRegressor())
         result = sync.last_flush
         assert result is not None and not result.ok
         assert STEP2 in result.unfinished + [entry.split(" (")[0] for entry in result.failed]
+        assert result.unwritten == [STEP2] and result.published == []
     finally:
         disk_back.set()
         wait_until(lambda: (tmp_path / "c" / STEP2).is_file(), timeout=15, what="the held write to end")
+    # The write that completed after the flush left its file, and no staging copy behind it.
+    staging = tmp_path / "c" / STAGING_DIR
+    wait_until(lambda: not any(staging.iterdir()), timeout=15, what="the abandoned write's staging copy to go")
+    assert RunStore(file_url).list_checkpoints() == [], "nothing was published after the flush ended"
 
 
 def test_a_store_down_longer_than_retry_timeout_fails_the_checkpoint_by_name(file_url, tmp_path):

@@ -134,3 +134,52 @@ def test_older_save_of_the_same_file_finishing_last_does_not_win(store, tmp_path
     pub.close(timeout=30)
     assert old.state is PublishState.PUBLISHED
     assert [(m.name, m.global_step) for m in store.list_checkpoints()] == [("last.ckpt", 2)]
+
+
+def test_keep_last_deletes_nothing_while_a_newer_save_is_unpublished(store, tmp_path):
+    earlier = tmp_path / "earlier.ckpt"
+    earlier.write_bytes(os.urandom(4096))
+    store.publish_checkpoint([earlier], name="earlier.ckpt", global_step=1, created_at=utc_now())  # an earlier attempt
+    store.gates["a.ckpt"] = threading.Event()
+    store.fail.add("b.ckpt")
+    pub = Publisher(store, workers=2, keep_last=1)
+    a, b = _job(tmp_path, "a.ckpt", 2), _job(tmp_path, "b.ckpt", 3)
+    pub.submit(a)
+    assert store.started.setdefault("a.ckpt", threading.Event()).wait(10)
+    pub.submit(b)
+    assert b.done.wait(10) and b.state is PublishState.FAILED
+    store.gates["a.ckpt"].set()  # a is published after the newer b failed: keep_last waits
+    assert a.done.wait(10) and a.state is PublishState.PUBLISHED
+    assert store.seen_at_delete == []
+    assert [m.name for m in store.list_checkpoints()] == ["earlier.ckpt", "a.ckpt"]
+
+    c = _job(tmp_path, "c.ckpt", 4)  # a newer save is published: keep_last applies again
+    pub.submit(c)
+    pub.close(timeout=30)
+    assert c.state is PublishState.PUBLISHED
+    assert [m.name for m in store.list_checkpoints()] == ["c.ckpt"]
+
+
+def test_a_failed_write_blocks_remote_rotation_until_a_newer_save_is_published(store, tmp_path):
+    pub = Publisher(store, workers=1)
+    a = _job(tmp_path, "a.ckpt", 1)
+    pub.submit(a)
+    assert a.done.wait(10)
+    lost = PublishJob(seq=next(_seq), local_path=str(tmp_path / "b.ckpt"), staged_path="", meta={"global_step": 2})
+    lost.error = "not written to local disk: No space left on device ([Errno 28])"
+    pub.write_failed(lost)  # what the writer reports when b.ckpt could not be written
+    assert [j.name for j in pub.failed_saves(lost.seq)] == ["b.ckpt"]
+    pub.local_removed(a.local_path, after_seq=lost.seq)  # ModelCheckpoint rotated a away for b
+    assert store.seen_at_delete == [] and [m.name for m in store.list_checkpoints()] == ["a.ckpt"]
+
+    c = _job(tmp_path, "c.ckpt", 3)
+    pub.submit(c)
+    assert c.done.wait(10) and c.state is PublishState.PUBLISHED
+    assert pub.failed_saves(c.seq) == [], "made up for by a newer published save"
+    assert [j.name for j in pub.failed_saves(lost.seq)] == ["b.ckpt"]
+    d = _job(tmp_path, "d.ckpt", 4)
+    pub.submit(d)
+    pub.local_removed(c.local_path, after_seq=d.seq)  # rotation works again once c is published
+    result = pub.close(timeout=30)
+    assert [m.name for m in store.list_checkpoints()] == ["a.ckpt", "d.ckpt"]
+    assert result.failed == ["b.ckpt (not written to local disk: No space left on device ([Errno 28]))"]

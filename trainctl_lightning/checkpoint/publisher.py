@@ -11,9 +11,12 @@ last. Around that it keeps the remote side a mirror of what ``ModelCheckpoint`` 
 * a file that ``ModelCheckpoint`` rotates away (top-k) is skipped if its upload has not
   started, and deleted remotely only after every checkpoint saved before the rotation was
   published (so the store never holds fewer good checkpoints than before);
-* ``keep_last`` trims the store to the newest N complete checkpoints.
+* ``keep_last`` trims the store to the newest N complete checkpoints, never while a newer
+  save has failed (to be written or to be published).
 
-Failures never stop training: a transient one is retried in the background, a permanent one
+A save that could not be written to local disk is recorded here as a failed job
+(:meth:`Publisher.write_failed`), so that nothing saved before it is deleted from the store
+either. Failures never stop training: a transient one is retried in the background, a permanent one
 is logged at ERROR at once and reported again, with every name, when the run flushes.
 
 Internal: not part of the public API; it may change without notice.
@@ -96,21 +99,37 @@ class FlushResult:
 
     published: list[str]
     failed: list[str]
+    """``"<name> (<why>)"`` of every save that was not written or not published."""
     unfinished: list[str]
+    """Names of saves that were not published yet when the wait ended (``unwritten`` included)."""
+    unwritten: list[str] = field(default_factory=list)
+    """The part of ``unfinished`` that was still being written to local disk."""
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.unfinished
 
     def merged(self, other: FlushResult) -> FlushResult:
-        return FlushResult(self.published + other.published, self.failed + other.failed, self.unfinished + other.unfinished)
+        return FlushResult(
+            self.published + other.published,
+            self.failed + other.failed,
+            self.unfinished + other.unfinished,
+            self.unwritten + other.unwritten,
+        )
 
     def describe(self) -> str:
         parts = []
         if self.failed:
             parts.append(f"failed: {', '.join(self.failed)}")
-        if self.unfinished:
-            parts.append(f"still uploading when the wait ended: {', '.join(self.unfinished)}")
+        uploading = [name for name in self.unfinished if name not in self.unwritten]
+        if uploading:
+            parts.append(f"still uploading when the wait ended: {', '.join(uploading)}")
+        if self.unwritten:
+            parts.append(
+                f"still being written to local disk when the wait ended, never published: {', '.join(self.unwritten)} "
+                f"(the file appears in its folder if the write completes; its partial copy under .trainctl-staging "
+                "is removed then, or by the next run)"
+            )
         return "; ".join(parts)
 
 
@@ -183,6 +202,23 @@ class Publisher:
                 self._pending_removals.append((local_path, after_seq))
         self._run_removals()
 
+    def write_failed(self, job: PublishJob) -> None:
+        """A save that could not be written to local disk: recorded as failed, so that nothing
+        saved before it is deleted remotely (rotation or ``keep_last``) and the flush names it."""
+        with self._lock:
+            job.state = PublishState.FAILED
+            job.done.set()
+            self._jobs.append(job)
+        self._run_removals()
+
+    def failed_saves(self, up_to_seq: int) -> list[PublishJob]:
+        """Saves made at or before ``up_to_seq`` whose write or publish is known to have failed,
+        and that no save published after them (up to ``up_to_seq``) has made up for."""
+        with self._lock:
+            jobs = [j for j in self._jobs if j.seq <= up_to_seq]
+            recovered_at = max((j.seq for j in jobs if j.state is PublishState.PUBLISHED), default=0)
+            return [j for j in jobs if j.state is PublishState.FAILED and j.seq > recovered_at]
+
     # ---------------------------------------------------------------- workers
     def _worker(self) -> None:
         while True:
@@ -251,7 +287,7 @@ class Publisher:
         if not self.keep_local:
             self._drop_local(job)
         self._finish(job, PublishState.PUBLISHED, None)
-        self._apply_retention()
+        self._apply_retention(job)
 
     def _finish(self, job: PublishJob, state: PublishState, error: str | None) -> None:
         try:
@@ -282,11 +318,13 @@ class Publisher:
                 if not all(j.state.is_terminal() for j in before + own):
                     keep.append((path, after_seq))
                     continue
-                if any(j.state is PublishState.FAILED for j in before):
+                failed = [j.name for j in self.failed_saves(after_seq) if j.local_path != path]
+                if failed:
                     log.warning(
                         "trainctl: keeping the remote copy of %s, which ModelCheckpoint rotated away, "
-                        "because a checkpoint saved before that was not published",
+                        "because %s, saved before that, was not published",
                         os.path.basename(path),
+                        ", ".join(failed),
                     )
                     continue
                 published = self._published.pop(path, None)
@@ -296,8 +334,19 @@ class Publisher:
         for path, manifest in to_delete:
             self._delete(manifest, why=f"ModelCheckpoint removed {os.path.basename(path)}")
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, published: PublishJob) -> None:
         if not self.keep_last:
+            return
+        with self._lock:
+            newer_failed = [j.name for j in self._jobs if j.state is PublishState.FAILED and j.seq > published.seq]
+        if newer_failed:
+            log.warning(
+                "trainctl: keep_last=%d: deleting nothing from %s while %s, saved after %s, is not published",
+                self.keep_last,
+                self.store.url,
+                ", ".join(newer_failed),
+                published.name,
+            )
             return
         try:
             complete = self.store.list_checkpoints()
