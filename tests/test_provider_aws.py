@@ -22,6 +22,7 @@ import fsspec
 import pytest
 
 from tests.helpers import wait_until
+from tests.helpers.aws import trainctl_security_group
 from tests.helpers.provider_contract import ProviderContract
 from trainctl_lightning.errors import (
     ConfigError,
@@ -76,7 +77,13 @@ def ami(ec2) -> str:
 
 
 @pytest.fixture
-def provider(s3, ami) -> AWSProvider:
+def security_group(ec2) -> str:
+    """The security group `trainctl aws setup` makes: no instance launches without one."""
+    return trainctl_security_group(ec2)
+
+
+@pytest.fixture
+def provider(s3, ami, security_group) -> AWSProvider:
     return AWSProvider(endpoint_url=s3.endpoint, ami_resolver=lambda region: ami)
 
 
@@ -204,7 +211,7 @@ def test_user_data_over_16_kb_is_refused_before_launch(provider, ec2, set_up, st
     assert not raw_instances(ec2)
 
 
-def test_default_image_comes_from_the_deep_learning_ami_parameter(s3, ami, ec2):
+def test_default_image_comes_from_the_deep_learning_ami_parameter(s3, ami, ec2, security_group):
     ssm = s3.server.client("ssm")
     # moto reserves /aws/..., as AWS does: the parameter name is configurable for that reason
     ssm.put_parameter(Name="/trainctl-test/dlami/ami-id", Value=ami, Type="String")

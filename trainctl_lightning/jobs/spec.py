@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any
 
 from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S, check_limit
 from trainctl_lightning.timeutil import parse_time, utc_now
 
 __all__ = [
@@ -175,10 +176,13 @@ class JobSpec:
                 )
             if not isinstance(value, str):
                 raise ConfigError(f"env {name} must be a string, got {value!r}")
-        if self.max_runtime_s is not None and not self.max_runtime_s > 0:
-            raise ConfigError(f"max runtime must be > 0 seconds, got {self.max_runtime_s!r}")
-        if self.launcher_grace_s is not None and not self.launcher_grace_s > 0:
-            raise ConfigError(f"launcher grace must be > 0 seconds or None, got {self.launcher_grace_s!r}")
+        # finite and > 0: an inf or nan here would reach the agent's timers and the boot script
+        if self.max_runtime_s is not None:
+            check_limit("JobSpec.max_runtime_s", self.max_runtime_s, maximum=MAX_RUNTIME_LIMIT_S)
+        if self.launcher_grace_s is not None:
+            check_limit("JobSpec.launcher_grace_s", self.launcher_grace_s)
+        for name in ("stop_grace_s", "log_interval_s", "heartbeat_interval_s"):
+            check_limit(f"JobSpec.{name}", getattr(self, name))
 
     def command(self, python: str) -> list[str]:
         """The job's argv with ``python`` as the interpreter."""

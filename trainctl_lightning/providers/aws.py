@@ -150,7 +150,7 @@ _LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 OPTIONS: dict[str, str] = {
     "install": "what the instance pip-installs for trainctl-lightning: a requirement or the s3:// URL of a wheel",
     "subnet_id": "subnet to launch in (default: the default VPC's)",
-    "security_group_ids": "list of security group ids (default: the one `trainctl aws setup` made, else the VPC's default)",
+    "security_group_ids": "list of security group ids (default: the one `trainctl aws setup` made in the VPC; never the VPC's default group)",
     "key_name": "EC2 key pair for SSH (optional: nothing needs SSH)",
     "iam_instance_profile": f"instance profile name or ARN (default: {DEFAULT_INSTANCE_PROFILE}, from `trainctl aws setup`)",
 }
@@ -379,8 +379,8 @@ class AWSProvider(Provider):
                     f"disk_gb={disk_gb} is smaller than image {image_id}'s {min_disk} GB root snapshot: ask for at least {min_disk}"
                 )
             profile = self._instance_profile(options, region, spec.run_url)
-            security_groups = options.get("security_group_ids") or (
-                [] if options.get("subnet_id") else self._default_security_groups(ec2)
+            security_groups = options.get("security_group_ids") or self._default_security_groups(
+                ec2, region, options.get("subnet_id")
             )
         except TrainctlError:
             raise
@@ -550,19 +550,54 @@ class AWSProvider(Provider):
             )
         return None
 
-    def _default_security_groups(self, ec2: Any) -> list[str]:
-        """The security group `trainctl aws setup` made in the default VPC, if any."""
-        vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
-        if not vpcs:
-            return []
+    def _default_security_groups(self, ec2: Any, region: str, subnet_id: str | None) -> list[str]:
+        """The security group ``trainctl aws setup`` made in the launch's VPC (the subnet's, else
+        the default VPC).
+
+        Never EC2's fallback, the VPC's default group: that one lets every member of the group in,
+        and is shared with whatever else runs in the VPC.
+
+        Raises:
+            ConfigError: no such subnet, no default VPC, or no trainctl security group in the VPC.
+        """
+        if subnet_id:
+            try:
+                subnets = ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"]
+            except ClientError as exc:
+                if not _error_code(exc).startswith("InvalidSubnet"):
+                    raise
+                subnets = []
+            if not subnets:
+                raise ConfigError(
+                    f"aws option subnet_id={subnet_id!r} is not a subnet in {region}: pass one from "
+                    f"`aws ec2 describe-subnets --region {region}`"
+                )
+            vpc_id = subnets[0]["VpcId"]
+            where = f"subnet {subnet_id}'s VPC {vpc_id}"
+            setup = f"`trainctl aws setup --bucket BUCKET --vpc-id {vpc_id}`"
+        else:
+            vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+            if not vpcs:
+                raise ConfigError(
+                    f"{region} has no default VPC: pass the aws options subnet_id and security_group_ids, or run "
+                    "`trainctl aws setup --bucket BUCKET --vpc-id VPC` and pass subnet_id"
+                )
+            vpc_id = vpcs[0]["VpcId"]
+            where = f"the default VPC {vpc_id}"
+            setup = "`trainctl aws setup --bucket BUCKET`"
         groups = ec2.describe_security_groups(
             Filters=[
                 {"Name": f"tag:{TAG_MANAGED_BY}", "Values": [MANAGED_BY]},
                 {"Name": f"tag:{TAG_PURPOSE}", "Values": [SECURITY_GROUP_PURPOSE]},
-                {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]},
+                {"Name": "vpc-id", "Values": [vpc_id]},
             ]
         )["SecurityGroups"]
-        return [groups[0]["GroupId"]] if groups else []
+        if not groups:
+            raise ConfigError(
+                f"no trainctl security group in {where} ({region}), and trainctl never falls back to the VPC's "
+                f"default group: run {setup} once, or pass the aws option security_group_ids=[sg-...]"
+            )
+        return [sorted(g["GroupId"] for g in groups)[0]]
 
     def _price(self, ec2: Any, instance_type: str, spot: bool) -> tuple[float | None, str]:
         listed = ON_DEMAND_PRICES.get(instance_type)

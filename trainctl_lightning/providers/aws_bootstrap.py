@@ -30,6 +30,7 @@ import shlex
 
 from trainctl_lightning import __version__
 from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S, check_limit
 
 __all__ = ["DEFAULT_WORKDIR", "USER_DATA_LIMIT", "default_install", "render_user_data", "summarize_user_data"]
 
@@ -179,6 +180,8 @@ def render_user_data(
         if not _ENV_NAME.match(name):
             raise ConfigError(f"env name {name!r} is not a valid shell variable name")
         exports[name] = value
+    if max_runtime_s is not None:
+        check_limit("max_runtime_s", max_runtime_s, maximum=MAX_RUNTIME_LIMIT_S)
     minutes = "" if max_runtime_s is None else str(max(1, math.ceil(max_runtime_s / 60)))
     script = (
         _TEMPLATE.replace("__RUN_URL__", shlex.quote(run_url))
