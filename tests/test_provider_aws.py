@@ -9,6 +9,7 @@ touched, an instance left running after a failed launch, a launch without creden
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -618,6 +619,9 @@ def test_launch_through_the_aws_provider_hands_the_job_off_via_s3(s3, ec2, ami, 
     assert f"RUN_URL={run.run_url}" in script
     wheel = re.search(r"INSTALL=(s3://\S+\.whl)", script).group(1)
     assert wheel.startswith(f"{store_url}/_dist/") and fsspec.filesystem("s3").exists(wheel)
+    # the instance installs it only with the hash the launcher computed (test_bootstrap runs that check)
+    recorded = re.search(r"INSTALL_SHA256=([0-9a-f]{64})\n", script).group(1)
+    assert hashlib.sha256(fsspec.filesystem("s3").cat_file(wheel)).hexdigest() == recorded
     assert "hunter2" not in script and "testing" not in script
     api.terminate(run.instance_id)
     assert api.terminate(run.instance_id).state is InstanceState.TERMINATED

@@ -149,6 +149,7 @@ _LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 #: ``InstanceSpec.options`` this provider understands.
 OPTIONS: dict[str, str] = {
     "install": "what the instance pip-installs for trainctl-lightning: a requirement or the s3:// URL of a wheel",
+    "install_sha256": "SHA-256 of the s3:// wheel in install (required with one): the instance refuses any other bytes",
     "subnet_id": "subnet to launch in (default: the default VPC's)",
     "security_group_ids": "list of security group ids (default: the one `trainctl aws setup` made in the VPC; never the VPC's default group)",
     "key_name": "EC2 key pair for SSH (optional: nothing needs SSH)",
@@ -399,7 +400,12 @@ class AWSProvider(Provider):
         user_data = None
         if run_url:
             user_data = render_user_data(
-                run_url, install=options.get("install"), max_runtime_s=max_runtime_s, env=spec.env, region=region
+                run_url,
+                install=options.get("install"),
+                install_sha256=options.get("install_sha256"),
+                max_runtime_s=max_runtime_s,
+                env=spec.env,
+                region=region,
             )
         else:
             minutes = max(1, -(-int(max_runtime_s) // 60))
@@ -445,6 +451,10 @@ class AWSProvider(Provider):
         ]
         if run_url:
             resources.append(f"user data: runs the agent for {run_url}, then powers off")
+            if options.get("install_sha256"):
+                resources.append(
+                    f"installs trainctl from {options['install']} only if its sha256 is {options['install_sha256'][:16]}..."
+                )
         resources.append(
             f"hard max runtime: powered off {max_runtime_s / 3600:.2f} h after boot"
             + ("" if spec.max_runtime_s is not None else " (the default cap; --max-hours sets another)")
@@ -481,7 +491,7 @@ class AWSProvider(Provider):
                     f"aws option security_group_ids must be a list of sg-... ids, got {options['security_group_ids']!r}"
                 )
             checked["security_group_ids"] = list(groups)
-        for key in ("subnet_id", "key_name", "iam_instance_profile", "install"):
+        for key in ("subnet_id", "key_name", "iam_instance_profile", "install", "install_sha256"):
             if key in options and not (isinstance(options[key], str) and options[key]):
                 raise ConfigError(f"aws option {key} must be a non-empty string, got {options[key]!r}")
         return checked
