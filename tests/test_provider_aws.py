@@ -620,7 +620,7 @@ def test_launch_through_the_aws_provider_hands_the_job_off_via_s3(s3, ec2, ami, 
     wheel = re.search(r"INSTALL=(s3://\S+\.whl)", script).group(1)
     assert wheel.startswith(f"{store_url}/_dist/") and fsspec.filesystem("s3").exists(wheel)
     # the instance installs it only with the hash the launcher computed (test_bootstrap runs that check)
-    recorded = re.search(r"INSTALL_SHA256=([0-9a-f]{64})\n", script).group(1)
+    recorded = re.search(r"INSTALL_SHA256=([0-9a-f]{64})\s", script).group(1)
     assert hashlib.sha256(fsspec.filesystem("s3").cat_file(wheel)).hexdigest() == recorded
     assert "hunter2" not in script and "testing" not in script
     api.terminate(run.instance_id)
