@@ -19,6 +19,7 @@ from typing import Any
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S, check_limit
+from trainctl_lightning import timeutil
 from trainctl_lightning.timeutil import parse_time, utc_now
 
 __all__ = [
@@ -242,20 +243,27 @@ class JobState:
 
     @property
     def age_s(self) -> float:
-        return (datetime.now(timezone.utc) - parse_time(self.updated_at)).total_seconds()
+        return (timeutil.now() - parse_time(self.updated_at)).total_seconds()
 
     @property
     def lost(self) -> bool:
-        """The agent stopped refreshing while the job was not finished.
+        """The agent stopped refreshing while the job was not finished (by this machine's clock;
+        ``trainctl gc`` goes by the store's, see :meth:`silent_limit_s`)."""
+        limit = self.silent_limit_s()
+        return limit is not None and self.age_s > limit
+
+    def silent_limit_s(self) -> float | None:
+        """How long this state may go unrefreshed before the job counts as lost; None when it
+        never does (the job ended).
 
         A queued job has no agent yet (a cloud instance may take minutes to boot): it counts as
         lost only after :data:`QUEUED_LOST_AFTER_S`.
         """
         if self.phase.is_terminal():
-            return False
+            return None
         if self.phase is JobPhase.QUEUED:
-            return self.age_s > QUEUED_LOST_AFTER_S
-        return self.age_s > max(LOST_AFTER_S, 6 * self.heartbeat_interval_s)
+            return QUEUED_LOST_AFTER_S
+        return max(LOST_AFTER_S, 6 * self.heartbeat_interval_s)
 
     def state(self) -> str:
         """The phase to show: ``lost`` when the agent went quiet before the job ended, or

@@ -111,9 +111,7 @@ class InstanceSpec:
     """Provider-specific options (AWS: subnet_id, security_group_ids, key_name, install, ...)."""
 
     def __post_init__(self) -> None:
-        if self.disk_gb is not None and (
-            isinstance(self.disk_gb, bool) or not isinstance(self.disk_gb, int) or self.disk_gb < 1
-        ):
+        if self.disk_gb is not None and (isinstance(self.disk_gb, bool) or not isinstance(self.disk_gb, int) or self.disk_gb < 1):
             raise ConfigError(f"disk_gb must be a positive whole number of GB, got {self.disk_gb!r}")
         if self.max_runtime_s is not None:
             check_limit("InstanceSpec.max_runtime_s", self.max_runtime_s, maximum=MAX_RUNTIME_LIMIT_S)
