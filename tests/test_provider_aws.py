@@ -142,7 +142,8 @@ def test_on_demand_launch_is_what_the_plan_said(provider, ec2, set_up, store_url
     assert instance.price_per_hour == pytest.approx(1.006)
     assert raw["InstanceType"] == "g5.xlarge" and "InstanceLifecycle" not in raw
     assert raw["MetadataOptions"]["HttpTokens"] == "required"
-    assert raw["IamInstanceProfile"]["Arn"].endswith(f"/{ROLE_NAME}")
+    # its own role, for this run only (tests/faults/test_aws_hardening.py checks what it may do)
+    assert f":instance-profile/trainctl/runs/trainctl-run-{instance.run_id}-" in raw["IamInstanceProfile"]["Arn"]
     assert [g["GroupId"] for g in raw["SecurityGroups"]] == [set_up.security_group_id]
     behaviour = ec2.describe_instance_attribute(InstanceId=instance.id, Attribute="instanceInitiatedShutdownBehavior")
     assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
@@ -276,9 +277,11 @@ def test_bad_options_and_secrets_are_refused(provider, ec2, store_url):
         provider.create_dryrun(InstanceSpec(run_url="file:///tmp/run"))
     with pytest.raises(ConfigError, match="WANDB_API_KEY looks like a secret"):
         provider.create_dryrun(InstanceSpec(env={"WANDB_API_KEY": "x"}))
-    # a run needs an instance profile to read the store: without `aws setup`, say so
+    # a run with the shared profile needs it to read the store: without `aws setup`, say so
     with pytest.raises(ConfigError, match="trainctl aws setup"):
-        provider.create_dryrun(run_spec(store_url))
+        provider.create_dryrun(run_spec(store_url, options={"run_credentials": False}))
+    with pytest.raises(ConfigError, match="run_credentials must be true or false"):
+        provider.create_dryrun(run_spec(store_url, options={"run_credentials": "yes"}))
     assert not raw_instances(ec2)
 
 

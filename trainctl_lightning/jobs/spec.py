@@ -13,13 +13,12 @@ import secrets
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
+from trainctl_lightning import timeutil
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S, check_limit
-from trainctl_lightning import timeutil
 from trainctl_lightning.timeutil import parse_time, utc_now
 
 __all__ = [
