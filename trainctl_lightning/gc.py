@@ -34,7 +34,16 @@ from trainctl_lightning.store import layout
 from trainctl_lightning.store.layout import TAG_STORE, run_url_in
 from trainctl_lightning.timeutil import parse_time
 
-__all__ = ["DEFAULT_BOOT_GRACE_S", "GcItem", "GcReport", "classify", "collect_garbage", "find_garbage", "store_clock"]
+__all__ = [
+    "DEFAULT_BOOT_GRACE_S",
+    "GcCredential",
+    "GcItem",
+    "GcReport",
+    "classify",
+    "collect_garbage",
+    "find_garbage",
+    "store_clock",
+]
 
 #: Tag naming the store root of the instance's run, set at creation by providers that know it
 #: (aws). With ``trainctl:run-id`` it gives the run's URL: ``run_url_in(store, run_id)``.
@@ -70,10 +79,34 @@ class GcItem:
 
 
 @dataclass
+class GcCredential:
+    """A per-run IAM role (aws) and what gc decided about it."""
+
+    name: str
+    run_id: str | None
+    garbage: bool
+    reason: str
+    deleted: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "run_id": self.run_id,
+            "garbage": self.garbage,
+            "reason": self.reason,
+            "deleted": self.deleted,
+            "error": self.error,
+        }
+
+
+@dataclass
 class GcReport:
     provider: str
     items: list[GcItem] = field(default_factory=list)
     terminated_requested: bool = False
+    credentials: list[GcCredential] = field(default_factory=list)
+    """Per-run credentials (providers that make them: aws); garbage once no live instance runs the run."""
 
     @property
     def garbage(self) -> list[GcItem]:
@@ -89,6 +122,7 @@ class GcReport:
             "terminate": self.terminated_requested,
             "garbage": [i.to_dict() for i in self.garbage],
             "kept": [i.to_dict() for i in self.kept],
+            "credentials": [c.to_dict() for c in self.credentials],
         }
 
 
@@ -248,7 +282,35 @@ def find_garbage(provider: Provider, store_url: str | None = None, boot_grace_s:
         if instance.state in (InstanceState.TERMINATING, InstanceState.TERMINATED):
             continue
         report.items.append(classify(instance, store_url, boot_grace_s, runless_is_garbage=runless_is_garbage, clocks=clocks))
+    report.credentials = _classify_credentials(provider, report.items, boot_grace_s, clocks)
     return report
+
+
+def _classify_credentials(provider: Provider, items: list[GcItem], boot_grace_s: float, clocks: _Clocks) -> list[GcCredential]:
+    """Per-run credentials whose run no kept instance runs, past the grace (a launch may be under way)."""
+    lister = getattr(provider, "list_run_credentials", None)
+    if lister is None:
+        return []
+    needed = {item.instance.run_id for item in items if not item.garbage}
+    verdicts: list[GcCredential] = []
+    for role in lister():
+        name, run_id, store = role["name"], role.get("run_id"), role.get("store_url")
+        if run_id in needed:
+            verdicts.append(GcCredential(name, run_id, False, "its run's instance is kept"))
+            continue
+        if not store:
+            verdicts.append(GcCredential(name, run_id, False, f"no {TAG_STORE} tag: cannot tell its age"))
+            continue
+        store_now = clocks.now(store)
+        if isinstance(store_now, str):
+            verdicts.append(GcCredential(name, run_id, False, f"cannot read the store's clock ({store_now})"))
+            continue
+        age = (store_now - parse_time(role["created_at"])).total_seconds()
+        if age < boot_grace_s:
+            verdicts.append(GcCredential(name, run_id, False, f"only {age:.0f}s old: its launch may be under way"))
+            continue
+        verdicts.append(GcCredential(name, run_id, True, "no live instance runs its run"))
+    return verdicts
 
 
 def collect_garbage(
@@ -270,4 +332,14 @@ def collect_garbage(
             item.terminated = True  # gone meanwhile: nothing left to pay for
         except TrainctlError as exc:
             item.error = str(exc)
+    failed = {item.instance.run_id for item in report.garbage if item.error}
+    delete = getattr(provider, "delete_run_credentials", None)
+    for credential in report.credentials:
+        if not credential.garbage or delete is None or credential.run_id in failed:
+            continue
+        try:
+            delete(credential.name)  # False: already gone (terminate deletes its run's role too)
+            credential.deleted = True
+        except TrainctlError as exc:
+            credential.error = str(exc)
     return report

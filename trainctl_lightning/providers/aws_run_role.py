@@ -177,6 +177,8 @@ def list_run_roles(iam: Any) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for page in iam.get_paginator("list_roles").paginate(PathPrefix=RUN_ROLE_PATH):
         for role in page["Roles"]:
+            if role.get("Path") != RUN_ROLE_PATH:  # not every endpoint applies PathPrefix
+                continue
             tags = {t["Key"]: t["Value"] for t in iam.list_role_tags(RoleName=role["RoleName"]).get("Tags", [])}
             if TAG_MANAGED_BY not in tags:
                 continue
