@@ -10,6 +10,7 @@ installed, so nothing is downloaded; PIP_NO_INDEX makes sure).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import site
@@ -17,6 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
+
+from tests.helpers.wheels import build_wheel
 from trainctl_lightning.jobs.dist import ship_trainctl
 from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState
 from trainctl_lightning.jobs.store import JobStore
@@ -63,12 +67,8 @@ def boot_env(tmp_path: Path, s3_env: dict[str, str]) -> dict[str, str]:
     }
 
 
-def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_agent(tmp_path: Path, s3) -> None:
-    store_url = f"s3://{s3.bucket}/store"
-    wheel_url = ship_trainctl(store_url)
-    assert wheel_url is not None and wheel_url.startswith(f"{store_url}/{DIST}/") and wheel_url.endswith(".whl")
-
-    run_id = "boot-20250101-000000-0002"
+def queued_job(store_url: str, run_id: str) -> JobStore:
+    """A job as the launcher leaves it for the instance: spec written, state queued."""
     run_url = run_url_in(store_url, run_id)
     jobs = JobStore(run_url)
     jobs.write_spec(
@@ -87,8 +87,18 @@ def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_a
         )
     )
     jobs.write_state(JobState(run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now()))
+    return jobs
+
+
+def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_agent(tmp_path: Path, s3) -> None:
+    store_url = f"s3://{s3.bucket}/store"
+    shipped = ship_trainctl(store_url)
+    assert shipped is not None and shipped.url.startswith(f"{store_url}/{DIST}/{shipped.sha256}/")
+    wheel_url = shipped.url
+    assert wheel_url.endswith(".whl")
+    jobs = queued_job(store_url, "boot-20250101-000000-0002")
     script = tmp_path / "user-data.sh"
-    script.write_text(render_user_data(run_url, install=wheel_url, region="us-east-1"))
+    script.write_text(render_user_data(jobs.url, install=wheel_url, install_sha256=shipped.sha256, region="us-east-1"))
 
     env = boot_env(tmp_path, s3.env())
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=240)
@@ -99,6 +109,7 @@ def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_a
     wheel = tmp_path / "work" / "wheels" / wheel_url.rsplit("/", 1)[-1]
     assert wheel.is_file()  # fetched from the store under its own file name
     assert "uv unavailable: falling back to venv + pip" in log and f"installing {wheel}" in log
+    assert f"sha256 of {wheel} matches the launcher's ({shipped.sha256})" in log
     assert "could not install" not in log
 
     # the fresh venv has trainctl from the wheel, not from this checkout
@@ -120,3 +131,51 @@ def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_a
     assert state.python == str(venv / "bin" / "python")
     assert where.stdout.strip() in jobs.read_logs().decode()
     assert log.rstrip().endswith("dry run: shutdown -h now trainctl: job ended")
+
+
+def test_boot_script_refuses_a_wheel_replaced_in_the_store_and_powers_off(tmp_path: Path, s3) -> None:
+    """Anyone who can write the store can replace the wheel; the instance installs it as root only
+    if its SHA-256 is the launcher's, else it installs nothing, runs no agent and powers off."""
+    store_url = f"s3://{s3.bucket}/store"
+    shipped = ship_trainctl(store_url)
+    assert shipped is not None
+    name = shipped.url.rsplit("/", 1)[-1]
+    version = name.split("-")[1]
+    marker = tmp_path / "planted-code-ran"
+    planted = build_wheel(
+        tmp_path / "planted",
+        "trainctl-lightning",
+        version,
+        {
+            "trainctl_lightning/__init__.py": "",
+            "trainctl_lightning/agent/__init__.py": "",
+            "trainctl_lightning/agent/__main__.py": f"open({str(marker)!r}, 'w').write('pwned')\n",
+        },
+    )
+    assert planted.name == name  # the same file name: only the content tells them apart
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(shipped.url, planted.read_bytes())
+
+    jobs = queued_job(store_url, "boot-20250101-000000-0003")
+    script = tmp_path / "user-data.sh"
+    script.write_text(render_user_data(jobs.url, install=shipped.url, install_sha256=shipped.sha256, region="us-east-1"))
+    env = boot_env(tmp_path, s3.env())
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=240)
+    log = (tmp_path / "boot.log").read_text()
+
+    assert proc.returncode == 90, log
+    planted_sha = hashlib.sha256(planted.read_bytes()).hexdigest()
+    [refused] = [line for line in log.splitlines() if "REFUSED" in line]
+    assert f"REFUSED {shipped.url}: its sha256 is {planted_sha}, the launcher recorded {shipped.sha256}" in refused
+    assert "nothing was installed" in refused
+    venv = tmp_path / "work" / "venv"
+    assert not list(venv.glob("lib/python*/site-packages/trainctl_lightning*"))  # not installed
+    assert not (tmp_path / "work" / "wheels" / name).exists()  # nor kept
+    assert "starting the agent" not in log and not marker.exists()
+    assert log.rstrip().endswith("dry run: shutdown -h now trainctl: job ended")  # the boot failed: the instance ends
+    assert jobs.read_state().phase is JobPhase.QUEUED
+
+    # and the launcher's next ship puts its own wheel back, under the same name
+    again = ship_trainctl(store_url)
+    assert again == shipped
+    assert hashlib.sha256(fs.cat_file(shipped.url)).hexdigest() == shipped.sha256

@@ -176,7 +176,7 @@ def test_merged_skips_none_merges_tables_and_validates_again():
     assert out.env == {"A": "1", "B": "2"} and out.setup == ["make deps"]
     assert base.env == {"A": "1"}, "the original is untouched"
 
-    with pytest.raises(ConfigError, match=r"^max_hours = -1 must be > 0$"):
+    with pytest.raises(ConfigError, match=r"^max_hours = -1 must be a finite number > 0$"):
         base.merged(max_hours=-1)
     with pytest.raises(ConfigError, match=r"unknown setting 'instance'.*did you mean 'instance_type'\?"):
         base.merged(instance="g5")
@@ -227,8 +227,8 @@ BAD_FILES = [
         'setup = "pip install ."\n', ["setup = 'pip install .' must be an array of strings", "got a string"], id="type-list"
     ),
     pytest.param("env = { SEED = 1 }\n", ["env.SEED = 1 must be a string (quote it), got an integer"], id="type-env-value"),
-    pytest.param("max_hours = -2\n", ["max_hours = -2 must be > 0"], id="negative"),
-    pytest.param("[profiles.cpu]\ncode_max_mb = 0\n", ["profiles.cpu.code_max_mb = 0 must be > 0"], id="zero"),
+    pytest.param("max_hours = -2\n", ["max_hours = -2 must be a finite number > 0"], id="negative"),
+    pytest.param("[profiles.cpu]\ncode_max_mb = 0\n", ["profiles.cpu.code_max_mb = 0 must be a finite number > 0"], id="zero"),
     pytest.param(
         'env = { AWS_SECRET_ACCESS_KEY = "abc" }\n',
         ["env.AWS_SECRET_ACCESS_KEY looks like a secret", 'forward_env = ["AWS_SECRET_ACCESS_KEY"]'],

@@ -9,6 +9,7 @@ touched, an instance left running after a failed launch, a launch without creden
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import fsspec
 import pytest
 
 from tests.helpers import wait_until
+from tests.helpers.aws import trainctl_security_group
 from tests.helpers.provider_contract import ProviderContract
 from trainctl_lightning.errors import (
     ConfigError,
@@ -76,7 +78,13 @@ def ami(ec2) -> str:
 
 
 @pytest.fixture
-def provider(s3, ami) -> AWSProvider:
+def security_group(ec2) -> str:
+    """The security group `trainctl aws setup` makes: no instance launches without one."""
+    return trainctl_security_group(ec2)
+
+
+@pytest.fixture
+def provider(s3, ami, security_group) -> AWSProvider:
     return AWSProvider(endpoint_url=s3.endpoint, ami_resolver=lambda region: ami)
 
 
@@ -134,7 +142,8 @@ def test_on_demand_launch_is_what_the_plan_said(provider, ec2, set_up, store_url
     assert instance.price_per_hour == pytest.approx(1.006)
     assert raw["InstanceType"] == "g5.xlarge" and "InstanceLifecycle" not in raw
     assert raw["MetadataOptions"]["HttpTokens"] == "required"
-    assert raw["IamInstanceProfile"]["Arn"].endswith(f"/{ROLE_NAME}")
+    # its own role, for this run only (tests/faults/test_aws_hardening.py checks what it may do)
+    assert f":instance-profile/trainctl/runs/trainctl-run-{instance.run_id}-" in raw["IamInstanceProfile"]["Arn"]
     assert [g["GroupId"] for g in raw["SecurityGroups"]] == [set_up.security_group_id]
     behaviour = ec2.describe_instance_attribute(InstanceId=instance.id, Attribute="instanceInitiatedShutdownBehavior")
     assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
@@ -204,7 +213,7 @@ def test_user_data_over_16_kb_is_refused_before_launch(provider, ec2, set_up, st
     assert not raw_instances(ec2)
 
 
-def test_default_image_comes_from_the_deep_learning_ami_parameter(s3, ami, ec2):
+def test_default_image_comes_from_the_deep_learning_ami_parameter(s3, ami, ec2, security_group):
     ssm = s3.server.client("ssm")
     # moto reserves /aws/..., as AWS does: the parameter name is configurable for that reason
     ssm.put_parameter(Name="/trainctl-test/dlami/ami-id", Value=ami, Type="String")
@@ -268,9 +277,11 @@ def test_bad_options_and_secrets_are_refused(provider, ec2, store_url):
         provider.create_dryrun(InstanceSpec(run_url="file:///tmp/run"))
     with pytest.raises(ConfigError, match="WANDB_API_KEY looks like a secret"):
         provider.create_dryrun(InstanceSpec(env={"WANDB_API_KEY": "x"}))
-    # a run needs an instance profile to read the store: without `aws setup`, say so
+    # a run with the shared profile needs it to read the store: without `aws setup`, say so
     with pytest.raises(ConfigError, match="trainctl aws setup"):
-        provider.create_dryrun(run_spec(store_url))
+        provider.create_dryrun(run_spec(store_url, options={"run_credentials": False}))
+    with pytest.raises(ConfigError, match="run_credentials must be true or false"):
+        provider.create_dryrun(run_spec(store_url, options={"run_credentials": "yes"}))
     assert not raw_instances(ec2)
 
 
@@ -611,6 +622,9 @@ def test_launch_through_the_aws_provider_hands_the_job_off_via_s3(s3, ec2, ami, 
     assert f"RUN_URL={run.run_url}" in script
     wheel = re.search(r"INSTALL=(s3://\S+\.whl)", script).group(1)
     assert wheel.startswith(f"{store_url}/_dist/") and fsspec.filesystem("s3").exists(wheel)
+    # the instance installs it only with the hash the launcher computed (test_bootstrap runs that check)
+    recorded = re.search(r"INSTALL_SHA256=([0-9a-f]{64})\s", script).group(1)
+    assert hashlib.sha256(fsspec.filesystem("s3").cat_file(wheel)).hexdigest() == recorded
     assert "hunter2" not in script and "testing" not in script
     api.terminate(run.instance_id)
     assert api.terminate(run.instance_id).state is InstanceState.TERMINATED

@@ -36,6 +36,7 @@ naming the file, the dotted key, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import sys
@@ -46,6 +47,7 @@ from typing import Any
 
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.jobs.spec import EnvMode, looks_secret
+from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S
 from trainctl_lightning.paths import default_store_url
 from trainctl_lightning.providers import provider_names
 
@@ -423,9 +425,17 @@ def _positive_int(value: Any, key: str, where: str) -> int:
 def _positive_number(value: Any, key: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(where, key, value, f"must be a number, got {_toml_type(value)}")
-    if not value > 0:  # also refuses nan
-        raise _invalid(where, key, value, "must be > 0")
+    if not math.isfinite(value) or value <= 0:  # TOML spells inf and nan; inf > 0 holds
+        raise _invalid(where, key, value, "must be a finite number > 0")
     return float(value)
+
+
+def _max_hours(value: Any, key: str, where: str) -> float:
+    hours = _positive_number(value, key, where)
+    most = MAX_RUNTIME_LIMIT_S / 3600
+    if hours > most:
+        raise _invalid(where, key, value, f"must be a finite number > 0 and <= {most:g} (hours)")
+    return hours
 
 
 def _provider(value: Any, key: str, where: str) -> str:
@@ -528,7 +538,7 @@ _CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
     "region": _text,
     "image": _text,
     "disk_gb": _positive_int,
-    "max_hours": _positive_number,
+    "max_hours": _max_hours,
     "env": _env,
     "forward_env": _forward_env,
     "setup": _setup,

@@ -6,6 +6,9 @@ it is past its boot grace period with no run record in a store that holds others
 providers that bind one run per instance, with no run at all). Anything uncertain (the store
 cannot be read or is empty, say) is kept and reported, never terminated.
 
+"Silent" and "past its grace" are measured on the store's clock (:func:`store_clock`), never by
+comparing the launcher's clock with times the instance wrote: either may be hours off.
+
 Only instances the provider lists, i.e. tagged ``trainctl:managed-by``, are ever considered.
 
 Example::
@@ -18,17 +21,29 @@ Example::
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
+from trainctl_lightning import timeutil
 from trainctl_lightning.errors import InstanceNotFoundError, TrainctlError
 from trainctl_lightning.jobs.spec import JobPhase
 from trainctl_lightning.providers.api import Instance, InstanceState, Provider
+from trainctl_lightning.store import layout
 from trainctl_lightning.store.layout import TAG_STORE, run_url_in
 from trainctl_lightning.timeutil import parse_time
 
-__all__ = ["DEFAULT_BOOT_GRACE_S", "GcItem", "GcReport", "classify", "collect_garbage", "find_garbage"]
+__all__ = [
+    "DEFAULT_BOOT_GRACE_S",
+    "GcCredential",
+    "GcItem",
+    "GcReport",
+    "classify",
+    "collect_garbage",
+    "find_garbage",
+    "store_clock",
+]
 
 #: Tag naming the store root of the instance's run, set at creation by providers that know it
 #: (aws). With ``trainctl:run-id`` it gives the run's URL: ``run_url_in(store, run_id)``.
@@ -64,10 +79,34 @@ class GcItem:
 
 
 @dataclass
+class GcCredential:
+    """A per-run IAM role (aws) and what gc decided about it."""
+
+    name: str
+    run_id: str | None
+    garbage: bool
+    reason: str
+    deleted: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "run_id": self.run_id,
+            "garbage": self.garbage,
+            "reason": self.reason,
+            "deleted": self.deleted,
+            "error": self.error,
+        }
+
+
+@dataclass
 class GcReport:
     provider: str
     items: list[GcItem] = field(default_factory=list)
     terminated_requested: bool = False
+    credentials: list[GcCredential] = field(default_factory=list)
+    """Per-run credentials (providers that make them: aws); garbage once no live instance runs the run."""
 
     @property
     def garbage(self) -> list[GcItem]:
@@ -83,6 +122,7 @@ class GcReport:
             "terminate": self.terminated_requested,
             "garbage": [i.to_dict() for i in self.garbage],
             "kept": [i.to_dict() for i in self.kept],
+            "credentials": [c.to_dict() for c in self.credentials],
         }
 
 
@@ -92,43 +132,103 @@ def _age_s(instance: Instance, now: datetime) -> float | None:
     return (now - parse_time(instance.created_at)).total_seconds()
 
 
+def store_clock(store_url: str) -> datetime:
+    """The store's own "now": the modified time of a small probe object written now (then deleted).
+
+    gc judges a run by how long its ``job-state.json`` has gone unrefreshed, and compares that
+    object's modified time with this one: both stamped by the store, so neither the launcher's
+    clock nor the instance's (which wrote ``updated_at``) matters.
+
+    Raises:
+        StoreError: the store cannot be written or read.
+    """
+    from trainctl_lightning.store import ObjectStore
+
+    store = ObjectStore(store_url)
+    probe = f".trainctl-clock-{uuid.uuid4().hex[:12]}"
+    store.write(probe, b"trainctl gc clock probe\n")
+    try:
+        return store.modified(probe)
+    finally:
+        store.delete(probe)
+
+
+class _Clocks:
+    """Each store's clock, read once per gc pass (or the error that kept it from being read)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, datetime | str] = {}
+
+    def now(self, store_url: str) -> datetime | str:
+        if store_url not in self._seen:
+            try:
+                self._seen[store_url] = store_clock(store_url)
+            except TrainctlError as exc:
+                self._seen[store_url] = str(exc)
+        return self._seen[store_url]
+
+
 def classify(
     instance: Instance,
     store_url: str | None = None,
     boot_grace_s: float = DEFAULT_BOOT_GRACE_S,
     now: datetime | None = None,
     runless_is_garbage: bool = False,
+    clocks: _Clocks | None = None,
 ) -> GcItem:
     """Decide whether one instance is garbage, reading its run's state from the store.
+
+    Times are compared on one clock: for an instance with a run, the store's (its run state's
+    modified time against :func:`store_clock`, the instance's creation time against that too);
+    the launcher's clock is used only for an instance without a run, which has no store.
 
     Args:
         store_url: store root to look the run up in when the instance has no ``trainctl:store`` tag.
         boot_grace_s: an instance younger than this without a run record is kept (still booting).
+        now: the launcher's time for instances without a run (default: :func:`timeutil.now`).
         runless_is_garbage: an instance created without a run can never get one (its provider
             binds one run per instance at creation, as AWS does): garbage once past the grace.
     """
     from trainctl_lightning.jobs.store import JobStore
 
-    now = now or datetime.now(timezone.utc)
-    age = _age_s(instance, now)
-    young = age is not None and age < boot_grace_s
     run_id = instance.run_id
     if run_id is None:
+        age = _age_s(instance, now or timeutil.now())
         if not runless_is_garbage:
             return GcItem(instance, False, "no run tag: jobs may be started on it later (terminate it when idle)")
-        if young:
+        if age is not None and age < boot_grace_s:
             return GcItem(instance, False, f"no run, but only {age:.0f}s old (boot grace {boot_grace_s:.0f}s)")
         return GcItem(instance, True, "created without a run, and none can be started on it")
     store = instance.tags.get(TAG_STORE) or store_url
     if not store:
         return GcItem(instance, False, f"run {run_id}: store unknown (no {TAG_STORE} tag; pass --store)")
     run_url = run_url_in(store, run_id)
+    jobs = JobStore(run_url)
     try:
-        state = JobStore(run_url).read_state()
+        state = jobs.read_state()
     except TrainctlError as exc:
         return GcItem(instance, False, f"cannot read the run's state: {exc}", run_url=run_url)
     except Exception as exc:  # an unreadable store must never get an instance terminated
         return GcItem(instance, False, f"cannot read the run's state: {type(exc).__name__}: {exc}", run_url=run_url)
+    if state is not None and state.phase.is_terminal():
+        return GcItem(instance, True, f"run ended ({state.phase.value})", run_url=run_url, job_state=state.phase.value)
+
+    # how long ago, on the store's clock: the launcher's may be hours off, and so may the instance's
+    store_now = (clocks or _Clocks()).now(store)
+    if isinstance(store_now, str):
+        problem = _store_problem(store) if state is None else None
+        if problem:  # a missing bucket: say that, rather than why its clock could not be read
+            return GcItem(instance, False, f"no run record, but {problem}: cannot tell that the run is gone", run_url=run_url)
+        shown = state.phase.value if state else None
+        return GcItem(
+            instance,
+            False,
+            f"cannot read the store's clock ({store_now}): cannot tell how long ago",
+            run_url=run_url,
+            job_state=shown,
+        )
+    age = _age_s(instance, store_now)
+    young = age is not None and age < boot_grace_s
     if state is None:
         if young:
             return GcItem(instance, False, "no run record yet (still booting)", run_url=run_url)
@@ -137,16 +237,22 @@ def classify(
         if problem:
             return GcItem(instance, False, f"no run record, but {problem}: cannot tell that the run is gone", run_url=run_url)
         return GcItem(instance, True, "no run record in the store", run_url=run_url)
-    shown = state.state()
-    if state.phase.is_terminal():
-        return GcItem(instance, True, f"run ended ({state.phase.value})", run_url=run_url, job_state=shown)
+    try:
+        silent_s = (store_now - jobs.objects.modified(layout.JOB_STATE)).total_seconds()
+    except TrainctlError as exc:
+        return GcItem(instance, False, f"cannot stat the run's state: {exc}", run_url=run_url, job_state=state.phase.value)
+    limit = state.silent_limit_s()
+    lost = limit is not None and silent_s > limit
+    shown = (JobPhase.PREEMPTED.value if state.interruption else "lost") if lost else state.phase.value
     if state.phase is JobPhase.QUEUED:
         # the launcher's QUEUED record is not refreshed while the instance boots and installs
         if young:
             return GcItem(instance, False, "run queued, instance still booting", run_url=run_url, job_state=shown)
         return GcItem(instance, True, "run never picked up by an agent", run_url=run_url, job_state=shown)
-    if state.lost:
-        return GcItem(instance, True, f"agent silent for {state.age_s:.0f}s (lost)", run_url=run_url, job_state=shown)
+    if lost:
+        return GcItem(
+            instance, True, f"agent silent for {silent_s:.0f}s by the store's clock (lost)", run_url=run_url, job_state=shown
+        )
     return GcItem(instance, False, f"run is {shown}", run_url=run_url, job_state=shown)
 
 
@@ -171,11 +277,40 @@ def find_garbage(provider: Provider, store_url: str | None = None, boot_grace_s:
     report = GcReport(provider=provider.name)
     # providers that start a run's agent only at creation (aws: from user data) say so
     runless_is_garbage = bool(getattr(provider, "one_run_per_instance", False))
+    clocks = _Clocks()
     for instance in provider.list(include_terminated=False):
         if instance.state in (InstanceState.TERMINATING, InstanceState.TERMINATED):
             continue
-        report.items.append(classify(instance, store_url, boot_grace_s, runless_is_garbage=runless_is_garbage))
+        report.items.append(classify(instance, store_url, boot_grace_s, runless_is_garbage=runless_is_garbage, clocks=clocks))
+    report.credentials = _classify_credentials(provider, report.items, boot_grace_s, clocks)
     return report
+
+
+def _classify_credentials(provider: Provider, items: list[GcItem], boot_grace_s: float, clocks: _Clocks) -> list[GcCredential]:
+    """Per-run credentials whose run no kept instance runs, past the grace (a launch may be under way)."""
+    lister = getattr(provider, "list_run_credentials", None)
+    if lister is None:
+        return []
+    needed = {item.instance.run_id for item in items if not item.garbage}
+    verdicts: list[GcCredential] = []
+    for role in lister():
+        name, run_id, store = role["name"], role.get("run_id"), role.get("store_url")
+        if run_id in needed:
+            verdicts.append(GcCredential(name, run_id, False, "its run's instance is kept"))
+            continue
+        if not store:
+            verdicts.append(GcCredential(name, run_id, False, f"no {TAG_STORE} tag: cannot tell its age"))
+            continue
+        store_now = clocks.now(store)
+        if isinstance(store_now, str):
+            verdicts.append(GcCredential(name, run_id, False, f"cannot read the store's clock ({store_now})"))
+            continue
+        age = (store_now - parse_time(role["created_at"])).total_seconds()
+        if age < boot_grace_s:
+            verdicts.append(GcCredential(name, run_id, False, f"only {age:.0f}s old: its launch may be under way"))
+            continue
+        verdicts.append(GcCredential(name, run_id, True, "no live instance runs its run"))
+    return verdicts
 
 
 def collect_garbage(
@@ -197,4 +332,14 @@ def collect_garbage(
             item.terminated = True  # gone meanwhile: nothing left to pay for
         except TrainctlError as exc:
             item.error = str(exc)
+    failed = {item.instance.run_id for item in report.garbage if item.error}
+    delete = getattr(provider, "delete_run_credentials", None)
+    for credential in report.credentials:
+        if not credential.garbage or delete is None or credential.run_id in failed:
+            continue
+        try:
+            delete(credential.name)  # False: already gone (terminate deletes its run's role too)
+            credential.deleted = True
+        except TrainctlError as exc:
+            credential.error = str(exc)
     return report

@@ -780,8 +780,9 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
 
                 wheel = ship_trainctl(store_url)  # None for a released version: the instance gets it from PyPI
                 if wheel:
-                    event(f"the instance installs trainctl from {wheel}")
-                    create_spec = replace(create_spec, options={**create_spec.options, "install": wheel})
+                    event(f"the instance installs trainctl from {wheel.url} (sha256 {wheel.sha256[:16]}...)")
+                    options = {**create_spec.options, "install": wheel.url, "install_sha256": wheel.sha256}
+                    create_spec = replace(create_spec, options=options)
             created = prov.create(create_spec)
             event(f"created {prov.name} instance {created.id}")
             inst = created

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-__all__ = ["parse_time", "utc_now"]
+__all__ = ["now", "parse_time", "utc_now"]
+
+
+def now() -> datetime:
+    """This machine's clock, in UTC: the one place trainctl reads it (tests skew it here)."""
+    return datetime.now(timezone.utc)
 
 
 def utc_now() -> str:
     """Now, as stored: ``2026-12-01T05:45:00.123456Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return now().isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_time(value: str) -> datetime:

@@ -56,5 +56,9 @@ def gc(
             stdout.print(table)
             if report.garbage and not yes:
                 stdout.print(f"{len(report.garbage)} to clean up: run again with --yes to terminate them", highlight=False)
-    if any(item.error for item in report.garbage):
+        for credential in report.credentials:
+            done = "deleted" if credential.deleted else (f"delete failed: {credential.error}" if credential.error else "")
+            verdict = ("garbage" if credential.garbage else "keep") + (f", {done}" if done else "")
+            stdout.print(escape(f"run credentials {credential.name}: {verdict} ({credential.reason})"), highlight=False)
+    if any(item.error for item in report.garbage) or any(c.error for c in report.credentials):
         raise typer.Exit(1)

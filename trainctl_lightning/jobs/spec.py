@@ -13,11 +13,12 @@ import secrets
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
+from trainctl_lightning import timeutil
 from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S, check_limit
 from trainctl_lightning.timeutil import parse_time, utc_now
 
 __all__ = [
@@ -175,10 +176,13 @@ class JobSpec:
                 )
             if not isinstance(value, str):
                 raise ConfigError(f"env {name} must be a string, got {value!r}")
-        if self.max_runtime_s is not None and not self.max_runtime_s > 0:
-            raise ConfigError(f"max runtime must be > 0 seconds, got {self.max_runtime_s!r}")
-        if self.launcher_grace_s is not None and not self.launcher_grace_s > 0:
-            raise ConfigError(f"launcher grace must be > 0 seconds or None, got {self.launcher_grace_s!r}")
+        # finite and > 0: an inf or nan here would reach the agent's timers and the boot script
+        if self.max_runtime_s is not None:
+            check_limit("JobSpec.max_runtime_s", self.max_runtime_s, maximum=MAX_RUNTIME_LIMIT_S)
+        if self.launcher_grace_s is not None:
+            check_limit("JobSpec.launcher_grace_s", self.launcher_grace_s)
+        for name in ("stop_grace_s", "log_interval_s", "heartbeat_interval_s"):
+            check_limit(f"JobSpec.{name}", getattr(self, name))
 
     def command(self, python: str) -> list[str]:
         """The job's argv with ``python`` as the interpreter."""
@@ -238,20 +242,27 @@ class JobState:
 
     @property
     def age_s(self) -> float:
-        return (datetime.now(timezone.utc) - parse_time(self.updated_at)).total_seconds()
+        return (timeutil.now() - parse_time(self.updated_at)).total_seconds()
 
     @property
     def lost(self) -> bool:
-        """The agent stopped refreshing while the job was not finished.
+        """The agent stopped refreshing while the job was not finished (by this machine's clock;
+        ``trainctl gc`` goes by the store's, see :meth:`silent_limit_s`)."""
+        limit = self.silent_limit_s()
+        return limit is not None and self.age_s > limit
+
+    def silent_limit_s(self) -> float | None:
+        """How long this state may go unrefreshed before the job counts as lost; None when it
+        never does (the job ended).
 
         A queued job has no agent yet (a cloud instance may take minutes to boot): it counts as
         lost only after :data:`QUEUED_LOST_AFTER_S`.
         """
         if self.phase.is_terminal():
-            return False
+            return None
         if self.phase is JobPhase.QUEUED:
-            return self.age_s > QUEUED_LOST_AFTER_S
-        return self.age_s > max(LOST_AFTER_S, 6 * self.heartbeat_interval_s)
+            return QUEUED_LOST_AFTER_S
+        return max(LOST_AFTER_S, 6 * self.heartbeat_interval_s)
 
     def state(self) -> str:
         """The phase to show: ``lost`` when the agent went quiet before the job ended, or

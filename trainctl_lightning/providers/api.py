@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError
+from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S, check_limit
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_OWNER, TAG_RUN_ID
 
 __all__ = [
@@ -110,10 +111,10 @@ class InstanceSpec:
     """Provider-specific options (AWS: subnet_id, security_group_ids, key_name, install, ...)."""
 
     def __post_init__(self) -> None:
-        if self.disk_gb is not None and (not isinstance(self.disk_gb, int) or self.disk_gb < 1):
+        if self.disk_gb is not None and (isinstance(self.disk_gb, bool) or not isinstance(self.disk_gb, int) or self.disk_gb < 1):
             raise ConfigError(f"disk_gb must be a positive whole number of GB, got {self.disk_gb!r}")
-        if self.max_runtime_s is not None and not self.max_runtime_s > 0:
-            raise ConfigError(f"max_runtime_s must be > 0 seconds, got {self.max_runtime_s!r}")
+        if self.max_runtime_s is not None:
+            check_limit("InstanceSpec.max_runtime_s", self.max_runtime_s, maximum=MAX_RUNTIME_LIMIT_S)
         for key, value in self.env.items():
             if not isinstance(key, str) or not key or "=" in key or not isinstance(value, str):
                 raise ConfigError(f"env must map names to string values, got {key!r}: {value!r}")

@@ -71,12 +71,20 @@ from trainctl_lightning.providers.aws_bootstrap import (
     render_user_data,
     summarize_user_data,
 )
+from trainctl_lightning.providers.aws_run_role import (
+    RunRole,
+    create_run_role,
+    delete_run_role,
+    list_run_roles,
+    run_role_for,
+)
 from trainctl_lightning.store.layout import (
     TAG_MANAGED_BY,
     TAG_NAME,
     TAG_PURPOSE,
     TAG_STORE,
     run_id_of,
+    run_url_in,
     store_url_of,
 )
 
@@ -149,10 +157,13 @@ _LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 #: ``InstanceSpec.options`` this provider understands.
 OPTIONS: dict[str, str] = {
     "install": "what the instance pip-installs for trainctl-lightning: a requirement or the s3:// URL of a wheel",
+    "install_sha256": "SHA-256 of the s3:// wheel in install (required with one): the instance refuses any other bytes",
     "subnet_id": "subnet to launch in (default: the default VPC's)",
-    "security_group_ids": "list of security group ids (default: the one `trainctl aws setup` made, else the VPC's default)",
+    "security_group_ids": "list of security group ids (default: the one `trainctl aws setup` made in the VPC; never the VPC's default group)",
     "key_name": "EC2 key pair for SSH (optional: nothing needs SSH)",
-    "iam_instance_profile": f"instance profile name or ARN (default: {DEFAULT_INSTANCE_PROFILE}, from `trainctl aws setup`)",
+    "iam_instance_profile": f"instance profile name or ARN (default: a per-run one, else {DEFAULT_INSTANCE_PROFILE})",
+    "run_credentials": "true (default): a run's instance gets its own IAM role, scoped to that run's objects "
+    "(aws_run_role.py); false: the shared instance profile from `trainctl aws setup`",
 }
 
 #: Steps of ``_create`` after which a test may inject a failure (``provider._fail_after``).
@@ -240,6 +251,8 @@ class AWSCreatePlan(CreatePlan):
     """A :class:`CreatePlan` that also carries the user data (``request`` shows only its size and digest)."""
 
     user_data: str | None = field(default=None, compare=False)
+    run_role: RunRole | None = field(default=None, compare=False)
+    """The per-run IAM role ``_create`` makes first (``request`` names it), or None."""
 
     def run_instances_kwargs(self) -> dict[str, Any]:
         kwargs = dict(self.request)
@@ -378,9 +391,10 @@ class AWSProvider(Provider):
                 raise ConfigError(
                     f"disk_gb={disk_gb} is smaller than image {image_id}'s {min_disk} GB root snapshot: ask for at least {min_disk}"
                 )
-            profile = self._instance_profile(options, region, spec.run_url)
-            security_groups = options.get("security_group_ids") or (
-                [] if options.get("subnet_id") else self._default_security_groups(ec2)
+            per_run = bool(spec.run_url) and not options.get("iam_instance_profile") and options.get("run_credentials", True)
+            profile = None if per_run else self._instance_profile(options, region, spec.run_url)
+            security_groups = options.get("security_group_ids") or self._default_security_groups(
+                ec2, region, options.get("subnet_id")
             )
         except TrainctlError:
             raise
@@ -394,12 +408,18 @@ class AWSProvider(Provider):
         tags.setdefault(TAG_NAME, spec.name or (f"trainctl-{run_id}" if run_id else "trainctl"))
         if store_url:
             tags[TAG_STORE] = store_url
+        run_role = run_role_for(run_url, standard_tags(spec.tags), self._partition(region)) if per_run and run_url else None
         # never an instance without a cap: the default one is generous, --max-hours sets another
         max_runtime_s = spec.max_runtime_s if spec.max_runtime_s is not None else DEFAULT_MAX_RUNTIME_S
         user_data = None
         if run_url:
             user_data = render_user_data(
-                run_url, install=options.get("install"), max_runtime_s=max_runtime_s, env=spec.env, region=region
+                run_url,
+                install=options.get("install"),
+                install_sha256=options.get("install_sha256"),
+                max_runtime_s=max_runtime_s,
+                env=spec.env,
+                region=region,
             )
         else:
             minutes = max(1, -(-int(max_runtime_s) // 60))
@@ -431,7 +451,9 @@ class AWSProvider(Provider):
             request["SecurityGroupIds"] = list(security_groups)
         if options.get("key_name"):
             request["KeyName"] = options["key_name"]
-        if profile:
+        if run_role is not None:
+            request["IamInstanceProfile"] = {"Name": run_role.name}  # made by _create, just before
+        elif profile:
             request["IamInstanceProfile"] = {"Arn": profile} if profile.startswith("arn:") else {"Name": profile}
         if user_data is not None:
             request["UserData"] = summarize_user_data(user_data)
@@ -445,12 +467,18 @@ class AWSProvider(Provider):
         ]
         if run_url:
             resources.append(f"user data: runs the agent for {run_url}, then powers off")
+            if options.get("install_sha256"):
+                resources.append(
+                    f"installs trainctl from {options['install']} only if its sha256 is {options['install_sha256'][:16]}..."
+                )
         resources.append(
             f"hard max runtime: powered off {max_runtime_s / 3600:.2f} h after boot"
             + ("" if spec.max_runtime_s is not None else " (the default cap; --max-hours sets another)")
         )
-        if profile:
-            resources.append(f"instance profile {profile}")
+        if run_role is not None:
+            resources.append(run_role.describe())
+        elif profile:
+            resources.append(f"instance profile {profile} (shared: every run in the store)")
         if price_note:
             resources.append(price_note)
         return AWSCreatePlan(
@@ -463,6 +491,7 @@ class AWSProvider(Provider):
             request=request,
             price_per_hour=price,
             user_data=user_data,
+            run_role=run_role,
         )
 
     def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -481,7 +510,9 @@ class AWSProvider(Provider):
                     f"aws option security_group_ids must be a list of sg-... ids, got {options['security_group_ids']!r}"
                 )
             checked["security_group_ids"] = list(groups)
-        for key in ("subnet_id", "key_name", "iam_instance_profile", "install"):
+        if "run_credentials" in options and not isinstance(options["run_credentials"], bool):
+            raise ConfigError(f"aws option run_credentials must be true or false, got {options['run_credentials']!r}")
+        for key in ("subnet_id", "key_name", "iam_instance_profile", "install", "install_sha256"):
             if key in options and not (isinstance(options[key], str) and options[key]):
                 raise ConfigError(f"aws option {key} must be a non-empty string, got {options[key]!r}")
         return checked
@@ -550,19 +581,54 @@ class AWSProvider(Provider):
             )
         return None
 
-    def _default_security_groups(self, ec2: Any) -> list[str]:
-        """The security group `trainctl aws setup` made in the default VPC, if any."""
-        vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
-        if not vpcs:
-            return []
+    def _default_security_groups(self, ec2: Any, region: str, subnet_id: str | None) -> list[str]:
+        """The security group ``trainctl aws setup`` made in the launch's VPC (the subnet's, else
+        the default VPC).
+
+        Never EC2's fallback, the VPC's default group: that one lets every member of the group in,
+        and is shared with whatever else runs in the VPC.
+
+        Raises:
+            ConfigError: no such subnet, no default VPC, or no trainctl security group in the VPC.
+        """
+        if subnet_id:
+            try:
+                subnets = ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"]
+            except ClientError as exc:
+                if not _error_code(exc).startswith("InvalidSubnet"):
+                    raise
+                subnets = []
+            if not subnets:
+                raise ConfigError(
+                    f"aws option subnet_id={subnet_id!r} is not a subnet in {region}: pass one from "
+                    f"`aws ec2 describe-subnets --region {region}`"
+                )
+            vpc_id = subnets[0]["VpcId"]
+            where = f"subnet {subnet_id}'s VPC {vpc_id}"
+            setup = f"`trainctl aws setup --bucket BUCKET --vpc-id {vpc_id}`"
+        else:
+            vpcs = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+            if not vpcs:
+                raise ConfigError(
+                    f"{region} has no default VPC: pass the aws options subnet_id and security_group_ids, or run "
+                    "`trainctl aws setup --bucket BUCKET --vpc-id VPC` and pass subnet_id"
+                )
+            vpc_id = vpcs[0]["VpcId"]
+            where = f"the default VPC {vpc_id}"
+            setup = "`trainctl aws setup --bucket BUCKET`"
         groups = ec2.describe_security_groups(
             Filters=[
                 {"Name": f"tag:{TAG_MANAGED_BY}", "Values": [MANAGED_BY]},
                 {"Name": f"tag:{TAG_PURPOSE}", "Values": [SECURITY_GROUP_PURPOSE]},
-                {"Name": "vpc-id", "Values": [vpcs[0]["VpcId"]]},
+                {"Name": "vpc-id", "Values": [vpc_id]},
             ]
         )["SecurityGroups"]
-        return [groups[0]["GroupId"]] if groups else []
+        if not groups:
+            raise ConfigError(
+                f"no trainctl security group in {where} ({region}), and trainctl never falls back to the VPC's "
+                f"default group: run {setup} once, or pass the aws option security_group_ids=[sg-...]"
+            )
+        return [sorted(g["GroupId"] for g in groups)[0]]
 
     def _price(self, ec2: Any, instance_type: str, spot: bool) -> tuple[float | None, str]:
         listed = ON_DEMAND_PRICES.get(instance_type)
@@ -591,12 +657,24 @@ class AWSProvider(Provider):
         ec2 = self.client("ec2", region)
         action = f"launch {plan.instance_type} in {region}"
         kwargs = plan.run_instances_kwargs()
+        role = plan.run_role
+        if role is not None:
+            iam = self.client("iam", region)
+            try:
+                kwargs["IamInstanceProfile"] = {"Arn": create_run_role(iam, role)}
+            except ClientError as exc:
+                raise explain_aws_error(
+                    exc, f"create the run's IAM role {role.name} (aws option run_credentials=false skips it)", region
+                ) from None
         try:
-            response = ec2.run_instances(**kwargs)
+            response = self._run_instances(ec2, kwargs)
         except ClientError as exc:  # EC2 answered: nothing was launched
+            self._delete_run_role(role, region)
             raise explain_aws_error(exc, action, region) from None
         except BaseException as exc:  # no answer: the launch may or may not have happened
             message = self._cleanup_unknown(ec2, kwargs["ClientToken"], region, exc)
+            if "nothing was launched" in message or "terminated what it launched" in message:
+                self._delete_run_role(role, region)
             if not isinstance(exc, Exception):
                 raise
             raise ProviderError(message) from exc
@@ -612,11 +690,70 @@ class AWSProvider(Provider):
             self._maybe_fail(step)
         except BaseException as exc:  # Ctrl-C mid-launch must not leak the instance either
             message = self._cleanup(ec2, instance_id, region, step, exc)
+            if "terminating it failed too" not in message:
+                self._delete_run_role(role, region)
             if not isinstance(exc, Exception):
                 raise
             raise ProviderError(message) from exc
         log.info("launched %s (%s) in %s", instance_id, plan.instance_type, region)
         return self._to_instance(raw, region)
+
+    #: How long ``_create`` retries RunInstances while IAM has not yet propagated a new instance profile.
+    profile_wait_s = 60.0
+
+    def _run_instances(self, ec2: Any, kwargs: dict[str, Any]) -> Any:
+        """RunInstances, retried (same client token) while EC2 does not see a new instance profile yet.
+
+        IAM is eventually consistent: a profile made seconds ago is often refused as "Invalid IAM
+        Instance Profile" for a few seconds. Any other error goes up at once.
+        """
+        deadline = time.monotonic() + self.profile_wait_s
+        delay = 1.0
+        while True:
+            try:
+                return ec2.run_instances(**kwargs)
+            except ClientError as exc:
+                message = exc.response.get("Error", {}).get("Message", "")
+                if _error_code(exc) != "InvalidParameterValue" or "iam instance profile" not in message.lower():
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("the new instance profile is not visible to EC2 yet: retrying in %.0f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    def _delete_run_role(self, role: RunRole | None, region: str | None) -> None:
+        if role is None:
+            return
+        try:
+            delete_run_role(self.client("iam", region), role.name)
+        except Exception as exc:  # the launch error matters more: say what is left
+            log.error(
+                "trainctl: could not delete the run's IAM role %s (%s); `trainctl gc --provider aws --yes` deletes it",
+                role.name,
+                exc,
+            )
+
+    def _partition(self, region: str) -> str:
+        try:
+            return str(self.session.get_partition_for_region(region))
+        except Exception:  # older botocore, or a region it does not know yet
+            return "aws"
+
+    # ------------------------------------------------------------ per-run credentials
+    def list_run_credentials(self) -> list[dict[str, Any]]:
+        """The per-run IAM roles trainctl made (``name``, ``run_id``, ``store_url``, ``created_at``)."""
+        try:
+            return list_run_roles(self.client("iam"))
+        except Exception as exc:
+            raise explain_aws_error(exc, "list the per-run IAM roles", self.region, self.profile) from None
+
+    def delete_run_credentials(self, name: str) -> bool:
+        """Delete a per-run IAM role and its instance profile; False if there was none (or not ours)."""
+        try:
+            return delete_run_role(self.client("iam"), name)
+        except Exception as exc:
+            raise explain_aws_error(exc, f"delete the IAM role {name}", self.region, self.profile) from None
 
     def _maybe_fail(self, step: str) -> None:
         if self._fail_after is not None and self._fail_after not in LAUNCH_STEPS:
@@ -752,12 +889,14 @@ class AWSProvider(Provider):
                 was terminated so long ago that EC2 forgot it).
         """
         instance = self._get(instance_id)
-        if instance.state is InstanceState.TERMINATED:
-            return instance
-        try:
-            self.client("ec2").terminate_instances(InstanceIds=[instance_id])
-        except Exception as exc:
-            raise explain_aws_error(exc, f"terminate {instance_id}", self.region, self.profile) from None
+        if instance.state is not InstanceState.TERMINATED:
+            try:
+                self.client("ec2").terminate_instances(InstanceIds=[instance_id])
+            except Exception as exc:
+                raise explain_aws_error(exc, f"terminate {instance_id}", self.region, self.profile) from None
+        store, run_id = instance.tags.get(TAG_STORE), instance.run_id
+        if store and run_id and store.startswith("s3://"):
+            self._delete_run_role(run_role_for(run_url_in(store, run_id), {}), self.region)
         return self._get(instance_id)
 
     def _to_instance(self, raw: dict[str, Any], region: str | None) -> Instance:

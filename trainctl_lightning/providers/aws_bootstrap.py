@@ -15,6 +15,9 @@ machine with::
     TRAINCTL_WORKDIR=/tmp/x  TRAINCTL_BOOTSTRAP_LOG=/tmp/x/boot.log
     SHUTDOWN_CMD=...  APT_GET=...  UV_INSTALL_URL=...
 
+An ``s3://`` wheel is installed only if its SHA-256 is the one the launcher recorded in the
+script (``INSTALL_SHA256``); otherwise the boot fails and the instance powers off.
+
 The agent command itself always runs for real. User data is readable by anyone who can describe
 the instance: nothing secret goes in it (the instance reads the store with its instance profile).
 
@@ -30,6 +33,7 @@ import shlex
 
 from trainctl_lightning import __version__
 from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S, check_limit
 
 __all__ = ["DEFAULT_WORKDIR", "USER_DATA_LIMIT", "default_install", "render_user_data", "summarize_user_data"]
 
@@ -38,6 +42,7 @@ USER_DATA_LIMIT = 16 * 1024
 DEFAULT_WORKDIR = "/opt/trainctl"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PLAIN_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def default_install() -> str:
@@ -52,6 +57,7 @@ export HOME="${HOME:-/root}" DEBIAN_FRONTEND=noninteractive
 
 RUN_URL=__RUN_URL__
 INSTALL=__INSTALL__  # pip requirement, or s3:// URL of a wheel (its file name kept)
+INSTALL_SHA256=__INSTALL_SHA256__  # an s3:// wheel is installed only with this SHA-256 (the launcher's)
 MAX_RUNTIME_MIN=__MAX_RUNTIME_MIN__
 __EXPORTS__
 # overridable (see trainctl_lightning/providers/aws_bootstrap.py)
@@ -122,6 +128,15 @@ install_trainctl() {
     spec="$WORKDIR/wheels/${INSTALL##*/}"
     log "fetching $INSTALL"
     fetch_s3 "$INSTALL" "$spec" || return 1
+    # anyone who can write the store could swap the wheel that runs as root here: check it
+    local got
+    got="$(sha256sum "$spec" | cut -d' ' -f1)"
+    if [ -z "$INSTALL_SHA256" ] || [ "$got" != "$INSTALL_SHA256" ]; then
+      log "REFUSED $INSTALL: its sha256 is $got, the launcher recorded ${INSTALL_SHA256:-none}; the wheel in the store was changed, nothing was installed"
+      rm -f "$spec"
+      return 1
+    fi
+    log "sha256 of $spec matches the launcher's ($got)"
   fi
   log "installing $spec"
   "${PIP[@]}" "$spec"
@@ -148,6 +163,7 @@ def render_user_data(
     run_url: str,
     *,
     install: str | None = None,
+    install_sha256: str | None = None,
     max_runtime_s: float | None = None,
     env: dict[str, str] | None = None,
     region: str | None = None,
@@ -160,18 +176,30 @@ def render_user_data(
         install: what to ``pip install`` for trainctl-lightning: a requirement
             (default: this version from PyPI) or the ``s3://`` URL of a wheel in the store,
             whose file name must be the wheel's own (pip reads the version from it).
+        install_sha256: the SHA-256 of that wheel as the launcher built it; required with an
+            ``s3://`` wheel: the script refuses (and powers off) when the fetched wheel differs.
         max_runtime_s: power the instance off this long after boot, whatever happens.
         env: variables exported for the agent (and its job); never secrets.
         region: exported as ``AWS_DEFAULT_REGION`` (boto3 and s3fs on the instance need it).
         workdir: where the agent keeps the code and environments.
 
     Raises:
-        ConfigError: a bad URL or variable name, or a script over EC2's 16 KB limit.
+        ConfigError: a bad URL or variable name, an ``s3://`` wheel without a valid
+            ``install_sha256``, or a script over EC2's 16 KB limit.
     """
     if not run_url.startswith("s3://"):
         raise ConfigError(f"an EC2 instance reads its run from S3: run_url must be s3://..., got {run_url!r}")
     if not _PLAIN_PATH.match(workdir):
         raise ConfigError(f"workdir must be an absolute path of letters, digits, '.', '_', '-' and '/', got {workdir!r}")
+    install = install or default_install()
+    if install.startswith("s3://"):
+        if not isinstance(install_sha256, str) or not _SHA256.match(install_sha256):
+            raise ConfigError(
+                f"install={install!r} is a wheel in the store, which the instance installs as root: give its "
+                f"install_sha256 (64 hex digits, `sha256sum` of the wheel you uploaded), got {install_sha256!r}"
+            )
+    elif install_sha256 is not None:
+        raise ConfigError(f"install_sha256 checks an s3:// wheel, but install={install!r} is a pip requirement")
     exports = {}
     if region:
         exports["AWS_DEFAULT_REGION"] = region
@@ -179,10 +207,13 @@ def render_user_data(
         if not _ENV_NAME.match(name):
             raise ConfigError(f"env name {name!r} is not a valid shell variable name")
         exports[name] = value
+    if max_runtime_s is not None:
+        check_limit("max_runtime_s", max_runtime_s, maximum=MAX_RUNTIME_LIMIT_S)
     minutes = "" if max_runtime_s is None else str(max(1, math.ceil(max_runtime_s / 60)))
     script = (
         _TEMPLATE.replace("__RUN_URL__", shlex.quote(run_url))
-        .replace("__INSTALL__", shlex.quote(install or default_install()))
+        .replace("__INSTALL_SHA256__", shlex.quote(install_sha256 or ""))
+        .replace("__INSTALL__", shlex.quote(install))
         .replace("__MAX_RUNTIME_MIN__", shlex.quote(minutes))
         .replace("__WORKDIR__", workdir)
         .replace("__EXPORTS__", "\n".join(f"export {k}={shlex.quote(v)}" for k, v in exports.items()))

@@ -5,7 +5,7 @@ Nothing here touches storage::
 
     <store url>/                          a store: the root under which runs live
       _code/blobs/<sha256>                file contents of every synced project (code sync)
-      _dist/<key>/<wheel>                 wheels of a source checkout's trainctl (AWS installs)
+      _dist/<sha256>/<wheel>              wheels of a source checkout's trainctl (AWS installs, hash-checked)
       <run id>/                           a run: what CheckpointSync / MetricsReporter write to
         job.json                          the job spec (trainctl launch), create-only
         code.json                         the code bundle manifest (its SHA-256 is in job.json)
@@ -132,7 +132,7 @@ def blobs_url_in(store_url: str) -> str:
 
 
 def dist_dir(key: str) -> str:
-    """Folder (relative to the store) of the wheels built from one source digest."""
+    """Folder (relative to the store) of a wheel of trainctl, named by the wheel's SHA-256."""
     return f"{DIST}/{key}"
 
 

@@ -321,6 +321,7 @@ class ObjectStore:
         path = self.path(rel)
 
         def modified() -> datetime:
+            self.fs.invalidate_cache(path)  # an object rewritten since it was listed: not the listed time
             when = self.fs.modified(path)
             return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
