@@ -11,15 +11,16 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.helpers.aws import moto_ami, not_terminated, raw_instances, trainctl_security_group
+from trainctl_lightning import runkey
 from trainctl_lightning.config import Settings, read_config_file
 from trainctl_lightning.errors import ConfigError, ProviderError
 from trainctl_lightning.gc import collect_garbage
 from trainctl_lightning.jobs.spec import JobPhase, JobSpec, JobState
 from trainctl_lightning.jobs.store import JobStore
-from trainctl_lightning.providers.api import InstanceSpec
+from trainctl_lightning.providers.api import AgentLaunch, InstanceSpec
 from trainctl_lightning.providers.aws import AWSProvider
 from trainctl_lightning.providers.aws_bootstrap import render_user_data
-from trainctl_lightning.providers.aws_run_role import RUN_ROLE_PATH
+from trainctl_lightning.providers.aws_run_role import RUN_KEY_PARAMETER_ENV, RUN_ROLE_PATH, run_key_parameter
 from trainctl_lightning.providers.aws_setup import setup_aws
 from trainctl_lightning.store.layout import run_url_in
 from trainctl_lightning.timeutil import utc_now
@@ -186,11 +187,12 @@ def test_each_run_gets_a_role_scoped_to_its_own_objects(provider, ec2, iam, set_
     assert reads == {f"arn:aws:s3:::{s3.bucket}/store/_code/blobs/*", f"arn:aws:s3:::{s3.bucket}/store/_dist/*"}
     deletes = [st for st in document["Statement"] if "s3:DeleteObject" in st["Action"]]
     assert [st["Resource"] for st in deletes] == [f"arn:aws:s3:::{s3.bucket}/store/scoped-1/*"]
-    assert all(
-        a.startswith("s3:")
+    others = [
+        (st["Action"], st["Resource"])
         for st in document["Statement"]
-        for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])
-    )
+        if not all(a.startswith("s3:") for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"]))
+    ]
+    assert others == [("ssm:GetParameter", f"arn:aws:ssm:*:*:parameter{run_key_parameter(role)}")]  # its own key only
 
     provider.terminate(instance.id)  # the end of the run: its credentials go with it
     assert run_roles(iam) == [] and run_profiles(iam) == []
@@ -274,3 +276,54 @@ def test_an_explicit_instance_profile_or_run_credentials_false_uses_the_shared_o
     plan = provider.create_dryrun(run_spec(store_url, options={"iam_instance_profile": "mine"}))
     assert plan.run_role is None and plan.request["IamInstanceProfile"] == {"Name": "mine"}
     assert run_roles(iam) == []
+
+
+def user_data_of(ec2, instance_id: str) -> str:
+    import base64
+
+    value = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")["UserData"]["Value"]
+    return base64.b64decode(value).decode()
+
+
+def test_the_run_key_reaches_the_instance_through_a_parameter_only_its_role_can_read(
+    provider, ec2, iam, set_up, store_url, s3, monkeypatch
+) -> None:
+    """Not the store, not the user data: an SSM SecureString named in the user data, deleted with the role."""
+    ssm = s3.server.client("ssm")
+    spec = run_spec(store_url, run_id="keyed-1")
+    instance = provider.create(spec)
+    [role] = run_roles(iam)
+    key = runkey.new_key()
+    provider.start_agent(instance, AgentLaunch(run_id="keyed-1", run_url=spec.run_url or "", run_key=key))
+
+    parameter = ssm.get_parameter(Name=run_key_parameter(role), WithDecryption=True)["Parameter"]
+    assert parameter["Type"] == "SecureString" and parameter["Value"] == key
+    user_data = user_data_of(ec2, instance.id)
+    assert key not in user_data and f"{RUN_KEY_PARAMETER_ENV}={run_key_parameter(role)}" in user_data
+    objects = s3.server.client().list_objects_v2(Bucket=s3.bucket).get("Contents", [])
+    for obj in objects:  # nothing in the store
+        assert key.encode() not in s3.server.client().get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
+
+    # on the instance: the agent reads it from the parameter its boot script names
+    monkeypatch.setenv(RUN_KEY_PARAMETER_ENV, run_key_parameter(role))
+    assert provider.fetch_run_key() == key
+
+    provider.terminate(instance.id)
+    assert run_roles(iam) == []
+    with pytest.raises(ClientError, match="ParameterNotFound"):
+        ssm.get_parameter(Name=run_key_parameter(role))
+    monkeypatch.setenv("TRAINCTL_RUN_KEY_WAIT_S", "0")
+    with pytest.raises(ProviderError, match="is not in SSM parameter") as exc:
+        provider.fetch_run_key()
+    one_line(exc)
+
+
+def test_with_the_shared_profile_the_key_is_not_handed_out(provider, ec2, iam, set_up, store_url, s3, caplog) -> None:
+    """Every instance of the shared role could read it, so it would prove nothing: remote calls are refused instead."""
+    spec = run_spec(store_url, run_id="shared-1", options={"run_credentials": False})
+    instance = provider.create(spec)
+    provider.start_agent(instance, AgentLaunch(run_id="shared-1", run_url=spec.run_url or "", run_key=runkey.new_key()))
+    assert s3.server.client("ssm").describe_parameters()["Parameters"] == []
+    assert "cannot reach it privately" in caplog.text
+    assert RUN_KEY_PARAMETER_ENV not in user_data_of(ec2, instance.id)
+    provider.terminate(instance.id)

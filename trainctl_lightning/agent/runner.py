@@ -249,6 +249,7 @@ class Agent:
         except Exception as exc:
             return self._fail_without_spec(exc)
         self.pump = LogPump(self.jobs.log_writer(), self.workdir / "logs" / f"{spec.run_id}.log")
+        self._resolve_run_key(spec)
         now = utc_now()
         self.state = JobState(
             run_id=spec.run_id,
@@ -627,6 +628,24 @@ class Agent:
         except Exception as write_exc:
             log.error("could not record the failure either: %s", one_line(write_exc))
         return 1
+
+    def _resolve_run_key(self, spec: JobSpec) -> None:
+        """Bring the run's key into this process's environment when the provider delivers it at boot
+        (it is passed on to the job only; see ``runkey``). A run without one still runs; its remote
+        calls are refused by the worker, and the reason is in the run's log."""
+        if os.environ.get(RUN_KEY_ENV):
+            return
+        try:
+            from trainctl_lightning.providers import get_provider
+
+            key = get_provider(spec.provider).fetch_run_key()
+        except Exception as exc:
+            if self.pump is not None:
+                self.pump.note(f"the run's key could not be fetched: {one_line(exc)}")
+            log.error("the run's key could not be fetched: %s", one_line(exc))
+            return
+        if key:
+            os.environ[RUN_KEY_ENV] = key
 
     def _release_instance(self) -> None:
         spec = self.spec

@@ -288,6 +288,12 @@ class Provider(ABC):
     def start_agent(self, instance: Instance, launch: AgentLaunch) -> None:
         """Start the agent for ``launch.run_url`` on ``instance``; return once it has started."""
 
+    def fetch_run_key(self) -> str | None:
+        """On the instance, for the agent: the run's key when this provider delivers it out of band
+        at boot (AWS: an SSM parameter only the run's role can read); None when it comes in the
+        agent's environment (``AgentLaunch.run_key``) or not at all."""
+        return None
+
     def release_from_agent(self, instance_id: str) -> None:
         """Called by the agent *on the instance* once a job that owns its instance has ended:
         end the instance from the inside (local: mark it terminated; AWS: shut down, which

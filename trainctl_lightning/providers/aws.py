@@ -72,10 +72,15 @@ from trainctl_lightning.providers.aws_bootstrap import (
     summarize_user_data,
 )
 from trainctl_lightning.providers.aws_run_role import (
+    RUN_KEY_PARAMETER_ENV,
+    RUN_ROLE_PATH,
     RunRole,
     create_run_role,
     delete_run_role,
+    fetch_run_key,
     list_run_roles,
+    put_run_key,
+    run_key_parameter,
     run_role_for,
 )
 from trainctl_lightning.store.layout import (
@@ -418,7 +423,8 @@ class AWSProvider(Provider):
                 install=options.get("install"),
                 install_sha256=options.get("install_sha256"),
                 max_runtime_s=max_runtime_s,
-                env=spec.env,
+                # the parameter's name, not the key: the key goes to SSM in start_agent
+                env={**spec.env, RUN_KEY_PARAMETER_ENV: run_key_parameter(run_role.name)} if run_role else spec.env,
                 region=region,
             )
         else:
@@ -726,7 +732,7 @@ class AWSProvider(Provider):
         if role is None:
             return
         try:
-            delete_run_role(self.client("iam", region), role.name)
+            delete_run_role(self.client("iam", region), role.name, self.client("ssm", region))
         except Exception as exc:  # the launch error matters more: say what is left
             log.error(
                 "trainctl: could not delete the run's IAM role %s (%s); `trainctl gc --provider aws --yes` deletes it",
@@ -751,7 +757,7 @@ class AWSProvider(Provider):
     def delete_run_credentials(self, name: str) -> bool:
         """Delete a per-run IAM role and its instance profile; False if there was none (or not ours)."""
         try:
-            return delete_run_role(self.client("iam"), name)
+            return delete_run_role(self.client("iam"), name, self.client("ssm"))
         except Exception as exc:
             raise explain_aws_error(exc, f"delete the IAM role {name}", self.region, self.profile) from None
 
@@ -963,6 +969,43 @@ class AWSProvider(Provider):
                 f"same instance needs SSM Run Command, which {type(self).__name__} does not support yet: create an instance "
                 "per run"
             )
+        if launch.run_key:
+            self._deliver_run_key(current, launch)
+
+    def _deliver_run_key(self, instance: Instance, launch: AgentLaunch) -> None:
+        """Put the run's key where only the run's own role can read it (see ``aws_run_role``)."""
+        role = run_role_for(
+            launch.run_url, standard_tags({}, run_id=launch.run_id), self._partition(instance.region or self.region or "")
+        )
+        profile = str(instance.details.get("iam_instance_profile") or "")
+        if not profile.endswith(f"instance-profile{RUN_ROLE_PATH}{role.name}"):
+            # The shared profile can read every run's parameters, so a key there would prove nothing.
+            log.warning(
+                "trainctl: %s runs with a shared instance profile, so run %s's key cannot reach it privately: remote calls "
+                "(RemoteStrategy, remote()) of this run will be refused; leave aws option run_credentials on for them",
+                instance.id,
+                launch.run_id,
+            )
+            return
+        try:
+            put_run_key(self.client("ssm", instance.region), role, launch.run_key)
+        except Exception as exc:
+            raise explain_aws_error(exc, f"store run {launch.run_id}'s key in SSM", instance.region, self.profile) from None
+
+    def fetch_run_key(self) -> str | None:
+        """On the instance: the run's key from the SSM parameter the boot script names, if any."""
+        parameter = os.environ.get(RUN_KEY_PARAMETER_ENV)
+        if not parameter:
+            return None
+        wait_s = float(os.environ.get("TRAINCTL_RUN_KEY_WAIT_S", "300"))
+        try:
+            return fetch_run_key(self.client("ssm"), parameter, wait_s)
+        except TrainctlError:
+            raise
+        except Exception as exc:
+            raise explain_aws_error(
+                exc, f"read the run's key from SSM parameter {parameter}", self.region, self.profile
+            ) from None
 
     def release_from_agent(self, instance_id: str) -> None:
         """Power the instance off from the inside, which terminates it (no AWS permission needed).

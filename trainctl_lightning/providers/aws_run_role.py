@@ -33,7 +33,19 @@ from typing import Any
 
 from trainctl_lightning.store.layout import CODE_BLOBS, DIST, TAG_MANAGED_BY, TAG_RUN_ID, TAG_STORE, split_run_url
 
-__all__ = ["RUN_ROLE_PATH", "RunRole", "create_run_role", "delete_run_role", "list_run_roles", "run_role_for"]
+__all__ = [
+    "RUN_KEY_PARAMETER_ENV",
+    "RUN_ROLE_PATH",
+    "RunRole",
+    "create_run_role",
+    "delete_run_key",
+    "delete_run_role",
+    "fetch_run_key",
+    "list_run_roles",
+    "put_run_key",
+    "run_key_parameter",
+    "run_role_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +56,14 @@ _TRUST_POLICY = {
     "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
 }
 _POLICY_NAME = "trainctl-run-store"
+#: Exported by the boot script: the SSM parameter holding the run's key (its name, not the key).
+RUN_KEY_PARAMETER_ENV = "TRAINCTL_RUN_KEY_PARAMETER"
+
+
+def run_key_parameter(role_name: str) -> str:
+    """The SSM parameter (a SecureString) that carries the run's key to its instance: readable by
+    the run's own role only, never in the store or the user data, deleted with the role."""
+    return f"{RUN_ROLE_PATH}{role_name}/run-key"
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,12 @@ def run_role_for(run_url: str, tags: dict[str, str], partition: str = "aws") -> 
                 "Resource": f"{arn}/{run_prefix}/*",
             },
             {
+                "Sid": "ReadTheRunKey",
+                "Effect": "Allow",
+                "Action": "ssm:GetParameter",
+                "Resource": f"arn:{partition}:ssm:*:*:parameter{run_key_parameter(name)}",
+            },
+            {
                 "Sid": "ReadCodeAndWheels",
                 "Effect": "Allow",
                 "Action": "s3:GetObject",
@@ -138,8 +164,54 @@ def create_run_role(iam: Any, role: RunRole) -> str:
     return str(profile["InstanceProfile"]["Arn"])
 
 
-def delete_run_role(iam: Any, name: str) -> bool:
-    """Delete a per-run role and its instance profile, whatever part of them exists; True if any did.
+def put_run_key(ssm: Any, role: RunRole, key: str) -> None:
+    """Store the run's key where only ``role`` can read it (SSM SecureString, KMS key ``aws/ssm``)."""
+    ssm.put_parameter(
+        Name=run_key_parameter(role.name),
+        Description=f"trainctl-lightning run {role.run_id}: the key that signs its remote payload and result",
+        Value=key,
+        Type="SecureString",
+        Overwrite=True,  # a relaunch of the same run brings the same key; the launcher is authoritative
+    )
+    ssm.add_tags_to_resource(ResourceType="Parameter", ResourceId=run_key_parameter(role.name), Tags=_tag_list(role.tags))
+
+
+def delete_run_key(ssm: Any, name: str) -> bool:
+    """Delete the run key parameter of role ``name``; False if there was none."""
+    try:
+        ssm.delete_parameter(Name=run_key_parameter(name))
+    except ssm.exceptions.ParameterNotFound:
+        return False
+    return True
+
+
+def fetch_run_key(ssm: Any, parameter: str, wait_s: float, *, sleep: Any = None) -> str:
+    """On the instance: the run's key from ``parameter``, waiting up to ``wait_s`` for the launcher
+    to put it there (it does so right after RunInstances returns, while the instance boots).
+
+    Raises:
+        ProviderError: the parameter did not appear in time.
+    """
+    import time
+
+    from trainctl_lightning.errors import ProviderError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return str(ssm.get_parameter(Name=parameter, WithDecryption=True)["Parameter"]["Value"])
+        except ssm.exceptions.ParameterNotFound:
+            if time.monotonic() > deadline:
+                raise ProviderError(
+                    f"the run's key is not in SSM parameter {parameter} after {wait_s:g}s: the launcher puts it there "
+                    "after creating the instance; remote calls of this run will be refused (launch it again)"
+                ) from None
+            (sleep or time.sleep)(2.0)
+
+
+def delete_run_role(iam: Any, name: str, ssm: Any = None) -> bool:
+    """Delete a per-run role, its instance profile and (given ``ssm``) its key parameter, whatever
+    part of them exists; True if any did.
 
     Only a role under :data:`RUN_ROLE_PATH` tagged by trainctl is touched.
     """
@@ -168,6 +240,8 @@ def delete_run_role(iam: Any, name: str) -> bool:
         for policy in iam.list_role_policies(RoleName=name).get("PolicyNames", []):
             iam.delete_role_policy(RoleName=name, PolicyName=policy)
         iam.delete_role(RoleName=name)
+        found = True
+    if ssm is not None and delete_run_key(ssm, name):
         found = True
     return found
 
