@@ -75,7 +75,7 @@ from trainctl_lightning.providers.api import (
     InstanceSpec,
     Provider,
 )
-from trainctl_lightning.runkey import forget_key, load_key, new_key, save_key
+from trainctl_lightning.runkey import forget_key, load_key, new_key
 from trainctl_lightning.store import ObjectStore, package_version
 from trainctl_lightning.store.layout import TAG_RUN_ID, run_url_in, store_url_of
 from trainctl_lightning.timeutil import utc_now
@@ -765,10 +765,10 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
     if job.exists():
         raise ConfigError(f"run {run_id} already exists in {store_url}; choose another run id")
 
-    # The run's signing key: kept here, handed to the agent out of band, never in the store. A remote
-    # call saved one already (it signs its payload before launching).
+    # The run's signing key: handed to the agent out of band, never in the store. A remote call saved
+    # one already (it signs its payload before launching, reads the result with it, then forgets it);
+    # a plain job needs no key here afterwards, so a fresh one is not kept on this machine.
     run_key = load_key(run_id) or new_key()
-    save_key(run_id, run_key)
 
     # ---- create, upload, start (anything that fails from here terminates what was created)
     created: Instance | None = None
@@ -807,7 +807,7 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
         prov.start_agent(inst, AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded, run_key=run_key))
         event(f"started run {run_id} on {inst.id} ({time.monotonic() - started:.1f}s); store: {run_url}")
     except BaseException:
-        forget_key(run_id)  # no agent got it
+        forget_key(run_id)  # no agent got it (a remote call's saved key included)
         if created is not None:
             try:
                 prov.terminate(created.id)

@@ -118,6 +118,9 @@ def test_launch_uploads_no_credential_file_names_them_and_keeps_modes(project: t
     ]
     assert leaks == []
 
+    # the run's key went to the agent only: a finished plain launch keeps no copy here
+    assert not (home / "keys").exists() or list((home / "keys").iterdir()) == []
+
     # modes survive the round trip: private stays private, executable stays executable
     assert mode_of(code / "private.cfg") == 0o600
     assert mode_of(code / "run.sh") == 0o755
