@@ -84,6 +84,9 @@ def test_errors_are_one_line_with_what_to_do(tmp_path, s3):
             ("ckpt", "upload", str(_lightning_like_ckpt(tmp_path / "a.ckpt", 1)), "s3://no-such-bucket/run"),
             "bucket of s3://no-such-bucket/run does not exist: create it first",
         ),
+        # an empty listing on a missing bucket is a typo, not "no checkpoints"
+        (("ckpt", "ls", "s3://no-such-bucket/x"), "bucket 'no-such-bucket' of s3://no-such-bucket/x does not exist"),
+        (("runs", "ls", "s3://no-such-bucket/x"), "bucket 'no-such-bucket' of s3://no-such-bucket/x does not exist"),
     ]
     for args, message in cases:
         out = trainctl(*args, env=s3.env())

@@ -114,6 +114,7 @@ class ObjectStore:
         """Whether objects are plain files (atomic renames and hard links are available)."""
         self._is_s3 = bool({"s3", "s3a"} & protocols)
         self.url = self.url_of()
+        self._bucket_seen = False  # an empty listing on S3 checks once that the bucket exists
 
     def __repr__(self) -> str:  # storage_options may hold secrets: never shown
         return f"{type(self).__name__}({self.url!r})"
@@ -255,7 +256,9 @@ class ObjectStore:
             try:
                 found = self.fs.glob(f"{base}/{pattern}", detail=True)
             except FileNotFoundError:
-                return {}
+                found = {}
+            if not found:
+                self._check_bucket()
             return {
                 _name(p): int(info.get("size") or 0)
                 for p, info in found.items()
@@ -273,7 +276,9 @@ class ObjectStore:
             try:
                 found = self.fs.find(base)
             except FileNotFoundError:
-                return []
+                found = []
+            if not found:
+                self._check_bucket()
             return sorted(p[len(base) + 1 :] for p in found if p.startswith(base + "/"))
 
         return self.call(find, what=f"list {self.url_of(rel_dir)}", action="list")
@@ -287,7 +292,9 @@ class ObjectStore:
             try:
                 found = self.fs.glob(f"{base}/{pattern}")
             except FileNotFoundError:
-                return []
+                found = []
+            if not found:
+                self._check_bucket()
             return sorted(p[len(base) + 1 :] for p in found if p.startswith(base + "/"))
 
         return self.call(glob, what=f"list {self.url_of(pattern)}", action="list")
@@ -442,6 +449,20 @@ class ObjectStore:
         probe = f".trainctl-probe-{uuid.uuid4().hex[:12]}"
         self.write(probe, b"trainctl write probe\n")
         self.delete(probe)
+
+    def _check_bucket(self) -> None:
+        """An empty listing is an empty run, unless the bucket itself is missing: S3 answers both with
+        nothing, so ask once per store whether the bucket exists (a typo must not read as "no checkpoints")."""
+        if not self._is_s3 or self._bucket_seen:
+            return
+        bucket = self.root.split("/", 1)[0]
+        self.fs.invalidate_cache(bucket)
+        if not self.fs.exists(bucket):
+            raise StoreError(
+                f"bucket {bucket!r} of {self.url} does not exist (or these credentials cannot see it): fix the store URL, "
+                f"or create the bucket first"
+            )
+        self._bucket_seen = True
 
     # ----------------------------------------------------------------- backend primitives
     def _read_bytes(self, path: str) -> bytes:
