@@ -798,7 +798,7 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
         # spot: the agent watches for interruption notices (what the instance says, else what we asked for)
         spot = inst.spot or bool(created and isinstance(plan.instance, CreatePlan) and plan.instance.spec.spot)
         job_spec = replace(plan.job, created_at=utc_now(), code=code_ref, instance_id=inst.id, spot=spot)
-        job.write_spec(job_spec)
+        job.write_spec(job_spec, run_key)
         job.write_state(
             JobState(
                 run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now(), instance_id=inst.id, queued_at=job_spec.created_at

@@ -42,6 +42,7 @@ from trainctl_lightning.paths import trainctl_home
 
 __all__ = [
     "RUN_KEY_ENV",
+    "detached_signature",
     "forget_key",
     "is_signed",
     "keys_dir",
@@ -50,13 +51,14 @@ __all__ = [
     "save_key",
     "sign",
     "verify",
+    "verify_detached",
 ]
 
 #: The environment variable through which the agent and the job receive the run's key.
 RUN_KEY_ENV = "TRAINCTL_RUN_KEY"
 
 _MAGIC = b"trainctl-signed/1"
-_PURPOSES = frozenset({"payload", "result"})
+_PURPOSES = frozenset({"payload", "result", "job"})
 #: The longest header we read: magic, a purpose, 64 hex digits and separators.
 _MAX_HEADER = 128
 
@@ -133,6 +135,20 @@ def verify(key: str | None, blob: bytes, *, purpose: str, name: str, run_id: str
             f"signed for another run); {advice}"
         )
     return body
+
+
+def detached_signature(key: str, data: bytes, *, purpose: str, run_id: str = "") -> bytes:
+    """The envelope's header line alone, for an object that must stay plain (``job.json``)."""
+    signed = sign(key, data, purpose=purpose, run_id=run_id)
+    return signed[: len(signed) - len(data)]
+
+
+def verify_detached(key: str | None, signature: bytes | None, data: bytes, *, purpose: str, name: str, run_id: str = "") -> None:
+    """Check a :func:`detached_signature` of ``data``; raises as :func:`verify` does (a missing
+    signature included)."""
+    if signature is None or not signature.endswith(b"\n") or b"\n" in signature[:-1]:
+        signature = b""
+    verify(key, signature + data if signature else data, purpose=purpose, name=name, run_id=run_id)
 
 
 # ----------------------------------------------------------------------------- launcher-side keys

@@ -72,7 +72,7 @@ from trainctl_lightning.jobs.spec import (
 from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.runkey import RUN_KEY_ENV
-from trainctl_lightning.store.layout import RUN_URL_ENV, run_id_of
+from trainctl_lightning.store.layout import JOB, RUN_URL_ENV, run_id_of
 from trainctl_lightning.timeutil import utc_now
 
 __all__ = [
@@ -226,6 +226,7 @@ class Agent:
         self._notice_deadline: float | None = None  # monotonic time the interruption happens
         self._save_pending = False  # a checkpoint was asked for and the job has not been signalled yet
         self._save_wait_noted = False
+        self._key_error: str | None = None  # why the run's key could not be fetched, for the run's log
 
     # ------------------------------------------------------------ entry point
 
@@ -245,11 +246,18 @@ class Agent:
         """Run the job to its end; the job's exit code (1 when the agent itself failed)."""
         self._install_signal_handlers()
         try:
-            self.spec = spec = self._wait_for_spec()
+            spec = self._wait_for_spec()
+            self._resolve_run_key(spec)
+            spec = self._authenticated(spec)
+            self.spec = spec
         except Exception as exc:
             return self._fail_without_spec(exc)
         self.pump = LogPump(self.jobs.log_writer(), self.workdir / "logs" / f"{spec.run_id}.log")
-        self._resolve_run_key(spec)
+        if not os.environ.get(RUN_KEY_ENV):
+            why = self._key_error or "the AWS shared instance profile, or an agent started by hand"
+            self.pump.note(
+                f"{JOB} is not authenticated: this agent has no run key ({why}); the run's remote calls will be refused"
+            )
         now = utc_now()
         self.state = JobState(
             run_id=spec.run_id,
@@ -629,6 +637,14 @@ class Agent:
             log.error("could not record the failure either: %s", one_line(write_exc))
         return 1
 
+    def _authenticated(self, spec: JobSpec) -> JobSpec:
+        """With the run's key, the spec again, read only if ``job.sig`` proves the launcher wrote it:
+        nothing else that can write the store may choose what this instance runs."""
+        key = os.environ.get(RUN_KEY_ENV)
+        if not key:
+            return spec
+        return self.jobs.read_signed_spec(run_id_of(self.run_url), key)
+
     def _resolve_run_key(self, spec: JobSpec) -> None:
         """Bring the run's key into this process's environment when the provider delivers it at boot
         (it is passed on to the job only; see ``runkey``). A run without one still runs; its remote
@@ -639,9 +655,8 @@ class Agent:
             from trainctl_lightning.providers import get_provider
 
             key = get_provider(spec.provider).fetch_run_key()
-        except Exception as exc:
-            if self.pump is not None:
-                self.pump.note(f"the run's key could not be fetched: {one_line(exc)}")
+        except Exception as exc:  # the run goes on unauthenticated; run() notes that in its log
+            self._key_error = f"it could not be fetched: {one_line(exc)}"
             log.error("the run's key could not be fetched: %s", one_line(exc))
             return
         if key:

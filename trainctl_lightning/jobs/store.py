@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from trainctl_lightning.errors import IntegrityError, RunNotFoundError
 from trainctl_lightning.jobs.spec import JobSpec, JobState
+from trainctl_lightning.runkey import detached_signature, verify_detached
 from trainctl_lightning.store import ObjectStore, layout
 from trainctl_lightning.timeutil import utc_now
 
@@ -42,8 +43,28 @@ class JobStore:
         return self.objects.exists(layout.JOB)
 
     # ------------------------------------------------------------ spec and state
-    def write_spec(self, spec: JobSpec) -> None:
-        self.objects.write(layout.JOB, spec.to_json(), create_only=True)
+    def write_spec(self, spec: JobSpec, run_key: str | None = None) -> None:
+        """Write ``job.json`` once; with ``run_key``, its signature first (the agent may be waiting
+        for ``job.json`` already, and must find the signature with it)."""
+        data = spec.to_json()
+        if run_key:
+            signature = detached_signature(run_key, data, purpose="job", run_id=spec.run_id)
+            self.objects.write(layout.JOB_SIGNATURE, signature, create_only=True)
+        self.objects.write(layout.JOB, data, create_only=True)
+
+    def read_signed_spec(self, run_id: str, run_key: str) -> JobSpec:
+        """The job spec, only if ``job.sig`` proves that the launcher holding ``run_key`` wrote it.
+
+        Raises:
+            AuthenticationError: no signature, or one that does not match (one line naming job.json).
+            RunNotFoundError, IntegrityError: as :meth:`read_spec`.
+        """
+        raw = self.objects.read(layout.JOB)
+        if raw is None:
+            raise RunNotFoundError(f"no job in {self.url} (no {layout.JOB})")
+        name = self.objects.url_of(layout.JOB)
+        verify_detached(run_key, self.objects.read(layout.JOB_SIGNATURE), raw, purpose="job", name=name, run_id=run_id)
+        return _parse(JobSpec.from_json, raw, name, "job spec")
 
     def read_spec(self) -> JobSpec:
         """The job spec.

@@ -29,6 +29,7 @@ __all__ = [
     "CODE_MANIFEST",
     "DIST",
     "JOB",
+    "JOB_SIGNATURE",
     "JOB_STATE",
     "LAUNCHER_HEARTBEAT",
     "LOGS",
@@ -56,6 +57,9 @@ __all__ = [
 # ----------------------------------------------------------------------------- in a run
 JOB = "job.json"
 """The job spec (:class:`~trainctl_lightning.jobs.spec.JobSpec`), written once by the launcher."""
+JOB_SIGNATURE = "job.sig"
+"""The run key's HMAC of ``job.json`` (one line, written just before it): the agent runs the job
+only when it matches (``runkey``). The spec names the code manifest's sha256, so it covers the code."""
 CODE_MANIFEST = "code.json"
 """The code bundle manifest of the run (file path -> blob checksum, size, mode)."""
 JOB_STATE = "job-state.json"
