@@ -511,7 +511,9 @@ def test_gc_keeps_what_it_cannot_check(provider, set_up, store_url):
     report = collect_garbage(provider, yes=True, boot_grace_s=0)
     verdicts = {item.instance.id: item for item in report.items}
     assert not report.garbage
-    assert all("is empty or missing: cannot tell that the run is gone" in item.reason for item in report.items)
+    assert all("cannot tell that the run is gone" in item.reason for item in report.items)
+    assert "bucket 'no-such-bucket-here' of s3://no-such-bucket-here/store does not exist" in verdicts[unreadable.id].reason
+    assert f"the store {store_url} is empty or missing" in verdicts[empty.id].reason
     assert set(verdicts) == {unreadable.id, empty.id}
     assert all(provider.describe(i).state.is_usable() for i in (unreadable.id, empty.id))
 

@@ -261,7 +261,7 @@ def _store_problem(store_url: str) -> str | None:
     from trainctl_lightning.store import ObjectStore
 
     try:
-        # object stores cannot tell a missing bucket from an empty prefix: both list nothing
+        # an empty prefix lists nothing (ObjectStore names a missing bucket itself)
         if not ObjectStore(store_url).glob("*"):
             return f"the store {store_url} is empty or missing"
     except TrainctlError as exc:  # never terminate on an error
@@ -305,7 +305,8 @@ def _classify_credentials(provider: Provider, items: list[GcItem], boot_grace_s:
         if isinstance(store_now, str):
             verdicts.append(GcCredential(name, run_id, False, f"cannot read the store's clock ({store_now})"))
             continue
-        age = (store_now - parse_time(role["created_at"])).total_seconds()
+        # S3 reports whole seconds, IAM does not: the store's clock may read up to 1 s behind
+        age = (store_now - parse_time(role["created_at"])).total_seconds() + 1.0
         if age < boot_grace_s:
             verdicts.append(GcCredential(name, run_id, False, f"only {age:.0f}s old: its launch may be under way"))
             continue
