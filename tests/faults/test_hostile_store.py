@@ -286,6 +286,8 @@ def test_the_resume_cache_keeps_the_newest_few(tmp_path: Path) -> None:
         store.publish_checkpoint([local], global_step=step)
         assert resume_path(url, cache_dir=cache, cache_keep=2) is not None
     run_dir = next((cache / "checkpoints").iterdir())
+    for folder in (cache, cache / "checkpoints", run_dir):  # the user's checkpoints: private
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
     kept = sorted(p.name for p in run_dir.iterdir())
     assert len(kept) == 2 and kept[-1] == store.latest_checkpoint().id  # type: ignore[union-attr]
     assert prune_cache(run_dir, keep=1, protect=kept[0]) == [kept[1]]

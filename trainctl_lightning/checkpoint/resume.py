@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trainctl_lightning.errors import ConfigError, IntegrityError
+from trainctl_lightning.paths import make_private_dir
 from trainctl_lightning.store import RunStore
 from trainctl_lightning.store.layout import RUN_URL_ENV
 
@@ -74,6 +75,7 @@ def resume_path(
         return None
     run_key = hashlib.sha256(store.url.encode()).hexdigest()[:16]
     dest = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "checkpoints" / run_key
+    make_private_dir(dest)  # checkpoints are the user's data: the cache is theirs only (0700)
     for manifest in candidates:
         try:
             path = store.download_checkpoint(manifest, dest / manifest.id)

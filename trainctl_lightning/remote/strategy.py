@@ -31,6 +31,7 @@ from lightning.pytorch.trainer.states import (
 from typing_extensions import override
 
 from trainctl_lightning.errors import AuthenticationError, ConfigError, IntegrityError, RunFailedError
+from trainctl_lightning.paths import make_private_dir
 from trainctl_lightning.remote import _lightning
 from trainctl_lightning.remote.payload import (
     RemoteResult,
@@ -382,6 +383,7 @@ def _load_weights(model: pl.LightningModule, final: dict[str, Any], record: Remo
             "in the store after the run wrote it); the local model was not updated. Check who can write to the store"
         )
     root = weights_cache_dir()
+    make_private_dir(root / record.run_id)  # the user's weights: private (0700), like every cache of ours
     try:
         path = store.download_checkpoint(manifest, root / record.run_id / manifest.id)
         state_dict = load_state_dict(path, name=name)
