@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
+from trainctl_lightning.store.fields import opt_float, opt_int
 from trainctl_lightning.timeutil import parse_time
 
 __all__ = ["MIN_STALE_AFTER_S", "STALE_AFTER_INTERVALS", "STATUS_FORMAT", "GpuInfo", "MetricRecord", "Phase", "RunStatus"]
@@ -139,34 +140,21 @@ class RunStatus:
             updated_at=str(data["updated_at"]),
             started_at=str(data.get("started_at", data["updated_at"])),
             refresh_interval_s=float(data.get("refresh_interval_s", 10.0)),
-            epoch=_opt_int(data.get("epoch")),
-            global_step=_opt_int(data.get("global_step")),
-            max_steps=_opt_int(data.get("max_steps")),
-            steps_per_s=_opt_float(data.get("steps_per_s")),
-            eta_s=_opt_float(data.get("eta_s")),
+            epoch=opt_int(data.get("epoch")),
+            global_step=opt_int(data.get("global_step")),
+            max_steps=opt_int(data.get("max_steps")),
+            steps_per_s=opt_float(data.get("steps_per_s")),
+            eta_s=opt_float(data.get("eta_s")),
             last_checkpoint=data.get("last_checkpoint") if isinstance(data.get("last_checkpoint"), dict) else None,
             metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items() if v is not None},
             host=str(data.get("host", "")),
-            pid=_opt_int(data.get("pid")),
+            pid=opt_int(data.get("pid")),
             session=str(data.get("session", "")),
             gpu=_gpu_info(gpu) if isinstance(gpu, dict) else None,
             error=None if data.get("error") is None else str(data.get("error")),
             interruption=data.get("interruption") if isinstance(data.get("interruption"), dict) else None,
             format=str(data.get("format", STATUS_FORMAT)),
         )
-
-
-def _opt_int(value: Any) -> int | None:
-    """A whole number read from the store (a damaged value raises ValueError, for one clear line)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{value!r} is not a whole number")
-    return value
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def _finite(value: Any) -> Any:

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from trainctl_lightning.errors import IntegrityError
+from trainctl_lightning.store.fields import opt_float, opt_int
 from trainctl_lightning.store.files import safe_name, safe_relpath
 from trainctl_lightning.timeutil import parse_time
 
@@ -122,13 +123,13 @@ class CheckpointManifest:
             manifest = cls(
                 id=safe_name(data["id"], what),
                 name=_text(data["name"], "name"),
-                epoch=_opt_int(data.get("epoch")),
-                global_step=_opt_int(data.get("global_step")),
+                epoch=opt_int(data.get("epoch")),
+                global_step=opt_int(data.get("global_step")),
                 created_at=created_at,
                 files=files,
                 package_version=str(data.get("package_version", "unknown")),
                 monitor=None if monitor is None else _text(monitor, "monitor"),
-                monitor_value=_opt_float(data.get("monitor_value")),
+                monitor_value=opt_float(data.get("monitor_value")),
                 metrics={str(k): float(v) for k, v in dict(metrics).items()},
                 source=dict(data.get("source") or {}),
                 format=fmt,
@@ -170,15 +171,3 @@ def _text(value: Any, field_name: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{field_name} is {value!r}, not a string")
     return value
-
-
-def _opt_int(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{value!r} is not a whole number")
-    return value
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
