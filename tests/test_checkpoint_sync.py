@@ -22,7 +22,7 @@ from trainctl_lightning import (
     UploadError,
     resume_path,
 )
-from trainctl_lightning.checkpoint.io import STAGING_DIR, SnapshotCheckpointIO
+from trainctl_lightning.checkpoint.io import PENDING_MARKER, SnapshotCheckpointIO
 
 
 def _local_ckpts(folder) -> set[str]:
@@ -60,7 +60,8 @@ def test_every_saved_checkpoint_is_published_and_remote_mirrors_local(store_url,
     assert latest.global_step == max(m.global_step for m in published)
     assert trainer.global_step == 12
     assert "train_loss" in latest.metrics
-    assert not (ckpt_dir / STAGING_DIR).exists(), "staging folder is removed once everything is published"
+    hidden = [str(p) for p in ckpt_dir.rglob("*") if p.name.startswith(".")]
+    assert hidden == [], "nothing but ModelCheckpoint's files is left in its folder"
 
 
 def test_published_weights_are_those_at_save_time(file_url, tmp_path):
@@ -186,14 +187,18 @@ def test_exception_checkpoint_is_published_before_the_error_surfaces(file_url, t
     RunStore(file_url).verify_checkpoint(latest)
 
 
-def test_saves_outside_fit_are_published_before_returning(file_url, tmp_path):
+def test_after_fit_the_strategy_has_its_own_checkpoint_io_again(file_url, tmp_path):
     trainer = pl.Trainer(
         **trainer_kwargs(max_steps=2, limit_val_batches=0),
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "c"), CheckpointSync(file_url)],
     )
+    before = trainer.strategy.checkpoint_io
     trainer.fit(TinyRegressor())
+    assert trainer.strategy.checkpoint_io is before and type(before) is TorchCheckpointIO
+    # A save after the fit is Lightning's own, synchronous and not published, as without CheckpointSync.
     trainer.save_checkpoint(tmp_path / "c" / "manual.ckpt")
-    assert RunStore(file_url).get_checkpoint("manual.ckpt").global_step == 2
+    assert torch.load(tmp_path / "c" / "manual.ckpt", weights_only=False)["global_step"] == 2
+    assert [m.name for m in RunStore(file_url).list_checkpoints()] == ["epoch=0-step=2.ckpt"]
 
 
 def test_back_pressure_waits_instead_of_dropping(file_url, tmp_path, caplog):
@@ -203,15 +208,17 @@ def test_back_pressure_waits_instead_of_dropping(file_url, tmp_path, caplog):
             super().save_checkpoint(checkpoint, path, storage_options)
 
     sync = CheckpointSync(file_url, max_pending_snapshots=1)
+    slow = SlowIO()
     trainer = pl.Trainer(
         **trainer_kwargs(max_steps=6, limit_val_batches=0),
-        plugins=[SlowIO()],
+        plugins=[slow],
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "c", every_n_train_steps=1, save_top_k=-1), sync],
     )
     with caplog.at_level(logging.WARNING):
         trainer.fit(TinyRegressor())
     assert [m.global_step for m in RunStore(file_url).list_checkpoints()] == [1, 2, 3, 4, 5, 6]
-    io = trainer.strategy.checkpoint_io
+    assert trainer.strategy.checkpoint_io is slow
+    io = sync._io
     assert isinstance(io, SnapshotCheckpointIO) and io.snapshot_wait_s > 1.0
     assert "waited" in caplog.text and "max_pending_snapshots=1" in caplog.text
 
@@ -301,13 +308,18 @@ def test_remote_modelcheckpoint_dirpath_is_refused_before_training(memory_url, t
 
 def test_leftovers_from_a_killed_process_are_never_published(file_url, tmp_path):
     ckpt_dir = tmp_path / "c"
-    staging = ckpt_dir / STAGING_DIR
+    staging = ckpt_dir / ".trainctl-staging"  # what versions before 0.12 staged in
     staging.mkdir(parents=True)
     (staging / "deadbeef-000001-epoch=0-step=1.ckpt.partial").write_bytes(b"half a checkpoint")
     (ckpt_dir / ".last.ckpt.deadbeef.tmp").write_bytes(b"half a checkpoint")
     (ckpt_dir / "epoch=0-step=1.ckpt").write_bytes(b"written by a killed run without trainctl")
+    (ckpt_dir / "epoch=0-step=3.ckpt").write_bytes(PENDING_MARKER)  # reserved by a run killed mid-write
     old = time.time() - 3600
-    for p in (staging / "deadbeef-000001-epoch=0-step=1.ckpt.partial", ckpt_dir / ".last.ckpt.deadbeef.tmp"):
+    for p in (
+        staging / "deadbeef-000001-epoch=0-step=1.ckpt.partial",
+        ckpt_dir / ".last.ckpt.deadbeef.tmp",
+        ckpt_dir / "epoch=0-step=3.ckpt",
+    ):
         os.utime(p, (old, old))
     trainer = pl.Trainer(
         **trainer_kwargs(max_steps=4, limit_val_batches=0),
@@ -316,7 +328,7 @@ def test_leftovers_from_a_killed_process_are_never_published(file_url, tmp_path)
     trainer.fit(TinyRegressor())
     names = [m.name for m in RunStore(file_url).list_checkpoints()]
     assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
-    assert not (ckpt_dir / ".last.ckpt.deadbeef.tmp").exists()
+    assert sorted(os.listdir(ckpt_dir)) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
 
 
 def test_fit_twice_with_the_same_trainer_and_callback(file_url, tmp_path):

@@ -6,6 +6,7 @@ its checkpoint data uploads can be delayed, held or made to fail; everything els
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -18,7 +19,7 @@ from tests.helpers import wait_until
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from tests.helpers.stores import WrapSyncStore
 from trainctl_lightning import CheckpointSync, RunStore, UploadError
-from trainctl_lightning.checkpoint.io import STAGING_DIR, SnapshotCheckpointIO
+from trainctl_lightning.checkpoint.io import PENDING_MARKER, SnapshotCheckpointIO
 
 STEP2 = "epoch=0-step=2.ckpt"
 
@@ -75,10 +76,12 @@ def test_a_write_that_outlasts_flush_timeout_is_named_as_unfinished(file_url, tm
         assert result.unwritten == [STEP2] and result.published == []
     finally:
         disk_back.set()
-        wait_until(lambda: (tmp_path / "c" / STEP2).is_file(), timeout=15, what="the held write to end")
-    # The write that completed after the flush left its file, and no staging copy behind it.
-    staging = tmp_path / "c" / STAGING_DIR
-    wait_until(lambda: not any(staging.iterdir()), timeout=15, what="the abandoned write's staging copy to go")
+        # The name was reserved (a placeholder) from the save on, and holds the checkpoint once written.
+        wait_until(
+            lambda: (tmp_path / "c" / STEP2).read_bytes() != PENDING_MARKER, timeout=15, what="the held write to end"
+        )
+    # The write that completed after the flush left its file, and nothing else.
+    assert os.listdir(tmp_path / "c") == [STEP2]
     assert RunStore(file_url).list_checkpoints() == [], "nothing was published after the flush ended"
 
 
@@ -139,7 +142,7 @@ def test_max_pending_snapshots_lets_saves_queue_while_uploads_are_slow_and_all_p
     )
     trainer.fit(TinyRegressor())
 
-    assert isinstance(trainer.strategy.checkpoint_io, SnapshotCheckpointIO)
+    assert isinstance(sync._io, SnapshotCheckpointIO)
     # four saves, each slow to reach disk, and not one of them waited for a free snapshot
     assert seen["wait_s"] == 0.0, f"saves waited {seen['wait_s']:.2f}s for a snapshot slot"
     assert seen["finished"] == [], "no upload could finish while training ran"

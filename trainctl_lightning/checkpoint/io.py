@@ -1,29 +1,61 @@
 """A Lightning ``CheckpointIO`` plugin that takes checkpoint writes off the training loop.
 
-``CheckpointSync`` installs it around whatever ``CheckpointIO`` the strategy had. Every save
-and every removal that Lightning's ``ModelCheckpoint`` makes comes through here:
+``CheckpointSync`` installs it around whatever ``CheckpointIO`` the strategy had, for the length
+of a fit, and puts that one back when the fit ends (normally or not). Every save and every
+removal that Lightning's ``ModelCheckpoint`` makes comes through here:
 
 ``save_checkpoint`` (training thread)
     waits for a free snapshot slot (``max_pending_snapshots`` bounds host memory), copies the
-    checkpoint's tensors to host memory (:mod:`.snapshot`), queues the write, and returns.
+    checkpoint's tensors to host memory (:mod:`.snapshot`), *reserves* the target path, queues
+    the write, and returns.
 writer thread (one, so saves and removals keep their order)
-    writes the snapshot to a private staging file, frees the slot, hard-links the staging file
-    to a temporary name beside the target and renames it over the target (readers of the
-    target path never see a half-written file), then hands the staging file to the publisher.
+    writes the snapshot, frees the slot, puts the file at the target path and hands a private,
+    read-only handle on it to the publisher.
 ``remove_checkpoint``
     queued behind the saves before it; the publisher decides when the remote copy may go.
 
-A fault never costs the newest complete checkpoint. A save whose write fails (full disk, I/O
-error, permission denied) leaves nothing behind, and every removal queued after it is skipped,
-locally and in the store, as Lightning's synchronous IO would never have reached it; the
-failure is logged at once as one line and raised at the next save or removal (or by
-``CheckpointSync`` at the end of the fit). A removal that comes after a save whose upload is
-known to have failed is skipped the same way. A flush that stops waiting while a save is still
-being written names it as unfinished; the abandoned write, if it completes, leaves the file in
-its folder and removes its staging copy.
+**The pending window.** When ``save_checkpoint`` returns, the target path exists, as with
+Lightning's synchronous IO, so ``ModelCheckpoint``'s version counter (``name-vN.ckpt``) never
+picks the name of a save that is still being written, and no save overwrites a different
+checkpoint. Until the write completes, the path holds either the file it held before (saving
+over ``last.ckpt``: the old checkpoint stays readable until the new one is renamed over it) or,
+for a new name, a small placeholder whose content is :data:`PENDING_MARKER`, which
+``torch.load`` refuses. Our own readers (:meth:`SnapshotCheckpointIO.load_checkpoint`, so
+``trainer.fit/test(ckpt_path=...)``, and :meth:`~SnapshotCheckpointIO.wait_published`) wait for
+the pending write of that path first; an outside reader that opens the file during a fit may see
+the placeholder (Lightning's own ``AsyncCheckpointIO`` shows it nothing at all then). After the
+fit every write has completed. A process killed mid-write can leave a placeholder behind; the
+next run removes it from the folder on its first save there.
 
-The staging file is a second name for the same inode, so a later save over ``last.ckpt`` or a
-top-k rotation that deletes the visible file cannot change or remove what is being uploaded.
+**Nothing else in the folder.** With Lightning's ``TorchCheckpointIO`` the file is written
+unnamed (``O_TMPFILE``), fsynced, linked for an instant to ``.<name>.<session>.tmp`` beside the
+target and renamed over it, so readers of the target never see a partial file and a listing
+almost never sees the temporary name. Where the file system has no ``O_TMPFILE`` the temporary
+name exists for the length of the write, as Lightning's own non-atomic write window does. The
+upload reads the written inode through a file descriptor kept open until it is published, so a
+later save over ``last.ckpt`` or a top-k rotation that deletes the visible file cannot change or
+remove what is being uploaded. This path is ``torch.save`` of the same dict to the same path,
+which is what ``TorchCheckpointIO`` does (it only adds a whole-file ``BytesIO`` first).
+
+**A configured ``CheckpointIO`` keeps doing the saving.** A custom ``CheckpointIO`` is called on
+the writer thread as ``save_checkpoint(snapshot, target_path, storage_options=...)``, exactly
+the arguments Lightning passes (the snapshot is an equal host-memory copy of the checkpoint);
+the file it wrote is then copied to an unnamed private file that the upload reads, since such an
+IO may rewrite the target in place later. A user's ``AsyncCheckpointIO`` is composed with, not
+replaced: its ``save_checkpoint`` and ``remove_checkpoint`` are called on the training thread
+exactly as Lightning would, and its inner ``checkpoint_io`` is wrapped in a notifier for the
+fit, which hands each file that inner IO has written to the publisher. ``load_checkpoint``
+forwards exactly the arguments it receives. ``storage_options`` with ``TorchCheckpointIO``
+raises Lightning's ``TypeError``, synchronously.
+
+A fault never costs the newest complete checkpoint. A save whose write fails (full disk, I/O
+error, permission denied) leaves nothing behind (its placeholder is removed), and every removal
+queued after it is skipped, locally and in the store, as Lightning's synchronous IO would never
+have reached it; the failure is logged at once as one line and raised at the next save or
+removal (or by ``CheckpointSync`` at the end of the fit). A removal that comes after a save
+whose upload is known to have failed is skipped the same way. A flush that stops waiting while a
+save is still being written names it as unfinished; the abandoned write, if it completes,
+leaves the file in its folder and is not published.
 
 Internal: not part of the public API; it may change without notice.
 """
@@ -37,6 +69,7 @@ import os
 import queue
 import re
 import shutil
+import tempfile
 import threading
 import time
 import weakref
@@ -50,28 +83,35 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-from trainctl_lightning.checkpoint.publisher import (
-    FlushResult,
-    Publisher,
-    PublishJob,
-    staged_name,
-)
+from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, PublishJob
 from trainctl_lightning.checkpoint.snapshot import Snapshot, take_snapshot
 from trainctl_lightning.errors import ConfigError, TrainctlError, UploadError
 from trainctl_lightning.retry import exception_chain
 
-__all__ = ["STAGING_DIR", "SnapshotCheckpointIO"]
+__all__ = ["PENDING_MARKER", "SnapshotCheckpointIO"]
 
 log = logging.getLogger(__name__)
 
-STAGING_DIR = ".trainctl-staging"
+PENDING_MARKER = b"TRAINCTL PENDING CHECKPOINT: being written in the background by trainctl CheckpointSync\n"
+"""The whole content of a reserved path until its checkpoint is written over it."""
 _OUR_TMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+_LEGACY_STAGING = ".trainctl-staging"  # where versions before 0.12 staged files: cleaned like the rest
+_PROC_FD = "/proc/self/fd"
 # Every live plugin, so that an interpreter exiting with uploads queued still flushes them.
 _LIVE: weakref.WeakSet[SnapshotCheckpointIO] = weakref.WeakSet()
 # A save that waits longer than this for a snapshot slot is worth a warning.
 _SLOW_WAIT_S = 0.5
 # Publish jobs remembered for wait_published (the newest per local path, this many paths).
 _TRACKED_PATHS = 64
+
+
+@dataclass
+class _Reservation:
+    """A path with saves pending, and what it should hold when the next of them is placed."""
+
+    expected: tuple[int, int] | None
+    """(st_dev, st_ino) of what the path holds now or will once the save before is placed; None: absent."""
+    pending: int = 0
 
 
 @dataclass
@@ -82,12 +122,23 @@ class _Save:
     storage_options: Any
     meta: dict[str, Any]
     written: threading.Event
+    reservation: _Reservation
 
 
 @dataclass
 class _Remove:
     path: str
     after_seq: int
+
+
+@dataclass
+class _Expected:
+    """A save handed to the user's AsyncCheckpointIO whose inner write has not finished."""
+
+    seq: int
+    path: str
+    meta: dict[str, Any]
+    written: threading.Event
 
 
 @dataclass
@@ -103,20 +154,51 @@ class _WriterRun:
     """A flush stopped waiting for this writer: it submits and removes nothing more."""
 
 
+class _WriteNotifier(CheckpointIO):
+    """Stands in for the inner ``checkpoint_io`` of a user's ``AsyncCheckpointIO`` during a fit:
+    every call goes to that inner IO unchanged; a finished save is also handed to ``owner``."""
+
+    def __init__(self, base: CheckpointIO, owner: SnapshotCheckpointIO) -> None:
+        super().__init__()
+        self.base = base
+        self.owner = owner
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        path = args[1] if len(args) > 1 else kwargs.get("path")
+        try:
+            self.base.save_checkpoint(*args, **kwargs)
+        except BaseException as exc:
+            self.owner._async_written(path, exc)
+            raise
+        self.owner._async_written(path, None)
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base.load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        self.base.remove_checkpoint(*args, **kwargs)
+
+    def teardown(self) -> None:
+        self.base.teardown()
+
+
 class SnapshotCheckpointIO(CheckpointIO):
     """Writes checkpoints in the background from host-memory snapshots and publishes them.
 
     Args:
-        inner: the ``CheckpointIO`` that knows the file format (Lightning's default writes
-            ``torch.save`` files); it is called on the writer thread.
+        inner: the ``CheckpointIO`` the strategy had (None: Lightning's ``TorchCheckpointIO``).
+            A custom one is called on the writer thread; an ``AsyncCheckpointIO`` is composed
+            with (see the module docstring).
         publisher: makes the publisher that receives every completed file (started on the
             first save, closed by :meth:`teardown`).
-        session: short id of this writer; staging files carry it.
+        session: short id of this writer; temporary names carry it.
         max_pending_snapshots: snapshots held in host memory at once. A save that finds them
             all in use waits until the oldest is on disk.
         flush_timeout: longest wait, in seconds, for uploads at the end of a fit (None: no limit).
         metadata: called on the training thread with ``(checkpoint, path)``; returns the
             manifest fields for that save.
+        on_teardown: called at the very end of :meth:`teardown` (``CheckpointSync`` puts the
+            strategy's own ``CheckpointIO`` back there).
     """
 
     def __init__(
@@ -128,17 +210,23 @@ class SnapshotCheckpointIO(CheckpointIO):
         max_pending_snapshots: int = 1,
         flush_timeout: float | None = 600.0,
         metadata: Callable[[dict[str, Any], str], dict[str, Any]] | None = None,
+        on_teardown: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(inner, SnapshotCheckpointIO):
             inner = inner.inner
-        if isinstance(inner, AsyncCheckpointIO):  # we already write in the background
-            inner = inner.checkpoint_io
         self.inner: CheckpointIO = inner or TorchCheckpointIO()
+        self._async: AsyncCheckpointIO | None = self.inner if isinstance(self.inner, AsyncCheckpointIO) else None
+        self._async_base: CheckpointIO | None = None  # its inner IO, while our notifier stands in for it
+        self._async_expected: list[_Expected] = []
+        self._deferred_removals: list[tuple[str, int]] = []  # async: (path, seq) until the saves before are written
+        self._async_closed = False
+        self._own_format = type(self.inner) is TorchCheckpointIO
         self.session = session
         self.max_pending_snapshots = max_pending_snapshots
         self._metadata = metadata or (lambda checkpoint, path: {})
         self.flush_timeout = flush_timeout
+        self.on_teardown = on_teardown
         self.active = False
         """True while a fit runs; outside one, a save is written and published before it returns."""
         self.raise_outside_fit = True
@@ -153,7 +241,8 @@ class SnapshotCheckpointIO(CheckpointIO):
         self._error: BaseException | None = None  # raised at the next save or removal
         self._error_reported = False  # the flush's publisher result already names it
         self._written: dict[str, threading.Event] = {}  # path -> its newest save's "on disk" event
-        self._written_lock = threading.Lock()
+        self._written_lock = threading.RLock()
+        self._reserved: dict[str, _Reservation] = {}  # path -> its pending saves
         self._submitted: OrderedDict[str, PublishJob] = OrderedDict()  # path -> its newest save's publish job
         self._cleaned_dirs: set[str] = set()
         self._started_at = time.time()
@@ -162,6 +251,20 @@ class SnapshotCheckpointIO(CheckpointIO):
         self.last_flush: FlushResult | None = None
         """Outcome of the latest flush (end of fit, or a save outside a fit)."""
         _LIVE.add(self)
+
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        """The IO that does the file format: the user's own, or the inner IO of their ``AsyncCheckpointIO``."""
+        if self._async is not None:
+            return self._async_base if self._async_base is not None else self._async.checkpoint_io  # type: ignore[return-value]
+        return self.inner
+
+    def _ensure_publisher(self) -> Publisher:
+        with self._start_lock:
+            if self.publisher is None:
+                self.publisher = self._new_publisher()
+                self._async_closed = False
+            return self.publisher
 
     def _ensure_started(self) -> _WriterRun:
         with self._start_lock:
@@ -179,6 +282,16 @@ class SnapshotCheckpointIO(CheckpointIO):
 
     # ------------------------------------------------------- training thread
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if self._async is not None:
+            self._save_async(checkpoint, path, storage_options)
+            return
+        if storage_options is not None and self._own_format:
+            # What TorchCheckpointIO.save_checkpoint raises, word for word, and as early.
+            raise TypeError(
+                "`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg"
+                f" is not supported for `{type(self.inner).__name__}`. Please implement your custom `CheckpointIO`"
+                " to define how you'd like to use `storage_options`."
+            )
         self._raise_writer_error()
         path = _local_path(path)
         run = self._ensure_started()
@@ -201,6 +314,8 @@ class SnapshotCheckpointIO(CheckpointIO):
             self._raise_writer_error()
             meta = self._metadata(checkpoint, path)
             snapshot = take_snapshot(checkpoint)
+            self._clean_folder(Path(path).parent)
+            reservation = self._reserve(path)
         except BaseException:
             self._slots.release()
             raise
@@ -210,34 +325,71 @@ class SnapshotCheckpointIO(CheckpointIO):
             self._written[path] = written
         with self._submit_lock:
             run.unwritten[self._seq] = path
-        run.ops.put(_Save(self._seq, snapshot, path, storage_options, meta, written))
+        log.debug("trainctl: writing %s (save #%d)", path, self._seq)
+        run.ops.put(_Save(self._seq, snapshot, path, storage_options, meta, written, reservation))
         if not self.active:
             self._flush_or_raise()
 
+    def _reserve(self, path: str) -> _Reservation:
+        """Make ``path`` exist now (a placeholder if it is new; an existing file is left as it is)."""
+        with self._written_lock:
+            reservation = self._reserved.get(path)
+            if reservation is None:
+                os.makedirs(os.path.dirname(path), exist_ok=True)  # as TorchCheckpointIO does
+                reservation = _Reservation(_create_placeholder(path))
+                self._reserved[path] = reservation
+            reservation.pending += 1
+            return reservation
+
     def remove_checkpoint(self, path: Any) -> None:
+        if self._async is not None:
+            self._async.remove_checkpoint(path)  # synchronous, as Lightning calls it
+            with self._written_lock:
+                self._deferred_removals.append((_local_path(path), self._seq))
+            self._run_deferred_removals()
+            return
         self._raise_writer_error()
         run = self._ensure_started()
         run.ops.put(_Remove(_local_path(path), self._seq))
         if not self.active:
             self._flush_or_raise()
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
-        with self._written_lock:
-            pending = self._written.get(_local_path(path))
-        if pending is not None:
-            pending.wait()  # a checkpoint we are still writing: read it once it is complete
-        kwargs = {} if weights_only is None else {"weights_only": weights_only}
-        return self.inner.load_checkpoint(path, map_location=map_location, **kwargs)
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """The inner IO's ``load_checkpoint`` with exactly these arguments, once a pending write
+        of that path (``args[0]`` or ``path=``) is complete."""
+        path = args[0] if args else kwargs.get("path")
+        if path is not None:
+            try:
+                local: str | None = _local_path(path)
+            except ConfigError:
+                local = None  # a remote checkpoint: nothing of ours is writing it
+            with self._written_lock:
+                pending = self._written.get(local) if local is not None else None
+            if pending is not None:
+                pending.wait()  # a checkpoint we are still writing: read it once it is complete
+        return self.inner.load_checkpoint(*args, **kwargs)
 
     def teardown(self) -> None:
-        """End of a fit (normal or not): write what is queued, publish it, stop the threads.
+        """End of a fit (normal or not): write what is queued, publish it, stop the threads, and
+        put the strategy's own ``CheckpointIO`` back (``on_teardown``).
 
-        Never raises, so Lightning's own teardown always completes; the outcome is kept in
-        :attr:`last_flush` and logged at ERROR when anything did not make it.
+        Never raises for a publishing problem, so Lightning's own teardown always completes; the
+        outcome is kept in :attr:`last_flush` and logged at ERROR when anything did not make it.
+        What the user's ``CheckpointIO.teardown`` raises (an ``AsyncCheckpointIO``'s failed
+        write) is raised, as without us.
         """
         self.active = False
-        self.flush()
-        self.inner.teardown()
+        try:
+            if self._async is not None:
+                self._teardown_async()
+            else:
+                try:
+                    self.flush()
+                finally:
+                    self.inner.teardown()
+        finally:
+            if self.on_teardown is not None:
+                self.on_teardown()
 
     def wait_published(self, path: Any, timeout: float | None = None) -> PublishJob | None:
         """Wait until the newest save of ``path`` is published (or has failed), at most ``timeout`` seconds.
@@ -248,11 +400,15 @@ class SnapshotCheckpointIO(CheckpointIO):
         """
         path = _local_path(path)
         deadline = None if timeout is None else time.monotonic() + timeout
+        with self._written_lock:
+            pending = self._written.get(path)
+        if pending is not None:
+            pending.wait(timeout)
         run = self._run
         if run is not None and run.thread is not None and run.thread.is_alive():
             reached = threading.Event()  # every save queued before this one is written and submitted
             run.ops.put(_Barrier(reached))
-            reached.wait(timeout)
+            reached.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         with self._written_lock:
             job = self._submitted.get(path)
         if job is not None:
@@ -300,17 +456,14 @@ class SnapshotCheckpointIO(CheckpointIO):
             self._error_reported = False
         result = FlushResult([], [], [])
         if self.publisher is not None:
-            publisher, self.publisher = self.publisher, None
+            with self._submit_lock:
+                publisher, self.publisher = self.publisher, None
+                self._async_closed = True
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             result = publisher.close(left)
         result = FlushResult(
             result.published, write_failures + result.failed, result.unfinished + unwritten, result.unwritten + unwritten
         )
-        for folder in self._cleaned_dirs:
-            try:
-                os.rmdir(folder)  # only when empty: a failed upload's files stay
-            except OSError:
-                pass
         self._cleaned_dirs.clear()
         self.last_flush = result if self.last_flush is None else self.last_flush.merged(result)
         if not result.ok:
@@ -321,6 +474,13 @@ class SnapshotCheckpointIO(CheckpointIO):
         """A fit begins: saves go to the background until :meth:`teardown`."""
         self.active = True
         self.last_flush = None
+        if self._async is not None and self._async_base is None:
+            base = self._async.checkpoint_io
+            if base is None:  # what Strategy.checkpoint_io would have given it
+                base = TorchCheckpointIO()
+                self._async.checkpoint_io = base
+            self._async_base = base
+            self._async._checkpoint_io = _WriteNotifier(base, self)
 
     def _flush_or_raise(self) -> None:
         result = self.flush()
@@ -334,6 +494,92 @@ class SnapshotCheckpointIO(CheckpointIO):
             if isinstance(error, TrainctlError):
                 raise error
             raise TrainctlError(f"writing a checkpoint in the background failed: {error}") from error
+
+    # ------------------------------------------- a user's AsyncCheckpointIO
+    def _save_async(self, checkpoint: dict[str, Any], path: Any, storage_options: Any) -> None:
+        assert self._async is not None
+        local = _local_path(path)
+        self._ensure_publisher()
+        meta = self._metadata(checkpoint, local)
+        with self._written_lock:
+            self._seq += 1
+            expected = _Expected(self._seq, local, meta, threading.Event())
+            self._written[local] = expected.written
+            self._async_expected.append(expected)
+        # Exactly the call Lightning's strategy makes.
+        self._async.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def _async_written(self, path: Any, error: BaseException | None) -> None:
+        """The inner IO of the user's AsyncCheckpointIO finished a save (its executor thread)."""
+        try:
+            local = _local_path(path)
+        except ConfigError:
+            return
+        with self._written_lock:
+            expected = next((e for e in self._async_expected if e.path == local), None)
+            if expected is None:
+                return  # a save that did not come through us
+            self._async_expected.remove(expected)
+        try:
+            self._publish_async(expected, error)
+        finally:
+            expected.written.set()
+            with self._written_lock:
+                if self._written.get(local) is expected.written:
+                    del self._written[local]
+            self._run_deferred_removals()
+
+    def _publish_async(self, expected: _Expected, error: BaseException | None) -> None:
+        fd: int | None = None
+        placed = (0, 0)
+        if error is None:
+            try:
+                fd, placed = _private_copy(Path(expected.path))
+            except OSError as exc:
+                error = exc
+        with self._submit_lock:
+            publisher = None if self._async_closed else self.publisher
+            if publisher is None:
+                if fd is not None:
+                    os.close(fd)
+                log.error("trainctl: %s was written after the fit's flush; it is not published", expected.path)
+                return
+            if error is not None:
+                failed = PublishJob(seq=expected.seq, local_path=expected.path, staged_path="", meta=expected.meta)
+                failed.error = f"not written: {_describe_os_error(error)}"
+                log.error("trainctl: checkpoint %s was not written: %s", expected.path, failed.error)
+                publisher.write_failed(failed)
+                return
+            assert fd is not None
+            job = _fd_job(expected.seq, expected.path, fd, expected.meta, placed)
+            publisher.submit(job)
+        self._track(job)
+
+    def _run_deferred_removals(self) -> None:
+        with self._written_lock:
+            oldest = min((e.seq for e in self._async_expected), default=None)
+            ready = [r for r in self._deferred_removals if oldest is None or r[1] < oldest]
+            self._deferred_removals = [r for r in self._deferred_removals if r not in ready]
+            publisher = None if self._async_closed else self.publisher
+        for path, after_seq in ready:
+            if publisher is not None:
+                publisher.local_removed(path, after_seq)
+
+    def _teardown_async(self) -> None:
+        assert self._async is not None
+        try:
+            self._async.teardown()  # waits for its writes; raises what one of them raised
+        finally:
+            with self._written_lock:
+                left, self._async_expected = self._async_expected, []
+            for expected in left:  # never reached the inner IO
+                expected.written.set()
+            self._run_deferred_removals()
+            if self._async_base is not None:
+                if isinstance(self._async._checkpoint_io, _WriteNotifier):
+                    self._async._checkpoint_io = self._async_base
+                self._async_base = None
+            self.flush()
 
     # --------------------------------------------------------- writer thread
     def _write_loop(self, run: _WriterRun) -> None:
@@ -355,25 +601,25 @@ class SnapshotCheckpointIO(CheckpointIO):
 
     def _write(self, op: _Save, run: _WriterRun) -> None:
         target = Path(op.path)
-        staged: Path | None = None
-        tmp = target.with_name(f".{target.name}.{self.session}.tmp")
+        fd: int | None = None
+        placed = (0, 0)
         try:
             try:
-                staged = self._write_staged(op, target)
+                op.snapshot.wait_ready()
+                if self._own_format:
+                    fd = self._write_own(op, target)
+                    if fd is not None:
+                        stat = os.fstat(fd)
+                        placed = (stat.st_dev, stat.st_ino)
+                else:
+                    # The configured IO writes, to the target path, with Lightning's arguments.
+                    self.inner.save_checkpoint(op.snapshot.checkpoint, op.path, storage_options=op.storage_options)
+                    fd, placed = _private_copy(target)
             finally:
                 op.snapshot = None  # type: ignore[assignment]  # free host memory
-            # A second name for the staged inode, renamed over the target: readers of the target
-            # path see the old file or the new one, never a partial one.
-            try:
-                os.link(staged, tmp)
-            except OSError:  # no hard links here (some network filesystems): a copy will do
-                shutil.copyfile(staged, tmp)
-            os.replace(tmp, target)
         except Exception as exc:
             # Nothing of this save stays behind, and the file it was to replace is untouched.
-            for leftover in (tmp, staged):
-                if leftover is not None:
-                    leftover.unlink(missing_ok=True)
+            _remove_placeholder(target, op.reservation)
             self._write_failed(op, run, exc)
             return
         finally:
@@ -382,23 +628,77 @@ class SnapshotCheckpointIO(CheckpointIO):
             with self._written_lock:
                 if self._written.get(op.path) is op.written:
                     del self._written[op.path]
-        job = PublishJob(seq=op.seq, local_path=op.path, staged_path=str(staged), meta=op.meta)
+                op.reservation.pending -= 1
+                if op.reservation.pending <= 0 and self._reserved.get(op.path) is op.reservation:
+                    del self._reserved[op.path]
         with self._submit_lock:
             run.unwritten.pop(op.seq, None)
+            if fd is None:
+                return  # replaced by someone else meanwhile: see _write_own
             if run.abandoned:
-                staged.unlink(missing_ok=True)
+                os.close(fd)
                 log.error(
                     "trainctl: %s was written to %s after the flush stopped waiting for it; it is not published",
                     target.name,
                     target.parent,
                 )
                 return
+            log.debug("trainctl: %s (save #%d) is on disk; publishing it", op.path, op.seq)
+            job = _fd_job(op.seq, op.path, fd, op.meta, placed)
             run.publisher.submit(job)
+        self._track(job)
+
+    def _track(self, job: PublishJob) -> None:
         with self._written_lock:
-            self._submitted.pop(op.path, None)
-            self._submitted[op.path] = job
+            self._submitted.pop(job.local_path, None)
+            self._submitted[job.local_path] = job
             while len(self._submitted) > _TRACKED_PATHS:
                 self._submitted.popitem(last=False)
+
+    def _write_own(self, op: _Save, target: Path) -> int | None:
+        """``torch.save`` to an unnamed file, renamed over the target; returns a read fd on it
+        (None: the path was removed or replaced by someone else since the save, who wins, as
+        they would have after a synchronous save)."""
+        unnamed = _can_link_unnamed(target.parent)
+        tmp = target.with_name(f".{target.name}.{self.session}.tmp")
+        named = False
+        fd = -1
+        if unnamed:
+            try:
+                fd = os.open(target.parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
+            except OSError:  # not on this file system
+                unnamed = False
+        try:
+            if not unnamed:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+                named = True
+            # Straight to disk: Lightning's own writer would first build the whole file in a
+            # BytesIO, tripling the host memory a large checkpoint needs. Through a Python file
+            # so that a failed write keeps its errno (torch wraps it in a RuntimeError).
+            with open(os.dup(fd), "wb", closefd=True) as out:
+                torch.save(op.snapshot.checkpoint, out)
+                out.flush()
+                os.fsync(out.fileno())
+            if not named:
+                tmp.unlink(missing_ok=True)
+                _link_unnamed(fd, tmp)
+                named = True
+            if not _holds(target, op.reservation.expected):
+                log.info("trainctl: %s was removed or replaced while it was being written; keeping that", target)
+                tmp.unlink(missing_ok=True)
+                os.close(fd)
+                return None
+            os.replace(tmp, target)
+            named = False
+            stat = os.fstat(fd)
+            op.reservation.expected = (stat.st_dev, stat.st_ino)
+            return fd
+        except BaseException:
+            if named:
+                tmp.unlink(missing_ok=True)
+            if fd >= 0:
+                os.close(fd)
+            raise
 
     def _write_failed(self, op: _Save, run: _WriterRun, exc: Exception) -> None:
         """Report a save that could not be written; removals queued after it will be skipped."""
@@ -424,30 +724,6 @@ class SnapshotCheckpointIO(CheckpointIO):
         self._error = error
         self._error_reported = not run.abandoned
 
-    def _write_staged(self, op: _Save, target: Path) -> Path:
-        """Write the snapshot to a private staging file (a partial one is removed)."""
-        staging_dir = target.parent / STAGING_DIR
-        partial: Path | None = None
-        try:
-            self._clean_staging(staging_dir)
-            staged = staging_dir / staged_name(self.session, op.seq, target.name)
-            partial = staged.with_name(staged.name + ".partial")
-            op.snapshot.wait_ready()
-            if type(self.inner) is TorchCheckpointIO:
-                # Straight to disk: Lightning's own writer would first build the whole file in a
-                # BytesIO, tripling the host memory a large checkpoint needs. Through a Python
-                # file so that a failed write keeps its errno (torch wraps it in a RuntimeError).
-                with open(partial, "wb") as out:
-                    torch.save(op.snapshot.checkpoint, out)
-            else:
-                self.inner.save_checkpoint(op.snapshot.checkpoint, partial, storage_options=op.storage_options)
-            os.replace(partial, staged)
-            partial = None
-            return staged
-        finally:
-            if partial is not None:
-                partial.unlink(missing_ok=True)
-
     def _remove(self, op: _Remove, run: _WriterRun) -> None:
         # Lightning's synchronous IO would have raised before removing anything after a failed
         # save: keep the file here and in the store until the fit ends or a flush reports.
@@ -465,35 +741,162 @@ class SnapshotCheckpointIO(CheckpointIO):
             )
             return
         self.inner.remove_checkpoint(op.path)
+        with self._written_lock:
+            reservation = self._reserved.get(op.path)
+            if reservation is not None:  # saved again after this removal: keep the name taken
+                reservation.expected = _create_placeholder(op.path)
         run.publisher.local_removed(op.path, op.after_seq)
 
-    def _clean_staging(self, staging_dir: Path) -> None:
-        """Make the staging folder; delete what an earlier, killed process left there.
-
-        Those files may be half-written and are never published.
-        """
-        key = str(staging_dir)
+    def _clean_folder(self, folder: Path) -> None:
+        """On the first save in ``folder``: delete what an earlier, killed process left there
+        (placeholders, temporary files, a legacy staging folder); none of it is ever published."""
+        key = str(folder)
         if key in self._cleaned_dirs:
             return
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in staging_dir.iterdir():
-            if leftover.name.startswith(self.session):
-                continue
-            try:
-                if leftover.stat().st_mtime < self._started_at:
-                    leftover.unlink()
-                    log.info("trainctl: removed leftover staging file %s from an earlier run", leftover)
-            except FileNotFoundError:
-                pass
-        for leftover in staging_dir.parent.glob(".*.tmp"):
-            if not _OUR_TMP.match(leftover.name):
-                continue
-            try:
-                if leftover.stat().st_mtime < self._started_at:
-                    leftover.unlink()
-            except FileNotFoundError:
-                pass
         self._cleaned_dirs.add(key)
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            try:
+                stat = entry.stat(follow_symlinks=False)
+                if stat.st_mtime >= self._started_at or not entry.is_file(follow_symlinks=False):
+                    if entry.name == _LEGACY_STAGING and entry.is_dir(follow_symlinks=False):
+                        self._clean_legacy_staging(Path(entry.path))
+                    continue
+                if _OUR_TMP.match(entry.name):
+                    os.unlink(entry.path)
+                elif stat.st_size == len(PENDING_MARKER) and Path(entry.path).read_bytes() == PENDING_MARKER:
+                    os.unlink(entry.path)
+                    log.info("trainctl: removed %s, the placeholder of a checkpoint an earlier run never finished", entry.path)
+            except FileNotFoundError:
+                pass
+
+    def _clean_legacy_staging(self, staging: Path) -> None:
+        for leftover in staging.iterdir():
+            try:
+                if leftover.stat().st_mtime < self._started_at:
+                    leftover.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            staging.rmdir()
+        except OSError:
+            pass
+
+
+_UNNAMED_OK: dict[int, bool] = {}  # st_dev -> whether an O_TMPFILE file can be given a name there
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+
+
+def _link_unnamed(fd: int, name: Path) -> None:
+    """Give the unnamed (``O_TMPFILE``) file open at ``fd`` the name ``name``."""
+    try:
+        os.link(f"{_PROC_FD}/{fd}", name, follow_symlinks=True)
+        return
+    except OSError as exc:
+        first = exc
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(name), _AT_EMPTY_PATH) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{os.strerror(code)} (and {first.strerror} through {_PROC_FD})", str(name))
+
+
+def _can_link_unnamed(folder: Path) -> bool:
+    """Whether files can be written unnamed in ``folder`` and named afterwards (probed once per file system)."""
+    if not (hasattr(os, "O_TMPFILE") and os.path.isdir(_PROC_FD)):
+        return False
+    try:
+        dev = os.stat(folder).st_dev
+    except OSError:
+        return False
+    known = _UNNAMED_OK.get(dev)
+    if known is not None:
+        return known
+    probe = folder / f".trainctl-probe.{os.getpid()}.{threading.get_ident()}"
+    ok = False
+    try:
+        fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            _link_unnamed(fd, probe)
+            ok = True
+        except OSError as exc:
+            log.debug("trainctl: no unnamed files in %s (%s): the temporary name shows while a checkpoint is written", folder, exc)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    _UNNAMED_OK[dev] = ok
+    return ok
+
+
+def _create_placeholder(path: str) -> tuple[int, int] | None:
+    """Create ``path`` holding :data:`PENDING_MARKER` unless something is there; returns the
+    identity of what ``path`` holds then."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        return _identity(path)
+    try:
+        os.write(fd, PENDING_MARKER)
+        stat = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return (stat.st_dev, stat.st_ino)
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    try:
+        stat = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _holds(path: Path, expected: tuple[int, int] | None) -> bool:
+    return _identity(path) == expected
+
+
+def _remove_placeholder(target: Path, reservation: _Reservation) -> None:
+    """After a failed write: remove the placeholder it reserved, if it is still there, untouched."""
+    try:
+        if _holds(target, reservation.expected) and target.read_bytes() == PENDING_MARKER:
+            target.unlink()
+            reservation.expected = None
+    except OSError:
+        pass
+
+
+def _private_copy(path: Path) -> tuple[int, tuple[int, int]]:
+    """A read fd on an unnamed copy of ``path``, beside it (the file a configured IO wrote, which
+    it may later rewrite in place), and the identity of ``path``."""
+    with open(path, "rb") as src, tempfile.TemporaryFile(dir=path.parent) as copy:
+        stat = os.fstat(src.fileno())
+        shutil.copyfileobj(src, copy, 2**22)
+        copy.flush()
+        return os.dup(copy.fileno()), (stat.st_dev, stat.st_ino)
+
+
+def _fd_job(seq: int, path: str, fd: int, meta: dict[str, Any], placed: tuple[int, int]) -> PublishJob:
+    """A publish job that uploads what ``fd`` reads (closed when the job ends)."""
+    if os.path.isdir(_PROC_FD):
+        return PublishJob(seq=seq, local_path=path, staged_path=f"{_PROC_FD}/{fd}", meta=meta, fd=fd, placed=placed)
+    # No /proc (macOS): a private copy outside the checkpoint folder, deleted when the job ends.
+    try:
+        handle, copy = tempfile.mkstemp(prefix="trainctl-upload-")
+        with open(handle, "wb") as out:
+            os.lseek(fd, 0, os.SEEK_SET)
+            while chunk := os.read(fd, 2**22):
+                out.write(chunk)
+    finally:
+        os.close(fd)
+    return PublishJob(seq=seq, local_path=path, staged_path=copy, meta=meta, placed=placed)
 
 
 @dataclass

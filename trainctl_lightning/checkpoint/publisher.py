@@ -1,8 +1,9 @@
 """Background publishing of checkpoint files to the run store.
 
 The publisher owns a few worker threads. Each job is one checkpoint file that is already
-complete on local disk (in a private staging name that nothing else writes, deletes or
-replaces), and is published with :meth:`RunStore.publish_checkpoint`: data first, manifest
+complete on local disk, read through a private handle that nothing else writes, deletes or
+replaces (a file descriptor on the written inode, uploaded as ``/proc/self/fd/N``, or a private
+copy), and is published with :meth:`RunStore.publish_checkpoint`: data first, manifest
 last. Around that it keeps the remote side a mirror of what ``ModelCheckpoint`` keeps locally:
 
 * a file that is saved again under the same local path (``last.ckpt``) supersedes its earlier
@@ -41,7 +42,7 @@ from trainctl_lightning.errors import TrainctlError
 from trainctl_lightning.store import RunStore, layout
 from trainctl_lightning.store.manifest import CheckpointManifest
 
-__all__ = ["FlushResult", "PublishJob", "PublishState", "Publisher", "staged_name"]
+__all__ = ["FlushResult", "PublishJob", "PublishState", "Publisher"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class PublishJob:
     local_path: str
     """Where ModelCheckpoint sees the file (may be replaced or removed while we upload)."""
     staged_path: str
-    """Our private hard link to the same content; deleted once the job ends."""
+    """What the upload reads: ``/proc/self/fd/<fd>`` (with ``fd``), else a private file that is
+    deleted once the job ends. Nothing else writes it."""
     meta: dict[str, Any]
     """Manifest fields: epoch, global_step, created_at, monitor, monitor_value, metrics."""
     size: int = 0
@@ -75,6 +77,10 @@ class PublishJob:
     error: str | None = None
     manifest: CheckpointManifest | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    fd: int | None = None
+    """Open read descriptor on the content (closed once the job ends), or None."""
+    placed: tuple[int, int] | None = None
+    """(st_dev, st_ino) of the file at ``local_path`` that this content was (None: that of ``staged_path``)."""
 
     @property
     def name(self) -> str:
@@ -127,14 +133,14 @@ class FlushResult:
         if self.unwritten:
             parts.append(
                 f"still being written to local disk when the wait ended, never published: {', '.join(self.unwritten)} "
-                f"(the file appears in its folder if the write completes; its partial copy under .trainctl-staging "
-                "is removed then, or by the next run)"
+                f"(the file appears in its folder if the write completes; until then its name holds a "
+                "placeholder, which the next run removes)"
             )
         return "; ".join(parts)
 
 
 class Publisher:
-    """Publishes staged checkpoint files in the background.
+    """Publishes complete checkpoint files in the background.
 
     Args:
         store: where to publish.
@@ -183,7 +189,7 @@ class Publisher:
     # ----------------------------------------------------------- producer side
     def submit(self, job: PublishJob) -> None:
         with self._lock:
-            job.size = os.path.getsize(job.staged_path)
+            job.size = os.fstat(job.fd).st_size if job.fd is not None else os.path.getsize(job.staged_path)
             for other in self._jobs:
                 if other.local_path == job.local_path and other.state is PublishState.QUEUED:
                     other.state = PublishState.SKIPPED
@@ -290,10 +296,16 @@ class Publisher:
         self._apply_retention(job)
 
     def _finish(self, job: PublishJob, state: PublishState, error: str | None) -> None:
-        try:
-            os.unlink(job.staged_path)
-        except FileNotFoundError:
-            pass
+        with self._lock:
+            fd, job.fd = job.fd, None
+        if fd is not None:
+            os.close(fd)
+        elif job.staged_path:
+            try:
+                os.unlink(job.staged_path)
+            except FileNotFoundError:
+                pass
+        log.debug("trainctl: save #%d %s: %s", job.seq, job.name, state.value)
         with self._lock:
             job.state = state
             job.error = error
@@ -301,11 +313,18 @@ class Publisher:
         self._run_removals()
 
     def _drop_local(self, job: PublishJob) -> None:
+        with self._lock:
+            newer = any(j.local_path == job.local_path and j.seq > job.seq for j in self._jobs)
         try:
-            same = os.path.samefile(job.local_path, job.staged_path)
+            if job.placed is not None:
+                mine = job.placed
+            else:
+                stat = os.fstat(job.fd) if job.fd is not None else os.stat(job.staged_path)
+                mine = (stat.st_dev, stat.st_ino)
+            local = os.stat(job.local_path)
         except FileNotFoundError:
             return
-        if same:  # not replaced by a newer save meanwhile
+        if not newer and (local.st_dev, local.st_ino) == mine:  # not replaced by a newer save meanwhile
             os.unlink(job.local_path)
 
     def _run_removals(self) -> None:
@@ -433,6 +452,3 @@ def _show_progress(publisher: Publisher, jobs: list[PublishJob], deadline: float
                 return
             left[0].done.wait(0.2)
 
-
-def staged_name(session: str, seq: int, name: str) -> str:
-    return f"{session}-{seq:06d}-{Path(name).name}"

@@ -249,12 +249,11 @@ class CheckpointSync(Callback):
             return
         self._end_error = None
         self._install_signal_handler(trainer)
-        current = trainer.strategy.checkpoint_io
-        if isinstance(current, SnapshotCheckpointIO) and current is self._io:
-            self._io.start_fit()
-            self._io.raise_outside_fit = True
-            return
-        self._io = SnapshotCheckpointIO(
+        strategy = trainer.strategy
+        current = strategy.checkpoint_io
+        if isinstance(current, SnapshotCheckpointIO):  # left by a fit that never tore down
+            current = current.inner
+        io = SnapshotCheckpointIO(
             current,
             self._make_publisher,
             session=self.session,
@@ -262,8 +261,16 @@ class CheckpointSync(Callback):
             flush_timeout=self.flush_timeout,
             metadata=self._metadata,
         )
-        self._io.start_fit()
-        trainer.strategy.checkpoint_io = self._io
+
+        def restore() -> None:
+            # After the fit the strategy has exactly the CheckpointIO the user configured.
+            if strategy.checkpoint_io is io:
+                strategy.checkpoint_io = current
+
+        io.on_teardown = restore
+        self._io = io
+        io.start_fit()
+        strategy.checkpoint_io = io
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
