@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from trainctl_lightning import RunStore
-from trainctl_lightning.checkpoint.io import STAGING_DIR
+from trainctl_lightning.checkpoint.io import PENDING_MARKER
 from trainctl_lightning.store.layout import CHECKPOINT_MANIFEST as MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parent.parent
@@ -231,7 +231,7 @@ def _check_store(run: Run, tmp_path: Path, context: str) -> tuple[int, int]:
         assert _CKPT_NAME.match(manifest.name), f"{context}: published {manifest.name!r} ({manifest.id})"
         assert [f.path for f in manifest.files] == [manifest.name], f"{context}: {manifest}"
         for part in (manifest.name, manifest.id, *(f.path for f in manifest.files)):
-            assert STAGING_DIR not in part and ".partial" not in part and not part.endswith(".tmp"), (
+            assert ".trainctl-staging" not in part and ".partial" not in part and not part.endswith(".tmp"), (
                 f"{context}: a leftover file was published: {manifest}"
             )
         assert manifest.global_step is not None and manifest.id.startswith(f"{manifest.global_step:010d}-")
@@ -263,13 +263,16 @@ def _check_store(run: Run, tmp_path: Path, context: str) -> tuple[int, int]:
     return len(listing), len(new_orphans)
 
 
-def _in_flight(run: Run, session: str | None) -> tuple[bool, bool]:
-    """(a checkpoint file was being written, one was written but not yet published) at the kill."""
-    staging = run.ckpt_dir / STAGING_DIR
-    mine = [p.name for p in staging.glob(f"{session}-*")] if session and staging.is_dir() else []
-    writing = any(name.endswith(".partial") for name in mine) or any(run.ckpt_dir.glob(f".*.{session}.tmp") if session else [])
-    publishing = any(not name.endswith(".partial") for name in mine)
-    return writing, publishing
+def _in_flight(log: Path) -> tuple[bool, bool]:
+    """(a checkpoint file was being written, one was written but not yet published) at the kill,
+    from the trial's debug log: the writer logs "writing ... (save #N)" and "(save #N) is on disk",
+    the publisher "save #N <name>: <outcome>"."""
+    text = _log_text(log)
+    started = set(re.findall(r"trainctl: writing .* \(save #(\d+)\)$", text, re.M))
+    on_disk = set(re.findall(r"\(save #(\d+)\) is on disk; publishing it$", text, re.M))
+    ended = set(re.findall(r"trainctl: save #(\d+) \S+: \w+$", text, re.M))
+    failed = set(re.findall(r"could not be written", text))
+    return bool(started - on_disk) and not failed, bool(on_disk - ended)
 
 
 def _trial_cfg(run: Run, tmp_path: Path, index: int, max_steps: int) -> tuple[dict, Path]:
@@ -287,11 +290,6 @@ def _trial_cfg(run: Run, tmp_path: Path, index: int, max_steps: int) -> tuple[di
         },
         log,
     )
-
-
-def _session(log: Path) -> str | None:
-    match = re.search(r"^SESSION (\w+)$", _log_text(log), re.M)
-    return match.group(1) if match else None
 
 
 @pytest.mark.slow
@@ -346,7 +344,7 @@ def test_sigkill_at_random_moments_never_breaks_the_store_or_resume(s3, tmp_path
                 assert f"/{before_id}/" in text.split("RESUME ", 1)[1].splitlines()[0], context
             steps = [int(s) for s in re.findall(r"^STEP (\d+)$", text, re.M)]
 
-            writing, publishing = _in_flight(run, _session(log))
+            writing, publishing = _in_flight(log)
             published, new_orphans = _check_store(run, tmp_path, context)
             where = "mid-write" if writing else "mid-publish" if (publishing or new_orphans) else "between"
             kills.append(where)
@@ -372,11 +370,10 @@ def test_sigkill_at_random_moments_never_breaks_the_store_or_resume(s3, tmp_path
             _check_store(run, tmp_path, context)
             assert run.latest_step == max_steps, f"{context}: latest published step {run.latest_step}"
             # What killed runs left in the shared local folder was cleaned up, never published.
-            staging = run.ckpt_dir / STAGING_DIR
-            left = sorted(p.name for p in staging.iterdir()) if staging.exists() else []
-            assert not left, f"{context}: staging files left behind: {left}"
-            tmps = sorted(p.name for p in run.ckpt_dir.glob(".*.tmp"))
-            assert not tmps, f"{context}: temporary files left behind: {tmps}"
+            hidden = sorted(p.name for p in run.ckpt_dir.iterdir() if p.name.startswith("."))
+            assert not hidden, f"{context}: temporary files left behind: {hidden}"
+            placeholders = sorted(p.name for p in run.ckpt_dir.glob("*.ckpt") if p.read_bytes() == PENDING_MARKER)
+            assert not placeholders, f"{context}: placeholders of unfinished saves left behind: {placeholders}"
     finally:
         zygote.close()
 

@@ -29,7 +29,7 @@ from tests.helpers.faults import FailingDisk
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from tests.helpers.stores import WrapSyncStore
 from trainctl_lightning import CheckpointSync, RunStore, UploadError, resume_path
-from trainctl_lightning.checkpoint.io import STAGING_DIR
+from trainctl_lightning.checkpoint.io import PENDING_MARKER
 from trainctl_lightning.checkpoint.publisher import PublishState
 from trainctl_lightning.store.layout import CHECKPOINT_MANIFEST
 
@@ -63,11 +63,10 @@ def _tree(root: Path, *skip: Path) -> dict[str, tuple[int, int]]:
 
 
 def _local_state(folder: Path) -> tuple[list[str], list[str]]:
-    """(checkpoint files in ``folder``, leftovers: staging, partial or temporary files)."""
-    ckpts = sorted(p.name for p in folder.glob("*.ckpt"))
-    staging = folder / STAGING_DIR
-    leftovers = sorted(p.name for p in staging.iterdir()) if staging.is_dir() else []
-    leftovers += sorted(p.name for p in folder.glob(".*.tmp"))
+    """(checkpoint files in ``folder``, leftovers: hidden, temporary or placeholder files)."""
+    ckpts = sorted(p.name for p in folder.glob("*.ckpt") if p.read_bytes() != PENDING_MARKER)
+    leftovers = sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or not p.name.endswith(".ckpt"))
+    leftovers += sorted(p.name for p in folder.glob("*.ckpt") if p.read_bytes() == PENDING_MARKER)
     return ckpts, leftovers
 
 
@@ -191,7 +190,7 @@ def test_a_failed_upload_keeps_the_previous_checkpoint_in_the_store_and_stops_lo
 
 def test_sigkill_mid_publish_leaves_the_newest_complete_checkpoint_to_resume_from(file_url, tmp_path):
     """A deterministic kill at the worst moment (the random ones are in test_crash_safety.py):
-    the second checkpoint's data is in the store and its staging copy on disk, its manifest not
+    the second checkpoint's data is in the store and complete on local disk, its manifest not
     yet written."""
     ckpts = tmp_path / "c"
     log = tmp_path / "train.log"
@@ -207,9 +206,9 @@ def test_sigkill_mid_publish_leaves_the_newest_complete_checkpoint_to_resume_fro
     checkpoints = Path(store.objects.path("checkpoints"))
 
     def half_published() -> bool:
-        staged = list((ckpts / STAGING_DIR).glob("*epoch=1.ckpt")) if (ckpts / STAGING_DIR).is_dir() else []
+        uploaded = log.is_file() and "UPLOADED epoch=1.ckpt" in log.read_text()
         folders = [f for f in checkpoints.iterdir() if not (f / CHECKPOINT_MANIFEST).exists()] if checkpoints.is_dir() else []
-        return bool(staged and any((f / "epoch=1.ckpt").is_file() for f in folders))
+        return uploaded and any((f / "epoch=1.ckpt").is_file() for f in folders)
 
     try:
         wait_until(lambda: half_published() or proc.poll() is not None, timeout=120, what="epoch=1.ckpt to be half published")

@@ -72,6 +72,8 @@ def run_trial(cfg: dict) -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("trainctl_lightning").setLevel(logging.INFO)
+    # what tests/test_crash_safety.py reads to tell where a kill landed (writing, publishing)
+    logging.getLogger("trainctl_lightning.checkpoint").setLevel(logging.DEBUG)
     url = cfg["url"]
     print(f"BOOT pid={os.getpid()} url={url}", flush=True)
     path = resume_path(url, cache_dir=cfg["cache_dir"])

@@ -335,8 +335,11 @@ class SnapshotCheckpointIO(CheckpointIO):
         with self._written_lock:
             reservation = self._reserved.get(path)
             if reservation is None:
-                os.makedirs(os.path.dirname(path), exist_ok=True)  # as TorchCheckpointIO does
-                reservation = _Reservation(_create_placeholder(path))
+                folder = os.path.dirname(path)
+                if self._own_format:
+                    os.makedirs(folder, exist_ok=True)  # as TorchCheckpointIO does
+                # A configured IO finds a missing folder missing, as it would without us.
+                reservation = _Reservation(_create_placeholder(path) if os.path.isdir(folder) else None)
                 self._reserved[path] = reservation
             reservation.pending += 1
             return reservation
@@ -661,21 +664,21 @@ class SnapshotCheckpointIO(CheckpointIO):
         they would have after a synchronous save)."""
         unnamed = _can_link_unnamed(target.parent)
         tmp = target.with_name(f".{target.name}.{self.session}.tmp")
-        named = False
+        folder = str(target.parent)
+
+        def opener(path: str, flags: int) -> int:
+            if unnamed:  # no name at all while it is written
+                return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+
+        named = not unnamed
         fd = -1
-        if unnamed:
-            try:
-                fd = os.open(target.parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
-            except OSError:  # not on this file system
-                unnamed = False
         try:
-            if not unnamed:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-                named = True
             # Straight to disk: Lightning's own writer would first build the whole file in a
             # BytesIO, tripling the host memory a large checkpoint needs. Through a Python file
             # so that a failed write keeps its errno (torch wraps it in a RuntimeError).
-            with open(os.dup(fd), "wb", closefd=True) as out:
+            with open(tmp, "wb", opener=opener) as out:
+                fd = os.dup(out.fileno())
                 torch.save(op.snapshot.checkpoint, out)
                 out.flush()
                 os.fsync(out.fileno())

@@ -1,0 +1,1 @@
+"""Differential conformance tests: Lightning with and without trainctl's plugins."""
