@@ -77,9 +77,7 @@ def test_a_write_that_outlasts_flush_timeout_is_named_as_unfinished(file_url, tm
     finally:
         disk_back.set()
         # The name was reserved (a placeholder) from the save on, and holds the checkpoint once written.
-        wait_until(
-            lambda: (tmp_path / "c" / STEP2).read_bytes() != PENDING_MARKER, timeout=15, what="the held write to end"
-        )
+        wait_until(lambda: (tmp_path / "c" / STEP2).read_bytes() != PENDING_MARKER, timeout=15, what="the held write to end")
     # The write that completed after the flush left its file, and nothing else.
     assert os.listdir(tmp_path / "c") == [STEP2]
     assert RunStore(file_url).list_checkpoints() == [], "nothing was published after the flush ended"

@@ -205,7 +205,7 @@ def test_storage_options_reach_a_custom_checkpoint_io(tmp_path):
 
 
 # ------------------------------------------------------------ ModelCheckpoint options
-_OPTIONS = {
+_OPTIONS: dict[str, dict[str, Any]] = {
     "top_k_1": dict(save_top_k=1, monitor="step", mode="max"),
     "top_k_2": dict(save_top_k=2, monitor="step", mode="min"),
     "top_k_all": dict(save_top_k=-1, monitor="step", mode="max"),

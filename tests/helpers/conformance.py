@@ -117,7 +117,7 @@ class RecordingCheckpointIO(CheckpointIO):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(checkpoint, path)
 
-    def load_checkpoint(self, path: Any, storage_options: Any | None = None, weights_only: bool = True) -> dict[str, Any]:
+    def load_checkpoint(self, path: Any, storage_options: Any | None = None, weights_only: bool | None = True) -> dict[str, Any]:
         self.calls.append(("load", str(path), {"storage_options": storage_options, "weights_only": weights_only}))
         return torch.load(path, weights_only=False)
 

@@ -831,7 +831,9 @@ def _can_link_unnamed(folder: Path) -> bool:
             _link_unnamed(fd, probe)
             ok = True
         except OSError as exc:
-            log.debug("trainctl: no unnamed files in %s (%s): the temporary name shows while a checkpoint is written", folder, exc)
+            log.debug(
+                "trainctl: no unnamed files in %s (%s): the temporary name shows while a checkpoint is written", folder, exc
+            )
         finally:
             os.close(fd)
             probe.unlink(missing_ok=True)

@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from fsspec.callbacks import Callback
@@ -451,4 +450,3 @@ def _show_progress(publisher: Publisher, jobs: list[PublishJob], deadline: float
             if not left or (deadline is not None and time.monotonic() >= deadline):
                 return
             left[0].done.wait(0.2)
-
