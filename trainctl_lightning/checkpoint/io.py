@@ -123,12 +123,15 @@ class _Save:
     meta: dict[str, Any]
     written: threading.Event
     reservation: _Reservation
+    given: Any
+    """The path as Lightning gave it (what a configured IO is called with)."""
 
 
 @dataclass
 class _Remove:
     path: str
     after_seq: int
+    given: Any = None
 
 
 @dataclass
@@ -293,7 +296,7 @@ class SnapshotCheckpointIO(CheckpointIO):
                 " to define how you'd like to use `storage_options`."
             )
         self._raise_writer_error()
-        path = _local_path(path)
+        given, path = path, _local_path(path)
         run = self._ensure_started()
         started = time.perf_counter()
         if not self._slots.acquire(blocking=False):
@@ -326,7 +329,7 @@ class SnapshotCheckpointIO(CheckpointIO):
         with self._submit_lock:
             run.unwritten[self._seq] = path
         log.debug("trainctl: writing %s (save #%d)", path, self._seq)
-        run.ops.put(_Save(self._seq, snapshot, path, storage_options, meta, written, reservation))
+        run.ops.put(_Save(self._seq, snapshot, path, storage_options, meta, written, reservation, given))
         if not self.active:
             self._flush_or_raise()
 
@@ -353,7 +356,7 @@ class SnapshotCheckpointIO(CheckpointIO):
             return
         self._raise_writer_error()
         run = self._ensure_started()
-        run.ops.put(_Remove(_local_path(path), self._seq))
+        run.ops.put(_Remove(_local_path(path), self._seq, path))
         if not self.active:
             self._flush_or_raise()
 
@@ -616,7 +619,7 @@ class SnapshotCheckpointIO(CheckpointIO):
                         placed = (stat.st_dev, stat.st_ino)
                 else:
                     # The configured IO writes, to the target path, with Lightning's arguments.
-                    self.inner.save_checkpoint(op.snapshot.checkpoint, op.path, storage_options=op.storage_options)
+                    self.inner.save_checkpoint(op.snapshot.checkpoint, op.given, storage_options=op.storage_options)
                     fd, placed = _private_copy(target)
             finally:
                 op.snapshot = None  # type: ignore[assignment]  # free host memory
@@ -743,7 +746,7 @@ class SnapshotCheckpointIO(CheckpointIO):
                 why,
             )
             return
-        self.inner.remove_checkpoint(op.path)
+        self.inner.remove_checkpoint(op.path if op.given is None else op.given)
         with self._written_lock:
             reservation = self._reserved.get(op.path)
             if reservation is not None:  # saved again after this removal: keep the name taken
