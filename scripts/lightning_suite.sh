@@ -66,6 +66,9 @@ if [ -z "$PY" ]; then
     if [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python; else PY=python3; fi
 fi
 command -v "$PY" >/dev/null || die "--python '$PY': no such interpreter"
+# the runs cd into the extracted tests: make paths absolute (without resolving a venv's symlink)
+case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac
+mkdir -p "$(dirname "$VENV")" && VENV=$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")
 
 # The selection (paths under tests/tests_pytorch); lightning_suite_plugin.py knows the same files.
 SELECTION=(
@@ -152,9 +155,10 @@ fi
 # --- Lightning's tests ----------------------------------------------------------------------
 if [ -d "$SOURCE" ]; then
     GITDIR=$SOURCE
-    TAGS=$(git -C "$GITDIR" tag -l)
+    TAGS=$(git -C "$GITDIR" tag -l) || die "--source '$SOURCE' is a folder but not a git repository of Lightning"
 else
-    TAGS=$(git ls-remote --tags --refs "$SOURCE" | sed 's#.*refs/tags/##') || die "cannot list the tags of $SOURCE"
+    TAGS=$(git ls-remote --tags --refs "$SOURCE" | sed 's#.*refs/tags/##') \
+        || die "cannot list the tags of '$SOURCE': give --source a local git repository of Lightning or a reachable git URL"
 fi
 if [ -z "$REF" ]; then
     RELEASES=$(grep -E '^[0-9]+\.[0-9]+\.[0-9]+$' <<<"$TAGS" || true)
