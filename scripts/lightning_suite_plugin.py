@@ -40,17 +40,15 @@ LOGGER_MATRIX_FILE = "loggers/test_all.py"
 
 # "<file>::<test function>" (every parametrisation) -> why it says nothing about our plugins.
 # Deselected in BOTH runs, and printed by the script.
-_MOCKS_TORCH_SAVE = (
-    "mocks torch.save and counts its calls: CheckpointSync writes its own snapshot with torch.save "
-    "in the background, so the count measures how many writers exist, not what Lightning saved"
-)
-EXCLUDED: dict[str, str] = {
-    "checkpointing/test_checkpoint_callback_frequency.py::test_default_checkpoint_freq": _MOCKS_TORCH_SAVE,
-    "checkpointing/test_checkpoint_callback_frequency.py::test_top_k": _MOCKS_TORCH_SAVE,
-    "checkpointing/test_checkpoint_callback_frequency.py::test_top_k_ddp": _MOCKS_TORCH_SAVE,
-    "checkpointing/test_model_checkpoint.py::test_model_checkpoint_no_extraneous_invocations": _MOCKS_TORCH_SAVE
-    + " (replaces torch.save with a Mock(wraps=torch.save) in on_train_start)",
-}
+# None is needed now. Tests that mock torch.save and count its calls (test_default_checkpoint_freq,
+# test_top_k, test_top_k_ddp, test_model_checkpoint_no_extraneous_invocations) were excluded while
+# CheckpointSync wrote its own snapshot files; since issue 12 they pass with our plugins attached
+# (one torch.save per save, as TorchCheckpointIO does), so the exclusion would only hide a change.
+# LIGHTNING_SUITE_INCLUDE_EXCLUDED=1 runs excluded tests anyway, to see whether an entry still matters.
+EXCLUDED: dict[str, str] = {}
+
+#: ``LIGHTNING_SUITE_INCLUDE_EXCLUDED=1`` runs them anyway, to see whether an exclusion still matters.
+_INCLUDE_EXCLUDED = os.environ.get("LIGHTNING_SUITE_INCLUDE_EXCLUDED") == "1"
 
 _state: dict[str, Any] = {"store": None, "stores": 0}
 
@@ -142,7 +140,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         rel = _relpath(Path(str(item.path)))
         key = f"{rel}::{getattr(item, 'originalname', item.name)}"
-        (drop if key in EXCLUDED else keep).append(item)
+        (drop if key in EXCLUDED and not _INCLUDE_EXCLUDED else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
