@@ -531,6 +531,9 @@ class _WriterThread(threading.Thread):
             self.join(timeout)
 
 
+_LIGHTNING_MODULES = ("lightning.", "pytorch_lightning.")
+
+
 def _trainer_from_stack(max_depth: int = 8) -> pl.Trainer | None:
     """The Trainer whose logger connector is calling us.
 
@@ -538,11 +541,18 @@ def _trainer_from_stack(max_depth: int = 8) -> pl.Trainer | None:
     ``log_hyperparams`` call comes from Lightning code holding one (``self.trainer`` in the
     logger connector, ``trainer`` in ``_log_hyperparams``). This is the only place we look at
     Lightning's call stack; ``tests/test_lifecycle.py`` fails loudly if it stops working.
+
+    Only Lightning's own frames are read: reading a frame's ``f_locals`` (Python < 3.13) leaves a
+    snapshot of its variables on it, which would keep the caller's objects (the reporter itself)
+    alive for as long as a long-lived user function runs.
     """
     frame: FrameType | None = sys._getframe(2)
     for _ in range(max_depth):
         if frame is None:
             return None
+        if not str(frame.f_globals.get("__name__", "")).startswith(_LIGHTNING_MODULES):
+            frame = frame.f_back
+            continue
         for name in ("trainer", "self"):
             candidate = frame.f_locals.get(name)
             if isinstance(candidate, pl.Trainer):
