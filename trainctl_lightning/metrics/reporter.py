@@ -393,9 +393,9 @@ class _Writer:
             if thread.is_alive():
                 log.error("trainctl: the metrics writer for %s did not finish its last write in time", self._url())
                 return
-        elif self.started and (final_status or self.buffer):
-            # Its thread is gone (stopped by someone else): the last write here. A segment whose
-            # last write failed is not retried from here (a finalizer may run on any thread).
+        elif self.started and (final_status or (self.buffer and self.unwritten is None)):
+            # Its thread is gone (stopped by someone else): the last write here. After a last
+            # write that failed, a finalizer (any thread, or exit) does not try the store again.
             with self.io_lock:
                 self.flush(final=True)
                 self.write_status(final=True)
@@ -416,7 +416,9 @@ class _Writer:
                 next_status = now + self.status_interval
             if stop:
                 with self.lock:
-                    if not self.buffer:  # nothing arrived during the last write: done
+                    # done, unless records arrived during a last write that worked (then once more);
+                    # when the store fails, what is left stays unwritten (each failure was logged)
+                    if not self.buffer or self.unwritten is not None:
                         self.closed = True
                         return
                 continue
