@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -214,6 +215,7 @@ def test_write_failures_never_stop_training(s3, caplog):
         trainer.fit(TinyRegressor())
     assert trainer.global_step == 30
     assert reporter.write_errors > 0 and "could not write" in caplog.text
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("trainctl-")], "a failing store keeps no thread"
 
 
 @pytest.mark.parametrize(

@@ -72,9 +72,9 @@ def test_metrics_segments_after_a_lost_reply_are_written_once_and_the_buffer_dra
     step = 0
     for _ in range(4):  # four flushes (the writer thread's ticks), a few records before each
         for _ in range(3):
-            reporter._buffer.append(("m", 0.0, step, {"loss": float(step)}))
+            reporter._writer.buffer.append(("m", 0.0, step, {"loss": float(step)}))
             step += 1
-        reporter._flush_segment()
+        reporter._writer.flush()
 
     assert len(lost.lost) == 1 and reporter.write_errors == 1, "no segment lost its reply: the case did not happen"
     lost_name = lost.lost[0].rsplit("/", 1)[-1]
@@ -82,7 +82,7 @@ def test_metrics_segments_after_a_lost_reply_are_written_once_and_the_buffer_dra
     assert names[0] == lost_name, "the segment whose reply was lost is not the first one in the store"
     assert len(names) == 4, f"after the lost reply the segments did not go on one per flush: {names}"
     assert [r.step for r in read_metrics(url)] == list(range(step)), "records lost or written twice"
-    assert reporter._buffer == [] and reporter._unwritten is None
+    assert reporter._writer.buffer == [] and reporter._writer.unwritten is None
 
 
 def test_a_fit_whose_first_metrics_reply_is_lost_reports_every_step_once(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,15 +94,15 @@ def test_a_fit_whose_first_metrics_reply_is_lost_reports_every_step_once(url: st
     assert lost.lost, "no segment lost its reply: the case did not happen"
     steps = [r.step for r in read_metrics(url) if "train_loss" in r.metrics]
     assert steps == list(range(trainer.global_step)), "records lost or written twice"
-    assert reporter._buffer == [] and reporter._unwritten is None
+    assert reporter._writer.buffer == [] and reporter._writer.unwritten is None
 
 
 def test_a_metrics_segment_name_taken_by_another_object_moves_to_the_next_name(url: str) -> None:
     reporter = MetricsReporter(url, flush_interval=0.05)
-    reporter.store.objects.write(f"{layout.METRICS}/{reporter._segment_name()}", b"not ours\n", create_only=True)
-    reporter._buffer.append(("m", 0.0, 3, {"loss": 1.5}))
-    reporter._flush_segment()
-    assert reporter._unwritten is None and reporter._buffer == []
+    reporter.store.objects.write(f"{layout.METRICS}/{reporter._writer.segment_name()}", b"not ours\n", create_only=True)
+    reporter._writer.buffer.append(("m", 0.0, 3, {"loss": 1.5}))
+    reporter._writer.flush()
+    assert reporter._writer.unwritten is None and reporter._writer.buffer == []
     segments = dict(RunStore(url).read_metrics_segments())
     assert len(segments) == 2 and b"not ours\n" in segments.values()
     assert [(r.step, r.metrics) for r in read_metrics(url)] == [(3, {"loss": 1.5})]

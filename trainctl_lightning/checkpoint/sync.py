@@ -28,7 +28,7 @@ from trainctl_lightning.errors import (
 from trainctl_lightning.jobs.spec import SAVE_NOW_SIGNAL
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RunStore, layout, validate_url
-from trainctl_lightning.store.credentials import without_credentials
+from trainctl_lightning.store.credentials import pickled_options
 from trainctl_lightning.store.layout import RUN_URL_ENV
 from trainctl_lightning.store.manifest import CheckpointManifest
 from trainctl_lightning.timeutil import utc_now
@@ -162,9 +162,10 @@ class CheckpointSync(Callback):
         return f"CheckpointSync({self.url!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        # Pickled when RemoteStrategy ships the callback: credentials stay on this machine.
+        # Pickled when RemoteStrategy ships the callback: credentials stay on this machine (they go
+        # only to a child process being spawned here, through its pipe: ddp_spawn; see pickled_options).
         state = self.__dict__.copy()
-        state["storage_options"] = without_credentials(self.storage_options, repr(self))
+        state["storage_options"] = pickled_options(self.storage_options, repr(self))
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -169,6 +169,7 @@ def _fresh_reduce(obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
             "flush_interval": obj.flush_interval,
             "flush_every": obj.flush_every,
             "status_interval": obj.status_interval,
+            "prefix": obj.prefix,
         }
         return _rebuild, (type(obj), (obj.url,), options)
     return None

@@ -7,6 +7,10 @@ their ``storage_options`` whose name looks like a credential (``key``, ``secret`
 is dropped, and the names (never the values) are logged. The rest (``endpoint_url``,
 ``client_kwargs.region_name``, ...) travels. On the instance the store client resolves its own
 credentials from its environment or role, the way boto3 and fsspec always do.
+
+The one pickle that keeps them is a child process this machine starts with ``multiprocessing``
+(``strategy="ddp_spawn"``): its arguments go through a pipe to it, never into a file or the store
+(:func:`pickled_options`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import re
 from typing import Any
 
-__all__ = ["is_credential_name", "without_credentials"]
+__all__ = ["is_credential_name", "pickled_options", "without_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,22 @@ def without_credentials(options: dict[str, Any], owner: str) -> dict[str, Any]:
             ", ".join(dropped),
         )
     return kept
+
+
+def pickled_options(options: dict[str, Any], owner: str) -> dict[str, Any]:
+    """What of ``options`` an object's pickle may hold: all of them when the pickle starts a child
+    process of this machine, otherwise :func:`without_credentials`.
+
+    ``multiprocessing`` (spawn, forkserver; Lightning's ``ddp_spawn``) pickles a new process's
+    arguments into a pipe to it, never to a file or the store; the child needs the same
+    credentials as its parent to write where its parent would. Every other pickle (the remote
+    payload, a user's ``pickle.dumps``) goes without them.
+    """
+    from multiprocessing import context
+
+    if context.get_spawning_popen() is not None:
+        return dict(options)
+    return without_credentials(options, owner)
 
 
 def _strip(options: dict[str, Any], prefix: str, dropped: list[str]) -> dict[str, Any]:
