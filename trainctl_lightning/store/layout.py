@@ -22,6 +22,7 @@ Nothing here touches storage::
 from __future__ import annotations
 
 __all__ = [
+    "ATTEMPT_ENV",
     "CANCEL",
     "CHECKPOINTS",
     "CHECKPOINT_MANIFEST",
@@ -34,6 +35,7 @@ __all__ = [
     "LAUNCHER_HEARTBEAT",
     "LOGS",
     "METRICS",
+    "RECOVER_ENV",
     "REMOTE_PAYLOAD",
     "REMOTE_RESULT",
     "RUN_MARKERS",
@@ -93,6 +95,11 @@ DIST = "_dist"
 
 #: Set by the trainctl agent on an instance: the run's store URL, used when none is given.
 RUN_URL_ENV = "TRAINCTL_RUN_URL"
+RECOVER_ENV = "TRAINCTL_RECOVER"
+"""Set to ``1`` by the agent for the job of a managed run (``--recover``): ``CheckpointSync``
+then resumes ``fit`` from the run's newest complete checkpoint without user code."""
+ATTEMPT_ENV = "TRAINCTL_ATTEMPT"
+"""The attempt number (1 for the first start, 2 for the first replacement, ...), set by the agent."""
 
 # ----------------------------------------------------------------------------- tags
 TAG_MANAGED_BY = "trainctl:managed-by"
