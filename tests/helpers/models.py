@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, TensorDataset
@@ -61,3 +63,44 @@ def trainer_kwargs(**overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class ResumableLoader:
+    """The batches of a fixed regression problem, in order, with their position saved in checkpoints.
+
+    Lightning saves ``state_dict()`` of a train loader that has one (its stateful-loader protocol)
+    and loads it on resume, so a fit resumed mid-epoch sees exactly the batches an uninterrupted
+    fit would have. It has a length, so Lightning does not fetch ahead of the batch it trains on.
+    """
+
+    def __init__(self, seed: int = 0, n: int = 64, batch_size: int = 8) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = self.x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g)
+        self.batch_size = batch_size
+        self._yielded = 0  # batches handed out in the current epoch
+        self._skip = 0  # batches to skip at the next iter() (set by load_state_dict)
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start, self._skip = self._skip, 0
+        self._yielded = start
+        for i in range(start, len(self)):
+            self._yielded = i + 1
+            s = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            yield self.x[s], self.y[s]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches", 0)) % len(self)
+
+
+class ResumableRegressor(TinyRegressor):
+    """TinyRegressor trained from a :class:`ResumableLoader`: resuming it is exact."""
+
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(seed=0)

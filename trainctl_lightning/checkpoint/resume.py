@@ -13,8 +13,9 @@ from trainctl_lightning.errors import ConfigError, IntegrityError
 from trainctl_lightning.paths import make_private_dir
 from trainctl_lightning.store import RunStore
 from trainctl_lightning.store.layout import RUN_URL_ENV
+from trainctl_lightning.store.manifest import CheckpointManifest
 
-__all__ = ["CACHE_ENV", "DEFAULT_CACHE_KEEP", "default_cache_dir", "prune_cache", "resume_path"]
+__all__ = ["CACHE_ENV", "DEFAULT_CACHE_KEEP", "default_cache_dir", "prune_cache", "resume_checkpoint", "resume_path", "run_cache_dir"]
 
 CACHE_ENV = "TRAINCTL_CACHE_DIR"
 DEFAULT_CACHE_KEEP = 3
@@ -64,6 +65,28 @@ def resume_path(
 
         trainer.fit(model, ckpt_path=resume_path("s3://bucket/runs/exp1"))
     """
+    found = resume_checkpoint(
+        url, storage_options=storage_options, cache_dir=cache_dir, fallback=fallback, cache_keep=cache_keep
+    )
+    return found[1] if found is not None else None
+
+
+def resume_checkpoint(
+    url: str | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    fallback: bool = True,
+    cache_keep: int = DEFAULT_CACHE_KEEP,
+) -> tuple[CheckpointManifest, str] | None:
+    """:func:`resume_path`, also returning the manifest of the checkpoint it chose.
+
+    Returns:
+        ``(manifest, local path)``, or None when the run has no checkpoint yet.
+
+    Raises:
+        IntegrityError, StoreError: as :func:`resume_path`.
+    """
     url = url if url is not None else os.environ.get(RUN_URL_ENV)
     if isinstance(cache_keep, bool) or not isinstance(cache_keep, int) or cache_keep < 1:
         raise ConfigError(f"resume_path(cache_keep={cache_keep!r}): keep at least 1 checkpoint in the cache")
@@ -73,8 +96,7 @@ def resume_path(
     candidates = store.list_checkpoints()[::-1]
     if not candidates:
         return None
-    run_key = hashlib.sha256(store.url.encode()).hexdigest()[:16]
-    dest = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "checkpoints" / run_key
+    dest = run_cache_dir(store.url, cache_dir)
     make_private_dir(dest)  # checkpoints are the user's data: the cache is theirs only (0700)
     for manifest in candidates:
         try:
@@ -86,8 +108,14 @@ def resume_path(
             continue
         os.utime(dest / manifest.id)  # "most recently used", for the pruning below
         prune_cache(dest, keep=cache_keep, protect=manifest.id)
-        return str(path)
+        return manifest, str(path)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def run_cache_dir(run_url: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder of ``resume_path``'s cache that holds one run's checkpoints (one sub-folder per id)."""
+    run_key = hashlib.sha256(run_url.encode()).hexdigest()[:16]
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "checkpoints" / run_key
 
 
 def prune_cache(folder: str | os.PathLike[str], *, keep: int = DEFAULT_CACHE_KEEP, protect: str = "") -> list[str]:

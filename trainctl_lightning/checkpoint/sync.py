@@ -19,17 +19,20 @@ from typing_extensions import override
 
 from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
 from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, PublishState
+from trainctl_lightning.checkpoint.resume import resume_checkpoint, run_cache_dir
 from trainctl_lightning.errors import (
     ConfigError,
+    IntegrityError,
     StoreError,
     TrainctlError,
     UploadError,
 )
 from trainctl_lightning.jobs.spec import SAVE_NOW_SIGNAL
+from trainctl_lightning.remote import _lightning
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.store import RunStore, layout, validate_url
 from trainctl_lightning.store.credentials import pickled_options
-from trainctl_lightning.store.layout import RUN_URL_ENV
+from trainctl_lightning.store.layout import ATTEMPT_ENV, RECOVER_ENV, RUN_URL_ENV
 from trainctl_lightning.store.manifest import CheckpointManifest
 from trainctl_lightning.timeutil import utc_now
 
@@ -56,6 +59,17 @@ class CheckpointSync(Callback):
     In a multi-process fit the ranks agree at every batch end, with a one-int all-reduce on CPU
     (gloo), so a request that reached rank zero alone is saved by all of them together.
 
+    **Automatic resume.** In a managed run (``trainctl launch --recover``: the agent sets
+    ``$TRAINCTL_RECOVER=1``), or with ``resume=True``, ``trainer.fit(model)`` without
+    ``ckpt_path`` starts from the run's newest complete checkpoint (a ``preempt-step=N.ckpt`` taken
+    after a spot notice, when that is the newest), downloaded and verified as by
+    :func:`~trainctl_lightning.resume_path` (a damaged newest one is skipped with a logged error
+    for the next older one), and restored like ``fit(ckpt_path=...)``: weights, optimizer, loops
+    and callbacks. A ``ckpt_path`` the user passes wins; with no checkpoint yet fit starts fresh.
+    validate/test/predict never resume. In a multi-process fit rank zero chooses the checkpoint
+    and broadcasts it; a rank that cannot see rank zero's file (another machine) downloads the same
+    checkpoint into its own cache folder. :attr:`resumed_from` names the checkpoint used.
+
     Args:
         url: fsspec URL of the run, e.g. ``"s3://bucket/runs/exp1"`` or ``"file:///data/exp1"``.
             Defaults to ``$TRAINCTL_RUN_URL`` (set when launched by trainctl).
@@ -81,6 +95,9 @@ class CheckpointSync(Callback):
         check_store: write a probe object at setup to fail fast on a bad URL or credentials.
         request_timeout: seconds a requested checkpoint may hold training up while it is
             published (a spot notice leaves about 120).
+        resume: where ``fit`` without ``ckpt_path`` starts: ``None`` (default) resumes from the
+            run's newest checkpoint only in a managed run (``$TRAINCTL_RECOVER`` is ``1``),
+            ``True`` always does when there is one, ``False`` never does.
 
     Raises:
         ConfigError: an argument is invalid (raised here, before training).
@@ -111,6 +128,7 @@ class CheckpointSync(Callback):
         flush_timeout: float | None = 900.0,
         check_store: bool = True,
         request_timeout: float = 90.0,
+        resume: bool | None = None,
     ) -> None:
         url = url if url is not None else os.environ.get(RUN_URL_ENV)
         if url is not None:
@@ -132,7 +150,13 @@ class CheckpointSync(Callback):
             raise ConfigError(f"CheckpointSync(flush_timeout={flush_timeout!r}): must be seconds >= 0 or None")
         if not (request_timeout >= 0 and math.isfinite(request_timeout)):
             raise ConfigError(f"CheckpointSync(request_timeout={request_timeout!r}): must be a number of seconds >= 0")
+        if resume is not None and not isinstance(resume, bool):
+            raise ConfigError(
+                f"CheckpointSync(resume={resume!r}): must be True, False or None "
+                f"(None: resume only in a managed run, where ${RECOVER_ENV}=1)"
+            )
         self.url: str | None = url
+        self.resume = resume
         self.storage_options = dict(storage_options or {})
         self.keep_last = keep_last
         self.mirror_deletes = mirror_deletes
@@ -157,6 +181,7 @@ class CheckpointSync(Callback):
         self._signal_handler: Callable[[int, FrameType | None], None] | None = None
         self._previous_handler: Callable[[int, FrameType | None], Any] | int | None = None
         self._vote_group: Any = None  # gloo group of a multi-process fit, for the per-batch request vote
+        self._resumed_from: CheckpointManifest | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointSync({self.url!r})"
@@ -184,6 +209,20 @@ class CheckpointSync(Callback):
     def last_flush(self) -> FlushResult | None:
         """Outcome of the latest end-of-fit flush (published / failed / unfinished names)."""
         return self._io.last_flush if self._io is not None else None
+
+    @property
+    def resumed_from(self) -> str | None:
+        """Id of the checkpoint the latest ``fit`` resumed from automatically (None: it did not)."""
+        return self._resumed_from.id if self._resumed_from is not None else None
+
+    @property
+    def resumed_from_manifest(self) -> CheckpointManifest | None:
+        """Manifest of that checkpoint (name, global step, ...); None when it did not resume."""
+        return self._resumed_from
+
+    def resumes(self) -> bool:
+        """Whether ``fit`` without ``ckpt_path`` resumes here: ``resume``, else ``$TRAINCTL_RECOVER == "1"``."""
+        return self.resume if self.resume is not None else os.environ.get(RECOVER_ENV) == "1"
 
     def request_checkpoint(self, name: str = "requested") -> None:
         """Save a checkpoint at the end of the current training batch and publish it at once.
@@ -246,6 +285,10 @@ class CheckpointSync(Callback):
             kind, message = error
             raise (ConfigError if kind == "ConfigError" else StoreError)(message)
         self._vote_group = _cpu_group(trainer)  # every rank creates it
+        self._resumed_from = None
+        if self.resumes():
+            # Lightning resolved ckpt_path before any setup hook: choose when it restores (every rank)
+            _lightning.choose_fit_checkpoint(trainer, lambda given: self._resume_checkpoint(trainer, given))
         if not trainer.is_global_zero:
             return
         self._end_error = None
@@ -308,6 +351,7 @@ class CheckpointSync(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            _lightning.clear_fit_checkpoint_choice(trainer)
             self._restore_signal_handler()
             self._release_vote_group()
         if self._io is None or stage != "fit":
@@ -325,6 +369,7 @@ class CheckpointSync(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_signal_handler()  # Lightning runs no teardown hooks after an exception
+        _lightning.clear_fit_checkpoint_choice(trainer)  # a fit that failed before restoring
         self._release_vote_group()
         if self._io is not None and exception is self._end_error:
             # Our own end-of-fit error makes Lightning run every on_exception hook, and
@@ -341,6 +386,53 @@ class CheckpointSync(Callback):
         previous = state_dict.get("url")
         if previous and previous != self.url:
             log.info("trainctl: resuming a checkpoint that was synced to %s; now syncing to %s", previous, self.url)
+
+    # ------------------------------------------------------- automatic resume
+    def _resume_checkpoint(self, trainer: pl.Trainer, given: Any) -> Any:
+        """The path ``fit`` restores from: ``given`` when the user passed one, else the run's newest
+        checkpoint (rank zero chooses, every rank gets the same one), else None."""
+        why = f"resume={self.resume}" if self.resume is not None else f"${RECOVER_ENV}=1"
+        attempt = os.environ.get(ATTEMPT_ENV)
+        if attempt:
+            why += f", attempt {attempt}"
+        if given:
+            if trainer.is_global_zero:
+                log.info("trainctl: fit(ckpt_path=%r) given: not resuming automatically from %s (%s)", str(given), self.url, why)
+            return given
+        found: tuple[CheckpointManifest, str] | None = None
+        error: tuple[str, str] | None = None
+        if trainer.is_global_zero:
+            try:
+                found = resume_checkpoint(self.url, storage_options=self.storage_options)
+            except TrainctlError as exc:
+                error = (type(exc).__name__, str(exc))
+        found, error = trainer.strategy.broadcast((found, error), src=0)
+        if error:
+            kind, message = error
+            raise {"IntegrityError": IntegrityError, "ConfigError": ConfigError}.get(kind, StoreError)(
+                f"CheckpointSync({self.url!r}) cannot resume ({why}): {message}"
+            )
+        if found is None:
+            if trainer.is_global_zero:
+                log.info("trainctl: no checkpoint in %s yet: fit starts from scratch (%s)", self.url, why)
+            return None
+        manifest, path = found
+        if not os.path.exists(path):  # rank zero's cache is on another machine: fetch the same checkpoint
+            assert self.url is not None
+            store = RunStore(self.url, self.storage_options)
+            folder = run_cache_dir(store.url) / f"rank{trainer.global_rank}" / manifest.id
+            path = str(store.download_checkpoint(store.get_checkpoint(manifest.id), folder))
+        self._resumed_from = manifest
+        if trainer.is_global_zero:
+            log.info(
+                "trainctl: resuming from %s (step %s) of %s: checkpoint %s (%s)",
+                manifest.name,
+                manifest.global_step,
+                self.url,
+                manifest.id,
+                why,
+            )
+        return path
 
     # ------------------------------------------------------- checkpoint now
     def _save_now(self, trainer: pl.Trainer, name: str, requested_at: float) -> None:

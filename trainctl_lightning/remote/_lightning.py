@@ -1,4 +1,4 @@
-"""Every Lightning internal that ``RemoteStrategy`` relies on, in one place.
+"""Every Lightning internal that ``RemoteStrategy`` and ``CheckpointSync`` rely on, in one place.
 
 Supported: ``lightning>=2.4,<2.7`` (the range pinned in ``pyproject.toml``).
 ``tests/test_remote.py::test_lightning_internals_we_rely_on`` fails loudly if any of these moves.
@@ -22,12 +22,22 @@ What is used, and why it is needed:
 - ``trainer.fit_loop.epoch_progress`` and the epoch loop's optimizer-step progress: the
   counters behind ``trainer.current_epoch`` / ``trainer.global_step``, set locally from the
   remote run's final values.
+- ``trainer._checkpoint_connector._restore_modules_and_callbacks(checkpoint_path, ...)``:
+  ``Trainer._run`` calls it with the ``ckpt_path`` that ``_fit_impl`` resolved, *after* every
+  ``setup`` hook (before ``strategy.setup`` or, for strategies that restore after setup, just
+  after it). The path is a local of ``_run`` by then, so a callback cannot change it through the
+  public ``trainer.ckpt_path`` (read in ``_fit_impl``, before any hook runs). Automatic resume
+  (``CheckpointSync``) shadows that method on the one connector instance, for one call, to pass
+  the run's newest checkpoint when the user passed none: Lightning then restores model, callbacks,
+  optimizers and loops from it exactly as for ``fit(ckpt_path=...)``
+  (:func:`choose_fit_checkpoint`).
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -36,9 +46,12 @@ from lightning.pytorch.strategies.launchers.launcher import _Launcher
 
 __all__ = [
     "ENTRIES",
+    "RESTORE_METHOD",
     "SUPPORTED_LIGHTNING",
     "Launcher",
     "captured_trainer_kwargs",
+    "choose_fit_checkpoint",
+    "clear_fit_checkpoint_choice",
     "entry_arguments",
     "impl_parameters",
     "public_parameters",
@@ -104,3 +117,35 @@ def set_progress(trainer: pl.Trainer, global_step: int, current_epoch: int) -> N
         loop.manual_optimization.optim_step_progress.total,
     ):
         counter.ready = counter.completed = global_step
+
+
+#: The connector method ``Trainer._run`` restores ``ckpt_path`` through (see the module docstring).
+RESTORE_METHOD = "_restore_modules_and_callbacks"
+
+
+def choose_fit_checkpoint(trainer: pl.Trainer, choose: Callable[[Any], Any]) -> None:
+    """Make the next ``fit`` restore of ``trainer`` load ``choose(path the user passed)``.
+
+    Call from a ``setup(stage="fit")`` hook, on every rank: ``choose`` runs once, on every rank,
+    at the point Lightning restores the checkpoint (collectives are allowed there), with the
+    resolved ``ckpt_path`` of ``fit`` (None when none was given), and returns the path to restore
+    from (None: start fresh). The override is removed by that call, or by
+    :func:`clear_fit_checkpoint_choice`; it never applies to validate/test/predict.
+    """
+    connector = trainer._checkpoint_connector
+    original = getattr(type(connector), RESTORE_METHOD)
+
+    def restore(checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> None:
+        clear_fit_checkpoint_choice(trainer)  # one call only: the class's method from now on
+        if trainer.state.fn == "fit":
+            checkpoint_path = choose(checkpoint_path)
+        original(connector, checkpoint_path, *args, **kwargs)
+
+    setattr(connector, RESTORE_METHOD, restore)  # an instance attribute shadows the class method
+
+
+def clear_fit_checkpoint_choice(trainer: pl.Trainer) -> None:
+    """Undo :func:`choose_fit_checkpoint` if it has not been used (a fit that failed before restoring)."""
+    connector = trainer._checkpoint_connector
+    if RESTORE_METHOD in vars(connector):
+        delattr(connector, RESTORE_METHOD)
