@@ -132,7 +132,7 @@ def test_a_preempt_checkpoint_taken_after_the_notice_is_resumed_from(file_url, t
     assert newest is not None and (newest.name, newest.global_step) == ("preempt-step=3.ckpt", 3)
     assert [m.global_step for m in RunStore(file_url).list_checkpoints()] == [2, 3]
 
-    trainer, _, sync, steps = _fit(file_url, tmp_path / "b", 6)
+    _, _, sync, steps = _fit(file_url, tmp_path / "b", 6)
     assert sync.resumed_from == newest.id
     assert steps.seen == [(4, 3), (5, 4), (6, 5)], "no step lost after the notice, none repeated"
 
@@ -147,7 +147,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_with_one_war
     store.objects.fs.pipe_file(data, bytes(raw))
 
     with caplog.at_level(logging.INFO, logger="trainctl_lightning"):
-        trainer, _, sync, steps = _fit(file_url, tmp_path / "b", 6)
+        _, _, sync, steps = _fit(file_url, tmp_path / "b", 6)
     assert sync.resumed_from == older.id
     assert steps.steps == [3, 4, 5, 6]
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("trainctl_lightning")]

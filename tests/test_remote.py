@@ -499,6 +499,46 @@ def test_lightning_internals_we_rely_on(models) -> None:
     assert inspect.signature(_lightning.captured_trainer_kwargs).parameters == {}
 
 
+def test_lightning_internals_auto_resume_relies_on(tmp_path: Path) -> None:
+    """Fails loudly when Lightning moves the restore CheckpointSync's automatic resume relies on:
+    ``Trainer._run`` restores ``ckpt_path`` through the connector's ``_restore_modules_and_callbacks``
+    after the ``setup`` hooks, and a path chosen there is restored like ``fit(ckpt_path=...)``."""
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    from tests.helpers.models import TinyRegressor, trainer_kwargs
+
+    method = getattr(_CheckpointConnector, _lightning.RESTORE_METHOD)
+    assert next(iter(list(inspect.signature(method).parameters)[1:])) == "checkpoint_path"
+    run = inspect.getsource(pl.Trainer._run)
+    setup, restore = run.index("_call_setup_hook("), run.index(f"{_lightning.RESTORE_METHOD}(ckpt_path")
+    assert setup < restore, "the setup hooks run before the checkpoint is restored"
+
+    first = pl.Trainer(**trainer_kwargs(max_steps=3, limit_val_batches=0), callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    first.fit(TinyRegressor())
+    saved = str(tmp_path / "epoch=0-step=3.ckpt")
+    asked: list[object] = []
+
+    class Choose(Callback):
+        def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+            _lightning.choose_fit_checkpoint(trainer, lambda given: asked.append(given) or saved)
+
+    trainer = pl.Trainer(**trainer_kwargs(max_steps=5, limit_val_batches=0), callbacks=[Choose()])
+    model = TinyRegressor()
+    trainer.fit(model)
+    assert asked == [None], "chosen once, told the user passed no ckpt_path"
+    assert trainer.ckpt_path == saved and trainer.global_step == 5
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 5, "loops restored from step 3"
+    assert _lightning.RESTORE_METHOD not in vars(trainer._checkpoint_connector), "one call only"
+    trainer.validate(model, dataloaders=model.val_dataloader(), verbose=False)
+    assert asked == [None] and trainer.ckpt_path is None, "never for validate"
+
+    unused = pl.Trainer(**trainer_kwargs())
+    _lightning.choose_fit_checkpoint(unused, lambda given: saved)
+    _lightning.clear_fit_checkpoint_choice(unused)
+    assert _lightning.RESTORE_METHOD not in vars(unused._checkpoint_connector)
+
+
 # ----------------------------------------------------------------------------- predict
 
 

@@ -15,7 +15,15 @@ from trainctl_lightning.store import RunStore
 from trainctl_lightning.store.layout import RUN_URL_ENV
 from trainctl_lightning.store.manifest import CheckpointManifest
 
-__all__ = ["CACHE_ENV", "DEFAULT_CACHE_KEEP", "default_cache_dir", "prune_cache", "resume_checkpoint", "resume_path", "run_cache_dir"]
+__all__ = [
+    "CACHE_ENV",
+    "DEFAULT_CACHE_KEEP",
+    "default_cache_dir",
+    "prune_cache",
+    "resume_checkpoint",
+    "resume_path",
+    "run_cache_dir",
+]
 
 CACHE_ENV = "TRAINCTL_CACHE_DIR"
 DEFAULT_CACHE_KEEP = 3
@@ -65,9 +73,7 @@ def resume_path(
 
         trainer.fit(model, ckpt_path=resume_path("s3://bucket/runs/exp1"))
     """
-    found = resume_checkpoint(
-        url, storage_options=storage_options, cache_dir=cache_dir, fallback=fallback, cache_keep=cache_keep
-    )
+    found = resume_checkpoint(url, storage_options=storage_options, cache_dir=cache_dir, fallback=fallback, cache_keep=cache_keep)
     return found[1] if found is not None else None
 
 
