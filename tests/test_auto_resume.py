@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -182,3 +184,30 @@ def test_only_fit_resumes(file_url, tmp_path):
     assert sync.resumed_from is not None and trainer.ckpt_path
     trainer.validate(model, dataloaders=model.val_dataloader(), verbose=False)
     assert trainer.ckpt_path is None, "validate with no ckpt_path uses the model as it is"
+
+
+def test_every_ddp_rank_resumes_from_the_same_checkpoint(file_url, tmp_path):
+    def run(ckpt_dir: Path, max_steps: int) -> str:
+        script = Path(__file__).parent / "scripts" / "ddp_resume_train.py"
+        done = subprocess.run(
+            [sys.executable, str(script), file_url, str(ckpt_dir), str(max_steps)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    first = run(tmp_path / "a", 4)
+    assert "RANK 0 START step=0 ckpt=None" in first and "RANK 1 START step=0 ckpt=None" in first
+    newest = RunStore(file_url).latest_checkpoint()
+    assert newest is not None and newest.global_step == 4
+
+    out = run(tmp_path / "b", 6)
+    starts = sorted(line for line in out.splitlines() if " START " in line)
+    assert len(starts) == 2, out
+    paths = {line.split("ckpt=")[1] for line in starts}
+    assert len(paths) == 1 and Path(paths.pop()).name == newest.name, "one file, chosen by rank zero"
+    assert all("step=4" in line for line in starts)
+    assert f"RANK 0 DONE step=6 resumed={newest.id}" in out and f"RANK 1 DONE step=6 resumed={newest.id}" in out
