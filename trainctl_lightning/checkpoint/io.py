@@ -339,9 +339,10 @@ class SnapshotCheckpointIO(CheckpointIO):
             reservation = self._reserved.get(path)
             if reservation is None:
                 folder = os.path.dirname(path)
-                if self._own_format:
-                    os.makedirs(folder, exist_ok=True)  # as TorchCheckpointIO does
-                # A configured IO finds a missing folder missing, as it would without us.
+                if self._own_format or isinstance(self.inner, TorchCheckpointIO):
+                    os.makedirs(folder, exist_ok=True)  # as TorchCheckpointIO (and its subclasses) does first
+                # Any other configured IO finds a missing folder missing, as it would without us (and
+                # its first save into a new folder reserves no name until that IO has written it).
                 reservation = _Reservation(_create_placeholder(path) if os.path.isdir(folder) else None)
                 self._reserved[path] = reservation
             reservation.pending += 1
