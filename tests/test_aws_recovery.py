@@ -247,27 +247,29 @@ def test_the_instance_deletes_its_group_when_the_run_is_over(provider, ec2, auto
 def test_gc_deletes_the_group_of_an_ended_run_and_keeps_a_live_one(provider, ec2, autoscaling, iam, store_url):
     ended = provider.create(recover_spec(store_url, run_id="ended-1"))
     live = provider.create(recover_spec(store_url, run_id="live-1"))
-    for run_id, phase in (("ended-1", JobPhase.SUCCEEDED), ("live-1", JobPhase.RUNNING)):
+    capped = provider.create(recover_spec(store_url, run_id="capped-1"))
+    for run_id, phase in (("ended-1", JobPhase.SUCCEEDED), ("live-1", JobPhase.RUNNING), ("capped-1", JobPhase.RUNNING)):
         JobStore(run_url_in(store_url, run_id)).write_state(JobState(run_id=run_id, phase=phase, updated_at=utc_now()))
-    ended_group, live_group = ended.details["recovery_group"], live.details["recovery_group"]
-    # the instance is gone (say, terminated by hand), but its group and template stayed
-    autoscaling.update_auto_scaling_group(AutoScalingGroupName=ended_group, MinSize=0, DesiredCapacity=0)
-    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=ended.id, ShouldDecrementDesiredCapacity=True)
-    wait_until(lambda: not live_in_group(ec2, ended_group), what="the ended run's instance to go")
+    names = {i.run_id: i.details["recovery_group"] for i in (ended, live, capped)}
+    # what the lifetime's scheduled action does at max_hours (moto stores it, never runs it)
+    autoscaling.update_auto_scaling_group(AutoScalingGroupName=names["capped-1"], MinSize=0, MaxSize=0, DesiredCapacity=0)
+    wait_until(lambda: not live_in_group(ec2, names["capped-1"]), what="the capped run's instance to go")
 
     listed = find_garbage(provider, boot_grace_s=0)
-    verdicts = {g.name: g for g in listed.groups}
-    assert verdicts[ended_group].garbage and verdicts[ended_group].reason == "its lifetime (max hours) emptied it" or (
-        verdicts[ended_group].garbage and verdicts[ended_group].job_state == "succeeded"
-    )
-    assert not verdicts[live_group].garbage and verdicts[live_group].reason == "run is running"
-    assert {c.name: c.garbage for c in listed.credentials} == {ended_group: True, live_group: False}
-    assert set(groups(autoscaling)) == {ended_group, live_group}  # listing changes nothing
+    verdicts = {g.run_id: (g.garbage, g.reason) for g in listed.groups}
+    assert verdicts == {
+        "ended-1": (True, "run ended (succeeded)"),
+        "live-1": (False, "run is running"),
+        "capped-1": (True, "its lifetime (max hours) emptied it"),
+    }
+    assert {c.run_id: c.garbage for c in listed.credentials} == {"ended-1": True, "live-1": False, "capped-1": True}
+    assert set(groups(autoscaling)) == set(names.values())  # listing changes nothing
 
     report = collect_garbage(provider, yes=True, boot_grace_s=0)
-    assert [g.name for g in report.groups if g.deleted] == [ended_group]
-    assert set(groups(autoscaling)) == set(templates(ec2)) == {live_group} and run_roles(iam) == [live_group]
-    assert [g["name"] for g in report.to_dict()["groups"] if g["deleted"]] == [ended_group]
+    assert sorted(g["run_id"] for g in report.to_dict()["groups"] if g["deleted"]) == ["capped-1", "ended-1"]
+    kept = names["live-1"]
+    assert set(groups(autoscaling)) == set(templates(ec2)) == {kept} and run_roles(iam) == [kept]
+    assert not_terminated(ec2) == [live.id]
 
 
 def test_gc_deletes_a_template_left_without_its_group(provider, ec2, autoscaling, iam, store_url):
