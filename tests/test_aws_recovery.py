@@ -98,7 +98,7 @@ def nothing_left(ec2, autoscaling, iam) -> bool:
     return not groups(autoscaling) and not templates(ec2) and not run_roles(iam) and not not_terminated(ec2)
 
 
-def test_dry_run_shows_group_and_template_and_creates_nothing(provider, ec2, autoscaling, iam, store_url):
+def test_dry_run_shows_group_and_template_and_creates_nothing(provider, ec2, autoscaling, iam, store_url) -> None:
     plan = provider.create_dryrun(recover_spec(store_url))
     name = plan.run_role.name
     assert nothing_left(ec2, autoscaling, iam)
@@ -131,7 +131,7 @@ def test_dry_run_shows_group_and_template_and_creates_nothing(provider, ec2, aut
     assert nothing_left(ec2, autoscaling, iam)
 
 
-def test_group_and_template_are_created_tagged_and_the_instance_boots_the_run(provider, ec2, autoscaling, iam, store_url):
+def test_group_and_template_are_created_tagged_and_the_instance_boots_the_run(provider, ec2, autoscaling, iam, store_url) -> None:
     instance = provider.create(recover_spec(store_url))
     name = instance.details["recovery_group"]
     group, template = groups(autoscaling)[name], templates(ec2)[name]
@@ -151,7 +151,7 @@ def test_group_and_template_are_created_tagged_and_the_instance_boots_the_run(pr
 
 
 @pytest.mark.parametrize("how", ["ec2", "autoscaling"])
-def test_aws_replaces_a_lost_instance_with_one_for_the_same_run(provider, ec2, autoscaling, store_url, how):
+def test_aws_replaces_a_lost_instance_with_one_for_the_same_run(provider, ec2, autoscaling, store_url, how) -> None:
     first = provider.create(recover_spec(store_url))
     name = first.details["recovery_group"]
     if how == "ec2":  # reclaimed, or terminated from outside
@@ -169,7 +169,7 @@ def test_aws_replaces_a_lost_instance_with_one_for_the_same_run(provider, ec2, a
     assert [g.garbage for g in find_garbage(provider, boot_grace_s=0).groups] == [False]
 
 
-def test_terminate_deletes_group_template_role_and_instances(provider, ec2, autoscaling, iam, store_url):
+def test_terminate_deletes_group_template_role_and_instances(provider, ec2, autoscaling, iam, store_url) -> None:
     instance = provider.create(recover_spec(store_url))
     assert provider.terminate(instance.id).state.value == "terminated"
     assert nothing_left(ec2, autoscaling, iam)
@@ -177,7 +177,7 @@ def test_terminate_deletes_group_template_role_and_instances(provider, ec2, auto
 
 
 @pytest.mark.parametrize("step", RECOVERY_STEPS)
-def test_a_failed_launch_leaves_nothing(provider, ec2, autoscaling, iam, store_url, step):
+def test_a_failed_launch_leaves_nothing(provider, ec2, autoscaling, iam, store_url, step) -> None:
     provider._fail_after = step
     with pytest.raises(ProviderError, match=f"injected failure after {step}.*deleted the group, its instances, the template"):
         provider.create(recover_spec(store_url))
@@ -199,7 +199,7 @@ def test_a_failed_launch_leaves_nothing(provider, ec2, autoscaling, iam, store_u
 )
 def test_preflight_refuses_bad_input_before_anything_is_created(
     provider, ec2, autoscaling, iam, store_url, recover, overrides, message
-):
+) -> None:
     spec = recover_spec(store_url, recover=recover, **overrides)
     with pytest.raises(ConfigError, match=message) as error:
         provider.create(spec)
@@ -207,7 +207,7 @@ def test_preflight_refuses_bad_input_before_anything_is_created(
     assert nothing_left(ec2, autoscaling, iam)
 
 
-def test_preflight_refuses_a_region_without_subnets(provider, ec2, autoscaling, iam, store_url):
+def test_preflight_refuses_a_region_without_subnets(provider, ec2, autoscaling, iam, store_url) -> None:
     for subnet in ec2.describe_subnets()["Subnets"]:
         ec2.delete_subnet(SubnetId=subnet["SubnetId"])
     with pytest.raises(ConfigError, match="no default subnets for the run's Auto Scaling group"):
@@ -215,7 +215,7 @@ def test_preflight_refuses_a_region_without_subnets(provider, ec2, autoscaling, 
     assert nothing_left(ec2, autoscaling, iam)
 
 
-def test_the_run_role_may_end_its_own_group_and_template_only(store_url):
+def test_the_run_role_may_end_its_own_group_and_template_only(store_url) -> None:
     run_url = run_url_in(store_url, RUN_ID)
     plain = run_role_for(run_url, {})
     role = run_role_for(run_url, {}, recovery=True)
@@ -230,7 +230,7 @@ def test_the_run_role_may_end_its_own_group_and_template_only(store_url):
     assert all(s["Effect"] == "Allow" and "*" not in s["Action"] for s in role.policy["Statement"])
 
 
-def test_the_instance_deletes_its_group_when_the_run_is_over(provider, ec2, autoscaling, iam, store_url, monkeypatch):
+def test_the_instance_deletes_its_group_when_the_run_is_over(provider, ec2, autoscaling, iam, store_url, monkeypatch) -> None:
     instance = provider.create(recover_spec(store_url))
     name = instance.details["recovery_group"]
     monkeypatch.setenv(RECOVERY_GROUP_ENV, name)  # what the boot script exports on the instance
@@ -244,7 +244,7 @@ def test_the_instance_deletes_its_group_when_the_run_is_over(provider, ec2, auto
     assert nothing_left(ec2, autoscaling, iam)
 
 
-def test_gc_deletes_the_group_of_an_ended_run_and_keeps_a_live_one(provider, ec2, autoscaling, iam, store_url):
+def test_gc_deletes_the_group_of_an_ended_run_and_keeps_a_live_one(provider, ec2, autoscaling, iam, store_url) -> None:
     ended = provider.create(recover_spec(store_url, run_id="ended-1"))
     live = provider.create(recover_spec(store_url, run_id="live-1"))
     capped = provider.create(recover_spec(store_url, run_id="capped-1"))
@@ -272,7 +272,7 @@ def test_gc_deletes_the_group_of_an_ended_run_and_keeps_a_live_one(provider, ec2
     assert not_terminated(ec2) == [live.id]
 
 
-def test_gc_deletes_a_template_left_without_its_group(provider, ec2, autoscaling, iam, store_url):
+def test_gc_deletes_a_template_left_without_its_group(provider, ec2, autoscaling, iam, store_url) -> None:
     instance = provider.create(recover_spec(store_url, run_id="orphan-1"))
     name = instance.details["recovery_group"]
     autoscaling.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
