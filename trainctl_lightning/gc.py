@@ -37,6 +37,7 @@ from trainctl_lightning.timeutil import parse_time
 __all__ = [
     "DEFAULT_BOOT_GRACE_S",
     "GcCredential",
+    "GcGroup",
     "GcItem",
     "GcReport",
     "classify",
@@ -101,12 +102,40 @@ class GcCredential:
 
 
 @dataclass
+class GcGroup:
+    """A managed run's Auto Scaling group and launch template (aws), and what gc decided about them."""
+
+    name: str
+    run_id: str | None
+    garbage: bool
+    reason: str
+    job_state: str | None = None
+    instances: list[str] = field(default_factory=list)
+    deleted: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "run_id": self.run_id,
+            "garbage": self.garbage,
+            "reason": self.reason,
+            "job_state": self.job_state,
+            "instances": self.instances,
+            "deleted": self.deleted,
+            "error": self.error,
+        }
+
+
+@dataclass
 class GcReport:
     provider: str
     items: list[GcItem] = field(default_factory=list)
     terminated_requested: bool = False
     credentials: list[GcCredential] = field(default_factory=list)
     """Per-run credentials (providers that make them: aws); garbage once no live instance runs the run."""
+    groups: list[GcGroup] = field(default_factory=list)
+    """Managed runs' groups and templates (aws ``recover``); garbage once the run is over."""
 
     @property
     def garbage(self) -> list[GcItem]:
@@ -123,6 +152,7 @@ class GcReport:
             "garbage": [i.to_dict() for i in self.garbage],
             "kept": [i.to_dict() for i in self.kept],
             "credentials": [c.to_dict() for c in self.credentials],
+            "groups": [g.to_dict() for g in self.groups],
         }
 
 
@@ -281,17 +311,101 @@ def find_garbage(provider: Provider, store_url: str | None = None, boot_grace_s:
     for instance in provider.list(include_terminated=False):
         if instance.state in (InstanceState.TERMINATING, InstanceState.TERMINATED):
             continue
-        report.items.append(classify(instance, store_url, boot_grace_s, runless_is_garbage=runless_is_garbage, clocks=clocks))
-    report.credentials = _classify_credentials(provider, report.items, boot_grace_s, clocks)
+        item = classify(instance, store_url, boot_grace_s, runless_is_garbage=runless_is_garbage, clocks=clocks)
+        report.items.append(_in_group(item))
+    report.groups = _classify_groups(provider, store_url, boot_grace_s, clocks)
+    report.credentials = _classify_credentials(provider, report.items, boot_grace_s, clocks, report.groups)
     return report
 
 
-def _classify_credentials(provider: Provider, items: list[GcItem], boot_grace_s: float, clocks: _Clocks) -> list[GcCredential]:
-    """Per-run credentials whose run no kept instance runs, past the grace (a launch may be under way)."""
+def _in_group(item: GcItem) -> GcItem:
+    """An instance of a managed run's group is judged with its group: a preempted or silent run
+    may be resuming on it (terminating it would end the group), so only an ended run or none
+    makes it garbage."""
+    if not item.instance.details.get("recovery_group") or not item.garbage:
+        return item
+    if item.job_state is None or (item.job_state != JobPhase.PREEMPTED.value and JobPhase(item.job_state).is_terminal()):
+        return item
+    item.garbage = False
+    item.reason = f"run is {item.job_state}, in a managed run's group: it may be recovering (gc judges the group)"
+    return item
+
+
+def _classify_groups(provider: Provider, store_url: str | None, boot_grace_s: float, clocks: _Clocks) -> list[GcGroup]:
+    """A managed run's group (and template) is garbage once its run has ended, its lifetime has
+    emptied it, or, past the grace on the store's clock, its run has no record or has stayed
+    preempted (no replacement picked it up)."""
+    from trainctl_lightning.jobs.store import JobStore
+
+    lister = getattr(provider, "list_recovery_groups", None)
+    if lister is None:
+        return []
+    verdicts: list[GcGroup] = []
+    for group in lister():
+        name, run_id, instances = group["name"], group.get("run_id"), list(group.get("instances") or [])
+
+        def verdict(garbage: bool, reason: str, job_state: str | None = None) -> None:
+            verdicts.append(GcGroup(name, run_id, garbage, reason, job_state, instances))  # noqa: B023
+
+        store = group.get("store_url") or store_url
+        if group.get("group") and group.get("desired") == 0 and not instances:
+            verdict(True, "its lifetime (max hours) emptied it")
+            continue
+        if not run_id or not store:
+            verdict(False, f"run or store unknown (no {TAG_STORE} tag; pass --store)")
+            continue
+        store_now = clocks.now(store)
+        if isinstance(store_now, str):
+            verdict(False, f"cannot read the store's clock ({store_now})")
+            continue
+        # S3 reports whole seconds, EC2 does not: the store's clock may read up to 1 s behind
+        age = (store_now - parse_time(group["created_at"])).total_seconds() + 1.0
+        if not group.get("group"):
+            if age < boot_grace_s:
+                verdict(False, f"a template without its group, only {age:.0f}s old: its launch may be under way")
+            else:
+                verdict(True, "a template whose group is gone")
+            continue
+        jobs = JobStore(run_url_in(store, run_id))
+        try:
+            state = jobs.read_state()
+            silent_s = (store_now - jobs.objects.modified(layout.JOB_STATE)).total_seconds() if state else None
+        except Exception as exc:  # an unreadable store must never get a group deleted
+            verdict(False, f"cannot read the run's state: {exc}")
+            continue
+        if state is None:
+            if age < boot_grace_s:
+                verdict(False, "no run record yet (still booting)")
+                continue
+            problem = _store_problem(store)
+            if problem:
+                verdict(False, f"no run record, but {problem}: cannot tell that the run is gone")
+            else:
+                verdict(True, "no run record in the store")
+            continue
+        phase = state.phase
+        if phase is JobPhase.PREEMPTED:
+            if silent_s is not None and silent_s >= boot_grace_s and not instances:
+                verdict(True, f"run preempted {silent_s:.0f}s ago and no replacement resumed it", phase.value)
+            else:
+                verdict(False, "run preempted: its replacement may be resuming it", phase.value)
+        elif phase.is_terminal():
+            verdict(True, f"run ended ({phase.value})", phase.value)
+        else:
+            verdict(False, f"run is {phase.value}", phase.value)
+    return verdicts
+
+
+def _classify_credentials(
+    provider: Provider, items: list[GcItem], boot_grace_s: float, clocks: _Clocks, groups: list[GcGroup] | None = None
+) -> list[GcCredential]:
+    """Per-run credentials whose run no kept instance or group runs, past the grace (a launch may be
+    under way; a kept group's replacement needs its run's role)."""
     lister = getattr(provider, "list_run_credentials", None)
     if lister is None:
         return []
     needed = {item.instance.run_id for item in items if not item.garbage}
+    needed |= {group.run_id for group in groups or [] if not group.garbage}
     verdicts: list[GcCredential] = []
     for role in lister():
         name, run_id, store = role["name"], role.get("run_id"), role.get("store_url")
@@ -333,7 +447,17 @@ def collect_garbage(
             item.terminated = True  # gone meanwhile: nothing left to pay for
         except TrainctlError as exc:
             item.error = str(exc)
+    delete_group = getattr(provider, "delete_recovery_group", None)
+    for group in report.groups:
+        if not group.garbage or delete_group is None:
+            continue
+        try:
+            delete_group(group.name)  # False: already gone (terminating its instance deleted it)
+            group.deleted = True
+        except TrainctlError as exc:
+            group.error = str(exc)
     failed = {item.instance.run_id for item in report.garbage if item.error}
+    failed |= {group.run_id for group in report.groups if group.error}
     delete = getattr(provider, "delete_run_credentials", None)
     for credential in report.credentials:
         if not credential.garbage or delete is None or credential.run_id in failed:

@@ -27,6 +27,9 @@ Example::
 
 from __future__ import annotations
 
+import base64
+import builtins
+import copy
 import difflib
 import logging
 import os
@@ -36,7 +39,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timezone
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import boto3
@@ -71,6 +74,19 @@ from trainctl_lightning.providers.aws_bootstrap import (
     render_user_data,
     summarize_user_data,
 )
+from trainctl_lightning.providers.aws_recovery import (
+    RECOVERY_GROUP_ENV,
+    TAG_RECOVERY_GROUP,
+    RecoverOptions,
+    check_recover_options,
+    delete_group,
+    group_request,
+    lifetime_action,
+    list_groups,
+    release_group_from_instance,
+    template_request,
+    wait_first_instance,
+)
 from trainctl_lightning.providers.aws_run_role import (
     RUN_KEY_PARAMETER_ENV,
     RUN_ROLE_PATH,
@@ -102,6 +118,7 @@ __all__ = [
     "LAUNCH_STEPS",
     "ON_DEMAND_PRICES",
     "OPTIONS",
+    "RECOVERY_STEPS",
     "SECURITY_GROUP_PURPOSE",
     "AWSCreatePlan",
     "AWSProvider",
@@ -169,10 +186,14 @@ OPTIONS: dict[str, str] = {
     "iam_instance_profile": f"instance profile name or ARN (default: a per-run one, else {DEFAULT_INSTANCE_PROFILE})",
     "run_credentials": "true (default): a run's instance gets its own IAM role, scoped to that run's objects "
     "(aws_run_role.py); false: the shared instance profile from `trainctl aws setup`",
+    "recover": "a managed run: {max_restarts, max_hours, instance_types, on_demand_fallback}; an Auto Scaling group "
+    "of one replaces a lost instance (aws_recovery.py)",
 }
 
 #: Steps of ``_create`` after which a test may inject a failure (``provider._fail_after``).
 LAUNCH_STEPS = ("run_instances", "wait_visible", "check_tags")
+#: The same for a managed run (aws option ``recover``): after the template, the group, its first instance.
+RECOVERY_STEPS = ("launch_template", "group", "first_instance")
 _CREDENTIAL_CODES = {
     "AuthFailure",
     "InvalidClientTokenId",
@@ -258,6 +279,8 @@ class AWSCreatePlan(CreatePlan):
     user_data: str | None = field(default=None, compare=False)
     run_role: RunRole | None = field(default=None, compare=False)
     """The per-run IAM role ``_create`` makes first (``request`` names it), or None."""
+    recover: RecoverOptions | None = field(default=None, compare=False)
+    """A managed run: ``request`` holds the template, group and lifetime requests instead of RunInstances."""
 
     def run_instances_kwargs(self) -> dict[str, Any]:
         kwargs = dict(self.request)
@@ -386,9 +409,14 @@ class AWSProvider(Provider):
                     "instance: give the instance access through its instance profile instead"
                 )
         instance_type = spec.instance_type or DEFAULT_INSTANCE_TYPE
+        recover = check_recover_options(options["recover"], instance_type) if "recover" in options else None
+        if recover is not None:
+            self._check_recover_spec(spec, options)
         ec2 = self.client("ec2", region)
         try:
-            self._check_instance_type(ec2, instance_type, region)
+            for checked_type in recover.instance_types if recover else [instance_type]:
+                self._check_instance_type(ec2, checked_type, region)
+            subnets = self._recovery_subnets(ec2, region, options.get("subnet_id")) if recover else []
             image_id = spec.image or self._resolve_ami(region)
             root_device, min_disk = self._check_image(ec2, image_id, region)
             disk_gb = spec.disk_gb or max(DEFAULT_DISK_GB, min_disk)
@@ -413,7 +441,17 @@ class AWSProvider(Provider):
         tags.setdefault(TAG_NAME, spec.name or (f"trainctl-{run_id}" if run_id else "trainctl"))
         if store_url:
             tags[TAG_STORE] = store_url
-        run_role = run_role_for(run_url, standard_tags(spec.tags), self._partition(region)) if per_run and run_url else None
+        run_role = (
+            run_role_for(run_url, standard_tags(spec.tags), self._partition(region), recovery=recover is not None)
+            if per_run and run_url
+            else None
+        )
+        env = dict(spec.env)
+        if run_role is not None:
+            env[RUN_KEY_PARAMETER_ENV] = run_key_parameter(run_role.name)  # the parameter's name, not the key
+            if recover is not None:
+                env[RECOVERY_GROUP_ENV] = run_role.name  # the group and template carry the role's name
+                tags[TAG_RECOVERY_GROUP] = run_role.name
         # never an instance without a cap: the default one is generous, --max-hours sets another
         max_runtime_s = spec.max_runtime_s if spec.max_runtime_s is not None else DEFAULT_MAX_RUNTIME_S
         user_data = None
@@ -423,8 +461,7 @@ class AWSProvider(Provider):
                 install=options.get("install"),
                 install_sha256=options.get("install_sha256"),
                 max_runtime_s=max_runtime_s,
-                # the parameter's name, not the key: the key goes to SSM in start_agent
-                env={**spec.env, RUN_KEY_PARAMETER_ENV: run_key_parameter(run_role.name)} if run_role else spec.env,
+                env=env,  # with the run key's parameter name, not the key: the key goes to SSM in start_agent
                 region=region,
             )
         else:
@@ -485,6 +522,9 @@ class AWSProvider(Provider):
             resources.append(run_role.describe())
         elif profile:
             resources.append(f"instance profile {profile} (shared: every run in the store)")
+        if recover is not None and run_role is not None and user_data is not None:
+            request, recovery_resources = self._recovery_requests(spec, request, user_data, tags, run_role, recover, subnets)
+            resources = recovery_resources + resources[1:]
         if price_note:
             resources.append(price_note)
         return AWSCreatePlan(
@@ -498,6 +538,7 @@ class AWSProvider(Provider):
             price_per_hour=price,
             user_data=user_data,
             run_role=run_role,
+            recover=recover,
         )
 
     def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -522,6 +563,76 @@ class AWSProvider(Provider):
             if key in options and not (isinstance(options[key], str) and options[key]):
                 raise ConfigError(f"aws option {key} must be a non-empty string, got {options[key]!r}")
         return checked
+
+    def _check_recover_spec(self, spec: InstanceSpec, options: dict[str, Any]) -> None:
+        """A managed run needs a run, and the run's own role: the instance deletes its group with it."""
+        if not spec.run_url:
+            raise ConfigError("aws option recover needs a run (InstanceSpec.run_url): `trainctl launch --recover` sets it")
+        if options.get("iam_instance_profile") or not options.get("run_credentials", True):
+            raise ConfigError(
+                "aws option recover needs the run's own IAM role (its instance deletes the run's Auto Scaling group "
+                "with it when the run ends): drop iam_instance_profile and run_credentials=false"
+            )
+
+    def _recovery_subnets(self, ec2: Any, region: str, subnet_id: str | None) -> list[str]:
+        """The subnets a managed run's group may launch in: the one named, else every default subnet
+        of the default VPC (one per availability zone), so AWS can look for capacity in each.
+
+        Raises:
+            ConfigError: no subnet to launch in.
+        """
+        if subnet_id:
+            return [subnet_id]  # checked by _default_security_groups, or by AWS with explicit groups
+        subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+        if not subnets:
+            raise ConfigError(
+                f"{region} has no default subnets for the run's Auto Scaling group: pass the aws option subnet_id "
+                f"(`aws ec2 describe-subnets --region {region}` lists them)"
+            )
+        return [s["SubnetId"] for s in sorted(subnets, key=lambda s: (s.get("AvailabilityZone", ""), s["SubnetId"]))]
+
+    #: Send the group's ``InstancesDistribution`` (spot share and allocation strategy), as real AWS
+    #: needs. moto 5.2 answers 500 to it: tests set False, and spot then goes in the template
+    #: (see :mod:`.aws_recovery`).
+    instances_distribution: bool = True
+
+    def _recovery_requests(
+        self,
+        spec: InstanceSpec,
+        run_instances: dict[str, Any],
+        user_data: str,
+        tags: dict[str, str],
+        role: RunRole,
+        recover: RecoverOptions,
+        subnets: list[str],
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The template, group and lifetime requests of a managed run (user data summarised), and what they create."""
+        template = template_request(
+            role.name, run_instances, user_data, tags, spot_in_template=spec.spot and not self.instances_distribution
+        )
+        template["LaunchTemplateData"]["UserData"] = summarize_user_data(user_data)
+        group = group_request(role.name, subnets, recover, tags, spot=spec.spot, distribution=self.instances_distribution)
+        request: dict[str, Any] = {"CreateLaunchTemplate": template, "CreateAutoScalingGroup": group}
+        if recover.max_hours is not None:
+            action = lifetime_action(role.name, recover.max_hours, datetime.now(timezone.utc))
+            action["StartTime"] = f"at creation + {recover.max_hours:g} h"
+            request["PutScheduledUpdateGroupAction"] = action
+        market = "spot, capacity-optimised" if spec.spot else "on-demand"
+        resources = [
+            f"launch template {role.name}: what one instance of the run is ({', '.join(recover.instance_types)} from "
+            f"{run_instances['ImageId']}), deleted when the run ends",
+            f"EC2 Auto Scaling group {role.name} of one {market} instance over {len(subnets)} subnet(s) "
+            f"({', '.join(subnets)}): AWS replaces the instance when it is reclaimed or lost, up to "
+            f"{recover.max_restarts} restart(s) (counted by the run's agent)",
+            "the instance deletes the group and the template when the run ends; `trainctl gc` deletes any left",
+        ]
+        if recover.max_hours is not None:
+            resources.append(f"the group goes to 0 instances {recover.max_hours:g} h after creation (scheduled action)")
+        if recover.on_demand_fallback:
+            resources.append("on_demand_fallback: not enforced yet (an Auto Scaling group has no automatic fallback)")
+        if not self.instances_distribution:
+            resources.append("InstancesDistribution left out (test endpoint): spot, if asked, is in the template")
+        return request, resources
 
     def _check_instance_type(self, ec2: Any, instance_type: str, region: str) -> None:
         found = ec2.describe_instance_type_offerings(
@@ -660,6 +771,8 @@ class AWSProvider(Provider):
         if not isinstance(plan, AWSCreatePlan):
             raise ConfigError(f"AWSProvider._create needs the plan from AWSProvider.create_dryrun, got {type(plan).__name__}")
         region = plan.region or self.region
+        if plan.recover is not None:
+            return self._create_group(plan, region)
         ec2 = self.client("ec2", region)
         action = f"launch {plan.instance_type} in {region}"
         kwargs = plan.run_instances_kwargs()
@@ -703,6 +816,78 @@ class AWSProvider(Provider):
             raise ProviderError(message) from exc
         log.info("launched %s (%s) in %s", instance_id, plan.instance_type, region)
         return self._to_instance(raw, region)
+
+    def _create_group(self, plan: AWSCreatePlan, region: str | None) -> Instance:
+        """A managed run: role, template, group (and its lifetime), then the group's first instance.
+        If anything fails, everything made so far is deleted (or named, to delete by hand)."""
+        role = plan.run_role
+        if role is None or plan.user_data is None:
+            raise ConfigError(
+                "AWSProvider._create: a managed run's plan has no run role or user data (make it with create_dryrun)"
+            )
+        ec2, autoscaling = self.client("ec2", region), self.client("autoscaling", region)
+        iam = self.client("iam", region)
+        try:
+            profile_arn = create_run_role(iam, role)
+        except ClientError as exc:
+            raise explain_aws_error(exc, f"create the run's IAM role {role.name}", region) from None
+        template = copy.deepcopy(plan.request["CreateLaunchTemplate"])
+        template["LaunchTemplateData"]["UserData"] = base64.b64encode(plan.user_data.encode()).decode()
+        template["LaunchTemplateData"]["IamInstanceProfile"] = {"Arn": profile_arn}
+        step = "create the launch template"
+        try:
+            ec2.create_launch_template(**template)
+            self._maybe_fail("launch_template")
+            step = "create the Auto Scaling group"
+            self._create_auto_scaling_group(autoscaling, plan.request["CreateAutoScalingGroup"])
+            if plan.recover is not None and plan.recover.max_hours is not None:
+                step = "schedule the group's end"
+                autoscaling.put_scheduled_update_group_action(
+                    **lifetime_action(role.name, plan.recover.max_hours, datetime.now(timezone.utc))
+                )
+            self._maybe_fail("group")
+            step = "wait for the group's first instance"
+            instance_id = wait_first_instance(autoscaling, role.name, self.visible_timeout_s)
+            raw = self._wait_visible(ec2, instance_id)
+            self._check_tags(ec2, raw, plan.tags)
+            self._maybe_fail("first_instance")
+        except BaseException as exc:  # Ctrl-C mid-launch must not leak the group either
+            message = self._cleanup_group(role, region, step, exc)
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, ClientError):
+                raise ProviderError(f"{explain_aws_error(exc, step, region)}; {message}") from None
+            raise ProviderError(f"{exc}; {message}") from exc
+        log.info("launched %s (%s) in %s, in Auto Scaling group %s", instance_id, raw.get("InstanceType"), region, role.name)
+        return self._to_instance(raw, region)
+
+    def _create_auto_scaling_group(self, autoscaling: Any, request: dict[str, Any]) -> None:
+        """CreateAutoScalingGroup, retried while the new launch template is not visible to Auto Scaling yet."""
+        deadline = time.monotonic() + self.profile_wait_s
+        while True:
+            try:
+                autoscaling.create_auto_scaling_group(**request)
+                return
+            except ClientError as exc:
+                if _error_code(exc) != "ValidationError" or "launch template" not in str(exc).lower():
+                    raise
+                if time.monotonic() + 2.0 > deadline:
+                    raise
+                time.sleep(2.0)
+
+    def _cleanup_group(self, role: RunRole, region: str | None, step: str, exc: BaseException) -> str:
+        what = f"creating the run's Auto Scaling group failed at: {step}"
+        try:
+            delete_group(self.client("autoscaling", region), self.client("ec2", region), role.name)
+        except Exception as cleanup_exc:
+            return (
+                f"{what}, and deleting what was made failed too ({cleanup_exc}): delete them by hand: "
+                f"aws autoscaling delete-auto-scaling-group --force-delete --auto-scaling-group-name {role.name}; "
+                f"aws ec2 delete-launch-template --launch-template-name {role.name} (`trainctl gc --provider aws --yes` "
+                "deletes them too)"
+            )
+        self._delete_run_role(role, region)
+        return f"{what}; deleted the group, its instances, the template and the run's role"
 
     #: How long ``_create`` retries RunInstances while IAM has not yet propagated a new instance profile.
     profile_wait_s = 60.0
@@ -762,8 +947,9 @@ class AWSProvider(Provider):
             raise explain_aws_error(exc, f"delete the IAM role {name}", self.region, self.profile) from None
 
     def _maybe_fail(self, step: str) -> None:
-        if self._fail_after is not None and self._fail_after not in LAUNCH_STEPS:
-            raise ConfigError(f"_fail_after={self._fail_after!r} is not a launch step: one of {', '.join(LAUNCH_STEPS)}")
+        steps = LAUNCH_STEPS + RECOVERY_STEPS
+        if self._fail_after is not None and self._fail_after not in steps:
+            raise ConfigError(f"_fail_after={self._fail_after!r} is not a launch step: one of {', '.join(steps)}")
         if self._fail_after == step:
             raise ProviderError(f"injected failure after {step} (test hook)")
 
@@ -895,6 +1081,10 @@ class AWSProvider(Provider):
                 was terminated so long ago that EC2 forgot it).
         """
         instance = self._get(instance_id)
+        group = instance.details.get("recovery_group")
+        if group:  # a managed run: terminating only the instance would get it replaced
+            self.terminate_group(str(group))
+            return self._get(instance_id)
         if instance.state is not InstanceState.TERMINATED:
             try:
                 self.client("ec2").terminate_instances(InstanceIds=[instance_id])
@@ -904,6 +1094,37 @@ class AWSProvider(Provider):
         if store and run_id and store.startswith("s3://"):
             self._delete_run_role(run_role_for(run_url_in(store, run_id), {}), self.region)
         return self._get(instance_id)
+
+    def terminate_group(self, name: str) -> bool:
+        """End a managed run's cloud side: its Auto Scaling group (with its instances), its launch
+        template and its IAM role; whichever exist. Idempotent: False when none did.
+
+        Only resources carrying trainctl's tags (and, for the role, its path) are touched.
+        """
+        region = self.region
+        try:
+            found = delete_group(self.client("autoscaling", region), self.client("ec2", region), name)
+            found = delete_run_role(self.client("iam", region), name, self.client("ssm", region)) or found
+        except Exception as exc:
+            raise explain_aws_error(exc, f"delete the run's Auto Scaling group {name}", region, self.profile) from None
+        return found
+
+    def list_recovery_groups(self) -> builtins.list[dict[str, Any]]:
+        """Managed runs' groups and templates (see :func:`.aws_recovery.list_groups`), for ``trainctl gc``."""
+        region = self.region
+        try:
+            return list_groups(self.client("autoscaling", region), self.client("ec2", region))
+        except Exception as exc:
+            raise explain_aws_error(exc, "list the Auto Scaling groups of managed runs", region, self.profile) from None
+
+    def delete_recovery_group(self, name: str) -> bool:
+        """Delete a managed run's group, instances and template (not its role: gc judges that
+        separately); False if there was none."""
+        region = self.region
+        try:
+            return delete_group(self.client("autoscaling", region), self.client("ec2", region), name)
+        except Exception as exc:
+            raise explain_aws_error(exc, f"delete the Auto Scaling group {name}", region, self.profile) from None
 
     def _to_instance(self, raw: dict[str, Any], region: str | None) -> Instance:
         tags = _tag_dict(raw.get("Tags"))
@@ -921,6 +1142,9 @@ class AWSProvider(Provider):
             "iam_instance_profile": profile,
             "spot_request_id": raw.get("SpotInstanceRequestId"),
             "state_reason": (raw.get("StateReason") or {}).get("Message"),
+            # a managed run's instance: its group and the template (both named after the run's role)
+            "recovery_group": tags.get(TAG_RECOVERY_GROUP),
+            "launch_template": tags.get("aws:ec2launchtemplate:id"),
         }
         return Instance(
             id=raw["InstanceId"],
@@ -1007,12 +1231,28 @@ class AWSProvider(Provider):
                 exc, f"read the run's key from SSM parameter {parameter}", self.region, self.profile
             ) from None
 
-    def release_from_agent(self, instance_id: str) -> None:
+    def release_from_agent(self, instance_id: str, *, run_over: bool = True) -> None:
         """Power the instance off from the inside, which terminates it (no AWS permission needed).
+
+        In a managed run (aws option ``recover``) whose run is over (``run_over``), first delete
+        the run's Auto Scaling group and template, with the run's own role, so that AWS does not
+        replace the instance; with ``run_over=False`` (a restart is due) only power off, and the
+        group starts the replacement.
 
         Raises:
             ProviderError: the shutdown command failed.
         """
+        if run_over and os.environ.get(RECOVERY_GROUP_ENV):
+            try:
+                group = release_group_from_instance(self.client("autoscaling"), self.client("ec2"))
+                log.info("deleted the run's Auto Scaling group and launch template %s", group)
+            except Exception as exc:  # power off all the same: the group's lifetime and gc end it
+                log.error(
+                    "trainctl: could not delete the run's Auto Scaling group %s (%s): AWS may start another instance; "
+                    "`trainctl gc --provider aws --yes` deletes it",
+                    os.environ.get(RECOVERY_GROUP_ENV),
+                    explain_aws_error(exc, "delete the run's Auto Scaling group", self.region, self.profile),
+                )
         command = self.shutdown_command
         if command is None:
             configured = os.environ.get("TRAINCTL_SHUTDOWN_CMD")

@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainctl_lightning.providers.aws_recovery import group_policy_statements
 from trainctl_lightning.store.layout import CODE_BLOBS, DIST, TAG_MANAGED_BY, TAG_RUN_ID, TAG_STORE, split_run_url
 
 __all__ = [
@@ -85,8 +86,12 @@ class RunRole:
         )
 
 
-def run_role_for(run_url: str, tags: dict[str, str], partition: str = "aws") -> RunRole:
-    """The role for ``run_url`` (``s3://bucket/prefix/<run id>``), with its policy; creates nothing."""
+def run_role_for(run_url: str, tags: dict[str, str], partition: str = "aws", *, recovery: bool = False) -> RunRole:
+    """The role for ``run_url`` (``s3://bucket/prefix/<run id>``), with its policy; creates nothing.
+
+    With ``recovery`` (a managed run, :mod:`.aws_recovery`), the role may also delete the run's
+    Auto Scaling group and launch template, which carry the role's name, and nothing else.
+    """
     store_url, run_id = split_run_url(run_url)
     bucket, _, prefix = store_url[len("s3://") :].partition("/")
     prefix = prefix.strip("/")
@@ -95,7 +100,7 @@ def run_role_for(run_url: str, tags: dict[str, str], partition: str = "aws") -> 
     name = f"trainctl-run-{run_id[:38]}-{digest}"
     arn = f"arn:{partition}:s3:::{bucket}"
     run_prefix = f"{base}{run_id}"
-    policy = {
+    policy: dict[str, Any] = {
         "Version": "2012-10-17",
         "Statement": [
             {
@@ -128,6 +133,8 @@ def run_role_for(run_url: str, tags: dict[str, str], partition: str = "aws") -> 
             },
         ],
     }
+    if recovery:
+        policy["Statement"] += group_policy_statements(name, partition)
     return RunRole(
         name=name,
         run_id=run_id,
