@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers import wait_until
 from tests.helpers.aws import moto_ami, not_terminated, raw_instances, trainctl_security_group
+from tests.helpers.cli import trainctl
 from trainctl_lightning.errors import ConfigError, ProviderError
 from trainctl_lightning.gc import collect_garbage, find_garbage
 from trainctl_lightning.jobs.spec import JobPhase, JobState
@@ -244,7 +245,7 @@ def test_the_instance_deletes_its_group_when_the_run_is_over(provider, ec2, auto
     assert nothing_left(ec2, autoscaling, iam)
 
 
-def test_gc_deletes_the_group_of_an_ended_run_and_keeps_a_live_one(provider, ec2, autoscaling, iam, store_url) -> None:
+def test_gc_deletes_the_group_of_an_ended_run_and_keeps_a_live_one(provider, ec2, autoscaling, iam, store_url, s3) -> None:
     ended = provider.create(recover_spec(store_url, run_id="ended-1"))
     live = provider.create(recover_spec(store_url, run_id="live-1"))
     capped = provider.create(recover_spec(store_url, run_id="capped-1"))
@@ -264,6 +265,10 @@ def test_gc_deletes_the_group_of_an_ended_run_and_keeps_a_live_one(provider, ec2
     }
     assert {c.run_id: c.garbage for c in listed.credentials} == {"ended-1": True, "live-1": False, "capped-1": True}
     assert set(groups(autoscaling)) == set(names.values())  # listing changes nothing
+    table = trainctl("gc", "--provider", "aws", "--grace-minutes", "0", env={**s3.env(), "COLUMNS": "250"})
+    assert table.returncode == 0, table.stderr
+    assert f"recovery group {names['ended-1']}: garbage (run ended (succeeded))" in table.stdout
+    assert f"recovery group {names['live-1']}: keep (run is running)" in table.stdout
 
     report = collect_garbage(provider, yes=True, boot_grace_s=0)
     assert sorted(g["run_id"] for g in report.to_dict()["groups"] if g["deleted"]) == ["capped-1", "ended-1"]

@@ -56,9 +56,17 @@ def gc(
             stdout.print(table)
             if report.garbage and not yes:
                 stdout.print(f"{len(report.garbage)} to clean up: run again with --yes to terminate them", highlight=False)
+        for group in report.groups:
+            done = "deleted" if group.deleted else (f"delete failed: {group.error}" if group.error else "")
+            verdict = ("garbage" if group.garbage else "keep") + (f", {done}" if done else "")
+            stdout.print(escape(f"recovery group {group.name}: {verdict} ({group.reason})"), highlight=False)
         for credential in report.credentials:
             done = "deleted" if credential.deleted else (f"delete failed: {credential.error}" if credential.error else "")
             verdict = ("garbage" if credential.garbage else "keep") + (f", {done}" if done else "")
             stdout.print(escape(f"run credentials {credential.name}: {verdict} ({credential.reason})"), highlight=False)
-    if any(item.error for item in report.garbage) or any(c.error for c in report.credentials):
+    if (
+        any(item.error for item in report.garbage)
+        or any(c.error for c in report.credentials)
+        or any(g.error for g in report.groups)
+    ):
         raise typer.Exit(1)
