@@ -69,6 +69,18 @@ def _running_attempt(run: api.Run, number: int) -> bool:
     return state.phase is JobPhase.RUNNING and len(state.attempts) == number
 
 
+def _training(run: api.Run, number: int, ahead: int) -> bool:
+    """Attempt ``number`` trains, ``ahead`` steps past where the attempt before it got (the
+    status the run shows is the earlier attempt's until the new job's first report)."""
+    state = _state(run)
+    if state.phase is not JobPhase.RUNNING or len(state.attempts) != number:
+        return False
+    if f"START step=" not in run.logs().rpartition(f"--- attempt {number} ")[2]:
+        return False
+    before = state.attempts[-2].last_step if number > 1 else None
+    return _step(run) >= (before or 0) + ahead
+
+
 def _agent(instance_id: str) -> dict:
     """The live agent (not the supervisor) on the instance."""
     record = LocalProvider().describe(instance_id)
@@ -90,22 +102,27 @@ def _notice_and_wait(run: api.Run, imds: LocalIMDS, attempts: int) -> int:
     """Post a spot notice, wait for the attempt to end preempted; the step at the notice."""
     at = _step(run)
     imds.notice(in_s=3)
-    wait_until(lambda: len(_state(run).attempts) > attempts or _state(run).phase.is_terminal(), 60, what="the preemption")
+    wait_until(
+        lambda: (s := _state(run)).phase is JobPhase.RECOVERING or len(s.attempts) > attempts or s.phase.is_terminal(),
+        60,
+        0.02,
+        what="the preemption",
+    )
     imds.clear()  # the replacement is another instance: no notice there
     return at
 
 
 def test_three_interruptions_and_the_steps_stay_continuous(file_store: str, imds: LocalIMDS) -> None:
-    run = _launch(file_store, "--max-steps", "100", "--every", "10", recover=True, max_restarts=3)
-    wait_until(lambda: _running_attempt(run, 1) and _step(run) >= 15, 120, what="attempt 1 training")
+    run = _launch(file_store, "--max-steps", "300", "--every", "10", recover=True, max_restarts=3)
+    wait_until(lambda: _training(run, 1, 15), 120, 0.2, what="attempt 1 training")
     noticed = [_notice_and_wait(run, imds, 1)]
 
-    wait_until(lambda: _running_attempt(run, 2) and _step(run) >= noticed[0] + 25, 120, what="attempt 2 training")
+    wait_until(lambda: _training(run, 2, 12), 120, 0.2, what="attempt 2 training")
     _kill_instance(run)
     newest = RunStore(run.run_url).latest_checkpoint()
     assert newest is not None
 
-    wait_until(lambda: _running_attempt(run, 3) and _step(run) >= 65, 120, what="attempt 3 training")
+    wait_until(lambda: _training(run, 3, 5), 120, 0.2, what="attempt 3 training")
     noticed.append(_notice_and_wait(run, imds, 3))
 
     final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 180, what="the run to end")
@@ -128,13 +145,13 @@ def test_three_interruptions_and_the_steps_stay_continuous(file_store: str, imds
     for number in (2, 3, 4):
         assert f"--- attempt {number} on {run.instance_id}, resuming from " in logs
     assert logs.index("--- attempt 2") < logs.index("--- attempt 3") < logs.index("--- attempt 4")
-    assert "DONE step=100" in logs
+    assert "DONE step=300" in logs
 
 
 def test_max_restarts_reached_gives_a_clear_final_state(file_store: str) -> None:
     run = _launch(file_store, "--max-steps", "100000", recover=True, max_restarts=1)
     for number in (1, 2):
-        wait_until(lambda n=number: _running_attempt(run, n) and _step(run) >= 1, 120, what=f"attempt {number} training")
+        wait_until(lambda n=number: _training(run, n, 1), 120, 0.2, what=f"attempt {number} training")
         _kill_instance(run)
     final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 60, what="the run to end")
     assert final.phase is JobPhase.FAILED
@@ -153,7 +170,7 @@ def test_a_user_error_is_not_retried(file_store: str) -> None:
 
 def test_cancel_during_recovery_leaves_nothing(file_store: str) -> None:
     run = _launch(file_store, "--max-steps", "100000", recover=True)
-    wait_until(lambda: _running_attempt(run, 1) and _step(run) >= 1, 120, what="attempt 1 training")
+    wait_until(lambda: _training(run, 1, 1), 120, 0.2, what="attempt 1 training")
     _kill_instance(run)
     run.cancel("cancelled during recovery")
     final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 90, what="the run to end")
@@ -187,7 +204,7 @@ def test_recovery_goes_on_with_the_launcher_gone(file_store: str, tmp_path: Path
     assert out.returncode == 0, out.stderr
     run = api.get_run(json.loads(out.stdout)["run_url"])
     run.instance_id = json.loads(out.stdout)["instance_id"]
-    wait_until(lambda: _running_attempt(run, 1) and _step(run) >= 5, 120, what="attempt 1 training")
+    wait_until(lambda: _training(run, 1, 5), 120, 0.2, what="attempt 1 training")
     _kill_instance(run)
     final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 180, what="the run to end")
     assert final.phase is JobPhase.SUCCEEDED, final.error
