@@ -4,6 +4,7 @@ LocalIMDS stand-in) and without one (SIGKILL of the agent and its job: the insta
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -46,9 +47,7 @@ def _nothing_left():
 
 
 def _launch(store: str, *args: str, **options) -> api.Run:
-    run = api.launch(
-        str(SCRIPT), args=list(args), sync_code=False, provider="local", store=store, detach=True, **options
-    )
+    run = api.launch(str(SCRIPT), args=list(args), sync_code=False, provider="local", store=store, detach=True, **options)
     assert isinstance(run, api.Run)
     return run
 
@@ -75,7 +74,7 @@ def _training(run: api.Run, number: int, ahead: int) -> bool:
     state = _state(run)
     if state.phase is not JobPhase.RUNNING or len(state.attempts) != number:
         return False
-    if f"START step=" not in run.logs().rpartition(f"--- attempt {number} ")[2]:
+    if "START step=" not in run.logs().rpartition(f"--- attempt {number} ")[2]:
         return False
     before = state.attempts[-2].last_step if number > 1 else None
     return _step(run) >= (before or 0) + ahead
@@ -139,7 +138,9 @@ def test_three_interruptions_and_the_steps_stay_continuous(file_store: str, imds
     steps = [r.step for r in read_metrics(run.run_url) if "train_loss" in r.metrics]
     assert sorted(set(steps)) == list(range(min(steps), max(steps) + 1)), "a step was skipped"
     repeats = len(steps) - len(set(steps))
-    redone = sum(x.last_step - y.resumed_step for x, y in zip(a, a[1:]) if x.last_step is not None and y.resumed_step is not None)
+    redone = sum(
+        x.last_step - y.resumed_step for x, y in itertools.pairwise(a) if x.last_step is not None and y.resumed_step is not None
+    )
     assert repeats <= redone + 3 * 2, (repeats, redone)  # only steps past the checkpoint resumed from are trained again
     logs = run.logs()
     for number in (2, 3, 4):

@@ -62,8 +62,8 @@ from trainctl_lightning.jobs.spec import (
     EnvMode,
     JobPhase,
     JobSpec,
-    RecoverPolicy,
     JobState,
+    RecoverPolicy,
     new_run_id,
     validate_run_id,
 )

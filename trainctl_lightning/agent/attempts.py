@@ -81,9 +81,7 @@ def begin_attempt(state: JobState, previous: JobState | None, number: int, insta
         if a.ended is None:
             a.ended, a.ended_at = AttemptEnd.LOST.value, a.ended_at or utc_now()
     ckpt_id, ckpt_step, _ = _checkpoint_and_status(run_url)
-    attempt = Attempt(
-        number=number, instance_id=instance_id, started_at=utc_now(), resumed_from=ckpt_id, resumed_step=ckpt_step
-    )
+    attempt = Attempt(number=number, instance_id=instance_id, started_at=utc_now(), resumed_from=ckpt_id, resumed_step=ckpt_step)
     state.attempts = [*earlier, attempt]
     return attempt
 
