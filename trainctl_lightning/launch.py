@@ -63,6 +63,7 @@ from trainctl_lightning.jobs.spec import (
     JobPhase,
     JobSpec,
     JobState,
+    RecoverPolicy,
     new_run_id,
     validate_run_id,
 )
@@ -201,6 +202,11 @@ class LaunchRequest:
     An attached launch refreshes a heartbeat in the store while it follows the job; when that
     stops for 10 minutes (the launcher was killed, lost its network), the agent cancels the job
     and ends an instance this launch created."""
+    recover: bool | RecoverPolicy = False
+    """A managed run: when its instance is reclaimed or lost, a replacement continues it from the
+    newest published checkpoint (True: the default :class:`RecoverPolicy`; or a policy)."""
+    max_restarts: int | None = None
+    """With ``recover``: replacement attempts at most (default 3)."""
     follow: bool | None = None
     """The caller follows the job itself with :meth:`Run.wait` after a ``detach=True`` return (the
     CLI and RemoteStrategy do): the launcher heartbeat and its watchdog are set up as for an
@@ -214,6 +220,7 @@ class LaunchRequest:
         if self.project_dir is not None and not self.project_root().is_dir():
             raise ConfigError(f"project directory {str(self.project_root())!r} does not exist or is not a directory")
         _split_env(self.env)  # names checked now, split again when planning
+        self.recover_policy()  # checked now, before anything is created
         # normalized copies, so a caller's list changed later does not change the request
         object.__setattr__(self, "args", tuple(str(a) for a in self.args))
         object.__setattr__(self, "include", tuple(self.include))
@@ -227,6 +234,23 @@ class LaunchRequest:
     def project_root(self) -> Path:
         """``project_dir`` as an absolute path (the current directory when not given)."""
         return Path(self.project_dir).expanduser().resolve() if self.project_dir is not None else Path.cwd()
+
+    def recover_policy(self) -> RecoverPolicy | None:
+        """The managed run's policy, or None for a run that is not restarted.
+
+        Raises:
+            ConfigError: ``max_restarts`` without ``recover``, or a limit that is not allowed.
+        """
+        if not isinstance(self.recover, (bool, RecoverPolicy)):
+            raise ConfigError(f"recover = {self.recover!r} must be true, false or a RecoverPolicy")
+        if not self.recover:
+            if self.max_restarts is not None:
+                raise ConfigError(f"max_restarts = {self.max_restarts!r} needs recover=True (--recover)")
+            return None
+        policy = self.recover if isinstance(self.recover, RecoverPolicy) else RecoverPolicy()
+        if self.max_restarts is not None:
+            policy = replace(policy, max_restarts=self.max_restarts)
+        return policy
 
     def stem(self) -> str:
         """The first part of a generated run id: the script's or module's name."""
@@ -729,6 +753,7 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
         instance_id=instance.id if isinstance(instance, Instance) else None,
         terminate_instance_after=isinstance(instance, CreatePlan) and not request.keep_alive,
         launcher_grace_s=DEFAULT_LAUNCHER_GRACE_S if request.attached else None,
+        recover=request.recover_policy(),
         trainctl_version=package_version(),
     )
     return LaunchPlan(

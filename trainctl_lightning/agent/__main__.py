@@ -1,5 +1,8 @@
 """``python -m trainctl_lightning.agent run --run-url URL [--workdir DIR] [--daemon] [--log-file PATH]``.
 
+``... supervise --run-url URL --workdir DIR --instance ID [--daemon] [--log-file PATH]``: the local
+provider's supervisor of a managed run (:mod:`.supervisor`).
+
 What every instance runs for a job. Start-up cost counts (it is part of launch latency), so
 this imports only the standard library until it knows what to do, and never Lightning.
 
@@ -59,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workdir", type=Path, help="scratch space for code, environments and logs")
     run.add_argument("--daemon", action="store_true", help="detach; print the agent's pid and return at once")
     run.add_argument("--log-file", type=Path, help="where a --daemon agent writes its own log")
+    sup = commands.add_parser("supervise", help="run a managed run's attempts on a local instance (local provider)")
+    sup.add_argument("--run-url", required=True, help="URL of the run in the store (holds job.json)")
+    sup.add_argument("--workdir", type=Path, help="the instance's working directory")
+    sup.add_argument("--instance", required=True, help="the local instance's id")
+    sup.add_argument("--daemon", action="store_true", help="detach; print the supervisor's pid and return at once")
+    sup.add_argument("--log-file", type=Path, help="where a --daemon supervisor writes its own log")
     args = parser.parse_args(argv)
 
     from trainctl_lightning.agent.jobproc import use_agent_umask
@@ -71,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         daemonize(args.log_file.resolve())
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s trainctl-agent[%(process)d] %(levelname)s %(message)s")
     logging.getLogger("trainctl_lightning").setLevel(logging.INFO)
+
+    if args.command == "supervise":
+        from trainctl_lightning.agent.supervisor import run_supervisor
+
+        return run_supervisor(args.run_url, workdir, args.instance)
 
     from trainctl_lightning.agent.runner import run_agent
 

@@ -37,6 +37,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainctl_lightning.agent.attempts import (
+    attempt_marker,
+    begin_attempt,
+    current_attempt,
+    end_attempt,
+    end_of,
+    price_per_hour,
+)
 from trainctl_lightning.agent.environment import prepare_environment
 from trainctl_lightning.agent.jobproc import (
     JobProcess,
@@ -64,6 +72,8 @@ from trainctl_lightning.errors import (
 from trainctl_lightning.humanize import human_duration
 from trainctl_lightning.jobs.spec import (
     SAVE_NOW_SIGNAL,
+    Attempt,
+    AttemptEnd,
     JobPhase,
     JobSpec,
     JobState,
@@ -72,7 +82,7 @@ from trainctl_lightning.jobs.spec import (
 from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.runkey import RUN_KEY_ENV
-from trainctl_lightning.store.layout import JOB, RUN_URL_ENV, run_id_of
+from trainctl_lightning.store.layout import ATTEMPT_ENV, JOB, RECOVER_ENV, RUN_URL_ENV, run_id_of
 from trainctl_lightning.timeutil import utc_now
 
 __all__ = [
@@ -227,6 +237,7 @@ class Agent:
         self._save_pending = False  # a checkpoint was asked for and the job has not been signalled yet
         self._save_wait_noted = False
         self._key_error: str | None = None  # why the run's key could not be fetched, for the run's log
+        self.attempt: Attempt | None = None  # a managed run's attempt this agent runs
 
     # ------------------------------------------------------------ entry point
 
@@ -252,7 +263,8 @@ class Agent:
             self.spec = spec
         except Exception as exc:
             return self._fail_without_spec(exc)
-        self.pump = LogPump(self.jobs.log_writer(), self.workdir / "logs" / f"{spec.run_id}.log")
+        number = current_attempt() if spec.recover is not None else None
+        self.pump = LogPump(self.jobs.log_writer(attempt=number), self.workdir / "logs" / f"{spec.run_id}.log")
         if not os.environ.get(RUN_KEY_ENV):
             why = self._key_error or "the AWS shared instance profile, or an agent started by hand"
             self.pump.note(
@@ -269,6 +281,8 @@ class Agent:
             started_at=now,
             heartbeat_interval_s=spec.heartbeat_interval_s,
         )
+        if number is not None:
+            self._begin_attempt(number)
         log.info("run %s: picked up from %s", spec.run_id, self.jobs.url)
         self._write_state()
         if spot_watch_enabled(spec.spot):
@@ -288,8 +302,12 @@ class Agent:
             supervisor.join(timeout=30)
             if self._spot is not None:
                 self._spot.stop()
-        self._finish(self._after_notice(outcome))
-        self._release_instance()
+        outcome = self._after_notice(outcome)
+        if self.attempt is not None:
+            outcome = self._end_attempt(outcome)
+        self._finish(outcome)
+        if outcome.phase is not JobPhase.RECOVERING:  # a replacement takes over the run, and the instance
+            self._release_instance()
         self.pump.close()
         return outcome.exit_code if outcome.exit_code is not None else 1
 
@@ -366,6 +384,9 @@ class Agent:
         }
         if spec.instance_id:
             env[INSTANCE_ID_ENV] = spec.instance_id
+        if self.attempt is not None:  # a managed run: CheckpointSync resumes from the newest checkpoint
+            env[RECOVER_ENV] = "1"
+            env[ATTEMPT_ENV] = str(self.attempt.number)
         # The run's key comes only from the agent's own environment (out of band), never from job.json.
         env.pop(RUN_KEY_ENV, None)
         if os.environ.get(RUN_KEY_ENV):
@@ -474,6 +495,41 @@ class Agent:
     def _stopped(self, exit_code: int | None) -> Outcome:
         assert self._stop_request is not None
         return Outcome(self._stop_request[0], exit_code, self._stop_request[1])
+
+    # ------------------------------------------------------------ managed runs
+
+    def _begin_attempt(self, number: int) -> None:
+        """Carry the earlier attempts over from the run's state, record this one, mark the log."""
+        spec, state = self.spec, self._live_state()
+        assert spec is not None and self.pump is not None
+        try:
+            previous = self.jobs.read_state()
+        except TrainctlError as exc:  # a damaged state must not stop the run: its history is lost, said so
+            log.warning("could not read the earlier attempts (starting a new list): %s", one_line(exc))
+            previous = None
+        self.attempt = begin_attempt(state, previous, number, spec.instance_id, spec.run_url)
+        self.pump.feed(f"{attempt_marker(self.attempt)}\n".encode())
+
+    def _end_attempt(self, outcome: Outcome) -> Outcome:
+        """Record how this attempt ended; RECOVERING when the run's policy wants a replacement."""
+        spec, attempt = self.spec, self.attempt
+        assert spec is not None and spec.recover is not None and attempt is not None and self.state is not None
+        ended = end_of(outcome.phase)
+        end_attempt(attempt, ended, outcome.error, spec.run_url)
+        restart = ended is AttemptEnd.PREEMPTED or (ended is AttemptEnd.FAILED and spec.recover.retry_user_errors)
+        if not restart:
+            return outcome
+        try:
+            cancelled = self.jobs.cancel_requested()
+        except Exception as exc:  # the supervisor (or the next agent) looks again
+            log.warning("could not check for a cancel request: %s", one_line(exc))
+            cancelled = None
+        if cancelled:  # cancelled while it was ending: nothing follows
+            return Outcome(JobPhase.CANCELLED, outcome.exit_code, outcome.error)
+        gave_up = spec.recover.gives_up(self.state.attempts, price_per_hour())
+        if gave_up is not None:
+            return Outcome(JobPhase.FAILED, outcome.exit_code, gave_up)
+        return Outcome(JobPhase.RECOVERING, outcome.exit_code, f"attempt {attempt.number} {ended.value}: {outcome.error}")
 
     # ------------------------------------------------------------ spot interruptions
 

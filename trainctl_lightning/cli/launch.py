@@ -64,6 +64,10 @@ def launch(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Name the run (default: <script>-<time>-<hex>)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Config profile (trainctl.toml / [tool.trainctl])."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be created and run; create nothing."),
+    recover: bool = typer.Option(
+        False, "--recover", help="A managed run: replace a reclaimed or lost instance and resume from the newest checkpoint."
+    ),
+    max_restarts: Optional[int] = typer.Option(None, "--max-restarts", help="With --recover: replacements at most (default 3)."),
     output: Format = OutputOption,
 ) -> None:
     """Run SCRIPT on an instance through the trainctl agent and stream its output.
@@ -88,6 +92,8 @@ def launch(
         keep_alive=keep_alive,
         detach=True,  # followed here, so that Ctrl-C can offer to detach
         follow=not detach,
+        recover=recover,
+        max_restarts=max_restarts,
     )
     settings = api.resolve_settings(
         request.project_root(),
@@ -208,6 +214,14 @@ def status(
         if state.env_mode:
             table.add_row("environment", shown(state.env_mode))
         table.add_row("updated", shown(state.updated_at))
+        for a in state.attempts:
+            steps = f", {a.steps} steps" if a.steps is not None else ""
+            start = f"from {a.resumed_from}" if a.resumed_from else "from scratch"
+            end = f"{a.ended} {a.ended_at}" if a.ended else "running"
+            table.add_row(
+                f"attempt {a.number}",
+                shown(f"{a.instance_id or '-'} {a.started_at or '?'} -> {end}{steps}, {start}"),
+            )
     if training is not None:
         step = f"step {training.global_step}" + (f"/{training.max_steps}" if training.max_steps else "")
         table.add_row("training", f"{training.state()} {step}, epoch {training.epoch}")

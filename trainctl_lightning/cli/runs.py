@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from typing import Optional
 
@@ -10,11 +11,13 @@ from rich.table import Table
 
 from trainctl_lightning.cli.common import OutputOption, handle_errors
 from trainctl_lightning.cli.output import Format, emit_json, shown, stdout
-from trainctl_lightning.errors import ConfigError
+from trainctl_lightning.errors import ConfigError, TrainctlError
 from trainctl_lightning.humanize import human_ago
 from trainctl_lightning.metrics import read, view
 from trainctl_lightning.store import layout
 from trainctl_lightning.store.layout import run_id_of
+
+log = logging.getLogger(__name__)
 
 __all__ = ["app", "ls", "run_name"]
 
@@ -52,7 +55,9 @@ def ls(
         )
     now = datetime.now(timezone.utc)
     if output is Format.json:
-        emit_json({"url": url, "runs": [{"name": run_name(r.url), **r.to_dict()} for r in runs]})
+        emit_json(
+            {"url": url, "runs": [{"name": run_name(r.url), **r.to_dict(), "recovering": _recovering(r.url)} for r in runs]}
+        )
         return
     table = Table(title=f"runs in {shown(url)}", title_justify="left")
     table.add_column("RUN", overflow="fold", min_width=10)
@@ -62,7 +67,7 @@ def ls(
     table.add_column("METRICS", overflow="fold")
     for r in runs:
         s = r.status
-        state = s.state(now) if s else "unknown"
+        state = "recovering" if _recovering(r.url) else s.state(now) if s else "unknown"
         table.add_row(
             shown(run_name(r.url)),
             view.state_text(state),
@@ -75,3 +80,16 @@ def ls(
             shown(view.latest_metrics_text(s.metrics, metric)).replace(" ", "\n") if s else "",
         )
     stdout.print(table)
+
+
+def _recovering(run_url: str) -> bool:
+    """Whether a managed run is between attempts (its job state says ``recovering``)."""
+    from trainctl_lightning.jobs.spec import JobPhase
+    from trainctl_lightning.jobs.store import JobStore
+
+    try:
+        state = JobStore(run_url).read_state()
+    except TrainctlError as exc:  # the run is still listed; its job state is named as damaged
+        log.warning("%s", exc)
+        return False
+    return state is not None and state.phase is JobPhase.RECOVERING and not state.lost

@@ -27,11 +27,14 @@ __all__ = [
     "LOST_AFTER_S",
     "QUEUED_LOST_AFTER_S",
     "SAVE_NOW_SIGNAL",
+    "Attempt",
+    "AttemptEnd",
     "CodeRef",
     "EnvMode",
     "JobPhase",
     "JobSpec",
     "JobState",
+    "RecoverPolicy",
     "looks_secret",
     "new_run_id",
     "validate_run_id",
@@ -89,6 +92,9 @@ class JobPhase(str, Enum):
     """Stopped by the agent at the job's max runtime."""
     PREEMPTED = "preempted"
     """The instance was reclaimed (spot interruption); the job saved what it could."""
+    RECOVERING = "recovering"
+    """A managed run (``--recover``) between attempts: the last one ended with its instance
+    (preempted or lost) and a replacement is being started; ``attempts`` says what happened."""
 
     def is_terminal(self) -> bool:
         return self in (JobPhase.SUCCEEDED, JobPhase.FAILED, JobPhase.CANCELLED, JobPhase.TIMED_OUT, JobPhase.PREEMPTED)
@@ -117,6 +123,110 @@ class CodeRef:
     """Prefix holding file contents by SHA-256, shared by every run in the store."""
     files: int = 0
     bytes: int = 0
+
+
+class AttemptEnd(str, Enum):
+    """Why one attempt of a managed run ended."""
+
+    FINISHED = "finished"
+    """The script exited 0: the run is done."""
+    FAILED = "failed"
+    """The script failed (not a preemption), or the agent could not run it."""
+    PREEMPTED = "preempted"
+    """The instance was reclaimed (a spot notice, or the agent stopped on a notice's deadline)."""
+    LOST = "lost"
+    """The instance or its agent went away without a final word (killed, crashed, powered off)."""
+    CANCELLED = "cancelled"
+    """Stopped on request, or at the max runtime."""
+
+
+@dataclass(frozen=True)
+class RecoverPolicy:
+    """When a managed run (``--recover``) starts a replacement attempt, and when it gives up.
+
+    Enforced where the run lives (the local provider's supervisor, the cloud instance), not by
+    the launcher, so it holds with the launcher gone. Every limit counts from the run's first
+    attempt; each is a finite positive number (one ``ConfigError`` line otherwise).
+    """
+
+    max_restarts: int = 3
+    """Replacement attempts at most (attempt ``max_restarts + 1`` is the last one)."""
+    max_hours: float | None = None
+    """No replacement is started once this many hours passed since the first attempt began."""
+    max_cost: float | None = None
+    """No replacement is started once the hours so far times the instance's hourly price reach
+    this (in the price's currency); ignored where the provider knows no price."""
+    retry_user_errors: bool = False
+    """Also start a replacement when the script itself failed (a non-zero exit that is not a preemption)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) or self.max_restarts < 1:
+            raise ConfigError(
+                f"max_restarts = {self.max_restarts!r} is not allowed: it must be a whole number >= 1 "
+                "(leave --recover out for a run that is never restarted)"
+            )
+        check_limit("max_restarts", self.max_restarts, "restarts", maximum=1000)
+        if self.max_hours is not None:
+            check_limit("max_hours", self.max_hours, "hours", maximum=MAX_RUNTIME_LIMIT_S / 3600)
+        if self.max_cost is not None:
+            check_limit("max_cost", self.max_cost, "currency units")
+        if not isinstance(self.retry_user_errors, bool):
+            raise ConfigError(f"retry_user_errors = {self.retry_user_errors!r} must be true or false")
+
+    def gives_up(self, attempts: list[Attempt], price_per_hour: float | None = None, now: float | None = None) -> str | None:
+        """Why no replacement may follow the last of ``attempts`` (one line), or None when one may.
+
+        ``attempts`` must end with the attempt that just ended (its ``ended`` set).
+        """
+        if not attempts:
+            return None
+        last = attempts[-1]
+        how = f"last attempt {last.ended or 'ended'}" + (f" ({last.error})" if last.error else "")
+        restarts = len(attempts) - 1
+        if restarts >= self.max_restarts:
+            return f"gave up after {restarts} restarts (max_restarts={self.max_restarts}): {how}"
+        first = next((a.started_at for a in attempts if a.started_at), None)
+        if first is not None and (self.max_hours is not None or self.max_cost is not None):
+            hours = ((now if now is not None else time.time()) - parse_time(first).timestamp()) / 3600
+            if self.max_hours is not None and hours >= self.max_hours:
+                return f"gave up after {restarts} restarts: {hours:.2f} h since the first attempt (max_hours={self.max_hours:g}): {how}"
+            if self.max_cost is not None and price_per_hour and hours * price_per_hour >= self.max_cost:
+                return (
+                    f"gave up after {restarts} restarts: {hours * price_per_hour:.2f} spent at {price_per_hour:g}/h "
+                    f"(max_cost={self.max_cost:g}): {how}"
+                )
+        return None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecoverPolicy:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Attempt:
+    """One start of a managed run's job on an instance (``JobState.attempts``)."""
+
+    number: int
+    """1 for the first start, 2 for the first replacement, ..."""
+    instance_id: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    ended: str | None = None
+    """Why it ended (an :class:`AttemptEnd` value); None while it runs."""
+    error: str | None = None
+    """One line on how it ended, when not finished."""
+    steps: int | None = None
+    """Global steps trained in this attempt (from the run's status), when known."""
+    last_step: int | None = None
+    """The run's global step when the attempt ended, when known."""
+    resumed_from: str | None = None
+    """The newest published checkpoint when the attempt started (None: from scratch)."""
+    resumed_step: int | None = None
+    """The global step of that checkpoint, when known."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attempt:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -161,6 +271,8 @@ class JobSpec:
     """An attached launcher refreshes ``control/launcher.json``; when it has not for this long, the
     agent cancels the job (and releases an instance its launch created). None: no such watchdog
     (detached launches)."""
+    recover: RecoverPolicy | None = None
+    """A managed run (``--recover``): lost or preempted attempts are replaced, within these limits."""
     trainctl_version: str = ""
     format: str = JOB_FORMAT
 
@@ -200,6 +312,8 @@ class JobSpec:
         if not str(data.get("format", "")).startswith("trainctl.job/"):
             raise ConfigError(f"not a trainctl job spec (format {data.get('format')!r})")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("recover") is not None:
+            known["recover"] = RecoverPolicy.from_dict(known["recover"])
         if known.get("code"):
             code = known["code"]
             known["code"] = CodeRef(**{k: v for k, v in code.items() if k in CodeRef.__dataclass_fields__})
@@ -238,6 +352,8 @@ class JobState:
     heartbeat_interval_s: float = 5.0
     interruption: dict[str, Any] | None = None
     """The spot interruption notice the agent saw (``action``, ``time``, ``seen_at``), if any."""
+    attempts: list[Attempt] = field(default_factory=list)
+    """A managed run's attempts, oldest first (empty for other runs, and in states written before)."""
     format: str = JOB_STATE_FORMAT
 
     @property
@@ -290,6 +406,7 @@ class JobState:
         data = json.loads(raw)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["phase"] = JobPhase(known["phase"])
+        known["attempts"] = [Attempt.from_dict(a) for a in known.get("attempts") or []]
         known["updated_at"] = str(known["updated_at"])
         parse_time(known["updated_at"])  # every reader compares it to now: refuse it here
         return cls(**known)

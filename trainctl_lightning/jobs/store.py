@@ -94,8 +94,8 @@ class JobStore:
         self.objects.write(layout.CODE_MANIFEST, data, create_only=True)
 
     # ------------------------------------------------------------ logs
-    def log_writer(self) -> LogChunkWriter:
-        return LogChunkWriter(self.objects)
+    def log_writer(self, attempt: int | None = None, part: int = 1) -> LogChunkWriter:
+        return LogChunkWriter(self.objects, attempt, part)
 
     def read_log_chunks(self, skip: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, bytes]]:
         return self.objects.read_new(layout.LOGS, "*.log", skip)
@@ -150,11 +150,18 @@ def _parse(parse: Callable[[bytes], T], raw: bytes, where: str, what: str) -> T:
 
 
 class LogChunkWriter:
-    """Writes a job's output as immutable, ordered chunks (object stores cannot append)."""
+    """Writes a job's output as immutable, ordered chunks (object stores cannot append).
 
-    def __init__(self, objects: ObjectStore) -> None:
+    Chunks are read in name order. A managed run's chunks start with the attempt (``a0002-1-``),
+    so that every attempt's output follows the previous one's even when the replacement's clock
+    is behind; ``part`` orders writers within an attempt (0: before the agent, 1: the agent,
+    2: after it, e.g. the supervisor's notes).
+    """
+
+    def __init__(self, objects: ObjectStore, attempt: int | None = None, part: int = 1) -> None:
         self.objects = objects
-        self.prefix = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        self.prefix = stamp if attempt is None else f"a{attempt:04d}-{part}-{stamp}"
         self.seq = 0
         self.bytes_written = 0
 

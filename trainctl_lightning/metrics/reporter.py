@@ -218,7 +218,13 @@ class MetricsReporter(Logger):
     @override
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        """Refresh the status soon, so it names the new checkpoint (the training loop does not wait)."""
+        """Write the buffered metrics now, and refresh the status soon (it names the new checkpoint).
+
+        The metrics a checkpoint covers reach the store before it is published: an instance
+        lost right after would otherwise leave a gap in the steps a resumed run continues.
+        """
+        if self._writer.started and not self._writer.closed:
+            self._writer.flush()
         self._writer.request_status()
 
     @override

@@ -120,6 +120,13 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def _is_managed(run_url: str) -> bool:
+    """Whether the run's job spec asks for recovery (``--recover``): then a supervisor starts its agents."""
+    from trainctl_lightning.jobs.store import JobStore
+
+    return JobStore(run_url).read_spec().recover is not None
+
+
 # ---------------------------------------------------------------- provider
 
 
@@ -290,7 +297,9 @@ class LocalProvider(Provider):
     # ------------------------------------------------------------ jobs
 
     def start_agent(self, instance: Instance, launch: AgentLaunch) -> None:
-        """Start a detached agent for ``launch`` in the instance's working directory.
+        """Start a detached agent for ``launch`` in the instance's working directory; for a managed
+        run (a job spec with ``recover``), the supervisor that starts the agent of each attempt
+        (:mod:`trainctl_lightning.agent.supervisor`).
 
         Raises:
             ProviderError: the instance is not running, or the agent did not start.
@@ -302,48 +311,80 @@ class LocalProvider(Provider):
                 "(`trainctl create` makes a new one)"
             )
         work = Path(current.details["workdir"])
-        agent_log = work / f"agent-{launch.run_id}.log"
-        argv = [
-            sys.executable,
-            "-m",
-            "trainctl_lightning.agent",
-            "run",
-            "--run-url",
-            launch.run_url,
-            "--workdir",
-            str(work),
-            "--daemon",
-            "--log-file",
-            str(agent_log),
-        ]
+        command = ["run"]
+        role = "agent"
+        if _is_managed(launch.run_url):
+            command, role = ["supervise", "--instance", instance.id], "supervisor"
         env = {**os.environ, **current.details.get("env", {}), **launch.forward_env, ROOT_ENV: str(self.root)}
         env.pop(RUN_KEY_ENV, None)  # never another run's key (a launch from inside a job)
         if launch.run_key:
             env[RUN_KEY_ENV] = launch.run_key  # the process environment: never written to disk or the store
+        with self._locked(instance.id):
+            self._spawn(instance.id, work, command, role, launch.run_id, launch.run_url, env)
+
+    def start_attempt(self, instance_id: str, run_id: str, run_url: str, attempt: int) -> tuple[int, int | None]:
+        """Start the agent of attempt ``attempt`` of a managed run (the supervisor calls this, with
+        the run's key and forwarded variables in its own environment); (pid, start time).
+
+        Raises:
+            ProviderError: the instance is being stopped or terminated: no attempt may start.
+        """
+        from trainctl_lightning.store.layout import ATTEMPT_ENV
+
+        with self._locked(self._check_id(instance_id)):
+            current = self._read_known(instance_id)
+            if current.state is not InstanceState.RUNNING:
+                raise ProviderError(f"local instance {instance_id} is {current.state.value}: no attempt {attempt} starts on it")
+            env = {**os.environ, ATTEMPT_ENV: str(attempt)}
+            agent = self._spawn(instance_id, Path(current.details["workdir"]), ["run"], "agent", run_id, run_url, env)
+        return agent["pid"], agent["start_time"]
+
+    def _spawn(
+        self, instance_id: str, work: Path, command: builtins.list[str], role: str, run_id: str, run_url: str, env: dict[str, str]
+    ) -> dict[str, Any]:
+        """Start ``python -m trainctl_lightning.agent COMMAND`` detached and record it. Call under the lock:
+        a stop or terminate then either sees it in the record or has marked the instance first."""
+        agent_log = work / f"{role}-{run_id}.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "trainctl_lightning.agent",
+            *command[:1],
+            "--run-url",
+            run_url,
+            "--workdir",
+            str(work),
+            *command[1:],
+            "--daemon",
+            "--log-file",
+            str(agent_log),
+        ]
         try:
             proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ProviderError(f"could not start the agent on local instance {instance.id}: {exc}") from None
+            raise ProviderError(f"could not start the {role} on local instance {instance_id}: {exc}") from None
         lines = proc.stdout.split()
         if proc.returncode != 0 or not lines or not lines[-1].isdigit():
             detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise ProviderError(
-                f"the agent on local instance {instance.id} did not start (exit code {proc.returncode}): {detail}"
+                f"the {role} on local instance {instance_id} did not start (exit code {proc.returncode}): {detail}"
             )
         pid = int(lines[-1])
         agent = {
-            "run_id": launch.run_id,
+            "run_id": run_id,
             "pid": pid,
             "start_time": process_start_time(pid),
-            "run_url": launch.run_url,
+            "run_url": run_url,
             "started_at": utc_now(),
             "log_file": str(agent_log),
         }
-        with self._locked(instance.id):
-            record = self._read_known(instance.id)
-            record.details.setdefault("agents", []).append(agent)
-            self._write(record)
-        log.info("started agent pid %d for run %s on %s", pid, launch.run_id, instance.id)
+        if role != "agent":
+            agent["role"] = role
+        record = self._read_known(instance_id)
+        record.details.setdefault("agents", []).append(agent)
+        self._write(record)
+        log.info("started %s pid %d for run %s on %s", role, pid, run_id, instance_id)
+        return agent
 
     # ------------------------------------------------------------ helpers
 
