@@ -1,10 +1,8 @@
-"""A managed run's job: trains with CheckpointSync and MetricsReporter until max steps, resuming
-from the run's newest checkpoint (``$TRAINCTL_RUN_URL``, set by the agent).
+"""A managed run's job: trains with CheckpointSync and MetricsReporter until max steps. No resume
+code: under a managed run (``$TRAINCTL_RECOVER=1``, set by the agent) CheckpointSync makes ``fit``
+start from the run's newest complete checkpoint by itself.
 
 ``python recover_train.py [--max-steps N] [--every N] [--fail]``
-
-TODO(issue 13, after merge): CheckpointSync resumes by itself under TRAINCTL_RECOVER=1; the
-explicit ``ckpt_path=resume_path()`` can go then.
 
 Metrics are flushed every 0.2 s: on a hard kill, metrics not yet flushed are lost even when a
 checkpoint after them was published (a gap in the metrics' steps); MetricsReporter should flush
@@ -22,7 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from tests.helpers.models import TinyRegressor, trainer_kwargs
-from trainctl_lightning import CheckpointSync, MetricsReporter, resume_path
+from trainctl_lightning import CheckpointSync, MetricsReporter
 
 
 class Slow(Callback):
@@ -56,5 +54,5 @@ if __name__ == "__main__":
             CheckpointSync(url),
         ],
     )
-    trainer.fit(TinyRegressor(), ckpt_path=resume_path(url))
+    trainer.fit(TinyRegressor())
     print(f"DONE step={trainer.global_step}", flush=True)
