@@ -285,3 +285,44 @@ def test_gc_deletes_a_template_left_without_its_group(provider, ec2, autoscaling
     report = collect_garbage(provider, yes=True, boot_grace_s=0)
     assert [(g.name, g.reason, g.deleted) for g in report.groups] == [(name, "a template whose group is gone", True)]
     assert nothing_left(ec2, autoscaling, iam)
+
+
+def test_launch_with_recover_builds_the_group_and_terminate_ends_it(
+    provider, ec2, autoscaling, iam, store_url, tmp_path, monkeypatch
+) -> None:
+    """`trainctl launch --provider aws --recover`: the launch plan carries the run's policy to the
+    provider, which builds the group; the job spec carries it to the instances."""
+    from trainctl_lightning import launch as api
+
+    monkeypatch.setattr(AWSProvider, "instances_distribution", False)  # moto 5.2: 500 on InstancesDistribution
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('hi')\n")
+    monkeypatch.chdir(project)
+    image = moto_ami(ec2)
+
+    with pytest.raises(ConfigError, match="omit --instance"):  # an existing instance cannot be replaced by AWS
+        api.launch("train.py", provider="aws", store=store_url, instance="i-0123456789abcdef0", recover=True, detach=True)
+    assert nothing_left(ec2, autoscaling, iam)
+
+    run = api.launch(
+        "train.py",
+        provider="aws",
+        store=store_url,
+        image=image,
+        instance_type="g5.xlarge",
+        recover=True,
+        max_restarts=2,
+        detach=True,
+    )
+    [name] = groups(autoscaling)
+    assert tags_of_group(groups(autoscaling)[name])[TAG_RUN_ID] == run.run_id
+    assert name in templates(ec2)
+    spec = JobStore(run.run_url).read_spec()
+    assert spec.recover is not None and spec.recover.max_restarts == 2
+    api.terminate(run.instance_id)
+    wait_until(lambda: nothing_left(ec2, autoscaling, iam), what="the group, template, role and instance to go")
+
+
+def tags_of_group(group: dict) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in group.get("Tags", [])}

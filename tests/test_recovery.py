@@ -235,3 +235,22 @@ def test_recover_options_are_checked_before_anything_is_created(file_store: str,
 def test_recover_policy_limits_are_finite_positive_numbers(bad: dict) -> None:
     with pytest.raises(ConfigError, match="is not allowed|must be"):
         RecoverPolicy(**bad)
+
+
+def test_a_replacement_started_by_the_cloud_numbers_its_attempt_from_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AWS group's replacement boots the same script, with no attempt number of its own: it
+    takes the next one after those the run's state records (and an explicit one wins)."""
+    from trainctl_lightning.agent.attempts import current_attempt
+    from trainctl_lightning.jobs.spec import Attempt
+    from trainctl_lightning.timeutil import utc_now
+
+    monkeypatch.delenv("TRAINCTL_ATTEMPT", raising=False)
+    assert current_attempt(None) == 1
+    previous = JobState(
+        run_id="r-1", phase=JobPhase.RECOVERING, updated_at=utc_now(), attempts=[Attempt(number=1), Attempt(number=2)]
+    )
+    assert current_attempt(previous) == 3
+    monkeypatch.setenv("TRAINCTL_ATTEMPT", "7")
+    assert current_attempt(previous) == 7
+    monkeypatch.setenv("TRAINCTL_ATTEMPT", "nonsense")
+    assert current_attempt(previous) == 3

@@ -716,8 +716,14 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
     run_id = request.run_id or new_run_id(request.stem())
     run_url = run_url_in(store_url, run_id)
 
+    recover = request.recover_policy()
     instance: CreatePlan | Instance
     if request.instance is not None:
+        if recover is not None and prov.replaces_instances:
+            raise ConfigError(
+                f"--recover on {prov.name} makes the instances itself (the cloud replaces a lost one): "
+                f"omit --instance {request.instance}, or drop --recover"
+            )
         instance = prov.describe(request.instance)
         if not instance.state.is_usable():
             raise ConfigError(
@@ -725,6 +731,10 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
             )
     else:
         spec = _instance_spec(settings, tags={TAG_RUN_ID: run_id}, run_url=run_url, store_url=store_url)
+        if recover is not None and prov.replaces_instances:
+            # The cloud's replacement machinery (aws: an Auto Scaling group) is built with the instance.
+            recover_option = {"max_restarts": recover.max_restarts, "max_hours": recover.max_hours}
+            spec = replace(spec, options={**spec.options, "recover": {**recover_option, **spec.options.get("recover", {})}})
         instance = prov.create_dryrun(spec)
 
     # ---- code (scanned, and limits enforced, before anything is created)
@@ -753,7 +763,7 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
         instance_id=instance.id if isinstance(instance, Instance) else None,
         terminate_instance_after=isinstance(instance, CreatePlan) and not request.keep_alive,
         launcher_grace_s=DEFAULT_LAUNCHER_GRACE_S if request.attached else None,
-        recover=request.recover_policy(),
+        recover=recover,
         trainctl_version=package_version(),
     )
     return LaunchPlan(

@@ -34,10 +34,16 @@ PRICE_ENV = "TRAINCTL_PRICE_PER_HOUR"
 """The instance's hourly price, when whoever started the agent knows it (for ``max_cost``)."""
 
 
-def current_attempt() -> int:
-    """This agent's attempt number (``$TRAINCTL_ATTEMPT``; 1 when unset or not a number >= 1)."""
-    raw = os.environ.get(ATTEMPT_ENV, "1").strip()
-    return int(raw) if raw.isdigit() and int(raw) >= 1 else 1
+def current_attempt(previous: JobState | None = None) -> int:
+    """This agent's attempt number: ``$TRAINCTL_ATTEMPT`` when whoever started it set it (the local
+    supervisor); else one past the newest attempt the run's state records (a replacement instance
+    that the cloud started from the same boot script knows nothing else); else 1."""
+    raw = os.environ.get(ATTEMPT_ENV, "").strip()
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    if previous is not None and previous.attempts:
+        return max(a.number for a in previous.attempts) + 1
+    return 1
 
 
 def price_per_hour() -> float | None:

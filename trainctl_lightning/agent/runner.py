@@ -263,7 +263,7 @@ class Agent:
             self.spec = spec
         except Exception as exc:
             return self._fail_without_spec(exc)
-        number = current_attempt() if spec.recover is not None else None
+        number = current_attempt(self._earlier_state()) if spec.recover is not None else None
         self.pump = LogPump(self.jobs.log_writer(attempt=number), self.workdir / "logs" / f"{spec.run_id}.log")
         if not os.environ.get(RUN_KEY_ENV):
             why = self._key_error or "the AWS shared instance profile, or an agent started by hand"
@@ -306,8 +306,9 @@ class Agent:
         if self.attempt is not None:
             outcome = self._end_attempt(outcome)
         self._finish(outcome)
-        if outcome.phase is not JobPhase.RECOVERING:  # a replacement takes over the run, and the instance
-            self._release_instance()
+        # RECOVERING: a replacement takes over the run. Locally the supervisor starts it on this instance;
+        # on AWS this instance powers off and the run's Auto Scaling group starts a new one.
+        self._release_instance(run_over=outcome.phase is not JobPhase.RECOVERING)
         self.pump.close()
         return outcome.exit_code if outcome.exit_code is not None else 1
 
@@ -718,14 +719,22 @@ class Agent:
         if key:
             os.environ[RUN_KEY_ENV] = key
 
-    def _release_instance(self) -> None:
+    def _earlier_state(self) -> JobState | None:
+        """The run's state as the previous attempt left it (None: none, or damaged, which is said)."""
+        try:
+            return self.jobs.read_state()
+        except TrainctlError as exc:
+            log.warning("could not read the run's earlier attempts: %s", one_line(exc))
+            return None
+
+    def _release_instance(self, run_over: bool = True) -> None:
         spec = self.spec
         if spec is None or not (spec.terminate_instance_after and spec.instance_id):
             return
         try:
             from trainctl_lightning.providers import get_provider
 
-            get_provider(spec.provider).release_from_agent(spec.instance_id)
+            get_provider(spec.provider).release_from_agent(spec.instance_id, run_over=run_over)
             log.info("released instance %s (%s provider)", spec.instance_id, spec.provider)
         except Exception as exc:  # the job is over and recorded; a stuck instance is reported, not raised
             log.error("could not release instance %s: %s", spec.instance_id, one_line(exc))

@@ -234,6 +234,10 @@ class Provider(ABC):
     #: Whether ``AgentLaunch.forward_env`` can reach the agent without being stored anywhere
     #: (local: passed to the process; AWS: no, user data is readable by anyone who can describe it).
     forwards_env: ClassVar[bool] = True
+    #: Whether a managed run (``--recover``) gets its replacement instances from the cloud's own
+    #: machinery, built when the instance is created (aws: an Auto Scaling group, from the aws
+    #: option ``recover``); otherwise the provider's ``start_agent`` supervises the run (local).
+    replaces_instances: ClassVar[bool] = False
     #: Whether its instances install trainctl-lightning at boot (from ``options["install"]``,
     #: which the launcher fills with a wheel of a source checkout; see ``jobs/dist.py``).
     installs_trainctl: ClassVar[bool] = False
@@ -294,10 +298,13 @@ class Provider(ABC):
         agent's environment (``AgentLaunch.run_key``) or not at all."""
         return None
 
-    def release_from_agent(self, instance_id: str) -> None:
+    def release_from_agent(self, instance_id: str, *, run_over: bool = True) -> None:
         """Called by the agent *on the instance* once a job that owns its instance has ended:
         end the instance from the inside (local: mark it terminated; AWS: shut down, which
-        terminates). Must not depend on the launcher being alive."""
+        terminates). Must not depend on the launcher being alive.
+
+        ``run_over=False``: a managed run's attempt ended and a replacement is due (the run is
+        ``recovering``); the provider's replacement machinery must still start it."""
         raise NotImplementedError(f"{type(self).__name__} cannot release an instance from its agent")
 
     def check_store(self, store_url: str) -> None:

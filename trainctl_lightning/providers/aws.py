@@ -311,6 +311,7 @@ class AWSProvider(Provider):
     name: ClassVar[str] = "aws"
     store_protocols: ClassVar[tuple[str, ...]] = ("s3",)
     forwards_env: ClassVar[bool] = False
+    replaces_instances: ClassVar[bool] = True
     installs_trainctl: ClassVar[bool] = True
     #: The agent starts from user data at boot, so an instance serves the run it was created for
     #: and no other (``trainctl gc`` treats one created without a run as garbage).

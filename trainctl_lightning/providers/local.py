@@ -274,8 +274,13 @@ class LocalProvider(Provider):
                 self._write(instance)
         return self._with_liveness(instance)
 
-    def release_from_agent(self, instance_id: str) -> None:
-        """Terminate the instance from its own agent, unless other agents still run jobs on it."""
+    def release_from_agent(self, instance_id: str, *, run_over: bool = True) -> None:
+        """Terminate the instance from its own agent, unless other agents still run jobs on it.
+
+        ``run_over=False`` (a managed run is recovering): keep it; the run's supervisor starts the
+        next attempt's agent on it."""
+        if not run_over:
+            return
         with self._locked(self._check_id(instance_id)):
             instance = self._read_known(instance_id)
             if instance.state is not InstanceState.RUNNING:
