@@ -22,7 +22,7 @@ Example::
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -91,14 +91,7 @@ class GcCredential:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "run_id": self.run_id,
-            "garbage": self.garbage,
-            "reason": self.reason,
-            "deleted": self.deleted,
-            "error": self.error,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -115,16 +108,7 @@ class GcGroup:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "run_id": self.run_id,
-            "garbage": self.garbage,
-            "reason": self.reason,
-            "job_state": self.job_state,
-            "instances": self.instances,
-            "deleted": self.deleted,
-            "error": self.error,
-        }
+        return asdict(self)
 
 
 @dataclass
