@@ -81,13 +81,14 @@ stand-in, the supervisor, agents, jobs, the local instance, its temp dir) is end
 
 Usage::
 
-    .venv/bin/python benchmarks/recovery.py               # 2 rounds (2 notices, 2 kills), ~2-3 min on 2 cores
-    .venv/bin/python benchmarks/recovery.py --rounds 1    # ~1-1.5 min
+    .venv/bin/python benchmarks/recovery.py               # 3 rounds (3 notices, 3 kills), about 1.5 min on 2 cores
+    .venv/bin/python benchmarks/recovery.py --rounds 1    # about 25 s
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -137,7 +138,7 @@ def epoch(iso: str) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="interruptions of each kind (notice, kill)")
+    parser.add_argument("--rounds", type=int, default=3, help="interruptions of each kind (notice, kill)")
     parser.add_argument("--every", type=int, default=10, help="checkpoint every N steps")
     parser.add_argument("--notice-s", type=float, default=2.0, help="the notice's lead: the interruption this many s after it")
     parser.add_argument("--seed", type=int, default=0)
@@ -268,7 +269,7 @@ def measure(opts: argparse.Namespace, work: Path, imds: Any) -> dict[str, Any]:
     first = in_attempt(1)
     offset = 1 - first[0][1]  # a fresh start's first record is completed step 1
     startup = first[0][0] - agent_start[0]
-    times = [b[0] - a[0] for a, b in zip(first, first[1:], strict=False) if b[1] == a[1] + 1]
+    times = [b[0] - a[0] for a, b in itertools.pairwise(first) if b[1] == a[1] + 1]
     step_s = statistics.median(times)
     flush_steps = int(FLUSH_S / step_s) + 1
     print(f"instance start-up (attempt 1: agent process start -> first training step): {startup:.2f} s")
@@ -306,7 +307,11 @@ def measure(opts: argparse.Namespace, work: Path, imds: Any) -> dict[str, Any]:
         else:
             row["lost_upper"] = row["lost"] + flush_steps
         rows.append(row)
-        extra = f", redone {row['redone']}" if "redone" in row else f" (<= {row['lost_upper']} counting the last {FLUSH_S} s unflushed)"
+        extra = (
+            f", redone {row['redone']}"
+            if "redone" in row
+            else f" (<= {row['lost_upper']} counting the last {FLUSH_S} s unflushed)"
+        )
         print(
             f"[{ev['kind']:6s} attempt {n} -> {n + 1}] ended {row['ended']}; recover {total:.2f} s = lead {lead:.2f} + stop "
             f"{row['stop_s']:.2f} + relaunch {row['relaunch_s']:.2f} + start-up {row['startup_s']:.2f}; overhead beyond start-up "
