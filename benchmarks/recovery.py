@@ -34,6 +34,8 @@ local instance recorded (pid and process start time), and the moment the benchma
 * **overhead beyond start-up** = time to recover - the notice's lead - instance start-up:
   what recovery costs beyond starting the job on a new instance, measured from the moment the
   instance goes away (target: at most 10 s). ``total - start-up`` (lead included) is printed too.
+  The start-up baseline is one sample (attempt 1); on shared cores start-ups vary by a second or
+  two between attempts, so an overhead can come out slightly negative: that is the margin.
 * **steps lost with a notice**: steps completed by the time of the notice that the replacement
   does not resume with (completed at the notice - its ``resumed_step``; target 0). The steps
   trained between the preempt checkpoint and the announced time are trained again; they are
