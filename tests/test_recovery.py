@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.helpers import wait_until
 from tests.helpers.cli import TRAINCTL
 from tests.helpers.leftovers import assert_nothing_running, live_agent_pids
 from trainctl_lightning import launch as api
+from trainctl_lightning.agent.attempts import PRICE_ENV
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.jobs.spec import JobPhase, JobState, RecoverPolicy
 from trainctl_lightning.metrics.read import read_metrics, read_status
@@ -254,3 +256,55 @@ def test_a_replacement_started_by_the_cloud_numbers_its_attempt_from_the_run(mon
     assert current_attempt(previous) == 7
     monkeypatch.setenv("TRAINCTL_ATTEMPT", "nonsense")
     assert current_attempt(previous) == 3
+
+
+def _first_attempt_age_s(run: api.Run) -> float:
+    from trainctl_lightning.timeutil import parse_time
+
+    first = _state(run).attempts[0].started_at
+    assert first is not None
+    return time.time() - parse_time(first).timestamp()
+
+
+def test_max_hours_stops_a_managed_run_when_an_attempt_ends(file_store: str, imds: LocalIMDS) -> None:
+    """max_hours is checked when an attempt ends: a preemption past it ends the run failed."""
+    policy = RecoverPolicy(max_hours=0.001)  # 3.6 s
+    run = _launch(file_store, "--max-steps", "100000", recover=policy)
+    wait_until(lambda: _training(run, 1, 1), 120, 0.2, what="attempt 1 training")
+    wait_until(lambda: _first_attempt_age_s(run) > policy.max_hours * 3600, 30, 0.1, what="max_hours to pass")
+    _notice_and_wait(run, imds, 1)
+    final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 60, what="the run to end")
+    assert final.phase is JobPhase.FAILED, final.error
+    assert final.error is not None and final.error.startswith("gave up after 0 restarts: "), final.error
+    assert "h since the first attempt (max_hours=0.001): last attempt preempted" in final.error
+    assert [x.ended for x in final.attempts] == ["preempted"]
+    assert "(max_hours=0.001)" in run.logs()
+
+
+def test_max_cost_stops_a_managed_run_after_a_lost_attempt(file_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_cost with the price the supervisor is given: a lost attempt past it ends the run failed."""
+    monkeypatch.setenv(PRICE_ENV, "3600")  # 1 per second
+    policy = RecoverPolicy(max_cost=2.0)
+    run = _launch(file_store, "--max-steps", "100000", recover=policy)
+    wait_until(lambda: _training(run, 1, 1), 120, 0.2, what="attempt 1 training")
+    wait_until(lambda: _first_attempt_age_s(run) > 2.0, 30, 0.1, what="max_cost to be spent")
+    _kill_instance(run)
+    final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 60, what="the run to end")
+    assert final.phase is JobPhase.FAILED, final.error
+    assert final.error is not None and final.error.startswith("gave up after 0 restarts: "), final.error
+    assert " spent at 3600/h (max_cost=2): last attempt lost" in final.error
+    assert [x.ended for x in final.attempts] == ["lost"]
+    assert len(_state(run).attempts) == 1  # no replacement was started
+
+
+def test_limits_under_the_cap_let_a_replacement_start() -> None:
+    """The other side of the two tests above: within max_hours and max_cost a replacement may follow."""
+    from trainctl_lightning.jobs.spec import Attempt
+    from trainctl_lightning.timeutil import utc_now
+
+    attempts = [Attempt(number=1, started_at=utc_now(), ended="preempted")]
+    assert RecoverPolicy(max_hours=1, max_cost=10).gives_up(attempts, price_per_hour=1.0) is None
+    assert RecoverPolicy(max_cost=10).gives_up(attempts, price_per_hour=None) is None  # no price: no cost cap
+    later = time.time() + 7200
+    assert "max_hours=1" in (RecoverPolicy(max_hours=1).gives_up(attempts, now=later) or "")
+    assert "max_cost=1.5" in (RecoverPolicy(max_cost=1.5).gives_up(attempts, price_per_hour=1.0, now=later) or "")
