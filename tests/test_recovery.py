@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_until
-from tests.helpers.cli import TRAINCTL
+from tests.helpers.cli import TRAINCTL, Running, trainctl
 from tests.helpers.leftovers import assert_nothing_running, live_agent_pids
 from trainctl_lightning import launch as api
 from trainctl_lightning.agent.attempts import PRICE_ENV
@@ -24,6 +24,7 @@ from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.jobs.spec import JobPhase, JobState, RecoverPolicy
 from trainctl_lightning.metrics.read import read_metrics, read_status
 from trainctl_lightning.providers.local import LocalProvider, process_alive
+from trainctl_lightning.store.layout import run_id_of
 from trainctl_lightning.store.run import RunStore
 from trainctl_lightning.testing import LocalIMDS
 
@@ -308,3 +309,63 @@ def test_limits_under_the_cap_let_a_replacement_start() -> None:
     later = time.time() + 7200
     assert "max_hours=1" in (RecoverPolicy(max_hours=1).gives_up(attempts, now=later) or "")
     assert "max_cost=1.5" in (RecoverPolicy(max_cost=1.5).gives_up(attempts, price_per_hour=1.0, now=later) or "")
+
+
+def _write_run_between_attempts(url: str) -> None:
+    """What a managed run between attempts leaves in the store: the preempted attempt's last
+    status (its MetricsReporter's) and a job state that says ``recovering``."""
+    from trainctl_lightning.jobs.spec import Attempt
+    from trainctl_lightning.jobs.store import JobStore
+    from trainctl_lightning.metrics.records import Phase, RunStatus
+    from trainctl_lightning.timeutil import utc_now
+
+    now = utc_now()
+    notice = {"action": "terminate", "time": now, "seen_at": now}
+    status = RunStatus(
+        phase=Phase.INTERRUPTED, updated_at=now, started_at=now, refresh_interval_s=5.0, global_step=40, interruption=notice
+    )
+    RunStore(url).write_status(status.to_json())
+    attempt = Attempt(number=1, instance_id="local-x", started_at=now, ended_at=now, ended="preempted", last_step=40)
+    JobStore(url).write_state(
+        JobState(
+            run_id=run_id_of(url), phase=JobPhase.RECOVERING, updated_at=now, attempts=[attempt], error="attempt 1 preempted"
+        )
+    )
+
+
+def _end_run(url: str) -> None:
+    from trainctl_lightning.jobs.store import JobStore
+    from trainctl_lightning.metrics.records import Phase, RunStatus
+    from trainctl_lightning.timeutil import utc_now
+
+    now = utc_now()
+    RunStore(url).write_status(
+        RunStatus(phase=Phase.FINISHED, updated_at=now, started_at=now, refresh_interval_s=5.0, global_step=100).to_json()
+    )
+    state = JobStore(url).read_state()
+    assert state is not None
+    state.phase, state.ended_at = JobPhase.SUCCEEDED, now
+    state.touch()
+    JobStore(url).write_state(state)
+
+
+def test_runs_ls_and_monitor_show_recovering(file_store: str) -> None:
+    url = f"{file_store.rstrip('/')}/managed"
+    _write_run_between_attempts(url)
+    [row] = json.loads(trainctl("runs", "ls", file_store, "--output", "json").stdout)["runs"]
+    assert row["recovering"] is True
+    table = trainctl("runs", "ls", file_store)
+    assert table.returncode == 0 and "recovering" in table.stdout, table.stdout
+    once = trainctl("monitor", url, "--once", "--output", "json")
+    assert once.returncode == 0 and json.loads(once.stdout)["state"] == "recovering", once.stdout
+    frame = trainctl("monitor", url, "--once")
+    assert "recovering  (a replacement attempt is starting; the last attempt preempted)" in frame.stdout, frame.stdout
+
+    # live: the last attempt's status has ended, but the run goes on, so the monitor watches on
+    live_env = {"TTY_COMPATIBLE": "1", "TERM": "xterm", "NO_COLOR": "1"}
+    with Running("monitor", url, "--interval", "0.2", env=live_env) as monitor:
+        wait_until(lambda: monitor.stdout.count("recovering") >= 2, 30, what="two frames showing recovering")
+        assert monitor.proc.poll() is None, (monitor.stdout, monitor.stderr)
+        _end_run(url)
+        assert monitor.wait(30) == 0, monitor.stderr
+    assert "finished" in monitor.stdout
