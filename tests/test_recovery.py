@@ -369,3 +369,53 @@ def test_runs_ls_and_monitor_show_recovering(file_store: str) -> None:
         _end_run(url)
         assert monitor.wait(30) == 0, monitor.stderr
     assert "finished" in monitor.stdout
+
+
+def test_the_final_weights_equal_an_uninterrupted_run(file_store: str, imds: LocalIMDS, tmp_path: Path) -> None:
+    """Fixed seed, resumable loader: a managed run interrupted by a notice and by a hard kill
+    (the replacement resumes from the newest published checkpoint, taken at a step's end)
+    ends with exactly the weights of one fit without interruption."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers.models import ResumableRegressor, trainer_kwargs
+
+    steps, every, lr = 120, 10, 0.01  # the default lr diverges to NaN over 120 steps, and NaN equals nothing
+    args = ("--max-steps", str(steps), "--every", str(every), "--resumable", "--lr", str(lr))
+    run = _launch(file_store, *args, recover=True, max_restarts=3)
+    wait_until(lambda: _training(run, 1, 15), 120, 0.2, what="attempt 1 training")
+    _notice_and_wait(run, imds, 1)
+    wait_until(lambda: _training(run, 2, 12), 120, 0.2, what="attempt 2 training")
+    before = _state(run).attempts[-1].resumed_step
+    wait_until(
+        lambda: (c := RunStore(run.run_url).latest_checkpoint()) is not None and c.global_step != before,
+        60,
+        0.05,
+        what="a checkpoint published by attempt 2",
+    )
+    _kill_instance(run)
+    final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 180, what="the run to end")
+    assert final.phase is JobPhase.SUCCEEDED, final.error
+    assert [x.ended for x in final.attempts] == ["preempted", "lost", "finished"]
+    assert all(x.resumed_from for x in final.attempts[1:]), "each replacement resumed"
+
+    store = RunStore(run.run_url)
+    newest = store.latest_checkpoint()
+    assert newest is not None and newest.global_step == steps
+    path = store.download_checkpoint(newest, tmp_path / "final")
+    got = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+    torch.manual_seed(0)
+    straight = ResumableRegressor(lr=lr)
+    pl.Trainer(
+        **trainer_kwargs(max_steps=steps, max_epochs=-1, limit_val_batches=0, default_root_dir=str(tmp_path / "straight")),
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "straight", every_n_train_steps=every, save_top_k=-1)],
+    ).fit(straight)
+    expected = straight.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs from the uninterrupted run"
+    assert torch.isfinite(got["net.0.weight"]).all() and not torch.equal(
+        ResumableRegressor().state_dict()["net.0.weight"], got["net.0.weight"]
+    ), "it trained"
