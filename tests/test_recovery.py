@@ -419,3 +419,25 @@ def test_the_final_weights_equal_an_uninterrupted_run(file_store: str, imds: Loc
     assert torch.isfinite(got["net.0.weight"]).all() and not torch.equal(
         ResumableRegressor().state_dict()["net.0.weight"], got["net.0.weight"]
     ), "it trained"
+
+
+def test_a_killed_supervisor_then_terminate_leaves_nothing(file_store: str) -> None:
+    """The supervisor SIGKILLed: the current attempt's agent goes on (it is a process of its own);
+    no replacement will follow it, and ``terminate`` ends the agent and the job, and says so."""
+    run = _launch(file_store, "--max-steps", "100000", recover=True)
+    wait_until(lambda: _training(run, 1, 1), 120, 0.2, what="attempt 1 training")
+    assert run.instance_id is not None
+    record = LocalProvider().describe(run.instance_id)
+    [supervisor] = [a for a in record.details["agents"] if a.get("role") == "supervisor" and a["alive"]]
+    os.kill(supervisor["pid"], signal.SIGKILL)
+    wait_until(lambda: not process_alive(supervisor["pid"], supervisor.get("start_time")), 30, what="the supervisor to die")
+    at = _step(run)
+    wait_until(lambda: _step(run) > at + 3, 60, 0.1, what="the attempt to train on without its supervisor")
+    assert _state(run).phase is JobPhase.RUNNING
+
+    api.terminate(run.instance_id)
+    final = _state(run)
+    assert final.phase is JobPhase.CANCELLED, final
+    assert [x.ended for x in final.attempts] == ["cancelled"]
+    assert not live_agent_pids()
+    assert [i.id for i in LocalProvider().list()] == []
