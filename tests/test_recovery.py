@@ -10,18 +10,21 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import wait_until
-from tests.helpers.cli import TRAINCTL
+from tests.helpers.cli import TRAINCTL, Running, trainctl
 from tests.helpers.leftovers import assert_nothing_running, live_agent_pids
 from trainctl_lightning import launch as api
+from trainctl_lightning.agent.attempts import PRICE_ENV
 from trainctl_lightning.errors import ConfigError
 from trainctl_lightning.jobs.spec import JobPhase, JobState, RecoverPolicy
 from trainctl_lightning.metrics.read import read_metrics, read_status
 from trainctl_lightning.providers.local import LocalProvider, process_alive
+from trainctl_lightning.store.layout import run_id_of
 from trainctl_lightning.store.run import RunStore
 from trainctl_lightning.testing import LocalIMDS
 
@@ -254,3 +257,187 @@ def test_a_replacement_started_by_the_cloud_numbers_its_attempt_from_the_run(mon
     assert current_attempt(previous) == 7
     monkeypatch.setenv("TRAINCTL_ATTEMPT", "nonsense")
     assert current_attempt(previous) == 3
+
+
+def _first_attempt_age_s(run: api.Run) -> float:
+    from trainctl_lightning.timeutil import parse_time
+
+    first = _state(run).attempts[0].started_at
+    assert first is not None
+    return time.time() - parse_time(first).timestamp()
+
+
+def test_max_hours_stops_a_managed_run_when_an_attempt_ends(file_store: str, imds: LocalIMDS) -> None:
+    """max_hours is checked when an attempt ends: a preemption past it ends the run failed."""
+    policy = RecoverPolicy(max_hours=0.001)  # 3.6 s
+    run = _launch(file_store, "--max-steps", "100000", recover=policy)
+    wait_until(lambda: _training(run, 1, 1), 120, 0.2, what="attempt 1 training")
+    wait_until(lambda: _first_attempt_age_s(run) > policy.max_hours * 3600, 30, 0.1, what="max_hours to pass")
+    _notice_and_wait(run, imds, 1)
+    final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 60, what="the run to end")
+    assert final.phase is JobPhase.FAILED, final.error
+    assert final.error is not None and final.error.startswith("gave up after 0 restarts: "), final.error
+    assert "h since the first attempt (max_hours=0.001): last attempt preempted" in final.error
+    assert [x.ended for x in final.attempts] == ["preempted"]
+    assert "(max_hours=0.001)" in run.logs()
+
+
+def test_max_cost_stops_a_managed_run_after_a_lost_attempt(file_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_cost with the price the supervisor is given: a lost attempt past it ends the run failed."""
+    monkeypatch.setenv(PRICE_ENV, "3600")  # 1 per second
+    policy = RecoverPolicy(max_cost=2.0)
+    run = _launch(file_store, "--max-steps", "100000", recover=policy)
+    wait_until(lambda: _training(run, 1, 1), 120, 0.2, what="attempt 1 training")
+    wait_until(lambda: _first_attempt_age_s(run) > 2.0, 30, 0.1, what="max_cost to be spent")
+    _kill_instance(run)
+    final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 60, what="the run to end")
+    assert final.phase is JobPhase.FAILED, final.error
+    assert final.error is not None and final.error.startswith("gave up after 0 restarts: "), final.error
+    assert " spent at 3600/h (max_cost=2): last attempt lost" in final.error
+    assert [x.ended for x in final.attempts] == ["lost"]
+    assert len(_state(run).attempts) == 1  # no replacement was started
+
+
+def test_limits_under_the_cap_let_a_replacement_start() -> None:
+    """The other side of the two tests above: within max_hours and max_cost a replacement may follow."""
+    from trainctl_lightning.jobs.spec import Attempt
+    from trainctl_lightning.timeutil import utc_now
+
+    attempts = [Attempt(number=1, started_at=utc_now(), ended="preempted")]
+    assert RecoverPolicy(max_hours=1, max_cost=10).gives_up(attempts, price_per_hour=1.0) is None
+    assert RecoverPolicy(max_cost=10).gives_up(attempts, price_per_hour=None) is None  # no price: no cost cap
+    later = time.time() + 7200
+    assert "max_hours=1" in (RecoverPolicy(max_hours=1).gives_up(attempts, now=later) or "")
+    assert "max_cost=1.5" in (RecoverPolicy(max_cost=1.5).gives_up(attempts, price_per_hour=1.0, now=later) or "")
+
+
+def _write_run_between_attempts(url: str) -> None:
+    """What a managed run between attempts leaves in the store: the preempted attempt's last
+    status (its MetricsReporter's) and a job state that says ``recovering``."""
+    from trainctl_lightning.jobs.spec import Attempt
+    from trainctl_lightning.jobs.store import JobStore
+    from trainctl_lightning.metrics.records import Phase, RunStatus
+    from trainctl_lightning.timeutil import utc_now
+
+    now = utc_now()
+    notice = {"action": "terminate", "time": now, "seen_at": now}
+    status = RunStatus(
+        phase=Phase.INTERRUPTED, updated_at=now, started_at=now, refresh_interval_s=5.0, global_step=40, interruption=notice
+    )
+    RunStore(url).write_status(status.to_json())
+    attempt = Attempt(number=1, instance_id="local-x", started_at=now, ended_at=now, ended="preempted", last_step=40)
+    JobStore(url).write_state(
+        JobState(
+            run_id=run_id_of(url), phase=JobPhase.RECOVERING, updated_at=now, attempts=[attempt], error="attempt 1 preempted"
+        )
+    )
+
+
+def _end_run(url: str) -> None:
+    from trainctl_lightning.jobs.store import JobStore
+    from trainctl_lightning.metrics.records import Phase, RunStatus
+    from trainctl_lightning.timeutil import utc_now
+
+    now = utc_now()
+    RunStore(url).write_status(
+        RunStatus(phase=Phase.FINISHED, updated_at=now, started_at=now, refresh_interval_s=5.0, global_step=100).to_json()
+    )
+    state = JobStore(url).read_state()
+    assert state is not None
+    state.phase, state.ended_at = JobPhase.SUCCEEDED, now
+    state.touch()
+    JobStore(url).write_state(state)
+
+
+def test_runs_ls_and_monitor_show_recovering(file_store: str) -> None:
+    url = f"{file_store.rstrip('/')}/managed"
+    _write_run_between_attempts(url)
+    [row] = json.loads(trainctl("runs", "ls", file_store, "--output", "json").stdout)["runs"]
+    assert row["recovering"] is True
+    table = trainctl("runs", "ls", file_store)
+    assert table.returncode == 0 and "recovering" in table.stdout, table.stdout
+    once = trainctl("monitor", url, "--once", "--output", "json")
+    assert once.returncode == 0 and json.loads(once.stdout)["state"] == "recovering", once.stdout
+    frame = trainctl("monitor", url, "--once")
+    assert "recovering  (a replacement attempt is starting; the last attempt preempted)" in frame.stdout, frame.stdout
+
+    # live: the last attempt's status has ended, but the run goes on, so the monitor watches on
+    live_env = {"TTY_COMPATIBLE": "1", "TERM": "xterm", "NO_COLOR": "1"}
+    with Running("monitor", url, "--interval", "0.2", env=live_env) as monitor:
+        wait_until(lambda: monitor.stdout.count("recovering") >= 2, 30, what="two frames showing recovering")
+        assert monitor.proc.poll() is None, (monitor.stdout, monitor.stderr)
+        _end_run(url)
+        assert monitor.wait(30) == 0, monitor.stderr
+    assert "finished" in monitor.stdout
+
+
+def test_the_final_weights_equal_an_uninterrupted_run(file_store: str, imds: LocalIMDS, tmp_path: Path) -> None:
+    """Fixed seed, resumable loader: a managed run interrupted by a notice and by a hard kill
+    (the replacement resumes from the newest published checkpoint, taken at a step's end)
+    ends with exactly the weights of one fit without interruption."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.helpers.models import ResumableRegressor, trainer_kwargs
+
+    steps, every, lr = 120, 10, 0.01  # the default lr diverges to NaN over 120 steps, and NaN equals nothing
+    args = ("--max-steps", str(steps), "--every", str(every), "--resumable", "--lr", str(lr))
+    run = _launch(file_store, *args, recover=True, max_restarts=3)
+    wait_until(lambda: _training(run, 1, 15), 120, 0.2, what="attempt 1 training")
+    _notice_and_wait(run, imds, 1)
+    wait_until(lambda: _training(run, 2, 12), 120, 0.2, what="attempt 2 training")
+    before = _state(run).attempts[-1].resumed_step
+    wait_until(
+        lambda: (c := RunStore(run.run_url).latest_checkpoint()) is not None and c.global_step != before,
+        60,
+        0.05,
+        what="a checkpoint published by attempt 2",
+    )
+    _kill_instance(run)
+    final = wait_until(lambda: (s := _state(run)).phase.is_terminal() and s, 180, what="the run to end")
+    assert final.phase is JobPhase.SUCCEEDED, final.error
+    assert [x.ended for x in final.attempts] == ["preempted", "lost", "finished"]
+    assert all(x.resumed_from for x in final.attempts[1:]), "each replacement resumed"
+
+    store = RunStore(run.run_url)
+    newest = store.latest_checkpoint()
+    assert newest is not None and newest.global_step == steps
+    path = store.download_checkpoint(newest, tmp_path / "final")
+    got = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+    torch.manual_seed(0)
+    straight = ResumableRegressor(lr=lr)
+    pl.Trainer(
+        **trainer_kwargs(max_steps=steps, max_epochs=-1, limit_val_batches=0, default_root_dir=str(tmp_path / "straight")),
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "straight", every_n_train_steps=every, save_top_k=-1)],
+    ).fit(straight)
+    expected = straight.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), f"{key} differs from the uninterrupted run"
+    assert torch.isfinite(got["net.0.weight"]).all() and not torch.equal(
+        ResumableRegressor().state_dict()["net.0.weight"], got["net.0.weight"]
+    ), "it trained"
+
+
+def test_a_killed_supervisor_then_terminate_leaves_nothing(file_store: str) -> None:
+    """The supervisor SIGKILLed: the current attempt's agent goes on (it is a process of its own);
+    no replacement will follow it, and ``terminate`` ends the agent and the job, and says so."""
+    run = _launch(file_store, "--max-steps", "100000", recover=True)
+    wait_until(lambda: _training(run, 1, 1), 120, 0.2, what="attempt 1 training")
+    assert run.instance_id is not None
+    record = LocalProvider().describe(run.instance_id)
+    [supervisor] = [a for a in record.details["agents"] if a.get("role") == "supervisor" and a["alive"]]
+    os.kill(supervisor["pid"], signal.SIGKILL)
+    wait_until(lambda: not process_alive(supervisor["pid"], supervisor.get("start_time")), 30, what="the supervisor to die")
+    at = _step(run)
+    wait_until(lambda: _step(run) > at + 3, 60, 0.1, what="the attempt to train on without its supervisor")
+    assert _state(run).phase is JobPhase.RUNNING
+
+    api.terminate(run.instance_id)
+    final = _state(run)
+    assert final.phase is JobPhase.CANCELLED, final
+    assert [x.ended for x in final.attempts] == ["cancelled"]
+    assert not live_agent_pids()
+    assert [i.id for i in LocalProvider().list()] == []

@@ -2,7 +2,10 @@
 code: under a managed run (``$TRAINCTL_RECOVER=1``, set by the agent) CheckpointSync makes ``fit``
 start from the run's newest complete checkpoint by itself.
 
-``python recover_train.py [--max-steps N] [--every N] [--fail]``
+``python recover_train.py [--max-steps N] [--every N] [--fail] [--resumable] [--lr LR]``
+
+``--resumable`` trains ResumableRegressor (a loader whose position is saved in checkpoints), so a
+resumed fit sees exactly the batches an uninterrupted one would: its final weights are the same.
 
 Metrics are flushed every 0.2 s: on a hard kill, metrics not yet flushed are lost even when a
 checkpoint after them was published (a gap in the metrics' steps); MetricsReporter should flush
@@ -19,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from tests.helpers.models import TinyRegressor, trainer_kwargs
+from tests.helpers.models import ResumableRegressor, TinyRegressor, trainer_kwargs
 from trainctl_lightning import CheckpointSync, MetricsReporter
 
 
@@ -36,6 +39,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-steps", type=int, default=120)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--fail", action="store_true")
+    parser.add_argument("--resumable", action="store_true")
+    parser.add_argument("--lr", type=float, default=0.05)
     args = parser.parse_args()
     if args.fail:
         raise SystemExit("user error: this script fails on purpose")
@@ -54,5 +59,5 @@ if __name__ == "__main__":
             CheckpointSync(url),
         ],
     )
-    trainer.fit(TinyRegressor())
+    trainer.fit(ResumableRegressor(lr=args.lr) if args.resumable else TinyRegressor(lr=args.lr))
     print(f"DONE step={trainer.global_step}", flush=True)

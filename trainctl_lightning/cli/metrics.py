@@ -145,24 +145,44 @@ def _monitor(url: str, interval: float, once: bool, names: list[str] | None, out
 
     if once:
         records = read.read_metrics(url)
+        state, _ = _managed(url)
         if output is Format.json:
-            emit_json(view.monitor_json(url, status, records, names=names))
+            emit_json(view.monitor_json(url, status, records, names=names, state=state))
         else:
-            stdout.print(view.monitor_renderable(url, status, records, names=names))
+            stdout.print(view.monitor_renderable(url, status, records, names=names, state=state))
         return 0
 
     follower = read.MetricsFollower(url)
     with Live(console=stdout, auto_refresh=False, transient=False, redirect_stderr=False) as live:
         while True:
             records = follower.records()  # after the status: a final status comes after the last records
-            live.update(view.monitor_renderable(url, status, records, names=names), refresh=True)
-            if status.phase.is_terminal() or status.is_stale():
+            state, going_on = _managed(url)
+            live.update(view.monitor_renderable(url, status, records, names=names, state=state), refresh=True)
+            if (status.phase.is_terminal() or status.is_stale()) and not going_on:
                 break
             time.sleep(interval)
             status = read.read_status(url) or status
     if not stdout.is_terminal:
         stdout.line()  # rich ends a live view with a newline only on a terminal
     return _exit_code(status)
+
+
+def _managed(url: str) -> tuple[str | None, bool]:
+    """For a managed run (``--recover``): ``"recovering"`` while it is between attempts (else
+    None), and whether it goes on although its status ended (the last attempt's status; the next
+    attempt has not reported yet). (None, False) for any other run."""
+    from trainctl_lightning.jobs.spec import JobPhase
+    from trainctl_lightning.jobs.store import JobStore
+
+    try:
+        job = JobStore(url).read_state()
+    except TrainctlError as exc:  # the monitor goes on with the run's status alone
+        log.warning("%s", exc)
+        return None, False
+    if job is None or not job.attempts or job.lost:
+        return None, False
+    recovering = job.phase is JobPhase.RECOVERING
+    return ("recovering" if recovering else None), not job.phase.is_terminal()
 
 
 def _wait_for_status(url: str, interval: float) -> RunStatus:

@@ -152,10 +152,15 @@ class RecoverPolicy:
     max_restarts: int = 3
     """Replacement attempts at most (attempt ``max_restarts + 1`` is the last one)."""
     max_hours: float | None = None
-    """No replacement is started once this many hours passed since the first attempt began."""
+    """No replacement is started once this many hours passed since the first attempt began.
+
+    Checked when an attempt ends (by its agent, or by the supervisor for a lost one), not while
+    it trains: a running attempt is not cut short at the limit (``max_hours`` of the launch,
+    the job's max runtime, does that for each attempt)."""
     max_cost: float | None = None
     """No replacement is started once the hours so far times the instance's hourly price reach
-    this (in the price's currency); ignored where the provider knows no price."""
+    this (in the price's currency); ignored where the provider knows no price. Like
+    ``max_hours``, checked when an attempt ends."""
     retry_user_errors: bool = False
     """Also start a replacement when the script itself failed (a non-zero exit that is not a preemption)."""
 
@@ -189,10 +194,10 @@ class RecoverPolicy:
         if first is not None and (self.max_hours is not None or self.max_cost is not None):
             hours = ((now if now is not None else time.time()) - parse_time(first).timestamp()) / 3600
             if self.max_hours is not None and hours >= self.max_hours:
-                return f"gave up after {restarts} restarts: {hours:.2f} h since the first attempt (max_hours={self.max_hours:g}): {how}"
+                return f"gave up after {restarts} restarts: {hours:.3g} h since the first attempt (max_hours={self.max_hours:g}): {how}"
             if self.max_cost is not None and price_per_hour and hours * price_per_hour >= self.max_cost:
                 return (
-                    f"gave up after {restarts} restarts: {hours * price_per_hour:.2f} spent at {price_per_hour:g}/h "
+                    f"gave up after {restarts} restarts: {hours * price_per_hour:.3g} spent at {price_per_hour:g}/h "
                     f"(max_cost={self.max_cost:g}): {how}"
                 )
         return None

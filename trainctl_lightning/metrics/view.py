@@ -72,6 +72,7 @@ STATE_STYLES = {
     Phase.FAILED.value: "bold red",
     Phase.INTERRUPTED.value: "bold yellow",
     "preempted": "bold yellow",
+    "recovering": "bold yellow",
     "stale": "bold red",
     "unknown": "dim",
 }
@@ -252,10 +253,15 @@ def monitor_renderable(
     records: Sequence[MetricRecord],
     now: datetime | None = None,
     names: Sequence[str] | None = None,
+    state: str | None = None,
 ) -> RenderableType:
-    """One frame of ``trainctl monitor``: the run's status and a table of its latest metrics."""
+    """One frame of ``trainctl monitor``: the run's status and a table of its latest metrics.
+
+    ``state`` overrides the status's own (``"recovering"``: a managed run between attempts,
+    whose status is still the last attempt's).
+    """
     now = now or datetime.now(timezone.utc)
-    state = status.state(now)
+    state = state or status.state(now)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
@@ -267,6 +273,8 @@ def monitor_renderable(
             f"{human_duration(status.stale_after_s)} without a refresh)",
             style="dim",
         )
+    if state == "recovering":
+        headline.append(f"  (a replacement attempt is starting; the last attempt {status.state(now)})", style="dim")
     grid.add_row("state", headline)
     grid.add_row("epoch", "-" if status.epoch is None else str(status.epoch))
     step_cell: RenderableType = Text(format_step(status))
@@ -318,13 +326,19 @@ def waiting_renderable(url: str, waited_s: float) -> RenderableType:
 
 
 def monitor_json(
-    url: str, status: RunStatus, records: Sequence[MetricRecord], now: datetime | None = None, names: Sequence[str] | None = None
+    url: str,
+    status: RunStatus,
+    records: Sequence[MetricRecord],
+    now: datetime | None = None,
+    names: Sequence[str] | None = None,
+    state: str | None = None,
 ) -> dict[str, Any]:
-    """``trainctl monitor --once --output json``: the status and each metric's latest value."""
+    """``trainctl monitor --once --output json``: the status and each metric's latest value
+    (``state`` as in :func:`monitor_renderable`)."""
     now = now or datetime.now(timezone.utc)
     return {
         "url": url,
-        "state": status.state(now),
+        "state": state or status.state(now),
         "status": status.to_dict(now),
         "metrics": {m.name: m.to_dict() for m in summarize_metrics(records, status, names)},
     }
