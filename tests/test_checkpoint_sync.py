@@ -342,3 +342,45 @@ def test_fit_twice_with_the_same_trainer_and_callback(file_url, tmp_path):
     trainer.fit(trainer.lightning_module)
     assert [m.global_step for m in RunStore(file_url).list_checkpoints()] == [2, 4]
     assert not any(t.name.startswith("trainctl-") for t in threading.enumerate()), "background threads stopped"
+
+
+def test_a_checkpoint_is_published_only_after_the_metrics_of_its_steps(tmp_path) -> None:
+    """With a MetricsReporter on the Trainer, no manifest appears before the metrics of the steps
+    the checkpoint covers are in the store: an instance lost right after a publish leaves no gap
+    in the steps a resumed run continues. The reporter here would not flush on its own for an hour."""
+    from trainctl_lightning import MetricsReporter
+    from trainctl_lightning.metrics.read import read_metrics
+
+    url = f"file://{tmp_path}/store/run"
+    store = RunStore(url)
+    seen: dict[str, list[int]] = {}  # checkpoint id -> metric steps stored when its manifest first showed
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for manifest in store.list_checkpoints():
+                if manifest.id not in seen:
+                    seen[manifest.id] = [r.step for r in read_metrics(url) if "train_loss" in r.metrics]
+            time.sleep(0.005)  # a poll interval, not a wait for a condition
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        trainer = pl.Trainer(
+            **trainer_kwargs(
+                max_steps=6,
+                limit_val_batches=0,
+                log_every_n_steps=1,
+                logger=MetricsReporter(url, flush_interval=3600, status_interval=10),
+            ),
+            callbacks=[CheckpointSync(url), ModelCheckpoint(dirpath=tmp_path / "c", every_n_train_steps=2, save_top_k=-1)],
+        )
+        trainer.fit(TinyRegressor())
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    manifests = {m.id: m for m in store.list_checkpoints()}
+    assert len(manifests) == 3 and len(seen) >= 2 and set(seen) <= set(manifests)  # the last one may go at the end
+    for ckpt_id, steps in seen.items():
+        covered = manifests[ckpt_id].global_step
+        assert covered is not None and set(range(covered)) <= set(steps), (ckpt_id, covered, steps)

@@ -241,6 +241,9 @@ class SnapshotCheckpointIO(CheckpointIO):
         self._start_lock = threading.Lock()
         self._submit_lock = threading.Lock()  # a writer submitting vs. a flush abandoning it
         self._seq = 0
+        #: Called on the training thread when a flush begins (CheckpointSync: store the buffered
+        #: metrics and let the checkpoints that waited for them be published).
+        self.before_flush: Callable[[], None] | None = None
         self._error: BaseException | None = None  # raised at the next save or removal
         self._error_reported = False  # the flush's publisher result already names it
         self._written: dict[str, threading.Event] = {}  # path -> its newest save's "on disk" event
@@ -254,6 +257,11 @@ class SnapshotCheckpointIO(CheckpointIO):
         self.last_flush: FlushResult | None = None
         """Outcome of the latest flush (end of fit, or a save outside a fit)."""
         _LIVE.add(self)
+
+    @property
+    def saves_queued(self) -> int:
+        """How many saves this IO has taken (the ``seq`` of the newest one)."""
+        return self._seq
 
     @property
     def checkpoint_io(self) -> CheckpointIO:
@@ -432,6 +440,8 @@ class SnapshotCheckpointIO(CheckpointIO):
         the wait ends is named in ``unfinished`` (and ``unwritten``), never left out.
         """
         timeout = self.flush_timeout if timeout is None else timeout
+        if self.before_flush is not None:
+            self.before_flush()  # releases what waits for the metrics (CheckpointSync's gate)
         if self._run is None and self.publisher is None:
             return FlushResult([], [], [])
         deadline = None if timeout is None else time.monotonic() + timeout

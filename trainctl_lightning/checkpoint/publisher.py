@@ -153,6 +153,9 @@ class Publisher:
         existing: checkpoints already in the store when the run started (earlier attempts);
             publishing a name one of them has is logged, never an overwrite.
         on_published: called (on a worker thread) with each manifest once it is published.
+        gate: called (on a worker thread) with each job once its data is up, just before its
+            manifest is written; it may block (CheckpointSync holds a checkpoint there until the
+            metrics of the steps it covers are in the store).
     """
 
     def __init__(
@@ -166,8 +169,10 @@ class Publisher:
         session: str = "",
         existing: list[CheckpointManifest] | None = None,
         on_published: Callable[[CheckpointManifest], None] | None = None,
+        gate: Callable[[PublishJob], None] | None = None,
     ) -> None:
         self.store = store
+        self._gate = gate
         self.mirror_deletes = mirror_deletes
         self.keep_last = keep_last
         self.keep_local = keep_local
@@ -259,6 +264,7 @@ class Publisher:
                 callback=_Progress(job),
                 stop=self._stop,
                 verify_unchanged=False,  # staged files are private: nothing else can write them
+                before_manifest=None if self._gate is None else (lambda: self._gate(job) if self._gate else None),
             )
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
 from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
-from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, PublishState
+from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, PublishJob, PublishState
 from trainctl_lightning.checkpoint.resume import resume_checkpoint, run_cache_dir
 from trainctl_lightning.errors import (
     ConfigError,
@@ -39,6 +39,51 @@ from trainctl_lightning.timeutil import utc_now
 __all__ = ["CheckpointSync"]
 
 log = logging.getLogger(__name__)
+
+
+class _MetricsGate:
+    """Holds each checkpoint's manifest until the metrics of the steps it covers are in the store.
+
+    Lightning logs a step's metrics after the checkpoint of that step is saved, and the
+    background publish can finish first: an instance lost right then would leave a run whose
+    newest checkpoint is ahead of its stored metrics, a gap in the steps that the resumed run
+    never fills. So the publisher waits here, before each manifest, until the training thread
+    has stored the buffered metrics (at the next batch, or when a flush begins), for at most
+    ``timeout_s`` (publishing matters more than the metrics: past it, the checkpoint goes and
+    the wait is logged).
+    """
+
+    def __init__(self, reporters: list[Any], timeout_s: float = 60.0) -> None:
+        self.reporters = reporters
+        self.timeout_s = timeout_s
+        self._released = 0
+        self._open = False
+        self._cond = threading.Condition()
+
+    def wait(self, job: PublishJob) -> None:
+        with self._cond:
+            ready = self._cond.wait_for(lambda: self._open or self._released >= job.seq, timeout=self.timeout_s)
+        if not ready:
+            log.warning(
+                "trainctl: publishing %s without waiting longer for the metrics of its steps (%.0fs)", job.name, self.timeout_s
+            )
+
+    def pending(self, saves: int) -> bool:
+        with self._cond:
+            return not self._open and self._released < saves
+
+    def release(self, saves: int, *, open_: bool = False) -> None:
+        """Store the buffered metrics, then let the first ``saves`` checkpoints (all, and every later
+        one, with ``open_``) be published. Called on the training thread."""
+        for reporter in self.reporters:
+            try:
+                reporter.flush_now()
+            except Exception as exc:  # the reporter logs and retries its own writes; publish anyway
+                log.warning("trainctl: metrics could not be stored before publishing: %s", exc)
+        with self._cond:
+            self._released = max(self._released, saves)
+            self._open = self._open or open_
+            self._cond.notify_all()
 
 
 class CheckpointSync(Callback):
@@ -172,6 +217,7 @@ class CheckpointSync(Callback):
         self.session = uuid.uuid4().hex[:8]
         self.store: RunStore | None = None
         self._io: SnapshotCheckpointIO | None = None
+        self._gate: _MetricsGate | None = None  # with a MetricsReporter: manifests wait for the metrics
         self._trainer: pl.Trainer | None = None
         self._end_error: UploadError | None = None
         self._existing: list[CheckpointManifest] = []
@@ -191,6 +237,7 @@ class CheckpointSync(Callback):
         # only to a child process being spawned here, through its pipe: ddp_spawn; see pickled_options).
         state = self.__dict__.copy()
         state["storage_options"] = pickled_options(self.storage_options, repr(self))
+        state["_gate"] = None  # a lock: belongs to this process's fit
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -312,9 +359,21 @@ class CheckpointSync(Callback):
                 strategy.checkpoint_io = current
 
         io.on_teardown = restore
+        reporters = [lg for lg in trainer.loggers if callable(getattr(lg, "flush_now", None))]  # MetricsReporter
+        self._gate = _MetricsGate(reporters) if reporters else None
+        gate = self._gate
+        if gate is not None:
+            io.before_flush = lambda: gate.release(io.saves_queued, open_=True)
         self._io = io
         io.start_fit()
         strategy.checkpoint_io = io
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # The step before this one logged its metrics: store them, then let its checkpoints go.
+        gate, io = self._gate, self._io
+        if gate is not None and io is not None and gate.pending(io.saves_queued):
+            gate.release(io.saves_queued)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -441,6 +500,8 @@ class CheckpointSync(Callback):
         trainer.save_checkpoint(path)  # every rank calls it; rank zero writes through our CheckpointIO
         if not trainer.is_global_zero or self._io is None:
             return
+        if self._gate is not None:  # this thread waits for it now: nothing else would release it
+            self._gate.release(self._io.saves_queued)
         job = self._io.wait_published(path, timeout=self.request_timeout)
         elapsed = time.monotonic() - requested_at
         if job is not None and job.state is PublishState.PUBLISHED and job.manifest is not None:
@@ -523,6 +584,7 @@ class CheckpointSync(Callback):
             session=self.session,
             existing=self._existing,
             on_published=self._note_published,
+            gate=None if self._gate is None else self._gate.wait,
         )
 
     def _note_published(self, manifest: Any) -> None:

@@ -227,6 +227,14 @@ class MetricsReporter(Logger):
             self._writer.flush()
         self._writer.request_status()
 
+    def flush_now(self) -> None:
+        """Write the buffered metrics to the store before returning (no-op before the first log or
+        after the end). CheckpointSync calls it before it publishes a checkpoint: the metrics of
+        the steps a checkpoint covers are in the store first, so a run resumed from it after a
+        hard kill has no gap in its steps."""
+        if self._writer.started and not self._writer.closed:
+            self._writer.flush()
+
     @override
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -16,7 +16,7 @@ import re
 import socket
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
@@ -130,6 +130,7 @@ class RunStore:
         callback: Callback | None = None,
         stop: threading.Event | None = None,
         verify_unchanged: bool = True,
+        before_manifest: Callable[[], None] | None = None,
     ) -> CheckpointManifest:
         """Upload local checkpoint files as one checkpoint: data objects first, manifest last.
 
@@ -146,6 +147,8 @@ class RunStore:
             stop: aborts retries when set.
             verify_unchanged: hash each local file again after its upload and refuse to publish
                 if it changed meanwhile (skip only for files nothing else can write).
+            before_manifest: called once the data is up, just before the manifest is written
+                (CheckpointSync waits there until the metrics the checkpoint covers are stored).
 
         Returns:
             The manifest as written.
@@ -191,6 +194,8 @@ class RunStore:
                 source={"host": socket.gethostname(), "pid": os.getpid(), **(source or {})},
             )
             body = manifest.to_json()
+            if before_manifest is not None:
+                before_manifest()
             try:
                 self.objects.write(manifest_rel, body, create_only=True, stop=stop)
             except ConflictError:
