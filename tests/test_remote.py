@@ -26,6 +26,7 @@ from packaging.specifiers import SpecifierSet
 from torch.utils.data import DataLoader
 
 import trainctl_lightning
+from tests.helpers import wait_until
 from tests.helpers.leftovers import assert_nothing_running
 from trainctl_lightning import CheckpointSync, MetricsReporter, RemoteStrategy, RunStore
 from trainctl_lightning.errors import ConfigError, RemoteTraceback
@@ -574,4 +575,57 @@ def test_predict_returns_the_predictions_computed_remotely(models, store, monkey
     for key, value in model.state_dict().items():
         assert torch.equal(value, sent[key]), "predict does not change the weights"
     assert strategy.instance_id is None
+    assert_nothing_running()
+
+
+# ----------------------------------------------------------------------------- managed runs
+def test_fit_with_recover_comes_back_after_a_preemption(models, store, monkeypatch) -> None:
+    """RemoteStrategy(recover=True): a spot notice ends the first attempt (its worker leaves no
+    result), the supervisor starts the next one, CheckpointSync resumes it from the newest
+    checkpoint by itself, and fit returns here with the final weights."""
+    from trainctl_lightning.jobs.spec import JobPhase
+    from trainctl_lightning.metrics.read import read_status
+    from trainctl_lightning.testing import LocalIMDS
+
+    with LocalIMDS() as imds:
+        monkeypatch.setenv("TRAINCTL_SPOT", "1")
+        monkeypatch.setenv("TRAINCTL_IMDS_ENDPOINT", imds.endpoint)
+        monkeypatch.setenv("TRAINCTL_SPOT_POLL_S", "0.1")
+        strategy = RemoteStrategy(store=store, recover=True, max_restarts=2)
+        trainer = pl.Trainer(
+            strategy=strategy,
+            **{
+                **TRAINER_KWARGS,
+                "max_steps": 30,
+                "val_check_interval": 100,
+                "limit_val_batches": 0,
+                "logger": MetricsReporter(status_interval=0.2, flush_interval=0.2),
+            },
+            callbacks=[CheckpointSync()],
+        )
+        errors: list[BaseException] = []
+
+        def fit() -> None:
+            try:
+                trainer.fit(models.Regressor(step_sleep=0.3))
+            except BaseException as exc:  # asserted below
+                errors.append(exc)
+
+        thread = threading.Thread(target=fit)
+        thread.start()
+        try:
+            run_url = wait_until(lambda: next(iter(run_urls_in(store)), None), 120, what="the remote run")
+            jobs = JobStore(run_url)
+            wait_until(lambda: (s := read_status(run_url)) is not None and (s.global_step or 0) >= 3, 120, what="step 3")
+            imds.notice(in_s=1)
+            wait_until(lambda: (s := jobs.read_state()) is not None and len(s.attempts) >= 2, 60, what="the second attempt")
+            imds.clear()  # the replacement is another instance: no notice there
+        finally:
+            thread.join(timeout=180)
+    assert not thread.is_alive() and errors == []
+    state = jobs.read_state()
+    assert state is not None and state.phase is JobPhase.SUCCEEDED
+    assert [a.ended for a in state.attempts] == ["preempted", "finished"]
+    assert state.attempts[1].resumed_from is not None
+    assert trainer.global_step == 30
     assert_nothing_running()

@@ -18,6 +18,7 @@ Internal: not part of the public API; it may change without notice.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -69,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         result = _failure(exc, hint=_import_hint(exc))
     else:
         if isinstance(payload, TrainerPayload):
-            result = run_trainer(payload, store)
+            result, terminated = run_trainer(payload, store)
+            if terminated and os.environ.get(layout.RECOVER_ENV) == "1":
+                # A managed run's attempt was stopped (its instance is going away): the next attempt
+                # resumes the same call and writes the result; this one leaves none behind.
+                print("trainctl worker: stopped by SIGTERM; the run's next attempt carries on", file=sys.stderr, flush=True)
+                return 128 + signal.SIGTERM
             value_as = "cloudpickle" if payload.entry == "predict" else "json"  # fit/validate/test return data
         elif isinstance(payload, FunctionPayload):
             result = run_function(payload)
@@ -109,8 +115,9 @@ def run_function(payload: FunctionPayload) -> RemoteResult:
     return RemoteResult(ok=True, value=value, host=socket.gethostname())
 
 
-def run_trainer(payload: TrainerPayload, store: RunStore) -> RemoteResult:
-    """Rebuild the Trainer with the instance's hardware, make the call, report what came of it."""
+def run_trainer(payload: TrainerPayload, store: RunStore) -> tuple[RemoteResult, bool]:
+    """Rebuild the Trainer with the instance's hardware, make the call, report what came of it,
+    and whether it ended because the process received SIGTERM (Lightning's ``received_sigterm``)."""
     trainer = None
     try:
         kwargs = dict(payload.trainer_kwargs)
@@ -121,7 +128,7 @@ def run_trainer(payload: TrainerPayload, store: RunStore) -> RemoteResult:
         final = _final_checkpoint(trainer, store) if payload.entry == "fit" else None
         result = RemoteResult(ok=True, value=value, final_checkpoint=final, host=socket.gethostname())
         _describe(trainer, result)
-        return result
+        return result, False
     except BaseException as exc:
         result = _failure(exc)
     if trainer is not None:
@@ -129,7 +136,7 @@ def run_trainer(payload: TrainerPayload, store: RunStore) -> RemoteResult:
             _describe(trainer, result)
         except Exception as describe_error:  # the original error is what the caller needs
             print(f"trainctl worker: could not read the trainer's state after the failure: {describe_error!r}", file=sys.stderr)
-    return result
+    return result, bool(trainer is not None and getattr(trainer, "received_sigterm", False))
 
 
 def _reroot_checkpoint_dirs(trainer: Any, project_dir: str | None) -> None:
