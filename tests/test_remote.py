@@ -618,8 +618,10 @@ def test_fit_with_recover_comes_back_after_a_preemption(models, store, monkeypat
             jobs = JobStore(run_url)
             wait_until(lambda: (s := read_status(run_url)) is not None and (s.global_step or 0) >= 3, 120, what="step 3")
             imds.notice(in_s=1)
+            # once the agent has seen it, the notice goes: the replacement is another instance
+            wait_until(lambda: (s := jobs.read_state()) is not None and s.interruption is not None, 60, what="the notice seen")
+            imds.clear()
             wait_until(lambda: (s := jobs.read_state()) is not None and len(s.attempts) >= 2, 60, what="the second attempt")
-            imds.clear()  # the replacement is another instance: no notice there
         finally:
             thread.join(timeout=180)
     assert not thread.is_alive() and errors == []
