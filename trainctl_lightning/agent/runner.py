@@ -263,7 +263,8 @@ class Agent:
             self.spec = spec
         except Exception as exc:
             return self._fail_without_spec(exc)
-        number = current_attempt(self._earlier_state()) if spec.recover is not None else None
+        previous = self._earlier_state() if spec.recover is not None else None
+        number = current_attempt(previous) if spec.recover is not None else None
         self.pump = LogPump(self.jobs.log_writer(attempt=number), self.workdir / "logs" / f"{spec.run_id}.log")
         if not os.environ.get(RUN_KEY_ENV):
             why = self._key_error or "the AWS shared instance profile, or an agent started by hand"
@@ -282,7 +283,7 @@ class Agent:
             heartbeat_interval_s=spec.heartbeat_interval_s,
         )
         if number is not None:
-            self._begin_attempt(number)
+            self._begin_attempt(number, previous)
         log.info("run %s: picked up from %s", spec.run_id, self.jobs.url)
         self._write_state()
         if spot_watch_enabled(spec.spot):
@@ -499,15 +500,11 @@ class Agent:
 
     # ------------------------------------------------------------ managed runs
 
-    def _begin_attempt(self, number: int) -> None:
-        """Carry the earlier attempts over from the run's state, record this one, mark the log."""
+    def _begin_attempt(self, number: int, previous: JobState | None) -> None:
+        """Carry the earlier attempts over from the run's state as the previous attempt left it
+        (``previous``: None when there is none or it was damaged), record this one, mark the log."""
         spec, state = self.spec, self._live_state()
         assert spec is not None and self.pump is not None
-        try:
-            previous = self.jobs.read_state()
-        except TrainctlError as exc:  # a damaged state must not stop the run: its history is lost, said so
-            log.warning("could not read the earlier attempts (starting a new list): %s", one_line(exc))
-            previous = None
         self.attempt = begin_attempt(state, previous, number, spec.instance_id, spec.run_url)
         self.pump.feed(f"{attempt_marker(self.attempt)}\n".encode())
 
@@ -723,8 +720,8 @@ class Agent:
         """The run's state as the previous attempt left it (None: none, or damaged, which is said)."""
         try:
             return self.jobs.read_state()
-        except TrainctlError as exc:
-            log.warning("could not read the run's earlier attempts: %s", one_line(exc))
+        except TrainctlError as exc:  # a damaged state must not stop the run: its history is lost, said so
+            log.warning("could not read the earlier attempts (starting a new list): %s", one_line(exc))
             return None
 
     def _release_instance(self, run_over: bool = True) -> None:

@@ -25,6 +25,7 @@ Internal: not part of the public API; it may change without notice.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -264,7 +265,7 @@ class Publisher:
                 callback=_Progress(job),
                 stop=self._stop,
                 verify_unchanged=False,  # staged files are private: nothing else can write them
-                before_manifest=None if self._gate is None else (lambda: self._gate(job) if self._gate else None),
+                before_manifest=None if self._gate is None else functools.partial(self._gate, job),
             )
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
