@@ -15,9 +15,15 @@ from tests.helpers.models import ResumableRegressor, trainer_kwargs
 from trainctl_lightning import CheckpointSync
 
 
+def say(line: str) -> None:
+    """One line in one write(2): the ranks share a stdout pipe, and print() writes the text and
+    its newline separately, so two ranks' lines could interleave."""
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 class Start(Callback):
     def on_train_start(self, trainer, pl_module):
-        print(f"RANK {trainer.global_rank} START step={trainer.global_step} ckpt={trainer.ckpt_path}", flush=True)
+        say(f"RANK {trainer.global_rank} START step={trainer.global_step} ckpt={trainer.ckpt_path}")
 
 
 if __name__ == "__main__":
@@ -28,4 +34,4 @@ if __name__ == "__main__":
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=2, save_top_k=-1), sync, Start()],
     )
     trainer.fit(ResumableRegressor())
-    print(f"RANK {trainer.global_rank} DONE step={trainer.global_step} resumed={sync.resumed_from}", flush=True)
+    say(f"RANK {trainer.global_rank} DONE step={trainer.global_step} resumed={sync.resumed_from}")
