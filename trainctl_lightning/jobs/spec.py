@@ -25,6 +25,7 @@ __all__ = [
     "JOB_FORMAT",
     "JOB_STATE_FORMAT",
     "LOST_AFTER_S",
+    "MAX_NODES",
     "QUEUED_LOST_AFTER_S",
     "SAVE_NOW_SIGNAL",
     "Attempt",
@@ -35,6 +36,7 @@ __all__ = [
     "JobSpec",
     "JobState",
     "RecoverPolicy",
+    "check_nodes",
     "looks_secret",
     "new_run_id",
     "validate_run_id",
@@ -66,6 +68,23 @@ def validate_run_id(run_id: str) -> str:
             f"run id {run_id!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return run_id
+
+
+#: The most instances one multi-node run may use (a typo guard; raise it if you need more).
+MAX_NODES = 256
+
+
+def check_nodes(nodes: object, nproc_per_node: object = None) -> None:
+    """Refuse a node count or processes-per-node that is not a whole number in range (one line)."""
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= MAX_NODES:
+        raise ConfigError(f"nodes = {nodes!r} is not allowed: give a whole number of instances from 1 to {MAX_NODES}")
+    if nproc_per_node is not None and (
+        isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or not 1 <= nproc_per_node <= 1024
+    ):
+        raise ConfigError(
+            f"processes per node = {nproc_per_node!r} is not allowed: give a whole number >= 1 (devices per node), "
+            "or leave it out for one per GPU"
+        )
 
 
 def looks_secret(name: str) -> bool:
@@ -278,6 +297,15 @@ class JobSpec:
     (detached launches)."""
     recover: RecoverPolicy | None = None
     """A managed run (``--recover``): lost or preempted attempts are replaced, within these limits."""
+    nodes: int = 1
+    """Instances the job runs across. Above 1 the agent on each runs the job under ``torchrun``
+    (c10d rendezvous at node 0, the run id as rendezvous id); see ``docs/multi-node.md``."""
+    nproc_per_node: int | None = None
+    """Processes ``torchrun`` starts on each node (a multi-node run); None: the node's CUDA
+    device count, or 1 without CUDA."""
+    node_instances: list[str] = field(default_factory=list)
+    """A multi-node run: the instance id of each node, by node index (node 0 first; ``instance_id``
+    is node 0's). An agent started without ``$TRAINCTL_NODE`` finds its index here."""
     trainctl_version: str = ""
     format: str = JOB_FORMAT
 
@@ -300,6 +328,9 @@ class JobSpec:
             check_limit("JobSpec.launcher_grace_s", self.launcher_grace_s)
         for name in ("stop_grace_s", "log_interval_s", "heartbeat_interval_s"):
             check_limit(f"JobSpec.{name}", getattr(self, name))
+        check_nodes(self.nodes, self.nproc_per_node)
+        if self.node_instances and len(self.node_instances) != self.nodes:
+            raise ConfigError(f"JobSpec.node_instances names {len(self.node_instances)} instances for {self.nodes} nodes")
 
     def command(self, python: str) -> list[str]:
         """The job's argv with ``python`` as the interpreter."""
@@ -359,6 +390,10 @@ class JobState:
     """The spot interruption notice the agent saw (``action``, ``time``, ``seen_at``), if any."""
     attempts: list[Attempt] = field(default_factory=list)
     """A managed run's attempts, oldest first (empty for other runs, and in states written before)."""
+    node: int | None = None
+    """A multi-node run: the node whose agent wrote this state (0: the lead, whose state is the run's)."""
+    failed_node: int | None = None
+    """A multi-node run that failed: the node that failed first (the lead fills it in)."""
     format: str = JOB_STATE_FORMAT
 
     @property

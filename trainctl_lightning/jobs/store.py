@@ -28,12 +28,26 @@ class JobStore:
     Args:
         run_url: the run's URL (``<store>/<run id>``).
         storage_options: passed to fsspec.
+        node: a multi-node run's node whose state and logs this reads and writes
+            (``layout.node_object``: node 0's are the run's own); the spec and the cancel
+            request are the run's whatever the node.
     """
 
-    def __init__(self, run_url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, run_url: str, storage_options: dict[str, Any] | None = None, node: int = 0) -> None:
         self.objects = ObjectStore(run_url, storage_options)
         """The run's objects; its ``retry`` may be swapped (the agent's short ticks)."""
         self.url = self.objects.url
+        self.node = node
+        self._state_name = layout.node_object(node, layout.JOB_STATE)
+        self._logs = layout.node_object(node, layout.LOGS)
+
+    def for_node(self, node: int) -> JobStore:
+        """The same run seen as node ``node`` (sharing this one's object store and its retry policy)."""
+        other = JobStore.__new__(JobStore)
+        other.objects, other.url, other.node = self.objects, self.url, node
+        other._state_name = layout.node_object(node, layout.JOB_STATE)
+        other._logs = layout.node_object(node, layout.LOGS)
+        return other
 
     def __repr__(self) -> str:
         return f"JobStore({self.url!r})"
@@ -79,7 +93,7 @@ class JobStore:
         return _parse(JobSpec.from_json, raw, self.objects.url_of(layout.JOB), "job spec")
 
     def write_state(self, state: JobState) -> None:
-        self.objects.write(layout.JOB_STATE, state.to_json())
+        self.objects.write(self._state_name, state.to_json())
 
     def read_state(self) -> JobState | None:
         """The job's state, or None before anyone wrote one.
@@ -87,18 +101,18 @@ class JobStore:
         Raises:
             IntegrityError: ``job-state.json`` is there but does not parse (one line naming it).
         """
-        raw = self.objects.read(layout.JOB_STATE)
-        return None if raw is None else _parse(JobState.from_json, raw, self.objects.url_of(layout.JOB_STATE), "job state")
+        raw = self.objects.read(self._state_name)
+        return None if raw is None else _parse(JobState.from_json, raw, self.objects.url_of(self._state_name), "job state")
 
     def write_code_manifest(self, data: bytes) -> None:
         self.objects.write(layout.CODE_MANIFEST, data, create_only=True)
 
     # ------------------------------------------------------------ logs
     def log_writer(self, attempt: int | None = None, part: int = 1) -> LogChunkWriter:
-        return LogChunkWriter(self.objects, attempt, part)
+        return LogChunkWriter(self.objects, attempt, part, folder=self._logs)
 
     def read_log_chunks(self, skip: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, bytes]]:
-        return self.objects.read_new(layout.LOGS, "*.log", skip)
+        return self.objects.read_new(self._logs, "*.log", skip)
 
     def read_logs(self) -> bytes:
         return b"".join(data for _, data in self.read_log_chunks())
@@ -158,8 +172,9 @@ class LogChunkWriter:
     2: after it, e.g. the supervisor's notes).
     """
 
-    def __init__(self, objects: ObjectStore, attempt: int | None = None, part: int = 1) -> None:
+    def __init__(self, objects: ObjectStore, attempt: int | None = None, part: int = 1, folder: str = layout.LOGS) -> None:
         self.objects = objects
+        self.folder = folder
         stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
         self.prefix = stamp if attempt is None else f"a{attempt:04d}-{part}-{stamp}"
         self.seq = 0
@@ -168,6 +183,6 @@ class LogChunkWriter:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self.objects.write(f"{layout.LOGS}/{self.prefix}-{self.seq:06d}.log", data, create_only=True)
+        self.objects.write(f"{self.folder}/{self.prefix}-{self.seq:06d}.log", data, create_only=True)
         self.seq += 1
         self.bytes_written += len(data)

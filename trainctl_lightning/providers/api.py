@@ -13,17 +13,19 @@ only resources with ``trainctl:managed-by``, never anything found by name.
 
 from __future__ import annotations
 
+import builtins
 import getpass
+import logging
 import os
 import socket
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar
 
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError
 from trainctl_lightning.limits import MAX_RUNTIME_LIMIT_S, check_limit
-from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_OWNER, TAG_RUN_ID
+from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NODE, TAG_OWNER, TAG_RUN_ID
 
 __all__ = [
     "MANAGED_BY",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 MANAGED_BY = "trainctl-lightning"
+log = logging.getLogger("trainctl_lightning.providers")
 
 
 def current_owner() -> str:
@@ -109,8 +112,14 @@ class InstanceSpec:
     can read the run's state."""
     options: dict[str, Any] = field(default_factory=dict)
     """Provider-specific options (AWS: subnet_id, security_group_ids, key_name, install, ...)."""
+    nodes: int = 1
+    """Instances of this spec created together for one multi-node run (:meth:`Provider.create_nodes`):
+    all or none, each tagged with its node index (``trainctl:node``)."""
 
     def __post_init__(self) -> None:
+        from trainctl_lightning.jobs.spec import check_nodes
+
+        check_nodes(self.nodes)
         if self.disk_gb is not None and (isinstance(self.disk_gb, bool) or not isinstance(self.disk_gb, int) or self.disk_gb < 1):
             raise ConfigError(f"disk_gb must be a positive whole number of GB, got {self.disk_gb!r}")
         if self.max_runtime_s is not None:
@@ -178,6 +187,8 @@ class CreatePlan:
         lines = [f"provider {self.provider} would create:"]
         lines += [f"  - {r}" for r in self.resources]
         lines.append(f"  instance type: {self.instance_type}" + (" (spot)" if self.spec.spot else ""))
+        if self.spec.nodes > 1:
+            lines.append(f"  nodes: {self.spec.nodes} instances, created together (all or none)")
         if self.region:
             lines.append(f"  region: {self.region}")
         if self.price_per_hour is not None:
@@ -193,6 +204,7 @@ class CreatePlan:
             "provider": self.provider,
             "instance_type": self.instance_type,
             "spot": self.spec.spot,
+            "nodes": self.spec.nodes,
             "region": self.region,
             "tags": self.tags,
             "resources": self.resources,
@@ -216,6 +228,8 @@ class AgentLaunch:
     run_key: str = field(default="", repr=False)
     """The run's signing key (:mod:`trainctl_lightning.runkey`): the agent gets it as
     ``$TRAINCTL_RUN_KEY``, out of band. Never written to the store, logs or user data in clear."""
+    node: int = 0
+    """A multi-node run: the node this agent runs (``$TRAINCTL_NODE``; 0 is the lead)."""
 
     def __repr__(self) -> str:  # forward_env and run_key are secrets
         return f"AgentLaunch(run_id={self.run_id!r}, run_url={self.run_url!r}, forward_env=<{len(self.forward_env)} names>)"
@@ -248,6 +262,12 @@ class Provider(ABC):
         """Create an instance; ``create_dryrun(spec)`` shows what this would do."""
         return self._create(self.create_dryrun(spec or InstanceSpec()))
 
+    def create_nodes(self, spec: InstanceSpec) -> builtins.list[Instance]:
+        """Create ``spec.nodes`` instances for one multi-node run, all or none: when one cannot be
+        created, those that were are terminated before the error is raised. Node ``k`` is the
+        ``k``-th instance returned and carries the tag ``trainctl:node=k``."""
+        return self._create_nodes(self.create_dryrun(spec))
+
     def describe(self, instance_id: str) -> Instance:
         """The instance with this id, terminated ones included.
 
@@ -274,6 +294,29 @@ class Provider(ABC):
     @abstractmethod
     def _create(self, plan: CreatePlan) -> Instance:
         """Create what ``plan`` describes; on any failure, remove what was created."""
+
+    def _create_nodes(self, plan: CreatePlan) -> builtins.list[Instance]:
+        """Create the instances of a multi-node ``plan``; the default creates them one by one and
+        terminates those created when one fails. Providers with a native all-or-nothing request
+        (AWS: ``MinCount = MaxCount = N`` in a placement group) override it."""
+        created: builtins.list[Instance] = []
+        try:
+            for node in range(plan.spec.nodes):
+                one = replace(plan.spec, nodes=1, tags={**plan.spec.tags, TAG_NODE: str(node)})
+                created.append(self._create(self.create_dryrun(one)))
+        except BaseException:
+            self._terminate_all([i.id for i in created])
+            raise
+        return created
+
+    def _terminate_all(self, instance_ids: builtins.list[str]) -> None:
+        """Terminate each instance, logging (not raising) one that cannot be: the caller is already
+        raising the error that matters."""
+        for instance_id in instance_ids:
+            try:
+                self.terminate(instance_id)
+            except Exception as exc:
+                log.error("trainctl: could not terminate %s (%s); run `trainctl terminate %s`", instance_id, exc, instance_id)
 
     @abstractmethod
     def list(self, include_terminated: bool = False) -> list[Instance]:

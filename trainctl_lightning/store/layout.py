@@ -17,6 +17,9 @@ Nothing here touches storage::
         control/cancel.json               present once someone asked the job to stop
         control/launcher.json             the attached launcher's heartbeat
         remote/payload.pkl, result.pkl    a RemoteStrategy / remote() call and its outcome
+        control/rendezvous.json           a multi-node run: where the nodes meet (written by node 0)
+        nodes/<k>/job-state.json          a multi-node run: node k's own state (k >= 1; node 0's is job-state.json)
+        nodes/<k>/logs/...                node k's output (k >= 1; node 0's is logs/)
 """
 
 from __future__ import annotations
@@ -35,14 +38,18 @@ __all__ = [
     "LAUNCHER_HEARTBEAT",
     "LOGS",
     "METRICS",
+    "NODES",
+    "NODE_ENV",
     "RECOVER_ENV",
     "REMOTE_PAYLOAD",
     "REMOTE_RESULT",
+    "RENDEZVOUS",
     "RUN_MARKERS",
     "RUN_URL_ENV",
     "STATUS",
     "TAG_MANAGED_BY",
     "TAG_NAME",
+    "TAG_NODE",
     "TAG_OWNER",
     "TAG_PURPOSE",
     "TAG_RUN_ID",
@@ -50,6 +57,7 @@ __all__ = [
     "blobs_url_in",
     "checkpoint_object",
     "dist_dir",
+    "node_object",
     "run_id_of",
     "run_url_in",
     "split_run_url",
@@ -84,6 +92,12 @@ REMOTE_PAYLOAD = "remote/payload.pkl"
 """What a RemoteStrategy / remote() call runs (pickled by the launcher)."""
 REMOTE_RESULT = "remote/result.pkl"
 """What came of it (pickled by the worker on the instance)."""
+RENDEZVOUS = "control/rendezvous.json"
+"""A multi-node run: node 0's agent writes where torchrun's c10d rendezvous listens (private
+address and port, attempt); the other nodes' agents wait for it."""
+NODES = "nodes"
+"""A multi-node run: folder of the other nodes' own objects, ``nodes/<k>/`` for node k >= 1
+(their ``job-state.json`` and ``logs/``). Node 0 (the lead) writes the run's own."""
 #: Objects whose presence marks a folder as a run (``runs ls`` finds runs by them).
 RUN_MARKERS = (JOB, STATUS, CHECKPOINTS)
 
@@ -98,6 +112,9 @@ RUN_URL_ENV = "TRAINCTL_RUN_URL"
 RECOVER_ENV = "TRAINCTL_RECOVER"
 """Set to ``1`` by the agent for the job of a managed run (``--recover``): ``CheckpointSync``
 then resumes ``fit`` from the run's newest complete checkpoint without user code."""
+NODE_ENV = "TRAINCTL_NODE"
+"""The node index (0 for the lead) of a multi-node run's agent, given by the provider that
+starts it; the job sees it too."""
 ATTEMPT_ENV = "TRAINCTL_ATTEMPT"
 """The attempt number (1 for the first start, 2 for the first replacement, ...), set by the agent."""
 
@@ -112,6 +129,8 @@ TAG_STORE = "trainctl:store"
 """The store URL of that run (gc reads the run's state from it)."""
 TAG_PURPOSE = "trainctl:purpose"
 """What a supporting resource is for (``trainctl aws setup``'s security group)."""
+TAG_NODE = "trainctl:node"
+"""A multi-node run's node index (0, 1, ...) on each of its instances."""
 TAG_NAME = "Name"
 """The console name of an instance."""
 
@@ -140,6 +159,14 @@ def run_id_of(run_url: str) -> str:
 def blobs_url_in(store_url: str) -> str:
     """Where code sync keeps its content-addressed blobs for a store."""
     return f"{store_url.rstrip('/')}/{CODE_BLOBS}"
+
+
+def node_object(node: int, name: str) -> str:
+    """Where node ``node`` of a run keeps its own ``name`` (``job-state.json``, ``logs``): the run's
+    own for node 0 (the lead, and every single-node run), ``nodes/<k>/<name>`` for the others."""
+    if isinstance(node, bool) or not isinstance(node, int) or node < 0:
+        raise ValueError(f"node index must be an int >= 0, got {node!r}")
+    return name if node == 0 else f"{NODES}/{node}/{name}"
 
 
 def dist_dir(key: str) -> str:
