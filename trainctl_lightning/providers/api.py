@@ -341,6 +341,17 @@ class Provider(ABC):
         agent's environment (``AgentLaunch.run_key``) or not at all."""
         return None
 
+    def own_instance_id(self) -> str | None:
+        """On the instance, for the agent: this instance's id, when the provider can tell (AWS: the
+        metadata service); None otherwise (local: the agent gets ``$TRAINCTL_NODE`` instead). A
+        multi-node run's agent without ``$TRAINCTL_NODE`` finds its node index from it."""
+        return None
+
+    def node_address(self) -> str:
+        """On the instance, for the agent: the address other nodes of a multi-node run reach this
+        one at (AWS: the private IPv4 from the metadata service; local: loopback)."""
+        return "127.0.0.1"
+
     def release_from_agent(self, instance_id: str, *, run_over: bool = True) -> None:
         """Called by the agent *on the instance* once a job that owns its instance has ended:
         end the instance from the inside (local: mark it terminated; AWS: shut down, which
