@@ -64,6 +64,7 @@ from trainctl_lightning.jobs.spec import (
     JobSpec,
     JobState,
     RecoverPolicy,
+    check_nodes,
     new_run_id,
     validate_run_id,
 )
@@ -211,6 +212,13 @@ class LaunchRequest:
     """The caller follows the job itself with :meth:`Run.wait` after a ``detach=True`` return (the
     CLI and RemoteStrategy do): the launcher heartbeat and its watchdog are set up as for an
     attached launch. None: ``not detach``."""
+    nodes: int = 1
+    """Instances to run across (``--nodes``): above 1, that many instances of the same type are
+    created together (all or none) and the job runs on every one under ``torchrun``; the script
+    uses ``Trainer(num_nodes=nodes, devices=nproc_per_node)`` (``docs/multi-node.md``)."""
+    nproc_per_node: int | None = None
+    """With ``nodes``: processes per node (``--nproc-per-node``, the Trainer's ``devices``); None:
+    one per GPU of the instance, or 1 without a GPU."""
 
     def __post_init__(self) -> None:
         if (self.script is None) == (self.module is None):
@@ -221,6 +229,17 @@ class LaunchRequest:
             raise ConfigError(f"project directory {str(self.project_root())!r} does not exist or is not a directory")
         _split_env(self.env)  # names checked now, split again when planning
         self.recover_policy()  # checked now, before anything is created
+        check_nodes(self.nodes, self.nproc_per_node)
+        if self.nodes > 1 and self.instance is not None:
+            raise ConfigError(
+                f"nodes={self.nodes} creates its instances together (one placement, one rendezvous): "
+                f"omit instance={self.instance!r} (--instance), or run on one node"
+            )
+        if self.nodes == 1 and self.nproc_per_node is not None:
+            raise ConfigError(
+                f"nproc_per_node={self.nproc_per_node} needs nodes > 1 (--nodes N): a one-node job starts its own "
+                "processes (Trainer(devices=...))"
+            )
         # normalized copies, so a caller's list changed later does not change the request
         object.__setattr__(self, "args", tuple(str(a) for a in self.args))
         object.__setattr__(self, "include", tuple(self.include))
@@ -342,8 +361,11 @@ class Run:
     store_url: str
     provider: str
     instance_id: str | None
+    """The instance the job runs on (a multi-node run's node 0)."""
+    node_instances: list[str] = field(default_factory=list)
+    """A multi-node run: every node's instance, by node index (empty for one node)."""
     created_instance: bool = False
-    """This launch created the instance (it is terminated when the job ends unless keep_alive)."""
+    """This launch created the instance(s) (terminated when the job ends unless keep_alive)."""
     keep_alive: bool = False
     code: UploadStats | None = None
     """What code sync uploaded for this launch (None without code sync)."""
@@ -370,13 +392,31 @@ class Run:
         state = self.state()
         return None if state is None else state.exit_code
 
-    def logs(self) -> str:
-        """Everything the job printed so far."""
-        return self.job.read_logs().decode(errors="replace")
+    @property
+    def nodes(self) -> int:
+        """Instances the job runs across (1 unless launched with ``nodes``)."""
+        return max(1, len(self.node_instances))
 
-    def follow(self, poll_s: float = 0.5) -> Iterator[bytes]:
-        """Output chunks as they arrive, until the job ends."""
-        return self.job.follow_logs(poll_s=poll_s)
+    def logs(self, node: int | None = None) -> str:
+        """Everything the job printed so far; a multi-node run's lines are prefixed ``[node K] ``,
+        or only node ``node``'s are given."""
+        self._check_node(node)
+        if self.nodes == 1:
+            return self.job.read_logs().decode(errors="replace")
+        return self.job.read_node_logs(self.nodes, node).decode(errors="replace")
+
+    def follow(self, poll_s: float = 0.5, node: int | None = None) -> Iterator[bytes]:
+        """Output chunks as they arrive, until the job ends (every node's, or node ``node``'s)."""
+        self._check_node(node)
+        return self.job.follow_logs(poll_s=poll_s, nodes=self.nodes, node=node)
+
+    def node_states(self) -> list[JobState | None]:
+        """Each node's latest state, by node index (node 0's is the run's); one entry for one node."""
+        return [self.job.for_node(k).read_state() for k in range(self.nodes)]
+
+    def _check_node(self, node: int | None) -> None:
+        if node is not None and not (isinstance(node, int) and 0 <= node < self.nodes):
+            raise ConfigError(f"run {self.run_id} has no node {node!r}: it runs on {self.nodes} node(s), 0 to {self.nodes - 1}")
 
     def wait(self, timeout: float | None = None, on_output: OutputSink | None = None, poll_s: float = 0.5) -> JobState:
         """Wait for the job to end, passing its output to ``on_output`` as it arrives.
@@ -390,7 +430,7 @@ class Run:
             return deadline is not None and time.monotonic() > deadline
 
         with LauncherHeartbeat(self.job) if self.heartbeat else nullcontext():
-            for chunk in self.job.follow_logs(poll_s=poll_s, stop=expired):
+            for chunk in self.job.follow_logs(poll_s=poll_s, stop=expired, nodes=self.nodes):
                 if on_output is not None:
                     on_output(chunk)
         state = self.state()
@@ -430,17 +470,18 @@ class Run:
     def _release_instance(self, force: bool = False) -> None:
         # The agent terminates an instance its launch created once the job ends; doing it here
         # as well (idempotent) means an attached launch never returns with the instance alive.
-        if self.created_instance and not self.keep_alive and self.instance_id:
+        if not (self.created_instance and not self.keep_alive and self.instance_id):
+            return
+        prov = provider_for(self.provider)
+        for instance_id in self.node_instances or [self.instance_id]:
             try:
-                provider_for(self.provider).terminate(self.instance_id)
+                prov.terminate(instance_id)
             except InstanceNotFoundError:
                 pass
             except TrainctlError as exc:
                 if force:
                     raise
-                log.warning(
-                    "trainctl: could not terminate %s: %s; run `trainctl terminate %s`", self.instance_id, exc, self.instance_id
-                )
+                log.warning("trainctl: could not terminate %s: %s; run `trainctl terminate %s`", instance_id, exc, instance_id)
 
     def to_dict(self) -> dict[str, Any]:
         state = self.state()
@@ -450,6 +491,8 @@ class Run:
             "store_url": self.store_url,
             "provider": self.provider,
             "instance_id": self.instance_id,
+            "nodes": self.nodes,
+            "node_instances": self.node_instances,
             "created_instance": self.created_instance,
             "state": state.state() if state else "unknown",
             "exit_code": state.exit_code if state else None,
@@ -488,6 +531,7 @@ def get_run(ref: str, store: str | None = None, profile: str | None = None) -> R
         store_url=store_url,
         provider=spec.provider,
         instance_id=spec.instance_id,
+        node_instances=list(spec.node_instances),
         created_instance=False,
         _job=job,
     )
@@ -731,6 +775,8 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
             )
     else:
         spec = _instance_spec(settings, tags={TAG_RUN_ID: run_id}, run_url=run_url, store_url=store_url)
+        if request.nodes > 1:
+            spec = replace(spec, nodes=request.nodes)
         if recover is not None and prov.replaces_instances:
             # The cloud's replacement machinery (aws: an Auto Scaling group) is built with the instance.
             recover_option = {"max_restarts": recover.max_restarts, "max_hours": recover.max_hours}
@@ -764,6 +810,8 @@ def plan_launch(request: LaunchRequest, settings: Settings | None = None) -> Lau
         terminate_instance_after=isinstance(instance, CreatePlan) and not request.keep_alive,
         launcher_grace_s=DEFAULT_LAUNCHER_GRACE_S if request.attached else None,
         recover=recover,
+        nodes=request.nodes,
+        nproc_per_node=request.nproc_per_node,
         trainctl_version=package_version(),
     )
     return LaunchPlan(
@@ -806,7 +854,7 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
     run_key = load_key(run_id) or new_key()
 
     # ---- create, upload, start (anything that fails from here terminates what was created)
-    created: Instance | None = None
+    created: list[Instance] = []
     try:
         if isinstance(plan.instance, CreatePlan):
             create_spec = plan.instance.spec
@@ -818,9 +866,13 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
                     event(f"the instance installs trainctl from {wheel.url} (sha256 {wheel.sha256[:16]}...)")
                     options = {**create_spec.options, "install": wheel.url, "install_sha256": wheel.sha256}
                     create_spec = replace(create_spec, options=options)
-            created = prov.create(create_spec)
-            event(f"created {prov.name} instance {created.id}")
-            inst = created
+            if create_spec.nodes > 1:  # all or none: the provider terminates what it made if one fails
+                created = prov.create_nodes(create_spec)
+                event(f"created {len(created)} {prov.name} instances: " + ", ".join(i.id for i in created))
+            else:
+                created = [prov.create(create_spec)]
+                event(f"created {prov.name} instance {created[0].id}")
+            inst = created[0]
         else:
             inst = plan.instance
         upload: UploadStats | None = None
@@ -832,28 +884,37 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
             event(upload.describe())
         # spot: the agent watches for interruption notices (what the instance says, else what we asked for)
         spot = inst.spot or bool(created and isinstance(plan.instance, CreatePlan) and plan.instance.spec.spot)
-        job_spec = replace(plan.job, created_at=utc_now(), code=code_ref, instance_id=inst.id, spot=spot)
+        nodes = created if len(created) > 1 else [inst]
+        job_spec = replace(
+            plan.job,
+            created_at=utc_now(),
+            code=code_ref,
+            instance_id=inst.id,
+            spot=spot,
+            node_instances=[i.id for i in nodes] if len(nodes) > 1 else [],
+        )
         job.write_spec(job_spec, run_key)
         job.write_state(
             JobState(
-                run_id=run_id, phase=JobPhase.QUEUED, updated_at=utc_now(), instance_id=inst.id, queued_at=job_spec.created_at
+                run_id=run_id,
+                phase=JobPhase.QUEUED,
+                updated_at=utc_now(),
+                instance_id=inst.id,
+                queued_at=job_spec.created_at,
+                node=0 if len(nodes) > 1 else None,
             )
         )
-        prov.start_agent(inst, AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded, run_key=run_key))
-        event(f"started run {run_id} on {inst.id} ({time.monotonic() - started:.1f}s); store: {run_url}")
+        for node, node_inst in enumerate(nodes):
+            launch_ = AgentLaunch(run_id=run_id, run_url=run_url, forward_env=forwarded, run_key=run_key, node=node)
+            prov.start_agent(node_inst, launch_)
+        where = inst.id if len(nodes) == 1 else f"{len(nodes)} nodes ({', '.join(i.id for i in nodes)})"
+        event(f"started run {run_id} on {where} ({time.monotonic() - started:.1f}s); store: {run_url}")
     except BaseException:
         forget_key(run_id)  # no agent got it (a remote call's saved key included)
-        if created is not None:
-            try:
-                prov.terminate(created.id)
-                event(f"terminated {created.id} after the failed launch")
-            except Exception as cleanup:  # the original error matters more; say what to clean by hand
-                log.error(
-                    "trainctl: could not terminate %s after a failed launch (%s); run `trainctl terminate %s`",
-                    created.id,
-                    cleanup,
-                    created.id,
-                )
+        if created:
+            # the original error matters more: what cannot be terminated is logged with the command to do it
+            prov._terminate_all([i.id for i in created])
+            event("terminated " + ", ".join(i.id for i in created) + " after the failed launch")
         raise
 
     run = Run(
@@ -862,7 +923,8 @@ def execute_plan(plan: LaunchPlan, *, on_output: OutputSink | None = None, on_ev
         store_url=store_url,
         provider=prov.name,
         instance_id=inst.id,
-        created_instance=created is not None,
+        node_instances=list(job_spec.node_instances),
+        created_instance=bool(created),
         keep_alive=request.keep_alive,
         code=upload,
         heartbeat=request.attached,

@@ -68,6 +68,12 @@ def launch(
         False, "--recover", help="A managed run: replace a reclaimed or lost instance and resume from the newest checkpoint."
     ),
     max_restarts: Optional[int] = typer.Option(None, "--max-restarts", help="With --recover: replacements at most (default 3)."),
+    nodes: int = typer.Option(
+        1, "--nodes", "-n", help="Run across N instances under torchrun (the script uses Trainer(num_nodes=N))."
+    ),
+    nproc_per_node: Optional[int] = typer.Option(
+        None, "--nproc-per-node", help="With --nodes: processes per node, the Trainer's devices (default: one per GPU, else 1)."
+    ),
     output: Format = OutputOption,
 ) -> None:
     """Run SCRIPT on an instance through the trainctl agent and stream its output.
@@ -75,6 +81,8 @@ def launch(
     Creates an instance (or uses --instance), uploads the project (only files that changed), starts the job and follows it. Exits with the job's exit code. Ctrl-C asks whether to detach (the job goes on) or cancel (the job is stopped and the instance this launch created is terminated).
 
     Example: trainctl launch train.py -- --max-epochs 3
+
+    Multi-node: trainctl launch train.py --nodes 2 --nproc-per-node 4 (docs/multi-node.md).
     """
     json_mode = output is Format.json
 
@@ -94,6 +102,8 @@ def launch(
         follow=not detach,
         recover=recover,
         max_restarts=max_restarts,
+        nodes=nodes,
+        nproc_per_node=nproc_per_node,
     )
     settings = api.resolve_settings(
         request.project_root(),
@@ -189,11 +199,16 @@ def status(
     except IntegrityError as exc:  # the job's own state still shows; the damaged object is named
         log.warning("%s", exc)
         training = None
+    node_states = r.node_states() if r.nodes > 1 else []
     if output is Format.json:
         emit_json(
             {
                 **r.to_dict(),
                 "job": state.to_dict() if state else None,
+                "nodes": [
+                    {"node": k, "instance_id": r.node_instances[k], "job": s.to_dict() if s else None}
+                    for k, s in enumerate(node_states)
+                ],
                 "training": training.to_dict() if training else None,
             }
         )
@@ -222,6 +237,10 @@ def status(
                 f"attempt {a.number}",
                 shown(f"{a.instance_id or '-'} {a.started_at or '?'} -> {end}{steps}, {start}"),
             )
+    for k, node_state in enumerate(node_states):
+        table.add_row(
+            f"node {k}", shown(_node_line(r.node_instances[k], node_state, failed=state is not None and state.failed_node == k))
+        )
     if training is not None:
         step = f"step {training.global_step}" + (f"/{training.max_steps}" if training.max_steps else "")
         table.add_row("training", f"{training.state()} {step}, epoch {training.epoch}")
@@ -233,28 +252,45 @@ def status(
         stdout.print(state.error_tail.rstrip(), highlight=False, markup=False)
 
 
+def _node_line(instance_id: str, state: JobState | None, failed: bool) -> str:
+    """One node of a multi-node run in ``trainctl status``: instance, host, phase, exit, why."""
+    if state is None:
+        return f"{instance_id}: no state yet"
+    parts = [f"{instance_id} on {state.host or '?'}: {state.state()}"]
+    if state.exit_code is not None:
+        parts.append(f"exit code {state.exit_code}")
+    if state.error:
+        parts.append(state.error)
+    return ", ".join(parts) + (" (failed first)" if failed else "")
+
+
 @handle_errors
 def logs(
     run: str = typer.Argument(..., help="Run id (in the configured store) or run URL."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new output until the job ends."),
     store: Optional[str] = typer.Option(None, "--store", help="Store URL to look the run id up in."),
+    node: Optional[int] = typer.Option(
+        None, "--node", help="A multi-node run: only node K's output (default: every node's, each line prefixed [node K])."
+    ),
     output: Format = OutputOption,
 ) -> None:
     """Print a run's output (stdout and stderr of the script, as the agent shipped it)."""
     r = api.get_run(run, store=store)
     if output is Format.json:
+        text = r.logs(node)  # checks --node before waiting
         if follow:
             r.wait()
+            text = r.logs(node)
         state = r.state()
-        emit_json({"run_id": r.run_id, "state": state.state() if state else "unknown", "logs": r.logs()})
+        emit_json({"run_id": r.run_id, "state": state.state() if state else "unknown", "node": node, "logs": text})
         return
     if not follow:
-        sys.stdout.write(r.logs())
+        sys.stdout.write(r.logs(node))
         sys.stdout.flush()
         return
     sink = _raw_sink(sys.stdout)
     try:
-        for chunk in r.follow():
+        for chunk in r.follow(node=node):
             sink(chunk)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_CTRL_C) from None

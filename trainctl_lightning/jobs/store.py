@@ -17,7 +17,7 @@ from trainctl_lightning.runkey import detached_signature, verify_detached
 from trainctl_lightning.store import ObjectStore, layout
 from trainctl_lightning.timeutil import utc_now
 
-__all__ = ["JobStore", "LogChunkWriter"]
+__all__ = ["JobStore", "LogChunkWriter", "NodeLogMerger", "chunk_time_ms"]
 
 T = TypeVar("T")
 
@@ -117,20 +117,56 @@ class JobStore:
     def read_logs(self) -> bytes:
         return b"".join(data for _, data in self.read_log_chunks())
 
-    def follow_logs(self, poll_s: float = 0.5, stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
-        """Yield new output as it arrives until the job ends (and its last chunk is read)."""
-        seen: set[str] = set()
+    def read_node_logs(self, nodes: int, node: int | None = None) -> bytes:
+        """A multi-node run's output: every node's, line by line in the order the nodes wrote it,
+        each line prefixed ``[node K] ``; or only node ``node``'s, as it printed it."""
+        if node is not None:
+            return self.for_node(node).read_logs()
+        merger = NodeLogMerger()
+        for k in range(nodes):
+            merger.add(k, self.for_node(k).read_log_chunks())
+        return merger.flush()
+
+    def follow_logs(
+        self, poll_s: float = 0.5, stop: Callable[[], bool] | None = None, nodes: int = 1, node: int | None = None
+    ) -> Iterator[bytes]:
+        """Yield new output as it arrives until the job ends (and its last chunk is read).
+
+        A multi-node run (``nodes`` > 1) yields every node's lines prefixed ``[node K] ``, or only
+        node ``node``'s. The run ends with node 0's (the lead's) state, which it writes once the
+        other nodes ended.
+        """
+        seen: dict[int, set[str]] = {}
+        sources = (
+            [self] if nodes <= 1 else [self.for_node(node)] if node is not None else [self.for_node(k) for k in range(nodes)]
+        )
+        merger = NodeLogMerger() if nodes > 1 and node is None else None
+
+        def read_new() -> Iterator[bytes]:
+            for source in sources:
+                names = seen.setdefault(source.node, set())
+                chunks = source.read_log_chunks(frozenset(names))
+                names.update(name for name, _ in chunks)
+                if merger is not None:
+                    merger.add(source.node, chunks)
+                else:
+                    yield from (data for _, data in chunks)
+            if merger is not None:
+                data = merger.flush(final=False)
+                if data:
+                    yield data
+
         while True:
             state = self.read_state()
-            chunks = self.read_log_chunks(frozenset(seen))
-            for name, data in chunks:
-                seen.add(name)
+            got = False
+            for data in read_new():
+                got = True
                 yield data
-            if state is not None and (state.phase.is_terminal() or state.lost) and not chunks:
+            if state is not None and (state.phase.is_terminal() or state.lost) and not got:
                 # the agent writes its last chunk before the terminal state: one more read suffices
-                for name, data in self.read_log_chunks(frozenset(seen)):
-                    seen.add(name)
-                    yield data
+                yield from read_new()
+                if merger is not None and (rest := merger.flush()):
+                    yield rest
                 return
             if stop is not None and stop():
                 return
@@ -150,6 +186,51 @@ class JobStore:
             return str(json.loads(raw).get("reason") or "cancelled")
         except ValueError:
             return "cancelled"
+
+
+def chunk_time_ms(name: str) -> int | None:
+    """The writer's clock (ms since the epoch) in a log chunk's name (``...-t<ms>.log``); None for
+    chunks written before names carried it, or a name that does not parse."""
+    stem = name.rsplit("/", 1)[-1].removesuffix(".log")
+    tail = stem.rsplit("-", 1)[-1]
+    return int(tail[1:]) if tail.startswith("t") and tail[1:].isdigit() else None
+
+
+class NodeLogMerger:
+    """Interleaves several nodes' log chunks into lines prefixed ``[node K] ``.
+
+    Each node's chunks are added in their own order; complete lines are released ordered by
+    the time of the chunk that completed them (a node's own lines stay in order). A line cut
+    between two chunks is held until its end arrives, or until :meth:`flush` with ``final``.
+    """
+
+    def __init__(self) -> None:
+        self._partial: dict[int, bytes] = {}
+        self._pending: list[tuple[int, int, int, bytes]] = []  # (chunk time, node, sequence, line)
+        self._seq = 0
+
+    def add(self, node: int, chunks: list[tuple[str, bytes]]) -> None:
+        for name, data in chunks:
+            when = chunk_time_ms(name) or 0
+            text = self._partial.pop(node, b"") + data
+            *lines, rest = text.split(b"\n")
+            for line in lines:
+                self._pending.append((when, node, self._seq, line + b"\n"))
+                self._seq += 1
+            if rest:
+                self._partial[node] = rest
+
+    def flush(self, final: bool = True) -> bytes:
+        """The lines released so far, prefixed and in order; with ``final``, a cut line too."""
+        if final:
+            for node, rest in sorted(self._partial.items()):
+                self._pending.append((2**63, node, self._seq, rest + b"\n"))
+                self._seq += 1
+            self._partial.clear()
+        self._pending.sort(key=lambda item: (item[0], item[2]))
+        out = b"".join(b"[node %d] " % node + line for _, node, _, line in self._pending)
+        self._pending.clear()
+        return out
 
 
 def _parse(parse: Callable[[bytes], T], raw: bytes, where: str, what: str) -> T:
@@ -183,6 +264,9 @@ class LogChunkWriter:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self.objects.write(f"{self.folder}/{self.prefix}-{self.seq:06d}.log", data, create_only=True)
+        # The time suffix orders chunks of different nodes for `trainctl logs` (by the writer's clock);
+        # within one writer, the sequence number orders them.
+        stamp = int(time.time() * 1000)
+        self.objects.write(f"{self.folder}/{self.prefix}-{self.seq:06d}-t{stamp}.log", data, create_only=True)
         self.seq += 1
         self.bytes_written += len(data)

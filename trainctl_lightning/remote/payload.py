@@ -85,6 +85,8 @@ class TrainerPayload:
     """Keyword arguments of ``Trainer.<entry>`` (model, dataloaders or datamodule, ckpt_path, ...)."""
     accelerator: Any = "auto"
     devices: Any = "auto"
+    num_nodes: int = 1
+    """The Trainer's ``num_nodes`` on the instances (a multi-node run under torchrun)."""
     strategy: Any = "auto"
     """The strategy the Trainer uses on the instance."""
     project_dir: str | None = None

@@ -31,6 +31,7 @@ from lightning.pytorch.trainer.states import (
 from typing_extensions import override
 
 from trainctl_lightning.errors import AuthenticationError, ConfigError, IntegrityError, RunFailedError
+from trainctl_lightning.jobs.spec import check_nodes
 from trainctl_lightning.paths import make_private_dir
 from trainctl_lightning.remote import _lightning
 from trainctl_lightning.remote.payload import (
@@ -76,7 +77,10 @@ class RemoteStrategy(SingleDeviceStrategy):
         store: store URL under which the run is kept (``<store>/<run id>``); default from settings.
         instance_type: provider machine type, e.g. ``g5.xlarge``.
         accelerator: the Trainer's ``accelerator`` on the instance (``"gpu"``, ``"cpu"``, ``"auto"``).
-        devices: the Trainer's ``devices`` on the instance.
+        devices: the Trainer's ``devices`` on the instance (on each node, with ``num_nodes``).
+        num_nodes: instances to train across: that many are created together (all or none) and
+            ``fit`` runs on every one under ``torchrun``, as ``Trainer(num_nodes=num_nodes)``
+            (``docs/multi-node.md``). Global rank zero publishes checkpoints and reports metrics.
         spot: ask for a spot instance.
         keep_alive: keep the instance after the call; the next call through this strategy
             reuses it (:attr:`instance_id`). End it with :meth:`terminate_instance`.
@@ -136,6 +140,7 @@ class RemoteStrategy(SingleDeviceStrategy):
         stream: bool = True,
         dry_run: bool = False,
         cache_runs: int = 2,
+        num_nodes: int = 1,
         **launch_options: Any,
     ) -> None:
         # Locally everything runs on the CPU: the accelerator set on the strategy wins over
@@ -151,11 +156,27 @@ class RemoteStrategy(SingleDeviceStrategy):
             raise ConfigError(
                 f"RemoteStrategy(devices={devices!r}): give 'auto', a count >= 1, -1 (all), or a list of device indices"
             )
+        check_nodes(num_nodes)
+        if num_nodes > 1 and not (
+            devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
+        ):
+            raise ConfigError(
+                f"RemoteStrategy(num_nodes={num_nodes}, devices={devices!r}): across nodes, give devices as a count per "
+                "node (torchrun starts that many processes on each), or 'auto' for one per GPU"
+            )
+        for name in ("nodes", "nproc_per_node"):
+            if name in launch_options:
+                raise ConfigError(f"RemoteStrategy({name}=...): use num_nodes= and devices= (the Trainer's names)")
+        if num_nodes > 1:
+            launch_options["nodes"] = num_nodes
+            if devices != "auto":
+                launch_options["nproc_per_node"] = devices
         if not isinstance(cache_runs, int) or isinstance(cache_runs, bool) or cache_runs < 0:
             raise ConfigError(f"RemoteStrategy(cache_runs={cache_runs!r}): must be an integer >= 0")
         self.cache_runs = cache_runs
         self.remote_accelerator = accelerator
         self.remote_devices = devices
+        self.remote_num_nodes = num_nodes
         self.remote_strategy = remote_strategy
         self.dry_run = dry_run
         self.options = RemoteOptions(
@@ -183,7 +204,9 @@ class RemoteStrategy(SingleDeviceStrategy):
     def __repr__(self) -> str:
         return (
             f"RemoteStrategy(provider={self.options.provider!r}, instance_type={self.options.instance_type!r}, "
-            f"accelerator={self.remote_accelerator!r}, devices={self.remote_devices!r})"
+            f"accelerator={self.remote_accelerator!r}, devices={self.remote_devices!r}"
+            + (f", num_nodes={self.remote_num_nodes}" if self.remote_num_nodes > 1 else "")
+            + ")"
         )
 
     @property
@@ -271,6 +294,7 @@ class _RemoteLauncher(_lightning.Launcher):
             entry_kwargs=call_kwargs,
             accelerator=strategy.remote_accelerator,
             devices=strategy.remote_devices,
+            num_nodes=strategy.remote_num_nodes,
             strategy=strategy.remote_strategy,
             project_dir=str(strategy.options.resolved_project_dir()),
         )

@@ -122,6 +122,8 @@ def run_trainer(payload: TrainerPayload, store: RunStore) -> tuple[RemoteResult,
     try:
         kwargs = dict(payload.trainer_kwargs)
         kwargs.update(accelerator=payload.accelerator, devices=payload.devices, strategy=payload.strategy)
+        if getattr(payload, "num_nodes", 1) > 1:  # payloads pickled before num_nodes existed have none
+            kwargs["num_nodes"] = payload.num_nodes
         trainer = payload.trainer_class(**kwargs)
         _reroot_checkpoint_dirs(trainer, payload.project_dir)
         value = getattr(trainer, payload.entry)(**payload.entry_kwargs)
@@ -253,7 +255,10 @@ def _import_hint(exc: BaseException) -> str:
 
 
 def _is_rank_zero() -> bool:
-    # Lightning's subprocess launcher re-runs this module for the other local ranks (DDP).
+    # torchrun (a multi-node run) sets every process's global RANK; Lightning's subprocess launcher
+    # re-runs this module for the other local ranks (DDP) with LOCAL_RANK and NODE_RANK only.
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
