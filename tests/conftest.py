@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.helpers.agent import stop_started_agents
+from tests.helpers.aws import serve_placement_groups
 from trainctl_lightning.testing import DUMMY_ENV, LocalS3
 
 BUCKET = "trainctl-test"
@@ -33,6 +34,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def s3_server():
     server = LocalS3().start()
+    serve_placement_groups()  # moto has no placement groups: see tests/helpers/aws.py
     yield server
     server.stop()
 

@@ -36,6 +36,7 @@ from trainctl_lightning.timeutil import parse_time
 
 __all__ = [
     "DEFAULT_BOOT_GRACE_S",
+    "GcCluster",
     "GcCredential",
     "GcGroup",
     "GcItem",
@@ -112,6 +113,24 @@ class GcGroup:
 
 
 @dataclass
+class GcCluster:
+    """A multi-node run's placement group or security group (aws), and what gc decided about it."""
+
+    kind: str
+    """``placement-group`` or ``security-group``."""
+    id: str
+    run_id: str | None
+    garbage: bool
+    reason: str
+    store_url: str | None = None
+    deleted: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class GcReport:
     provider: str
     items: list[GcItem] = field(default_factory=list)
@@ -120,6 +139,8 @@ class GcReport:
     """Per-run credentials (providers that make them: aws); garbage once no live instance runs the run."""
     groups: list[GcGroup] = field(default_factory=list)
     """Managed runs' groups and templates (aws ``recover``); garbage once the run is over."""
+    cluster: list[GcCluster] = field(default_factory=list)
+    """Multi-node runs' placement groups and security groups (aws); garbage once no kept instance runs the run."""
 
     @property
     def garbage(self) -> list[GcItem]:
@@ -137,6 +158,7 @@ class GcReport:
             "kept": [i.to_dict() for i in self.kept],
             "credentials": [c.to_dict() for c in self.credentials],
             "groups": [g.to_dict() for g in self.groups],
+            "cluster": [c.to_dict() for c in self.cluster],
         }
 
 
@@ -299,7 +321,45 @@ def find_garbage(provider: Provider, store_url: str | None = None, boot_grace_s:
         report.items.append(_in_group(item))
     report.groups = _classify_groups(provider, store_url, boot_grace_s, clocks)
     report.credentials = _classify_credentials(provider, report.items, boot_grace_s, clocks, report.groups)
+    report.cluster = _classify_cluster(provider, report.items, boot_grace_s, clocks)
     return report
+
+
+def _classify_cluster(provider: Provider, items: list[GcItem], boot_grace_s: float, clocks: _Clocks) -> list[GcCluster]:
+    """A multi-node run's placement group and security group are garbage once no kept instance
+    runs the run, past the grace (they are made before the instances: a launch may be under way).
+    Their age comes from the ``trainctl:created-at`` tag the launcher wrote, on the store's clock."""
+    lister = getattr(provider, "list_cluster_resources", None)
+    if lister is None:
+        return []
+    needed = {item.instance.run_id for item in items if not item.garbage}
+    verdicts: list[GcCluster] = []
+    for resource in lister():
+        kind, ident, run_id, store = resource["kind"], resource["id"], resource.get("run_id"), resource.get("store_url")
+
+        def verdict(garbage: bool, reason: str) -> None:
+            verdicts.append(GcCluster(kind, ident, run_id, garbage, reason, store))  # noqa: B023
+
+        if run_id in needed:
+            verdict(False, "its run's instances are kept")
+            continue
+        if not store or not resource.get("created_at"):
+            verdict(False, f"no {TAG_STORE} or creation tag: cannot tell its age (delete it by hand once its run is over)")
+            continue
+        store_now = clocks.now(store)
+        if isinstance(store_now, str):
+            verdict(False, f"cannot read the store's clock ({store_now})")
+            continue
+        try:
+            age = (store_now - parse_time(resource["created_at"])).total_seconds()
+        except ValueError:
+            verdict(False, f"unreadable creation tag {resource['created_at']!r}: cannot tell its age")
+            continue
+        if age < boot_grace_s:
+            verdict(False, f"only {age:.0f}s old: its launch may be under way")
+            continue
+        verdict(True, "no live instance runs its run")
+    return verdicts
 
 
 def _in_group(item: GcItem) -> GcItem:
@@ -442,6 +502,16 @@ def collect_garbage(
             group.error = str(exc)
     failed = {item.instance.run_id for item in report.garbage if item.error}
     failed |= {group.run_id for group in report.groups if group.error}
+    delete_cluster = getattr(provider, "delete_cluster_resource", None)
+    # the security groups first: EC2 keeps a placement group while it holds instances, not ENIs
+    for resource in sorted(report.cluster, key=lambda r: r.kind != "security-group"):
+        if not resource.garbage or delete_cluster is None or resource.run_id in failed:
+            continue
+        try:
+            delete_cluster(resource.kind, resource.id, resource.run_id, resource.store_url)  # False: already gone
+            resource.deleted = True
+        except TrainctlError as exc:
+            resource.error = str(exc)
     delete = getattr(provider, "delete_run_credentials", None)
     for credential in report.credentials:
         if not credential.garbage or delete is None or credential.run_id in failed:

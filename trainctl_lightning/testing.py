@@ -153,9 +153,10 @@ class LocalIMDS:
     INSTANCE_ACTION_PATH = "/latest/meta-data/spot/instance-action"
     REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 
-    def __init__(self, port: int = 0, instance_id: str = "i-0123456789abcdef0") -> None:
+    def __init__(self, port: int = 0, instance_id: str = "i-0123456789abcdef0", local_ipv4: str = "10.0.0.1") -> None:
         self.port = port
         self.instance_id = instance_id
+        self.local_ipv4 = local_ipv4
         self.tokens: dict[str, float] = {}
         """Token -> monotonic expiry of every token handed out."""
         self.requests: dict[str, int] = {}
@@ -234,6 +235,8 @@ class LocalIMDS:
                 return (200, json.dumps(self._rebalance)) if self._rebalance else (404, "")
             if path == "/latest/meta-data/instance-id":
                 return 200, self.instance_id
+            if path == "/latest/meta-data/local-ipv4":
+                return 200, self.local_ipv4
             if path == "/latest/meta-data/instance-life-cycle":
                 return 200, "spot"
             return 404, ""

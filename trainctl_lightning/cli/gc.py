@@ -60,6 +60,10 @@ def gc(
             done = "deleted" if group.deleted else (f"delete failed: {group.error}" if group.error else "")
             verdict = ("garbage" if group.garbage else "keep") + (f", {done}" if done else "")
             stdout.print(escape(f"recovery group {group.name}: {verdict} ({group.reason})"), highlight=False)
+        for resource in report.cluster:
+            done = "deleted" if resource.deleted else (f"delete failed: {resource.error}" if resource.error else "")
+            verdict = ("garbage" if resource.garbage else "keep") + (f", {done}" if done else "")
+            stdout.print(escape(f"multi-node {resource.kind} {resource.id}: {verdict} ({resource.reason})"), highlight=False)
         for credential in report.credentials:
             done = "deleted" if credential.deleted else (f"delete failed: {credential.error}" if credential.error else "")
             verdict = ("garbage" if credential.garbage else "keep") + (f", {done}" if done else "")
@@ -68,5 +72,6 @@ def gc(
         any(item.error for item in report.garbage)
         or any(c.error for c in report.credentials)
         or any(g.error for g in report.groups)
+        or any(c.error for c in report.cluster)
     ):
         raise typer.Exit(1)

@@ -31,6 +31,7 @@ import base64
 import builtins
 import copy
 import difflib
+import http.client
 import logging
 import os
 import shlex
@@ -38,7 +39,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
@@ -74,6 +75,20 @@ from trainctl_lightning.providers.aws_bootstrap import (
     render_user_data,
     summarize_user_data,
 )
+from trainctl_lightning.providers.aws_cluster import (
+    CLUSTER_PURPOSE,
+    TAG_CREATED_AT,
+    ClusterPlan,
+    check_efa,
+    check_subnets,
+    cluster_resources,
+    create_placement_group,
+    create_security_group,
+    delete_cluster,
+    delete_cluster_resource,
+    live_run_instances,
+    network_interfaces,
+)
 from trainctl_lightning.providers.aws_recovery import (
     RECOVERY_GROUP_ENV,
     TAG_RECOVERY_GROUP,
@@ -102,12 +117,14 @@ from trainctl_lightning.providers.aws_run_role import (
 from trainctl_lightning.store.layout import (
     TAG_MANAGED_BY,
     TAG_NAME,
+    TAG_NODE,
     TAG_PURPOSE,
     TAG_STORE,
     run_id_of,
     run_url_in,
     store_url_of,
 )
+from trainctl_lightning.timeutil import utc_now
 
 __all__ = [
     "DEFAULT_DISK_GB",
@@ -116,10 +133,12 @@ __all__ = [
     "DEFAULT_MAX_RUNTIME_S",
     "DLAMI_PARAMETER",
     "LAUNCH_STEPS",
+    "NODE_STEPS",
     "ON_DEMAND_PRICES",
     "OPTIONS",
     "RECOVERY_STEPS",
     "SECURITY_GROUP_PURPOSE",
+    "TAG_CLUSTER",
     "AWSCreatePlan",
     "AWSProvider",
     "explain_aws_error",
@@ -180,12 +199,15 @@ _LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 OPTIONS: dict[str, str] = {
     "install": "what the instance pip-installs for trainctl-lightning: a requirement or the s3:// URL of a wheel",
     "install_sha256": "SHA-256 of the s3:// wheel in install (required with one): the instance refuses any other bytes",
-    "subnet_id": "subnet to launch in (default: the default VPC's)",
+    "subnet_id": "subnet to launch in (default: the default VPC's); a multi-node run may list several of one "
+    "availability zone (the first is used)",
     "security_group_ids": "list of security group ids (default: the one `trainctl aws setup` made in the VPC; never the VPC's default group)",
     "key_name": "EC2 key pair for SSH (optional: nothing needs SSH)",
     "iam_instance_profile": f"instance profile name or ARN (default: a per-run one, else {DEFAULT_INSTANCE_PROFILE})",
     "run_credentials": "true (default): a run's instance gets its own IAM role, scoped to that run's objects "
     "(aws_run_role.py); false: the shared instance profile from `trainctl aws setup`",
+    "efa": "true: a multi-node run's instances get Elastic Fabric Adapters (one per network card; the instance type "
+    "must support EFA); default false",
     "recover": "a managed run: {max_restarts, max_hours, instance_types, on_demand_fallback}; an Auto Scaling group "
     "of one replaces a lost instance (aws_recovery.py)",
 }
@@ -194,6 +216,12 @@ OPTIONS: dict[str, str] = {
 LAUNCH_STEPS = ("run_instances", "wait_visible", "check_tags")
 #: The same for a managed run (aws option ``recover``): after the template, the group, its first instance.
 RECOVERY_STEPS = ("launch_template", "group", "first_instance")
+#: The same for a multi-node run (``create_nodes``): each resource in the order it is made.
+NODE_STEPS = ("placement_group", "security_group", "run_role", "run_instances", "wait_visible", "tag_nodes")
+#: On each instance of a multi-node run: the name of its placement group and security group.
+TAG_CLUSTER = "trainctl:cluster"
+#: Stands for the run's own security group in a multi-node plan's request (made by ``create_nodes``).
+RUN_SECURITY_GROUP = "<the run's security group>"
 _CREDENTIAL_CODES = {
     "AuthFailure",
     "InvalidClientTokenId",
@@ -272,6 +300,20 @@ def _tag_dict(raw: list[dict[str, str]] | None) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in raw or []}
 
 
+def _with_security_group(kwargs: dict[str, Any], group_id: str) -> dict[str, Any]:
+    """A multi-node RunInstances with the run's security group id in place of its placeholder."""
+    out = copy.deepcopy(kwargs)
+
+    def swap(groups: list[str]) -> list[str]:
+        return [group_id if g == RUN_SECURITY_GROUP else g for g in groups]
+
+    if "SecurityGroupIds" in out:
+        out["SecurityGroupIds"] = swap(out["SecurityGroupIds"])
+    for interface in out.get("NetworkInterfaces", []):
+        interface["Groups"] = swap(interface["Groups"])
+    return out
+
+
 @dataclass(repr=False)
 class AWSCreatePlan(CreatePlan):
     """A :class:`CreatePlan` that also carries the user data (``request`` shows only its size and digest)."""
@@ -281,12 +323,32 @@ class AWSCreatePlan(CreatePlan):
     """The per-run IAM role ``_create`` makes first (``request`` names it), or None."""
     recover: RecoverOptions | None = field(default=None, compare=False)
     """A managed run: ``request`` holds the template, group and lifetime requests instead of RunInstances."""
+    cluster: ClusterPlan | None = field(default=None, compare=False)
+    """A multi-node run (``spec.nodes > 1``): the placement group and security group ``create_nodes``
+    makes first; ``request`` is the one RunInstances for every node, naming them."""
 
     def run_instances_kwargs(self) -> dict[str, Any]:
         kwargs = dict(self.request)
         if self.user_data is not None:
             kwargs["UserData"] = self.user_data
         return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if self.cluster is not None:
+            data["cluster"] = {
+                "placement_group": {"GroupName": self.cluster.name, "Strategy": "cluster"},
+                "security_group": {
+                    "GroupName": self.cluster.name,
+                    "VpcId": self.cluster.vpc_id,
+                    "Ingress": [{"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": RUN_SECURITY_GROUP}]}],
+                },
+                "subnet_id": self.cluster.subnet_id,
+                "availability_zone": self.cluster.availability_zone,
+                "efa_interfaces": self.cluster.efa_interfaces,
+                "tags": self.cluster.tags,
+            }
+        return data
 
 
 #: The hard cap on an instance's life when none is given: generous for training, but never unbounded.
@@ -397,6 +459,13 @@ class AWSProvider(Provider):
         action = f"launch an instance in {region}"
         self._check_credentials(action)
         options = self._check_options(spec.options)
+        multi = spec.nodes > 1
+        subnet_ids = options.pop("subnet_ids", [])
+        if multi:
+            self._check_nodes_spec(spec, options)
+        elif len(subnet_ids) > 1 or options.get("efa"):
+            what = "subnet_id lists several subnets" if len(subnet_ids) > 1 else "efa is set"
+            raise ConfigError(f"aws option {what}, which only a multi-node run (nodes > 1) uses: pass one subnet, drop efa")
         for key in ("run_url", "store_url"):
             value = getattr(spec, key)
             if value is not None and (not isinstance(value, str) or not value.startswith("s3://")):
@@ -414,6 +483,7 @@ class AWSProvider(Provider):
         if recover is not None:
             self._check_recover_spec(spec, options)
         ec2 = self.client("ec2", region)
+        subnet, zone, vpc_id, efa_interfaces = "", "", "", 0
         try:
             for checked_type in recover.instance_types if recover else [instance_type]:
                 self._check_instance_type(ec2, checked_type, region)
@@ -427,9 +497,14 @@ class AWSProvider(Provider):
                 )
             per_run = bool(spec.run_url) and not options.get("iam_instance_profile") and options.get("run_credentials", True)
             profile = None if per_run else self._instance_profile(options, region, spec.run_url)
-            security_groups = options.get("security_group_ids") or self._default_security_groups(
-                ec2, region, options.get("subnet_id")
-            )
+            if multi:  # the run's own group (made by create_nodes), and the user's if any
+                subnet, zone, vpc_id = check_subnets(ec2, region, subnet_ids, instance_type)
+                efa_interfaces = check_efa(ec2, instance_type, bool(options.get("efa")))
+                security_groups = [RUN_SECURITY_GROUP, *(options.get("security_group_ids") or [])]
+            else:
+                security_groups = options.get("security_group_ids") or self._default_security_groups(
+                    ec2, region, options.get("subnet_id")
+                )
         except TrainctlError:
             raise
         except Exception as exc:
@@ -526,6 +601,34 @@ class AWSProvider(Provider):
         if recover is not None and run_role is not None and user_data is not None:
             request, recovery_resources = self._recovery_requests(spec, request, user_data, tags, run_role, recover, subnets)
             resources = recovery_resources + resources[1:]
+        cluster = None
+        if multi and run_url and run_id and store_url:
+            cluster = ClusterPlan(
+                name=run_role_for(run_url, {}).name,  # one per run URL, like the run's role
+                run_id=run_id,
+                subnet_id=subnet,
+                availability_zone=zone,
+                vpc_id=vpc_id,
+                tags={
+                    **standard_tags(spec.tags, run_id=run_id),
+                    TAG_STORE: store_url,
+                    TAG_PURPOSE: CLUSTER_PURPOSE,
+                    TAG_NAME: run_role_for(run_url, {}).name,
+                },
+                efa_interfaces=efa_interfaces,
+                extra_security_groups=tuple(options.get("security_group_ids") or ()),
+            )
+            tags[TAG_CLUSTER] = cluster.name
+            request = self._nodes_request(spec, request, cluster, tags)
+            market = "spot (one-time, terminated on interruption)" if spec.spot else "on-demand"
+            resources = [
+                f"{spec.nodes} {market} EC2 instances {instance_type} from {image_id} in {zone}, launched together by one "
+                f"RunInstances (MinCount = MaxCount = {spec.nodes}: all or none), node k tagged {TAG_NODE}=k",
+                *cluster.describe(),
+                *resources[1:],
+            ]
+            if price is not None:
+                resources.append(f"estimated price for all nodes: {spec.nodes} x ${price:.3f} = ${spec.nodes * price:.3f}/hour")
         if price_note:
             resources.append(price_note)
         return AWSCreatePlan(
@@ -540,6 +643,7 @@ class AWSProvider(Provider):
             user_data=user_data,
             run_role=run_role,
             recover=recover,
+            cluster=cluster,
         )
 
     def _check_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -560,10 +664,52 @@ class AWSProvider(Provider):
             checked["security_group_ids"] = list(groups)
         if "run_credentials" in options and not isinstance(options["run_credentials"], bool):
             raise ConfigError(f"aws option run_credentials must be true or false, got {options['run_credentials']!r}")
+        subnets = options.get("subnet_id")
+        if isinstance(subnets, (list, tuple)):
+            if not subnets or not all(isinstance(s, str) and s.startswith("subnet-") for s in subnets):
+                raise ConfigError(f"aws option subnet_id must be a subnet-... id or a list of them, got {subnets!r}")
+            checked["subnet_ids"] = list(subnets)
+            checked["subnet_id"] = subnets[0]
+        elif "subnet_id" in options:
+            checked["subnet_ids"] = [subnets]
+        if "efa" in options and not isinstance(options["efa"], bool):
+            raise ConfigError(f"aws option efa must be true or false, got {options['efa']!r}")
         for key in ("subnet_id", "key_name", "iam_instance_profile", "install", "install_sha256"):
-            if key in options and not (isinstance(options[key], str) and options[key]):
+            if key in checked and not (isinstance(checked[key], str) and checked[key]):
                 raise ConfigError(f"aws option {key} must be a non-empty string, got {options[key]!r}")
         return checked
+
+    def _check_nodes_spec(self, spec: InstanceSpec, options: dict[str, Any]) -> None:
+        """A multi-node run needs a run (its agents find each other through it), and no ``recover``."""
+        if not spec.run_url:
+            raise ConfigError(
+                f"nodes={spec.nodes} needs a run (InstanceSpec.run_url): a multi-node run's instances start its agent at "
+                "boot; `trainctl launch --nodes N` sets it"
+            )
+        if "recover" in options:
+            raise ConfigError(
+                f"aws option recover is for one instance, not nodes={spec.nodes}: a managed multi-node run is not "
+                "supported yet; drop recover (or --recover), or run on one node"
+            )
+
+    def _nodes_request(
+        self, spec: InstanceSpec, request: dict[str, Any], cluster: ClusterPlan, tags: dict[str, str]
+    ) -> dict[str, Any]:
+        """The one RunInstances of a multi-node run: N instances in the placement group and the run's
+        security group (through EFA interfaces when asked), spot for all or none (``request`` says)."""
+        nodes = dict(request)
+        nodes["MinCount"] = nodes["MaxCount"] = spec.nodes
+        nodes["Placement"] = {"GroupName": cluster.name}
+        groups = list(nodes.pop("SecurityGroupIds", []))
+        nodes.pop("SubnetId", None)
+        if cluster.efa_interfaces:  # the subnet and groups then go on the interfaces (EC2 refuses both)
+            nodes["NetworkInterfaces"] = network_interfaces(cluster, groups)
+        else:
+            nodes["SubnetId"] = cluster.subnet_id
+            nodes["SecurityGroupIds"] = groups
+        types = [t["ResourceType"] for t in request["TagSpecifications"]]
+        nodes["TagSpecifications"] = [{"ResourceType": t, "Tags": _tag_list(tags)} for t in types]
+        return nodes
 
     def _check_recover_spec(self, spec: InstanceSpec, options: dict[str, Any]) -> None:
         """A managed run needs a run, and the run's own role: the instance deletes its group with it."""
@@ -862,6 +1008,127 @@ class AWSProvider(Provider):
         log.info("launched %s (%s) in %s, in Auto Scaling group %s", instance_id, raw.get("InstanceType"), region, role.name)
         return self._to_instance(raw, region)
 
+    #: How long deleting a multi-node run's security group and placement group is retried while its
+    #: instances shut down (EC2 refuses both until their network interfaces are gone).
+    cluster_release_wait_s = 300.0
+    cluster_release_poll_s = 5.0
+
+    def _create_nodes(self, plan: CreatePlan) -> builtins.list[Instance]:
+        """A multi-node run: placement group, security group, the run's role, then ONE RunInstances
+        of ``MinCount = MaxCount = N`` (EC2 launches all or none), then each instance tagged with its
+        node index, in launch-index order. If any step fails, everything made so far is deleted
+        (instances terminated, then the security group, the placement group, the role), or named,
+        to delete by hand.
+
+        Raises:
+            ProviderError: a step failed (the message says which, and what was cleaned up).
+        """
+        if not isinstance(plan, AWSCreatePlan):
+            raise ConfigError(
+                f"AWSProvider._create_nodes needs the plan from AWSProvider.create_dryrun, got {type(plan).__name__}"
+            )
+        if plan.cluster is None:  # one node: the single-instance launch, tagged node 0
+            return super()._create_nodes(plan)
+        cluster = replace(plan.cluster, tags={**plan.cluster.tags, TAG_CREATED_AT: utc_now()})
+        region = plan.region or self.region
+        ec2 = self.client("ec2", region)
+        made: dict[str, Any] = {"instances": []}
+        kwargs = plan.run_instances_kwargs()
+        step = "placement_group"
+        try:
+            made["placement_group"] = create_placement_group(ec2, cluster)
+            self._maybe_fail(step)
+            step = "security_group"
+            made["security_group"] = group_id = create_security_group(ec2, cluster)
+            self._maybe_fail(step)
+            step = "run_role"
+            if plan.run_role is not None:
+                made["run_role"] = plan.run_role
+                kwargs["IamInstanceProfile"] = {"Arn": create_run_role(self.client("iam", region), plan.run_role)}
+            self._maybe_fail(step)
+            kwargs = _with_security_group(kwargs, group_id)
+            step = "run_instances"
+            response = self._run_instances(ec2, kwargs)
+            launched = sorted(response["Instances"], key=lambda raw: (raw.get("AmiLaunchIndex", 0), raw["InstanceId"]))
+            made["instances"] = [raw["InstanceId"] for raw in launched]
+            self._maybe_fail(step)
+            step = "wait_visible"
+            raws = [self._wait_visible(ec2, instance_id) for instance_id in made["instances"]]
+            self._maybe_fail(step)
+            step = "tag_nodes"
+            for node, raw in enumerate(raws):
+                self._check_tags(ec2, raw, plan.tags)
+                node_tags = {TAG_NODE: str(node), TAG_NAME: f"{plan.tags.get(TAG_NAME, cluster.name)}-node{node}"}
+                ec2.create_tags(Resources=[raw["InstanceId"]], Tags=_tag_list(node_tags))
+            self._maybe_fail(step)
+            raws = [self._wait_visible(ec2, instance_id) for instance_id in made["instances"]]
+        except BaseException as exc:  # Ctrl-C mid-launch must not leak anything either
+            message = self._cleanup_nodes(ec2, region, made, kwargs.get("ClientToken"), step, exc)
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, ClientError):
+                raise ProviderError(f"{explain_aws_error(exc, f'launch the run (step {step})', region)}; {message}") from None
+            raise ProviderError(f"{exc}; {message}") from exc
+        log.info(
+            "launched %s (%d x %s) in %s, placement group %s",
+            ", ".join(made["instances"]),
+            len(raws),
+            plan.instance_type,
+            region,
+            cluster.name,
+        )
+        return [self._to_instance(raw, region) for raw in raws]
+
+    def _cleanup_nodes(
+        self, ec2: Any, region: str | None, made: dict[str, Any], token: str | None, step: str, exc: BaseException
+    ) -> str:
+        """Delete what a failed multi-node launch made, in reverse; say what was deleted or is left."""
+        what = f"launching the run's nodes failed at {step}"
+        instances = list(made["instances"])
+        left: list[str] = []
+        done: list[str] = []
+        try:
+            if not instances and step == "run_instances" and token and not isinstance(exc, ClientError):
+                # no answer: the launch may or may not have happened
+                instances = [
+                    i["InstanceId"]
+                    for r in ec2.describe_instances(Filters=[{"Name": "client-token", "Values": [token]}])["Reservations"]
+                    for i in r["Instances"]
+                ]
+            if instances:
+                ec2.terminate_instances(InstanceIds=instances)
+                done.append(f"terminated {', '.join(instances)}")
+        except Exception as cleanup_exc:
+            left.append(
+                f"instances ({cleanup_exc}): aws ec2 terminate-instances --region {region} --instance-ids "
+                f"{' '.join(instances) or f'<those with client token {token}>'}"
+            )
+        for kind, key in (("security-group", "security_group"), ("placement-group", "placement_group")):
+            if key not in made:
+                continue
+            if left:  # the instances may still hold it
+                left.append(f"{kind} {made[key]}")
+                continue
+            try:
+                delete_cluster_resource(ec2, kind, made[key], self.cluster_release_wait_s, self.cluster_release_poll_s)
+                done.append(f"deleted {kind} {made[key]}")
+            except Exception as cleanup_exc:
+                left.append(f"{kind} {made[key]} ({cleanup_exc})")
+        role = made.get("run_role")
+        if role is not None:
+            if left:
+                left.append(f"IAM role {role.name}")
+            else:
+                self._delete_run_role(role, region)  # logs what it cannot delete
+                done.append(f"deleted the run's role {role.name}")
+        summary = "; ".join(done) if done else "nothing had been made"
+        if left:
+            return (
+                f"{what}; {summary}; and could not clean up, delete by hand: {'; '.join(left)} "
+                "(`trainctl gc --provider aws --yes` deletes them once the instances are gone)"
+            )
+        return f"{what}; {summary}"
+
     def _create_auto_scaling_group(self, autoscaling: Any, request: dict[str, Any]) -> None:
         """CreateAutoScalingGroup, retried while the new launch template is not visible to Auto Scaling yet."""
         deadline = time.monotonic() + self.profile_wait_s
@@ -948,7 +1215,7 @@ class AWSProvider(Provider):
             raise explain_aws_error(exc, f"delete the IAM role {name}", self.region, self.profile) from None
 
     def _maybe_fail(self, step: str) -> None:
-        steps = LAUNCH_STEPS + RECOVERY_STEPS
+        steps = LAUNCH_STEPS + RECOVERY_STEPS + NODE_STEPS
         if self._fail_after is not None and self._fail_after not in steps:
             raise ConfigError(f"_fail_after={self._fail_after!r} is not a launch step: one of {', '.join(steps)}")
         if self._fail_after == step:
@@ -1092,9 +1359,65 @@ class AWSProvider(Provider):
             except Exception as exc:
                 raise explain_aws_error(exc, f"terminate {instance_id}", self.region, self.profile) from None
         store, run_id = instance.tags.get(TAG_STORE), instance.run_id
-        if store and run_id and store.startswith("s3://"):
-            self._delete_run_role(run_role_for(run_url_in(store, run_id), {}), self.region)
+        if store and run_id:
+            self._release_run(instance, run_id, store)
         return self._get(instance_id)
+
+    def _release_run(self, instance: Instance, run_id: str, store: str) -> None:
+        """Once no other instance of the run is up: delete the run's role and, for a multi-node
+        run, its security group and placement group (retried while the instances shut down)."""
+        region = self.region
+        ec2 = self.client("ec2", region)
+        cluster = instance.tags.get(TAG_CLUSTER)
+        if cluster:  # a single-node run has no other node to wait for
+            try:
+                others = live_run_instances(ec2, run_id, store, exclude=(instance.id,))
+            except Exception as exc:
+                raise explain_aws_error(exc, f"list run {run_id}'s other instances", region, self.profile) from None
+            if others:
+                log.info("run %s still has %s up: its role and groups stay until the last one ends", run_id, ", ".join(others))
+                return
+        if store.startswith("s3://"):
+            self._delete_run_role(run_role_for(run_url_in(store, run_id), {}), region)
+        if not cluster:
+            return
+        try:
+            deleted = delete_cluster(ec2, run_id, store, self.cluster_release_wait_s, self.cluster_release_poll_s)
+            log.info("run %s ended: deleted %s", run_id, ", ".join(deleted) or "nothing (already gone)")
+        except ProviderError as exc:  # the instances are terminated: what is left costs nothing, and gc deletes it
+            log.error("trainctl: %s", exc)
+        except Exception as exc:
+            log.error("trainctl: %s", explain_aws_error(exc, f"delete run {run_id}'s placement and security groups", region))
+
+    def list_cluster_resources(self) -> builtins.list[dict[str, Any]]:
+        """Multi-node runs' placement groups and security groups, found by tag (see
+        :func:`.aws_cluster.cluster_resources`), for ``trainctl gc``."""
+        region = self.region
+        try:
+            return cluster_resources(self.client("ec2", region))
+        except Exception as exc:
+            raise explain_aws_error(
+                exc, "list the placement and security groups of multi-node runs", region, self.profile
+            ) from None
+
+    def delete_cluster_resource(self, kind: str, ident: str, run_id: str, store_url: str | None) -> bool:
+        """Delete one of a multi-node run's groups (retried while instances shut down); False if it
+        was gone. Refused while an instance of its run is still up.
+
+        Raises:
+            ProviderError: an instance of the run is up, or EC2 refused.
+        """
+        region = self.region
+        ec2 = self.client("ec2", region)
+        try:
+            live = live_run_instances(ec2, run_id, store_url)
+            if live:
+                raise ProviderError(f"run {run_id}'s {kind} {ident} is in use by its instances {', '.join(live)}: not deleted")
+            return delete_cluster_resource(ec2, kind, ident, self.cluster_release_wait_s, self.cluster_release_poll_s)
+        except TrainctlError:
+            raise
+        except Exception as exc:
+            raise explain_aws_error(exc, f"delete run {run_id}'s {kind} {ident}", region, self.profile) from None
 
     def terminate_group(self, name: str) -> bool:
         """End a managed run's cloud side: its Auto Scaling group (with its instances), its launch
@@ -1146,6 +1469,9 @@ class AWSProvider(Provider):
             # a managed run's instance: its group and the template (both named after the run's role)
             "recovery_group": tags.get(TAG_RECOVERY_GROUP),
             "launch_template": tags.get("aws:ec2launchtemplate:id"),
+            # a multi-node run's instance: its node index and its placement/security groups' name
+            "node": tags.get(TAG_NODE),
+            "cluster": tags.get(TAG_CLUSTER),
         }
         return Instance(
             id=raw["InstanceId"],
@@ -1231,6 +1557,45 @@ class AWSProvider(Provider):
             raise explain_aws_error(
                 exc, f"read the run's key from SSM parameter {parameter}", self.region, self.profile
             ) from None
+
+    def own_instance_id(self) -> str | None:
+        """On the instance: its id, from the metadata service (IMDSv2; ``$TRAINCTL_IMDS_ENDPOINT`` overrides it).
+
+        Raises:
+            ProviderError: the metadata service does not answer (not on EC2, or IMDS disabled).
+        """
+        return self._metadata("/latest/meta-data/instance-id")
+
+    def node_address(self) -> str:
+        """On the instance: its private IPv4 (what the run's other nodes, in its security group, reach)."""
+        return self._metadata("/latest/meta-data/local-ipv4")
+
+    #: Attempts and per-attempt timeout for the metadata service (it answers fast, or is not there).
+    metadata_attempts = 3
+    metadata_timeout_s = 2.0
+
+    def _metadata(self, path: str) -> str:
+        from trainctl_lightning.agent.spot import DEFAULT_ENDPOINT, IMDS_ENDPOINT_ENV, MetadataClient
+
+        endpoint = os.environ.get(IMDS_ENDPOINT_ENV) or DEFAULT_ENDPOINT
+        client = MetadataClient(endpoint, timeout_s=self.metadata_timeout_s)
+        problem = ""
+        for attempt in range(self.metadata_attempts):
+            try:
+                status, body = client.get(path)
+            except (OSError, http.client.HTTPException) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            value = body.decode(errors="replace").strip()
+            if status == 200 and value:
+                return value
+            problem = f"HTTP {status}"
+            break
+        raise ProviderError(
+            f"cannot read {path} from the instance metadata service at {endpoint} ({problem}): the agent of a "
+            f"multi-node run must run on its EC2 instance, with the metadata service enabled (IMDSv2)"
+        )
 
     def release_from_agent(self, instance_id: str, *, run_over: bool = True) -> None:
         """Power the instance off from the inside, which terminates it (no AWS permission needed).
