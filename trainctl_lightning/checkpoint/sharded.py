@@ -252,20 +252,24 @@ class ShardedWriter:
         reports: list[Any] = [None] * self.world_size if self.rank == 0 else []
         mine = (self.rank, [(e.path, e.size, e.sha256) for e in entries], error)
         dist.gather_object(mine, reports if self.rank == 0 else None, dst=0, group=self.group)
-        if self.rank != 0:
-            job.error = error
-            return
+        if self.rank == 0:
+            job.error = self._commit(job, ckpt_id, reports)
+        outcome: list[Any] = [job.error]
+        dist.broadcast_object_list(outcome, src=0, group=self.group)  # every rank learns whether it was published
+        job.error = outcome[0]
+
+    def _commit(self, job: _Job, ckpt_id: str, reports: list[Any]) -> str | None:
+        """Rank zero: write the manifest when every rank reported its files, else discard; returns the error."""
         failed = [f"rank {r}: {why}" for r, _, why in reports if why]
         if failed:
-            job.error = "; ".join(failed)
             log.error(
                 "trainctl: sharded checkpoint %s is not published (no manifest; the previous checkpoint stays the "
                 "newest): %s",
                 job.name,
-                job.error,
+                "; ".join(failed),
             )
             self.store.discard_unpublished(ckpt_id)
-            return
+            return "; ".join(failed)
         files = sorted(
             (FileEntry(path=p, size=s, sha256=h, rank=r) for r, listed, _ in reports for p, s, h in listed),
             key=lambda e: e.path,
@@ -287,13 +291,14 @@ class ShardedWriter:
         try:
             self.store.commit_manifest(manifest)
         except Exception as exc:
-            job.error = f"{type(exc).__name__}: {exc}"
-            log.error("trainctl: the manifest of sharded checkpoint %s was not written: %s", job.name, job.error)
-            return
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("trainctl: the manifest of sharded checkpoint %s was not written: %s", job.name, error)
+            return error
         job.manifest = manifest
         log.info("trainctl: published sharded %s (%d files from %d ranks) as %s", job.name, len(files), self.world_size, ckpt_id)
         if self.on_published is not None:
             self.on_published(manifest)
+        return None
 
     def _upload_own(self, job: _Job, ckpt_id: str) -> list[FileEntry]:
         """Hash and upload the files of ``job``'s folder that this rank wrote."""

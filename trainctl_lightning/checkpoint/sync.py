@@ -425,7 +425,7 @@ class CheckpointSync(Callback):
             self._release_vote_group()
             if self._sharded is not None:
                 result = self._stop_sharded()
-                if trainer.is_global_zero and not result.ok:
+                if not result.ok:  # every rank: each learnt the outcome of every save
                     self._end_error = UploadError(
                         f"CheckpointSync({self.url!r}): not every sharded checkpoint was published: {result.describe()}",
                         failed=result.failed + result.unfinished,
