@@ -163,7 +163,9 @@ def test_a_rank_fetches_only_the_shards_it_reads() -> None:
     (replicated, deduplicated by DCP onto one file) from wherever it is."""
     props = TensorProperties(dtype=torch.float32)
     sharded = TensorStorageMetadata(
-        props, torch.Size([4]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([2])), ChunkStorageMetadata(torch.Size([2]), torch.Size([2]))]
+        props,
+        torch.Size([4]),
+        [ChunkStorageMetadata(torch.Size([0]), torch.Size([2])), ChunkStorageMetadata(torch.Size([2]), torch.Size([2]))],
     )
     whole = TensorStorageMetadata(props, torch.Size([2]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([2]))])
 

@@ -205,7 +205,7 @@ class ShardedWriter:
         self._thread.join(timeout)
         jobs, self._jobs = self._jobs, []
         return FlushResult(
-            published=[j.name for j in jobs if j.manifest is not None],
+            published=[j.name for j in jobs if j.done.is_set() and not j.error],
             failed=[f"{j.name} ({j.error})" for j in jobs if j.done.is_set() and j.error],
             unfinished=[j.name for j in jobs if not j.done.is_set()],
         )
@@ -263,8 +263,7 @@ class ShardedWriter:
         failed = [f"rank {r}: {why}" for r, _, why in reports if why]
         if failed:
             log.error(
-                "trainctl: sharded checkpoint %s is not published (no manifest; the previous checkpoint stays the "
-                "newest): %s",
+                "trainctl: sharded checkpoint %s is not published (no manifest; the previous checkpoint stays the newest): %s",
                 job.name,
                 "; ".join(failed),
             )
@@ -360,7 +359,9 @@ def fetch_for_rank(store: RunStore, manifest: CheckpointManifest, dest: Path, ra
     wanted = needed_files(manifest, metadata, rank)
     unknown = wanted - {e.path for e in manifest.files}
     if unknown:
-        raise IntegrityError(f"{what}: its DCP metadata names {sorted(unknown)[0]!r}, which its manifest does not list; refusing it")
+        raise IntegrityError(
+            f"{what}: its DCP metadata names {sorted(unknown)[0]!r}, which its manifest does not list; refusing it"
+        )
     return store.download_checkpoint(manifest, dest, only=wanted)
 
 

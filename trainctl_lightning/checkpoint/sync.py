@@ -424,11 +424,11 @@ class CheckpointSync(Callback):
             self._restore_signal_handler()
             self._release_vote_group()
             if self._sharded is not None:
-                result = self._stop_sharded()
-                if not result.ok:  # every rank: each learnt the outcome of every save
+                outcome = self._stop_sharded()
+                if not outcome.ok:  # every rank: each learnt the outcome of every save
                     self._end_error = UploadError(
-                        f"CheckpointSync({self.url!r}): not every sharded checkpoint was published: {result.describe()}",
-                        failed=result.failed + result.unfinished,
+                        f"CheckpointSync({self.url!r}): not every sharded checkpoint was published: {outcome.describe()}",
+                        failed=outcome.failed + outcome.unfinished,
                     )
                     raise self._end_error
                 return

@@ -234,8 +234,7 @@ class RunStore:
             self.objects.write(rel, body, create_only=True, stop=stop)
         except ConflictError:
             raise ConflictError(
-                f"{self.url_of(rel)} already exists; another writer published checkpoint {manifest.id} "
-                "and it was not overwritten"
+                f"{self.url_of(rel)} already exists; another writer published checkpoint {manifest.id} and it was not overwritten"
             ) from None
         except BaseException:
             if self._manifest_landed(rel, body):
