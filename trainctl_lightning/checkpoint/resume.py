@@ -51,7 +51,9 @@ def resume_path(
 
     Pass the result straight to ``trainer.fit(model, ckpt_path=...)``: ``None`` (no checkpoint
     published yet) makes Lightning start from scratch, so the same script works for the first
-    run and for every restart.
+    run and for every restart. For a sharded (folder) checkpoint, call it on every rank: each
+    downloads only the shards it reads (its rank from torch.distributed, else torchrun's
+    ``$RANK``/``$WORLD_SIZE``; a single process gets every file), see ``docs/sharded-checkpoints.md``.
 
     Args:
         url: the run's store URL, as given to ``CheckpointSync``; defaults to ``$TRAINCTL_RUN_URL``.
@@ -106,7 +108,13 @@ def resume_checkpoint(
     make_private_dir(dest)  # checkpoints are the user's data: the cache is theirs only (0700)
     for manifest in candidates:
         try:
-            path = store.download_checkpoint(manifest, dest / manifest.id)
+            if manifest.sharded is not None:  # only the shards this rank reads (sharded-checkpoints.md)
+                from trainctl_lightning.checkpoint.sharded import fetch_for_rank
+
+                rank, world_size = _rank_and_world()
+                path = fetch_for_rank(store, manifest, dest / manifest.id, rank, world_size)
+            else:
+                path = store.download_checkpoint(manifest, dest / manifest.id)
         except IntegrityError as exc:
             if not fallback or manifest is candidates[-1]:
                 raise
@@ -116,6 +124,19 @@ def resume_checkpoint(
         prune_cache(dest, keep=cache_keep, protect=manifest.id)
         return manifest, str(path)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _rank_and_world() -> tuple[int | None, int | None]:
+    """This process's global rank and the world size: from torch.distributed once initialized,
+    else from torchrun's ``$RANK``/``$WORLD_SIZE``; (None, None) in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is not None and world is not None and rank.isdigit() and world.isdigit():
+        return int(rank), int(world)
+    return None, None
 
 
 def run_cache_dir(run_url: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:

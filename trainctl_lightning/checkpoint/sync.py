@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from typing_extensions import override
 
+from trainctl_lightning.checkpoint import sharded
 from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
 from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, PublishJob, PublishState
 from trainctl_lightning.checkpoint.resume import resume_checkpoint, run_cache_dir
@@ -228,6 +229,9 @@ class CheckpointSync(Callback):
         self._previous_handler: Callable[[int, FrameType | None], Any] | int | None = None
         self._vote_group: Any = None  # gloo group of a multi-process fit, for the per-batch request vote
         self._resumed_from: CheckpointManifest | None = None
+        self._sharded: sharded.ShardedWriter | None = None  # this rank's, while a fit of a folder-saving strategy runs
+        self._sharded_uninstall: Callable[[], None] | None = None
+        self._sharded_result: FlushResult | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointSync({self.url!r})"
@@ -238,6 +242,7 @@ class CheckpointSync(Callback):
         state = self.__dict__.copy()
         state["storage_options"] = pickled_options(self.storage_options, repr(self))
         state["_gate"] = None  # a lock: belongs to this process's fit
+        state["_sharded"] = state["_sharded_uninstall"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -255,6 +260,8 @@ class CheckpointSync(Callback):
     @property
     def last_flush(self) -> FlushResult | None:
         """Outcome of the latest end-of-fit flush (published / failed / unfinished names)."""
+        if self._sharded_result is not None:
+            return self._sharded_result
         return self._io.last_flush if self._io is not None else None
 
     @property
@@ -332,6 +339,7 @@ class CheckpointSync(Callback):
             kind, message = error
             raise (ConfigError if kind == "ConfigError" else StoreError)(message)
         self._vote_group = _cpu_group(trainer)  # every rank creates it
+        self._start_sharded(trainer)  # a strategy that saves folders: every rank publishes its shards
         self._resumed_from = None
         if self.resumes():
             # Lightning resolved ckpt_path before any setup hook: choose when it restores (every rank)
@@ -340,6 +348,8 @@ class CheckpointSync(Callback):
             return
         self._end_error = None
         self._install_signal_handler(trainer)
+        if self._sharded is not None:
+            return  # the strategy's saves go to the sharded writer, not through its CheckpointIO
         strategy = trainer.strategy
         current = strategy.checkpoint_io
         if isinstance(current, SnapshotCheckpointIO):  # left by a fit that never tore down
@@ -413,6 +423,15 @@ class CheckpointSync(Callback):
             _lightning.clear_fit_checkpoint_choice(trainer)
             self._restore_signal_handler()
             self._release_vote_group()
+            if self._sharded is not None:
+                outcome = self._stop_sharded()
+                if not outcome.ok:  # every rank: each learnt the outcome of every save
+                    self._end_error = UploadError(
+                        f"CheckpointSync({self.url!r}): not every sharded checkpoint was published: {outcome.describe()}",
+                        failed=outcome.failed + outcome.unfinished,
+                    )
+                    raise self._end_error
+                return
         if self._io is None or stage != "fit":
             return
         # The strategy's teardown already flushed (it calls checkpoint_io.teardown); a fit that
@@ -430,6 +449,8 @@ class CheckpointSync(Callback):
         self._restore_signal_handler()  # Lightning runs no teardown hooks after an exception
         _lightning.clear_fit_checkpoint_choice(trainer)  # a fit that failed before restoring
         self._release_vote_group()
+        if self._sharded is not None:
+            self._stop_sharded()  # outcome logged; the fit's own exception is what is raised
         if self._io is not None and exception is self._end_error:
             # Our own end-of-fit error makes Lightning run every on_exception hook, and
             # OnExceptionCheckpoint saves once more. Publish that save, but let a failure be
@@ -476,7 +497,9 @@ class CheckpointSync(Callback):
                 log.info("trainctl: no checkpoint in %s yet: fit starts from scratch (%s)", self.url, why)
             return None
         manifest, path = found
-        if not os.path.exists(path):  # rank zero's cache is on another machine: fetch the same checkpoint
+        if manifest.sharded is not None:  # every rank fetches the shards it reads (rank zero has its own)
+            path = self._fetch_sharded(trainer, manifest)
+        elif not os.path.exists(path):  # rank zero's cache is on another machine: fetch the same checkpoint
             assert self.url is not None
             store = RunStore(self.url, self.storage_options)
             folder = run_cache_dir(store.url) / f"rank{trainer.global_rank}" / manifest.id
@@ -571,6 +594,83 @@ class CheckpointSync(Callback):
             previous = self._previous_handler
             signal.signal(SAVE_NOW_SIGNAL, previous if previous is not None else signal.SIG_DFL)
         self._signal_handler = self._previous_handler = None
+
+    # ------------------------------------------------------ sharded checkpoints
+    def _start_sharded(self, trainer: pl.Trainer) -> None:
+        """With a strategy that saves folders, every rank writes and publishes its own shards."""
+        self._sharded_result = None
+        key = sharded.folder_state_key(trainer.strategy)
+        if key is None:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.is_gloo_available()):
+            raise ConfigError(
+                f"CheckpointSync({self.url!r}): {type(trainer.strategy).__name__} saves checkpoints as folders, which "
+                "CheckpointSync publishes from every rank over a gloo process group, but torch.distributed is not "
+                "initialized with gloo available here; run the fit under torchrun or Lightning's launcher"
+            )
+        assert self.url is not None
+        store = self.store or RunStore(
+            self.url,
+            self.storage_options,
+            retry=RetryPolicy(deadline_s=self.retry_timeout),
+            max_concurrency=self.max_concurrency,
+            part_size=self.part_size_mb * 2**20,
+        )
+        group = sharded.new_group(self.flush_timeout if self.flush_timeout is not None else 1800.0)
+        writer = sharded.ShardedWriter(
+            store,
+            group,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            state_key=key,
+            session=self.session,
+            max_pending=self.max_pending_snapshots,
+            on_published=self._note_published,
+        )
+        self._sharded = writer
+        self._sharded_uninstall = sharded.install(trainer.strategy, writer, self._metadata)
+
+    def _stop_sharded(self) -> FlushResult:
+        writer, self._sharded = self._sharded, None
+        assert writer is not None
+        if self._sharded_uninstall is not None:
+            self._sharded_uninstall()
+            self._sharded_uninstall = None
+        result = writer.flush(self.flush_timeout)
+        try:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(writer.group)
+        except (RuntimeError, ValueError) as exc:  # the default group is already gone
+            log.debug("trainctl: could not destroy the sharded checkpoint group: %s", exc)
+        if not result.ok:
+            log.error("trainctl: not every sharded checkpoint was published: %s", result.describe())
+        self._sharded_result = result
+        return result
+
+    def _fetch_sharded(self, trainer: pl.Trainer, manifest: CheckpointManifest) -> str:
+        """Every rank downloads (verified) what it needs of a sharded checkpoint; a failure on any
+        rank is raised on every rank, in one line."""
+        import torch.distributed as dist
+
+        assert self.url is not None
+        path: str | None = None
+        error: str | None = None
+        try:
+            store = RunStore(self.url, self.storage_options)
+            folder = run_cache_dir(store.url) / manifest.id
+            path = str(sharded.fetch_for_rank(store, manifest, folder, trainer.global_rank, trainer.world_size))
+        except TrainctlError as exc:
+            error = f"rank {trainer.global_rank}: {exc}"
+        errors: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(errors, error)
+        failed = [e for e in errors if e]
+        if failed:
+            raise IntegrityError(f"CheckpointSync({self.url!r}) cannot resume from {manifest.id}: {'; '.join(failed)}")
+        assert path is not None
+        return path
 
     # --------------------------------------------------------------- helpers
     def _make_publisher(self) -> Publisher:

@@ -31,6 +31,11 @@ What is used, and why it is needed:
   the run's newest checkpoint when the user passed none: Lightning then restores model, callbacks,
   optimizers and loops from it exactly as for ``fit(ckpt_path=...)``
   (:func:`choose_fit_checkpoint`).
+- ``FSDPStrategy._state_dict_type`` and ``ModelParallelStrategy._save_distributed_checkpoint``:
+  whether the strategy saves a folder through ``torch.distributed.checkpoint``; the model state
+  is then under ``"model"`` (FSDP) or ``"state_dict"`` (ModelParallel), each optimizer under
+  ``"optimizer_<i>"`` and the rest in ``meta.pt`` (their ``save_checkpoint``). Sharded
+  ``CheckpointSync`` writes the same folder in the background (:func:`dcp_state_key`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ __all__ = [
     "captured_trainer_kwargs",
     "choose_fit_checkpoint",
     "clear_fit_checkpoint_choice",
+    "dcp_state_key",
     "entry_arguments",
     "impl_parameters",
     "public_parameters",
@@ -149,3 +155,15 @@ def clear_fit_checkpoint_choice(trainer: pl.Trainer) -> None:
     connector = trainer._checkpoint_connector
     if RESTORE_METHOD in vars(connector):
         delattr(connector, RESTORE_METHOD)
+
+
+def dcp_state_key(strategy: Any) -> str | None:
+    """The DCP key of the model state when ``strategy`` is one of Lightning's folder-saving
+    strategies configured to save folders, else None (it saves single files)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, FSDPStrategy) and getattr(strategy, "_state_dict_type", None) == "sharded":
+        return "model"
+    if isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_save_distributed_checkpoint", False):
+        return "state_dict"
+    return None

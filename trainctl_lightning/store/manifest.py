@@ -37,6 +37,8 @@ class FileEntry:
     """Size in bytes."""
     sha256: str
     """Hex SHA-256 of the object's content, checked on every download and verify."""
+    rank: int | None = None
+    """Global rank that wrote and uploaded this object (sharded checkpoints only; omitted otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,11 @@ class CheckpointManifest:
     """Where it came from: host, pid, local path, writer session. Informational only."""
     format: str = MANIFEST_FORMAT
     """Manifest schema identifier."""
+    sharded: dict[str, Any] | None = None
+    """Set for a checkpoint saved as a folder by several ranks (``docs/sharded-checkpoints.md``):
+    ``{"format": "torch.distributed.checkpoint", "folder": <folder name>, "world_size": N}``.
+    Every file is then ``<folder>/<relative path>`` and carries the ``rank`` that wrote it.
+    Omitted (None) for a one-file checkpoint; readers that predate it ignore it."""
 
     @property
     def size(self) -> int:
@@ -85,7 +92,10 @@ class CheckpointManifest:
 
     def to_json(self) -> bytes:
         data = asdict(self)
-        data["files"] = [asdict(f) for f in self.files]
+        # Fields added later are omitted when unset, so a one-file manifest reads as it always did.
+        data["files"] = [{k: v for k, v in asdict(f).items() if not (k == "rank" and v is None)} for f in self.files]
+        if self.sharded is None:
+            del data["sharded"]
         return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +143,7 @@ class CheckpointManifest:
                 metrics={str(k): float(v) for k, v in dict(metrics).items()},
                 source=dict(data.get("source") or {}),
                 format=fmt,
+                sharded=_sharded(data.get("sharded"), files, what),
             )
         except IntegrityError:
             raise
@@ -152,7 +163,28 @@ def _file_entry(item: Any, what: str) -> FileEntry:
         raise ValueError(f"entry {item.get('path')!r} has sha256 {sha!r}, not 64 hex digits")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"entry {item.get('path')!r} has size {size!r}")
-    return FileEntry(path=safe_relpath(item["path"], what), size=size, sha256=sha)
+    rank = item.get("rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+        raise ValueError(f"entry {item.get('path')!r} has rank {rank!r}")
+    return FileEntry(path=safe_relpath(item["path"], what), size=size, sha256=sha, rank=rank)
+
+
+def _sharded(value: Any, files: tuple[FileEntry, ...], what: str) -> dict[str, Any] | None:
+    """The ``sharded`` field, checked: a safe folder name that holds every file, and a world size."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"'sharded' is {value!r}, not an object")
+    folder = safe_name(value.get("folder"), what)
+    world_size = value.get("world_size")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"'sharded' has world_size {world_size!r}")
+    for f in files:
+        if not f.path.startswith(folder + "/"):
+            raise ValueError(f"sharded checkpoint file {f.path!r} is not inside its folder {folder!r}")
+        if f.rank is None or f.rank >= world_size:
+            raise ValueError(f"sharded checkpoint file {f.path!r} has rank {f.rank!r} (world size {world_size})")
+    return dict(value)
 
 
 def _check_tree(paths: list[str]) -> None:

@@ -16,7 +16,7 @@ import re
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Union
@@ -98,6 +98,8 @@ class RunStore:
 
     def checkpoint_url(self, manifest: CheckpointManifest) -> str:
         """What to pass to ``ckpt_path``: the object of a one-file checkpoint, else its folder."""
+        if manifest.sharded is not None:
+            return self.url_of(layout.checkpoint_object(manifest.id, manifest.sharded["folder"]))
         if len(manifest.files) == 1:
             return self.url_of(layout.checkpoint_object(manifest.id, manifest.files[0].path))
         return self.url_of(layout.checkpoint_object(manifest.id))
@@ -218,6 +220,37 @@ class RunStore:
             raise
         return manifest
 
+    def commit_manifest(self, manifest: CheckpointManifest, stop: threading.Event | None = None) -> None:
+        """Write ``manifest`` create-only: the last step of publishing data objects that are
+        already in the store (a sharded checkpoint, whose ranks upload their own files).
+
+        Raises:
+            ConflictError: a manifest of that id exists already (it was not overwritten).
+            StoreError: the write failed and did not land; the data objects stay invisible.
+        """
+        rel = layout.checkpoint_object(manifest.id, layout.CHECKPOINT_MANIFEST)
+        body = manifest.to_json()
+        try:
+            self.objects.write(rel, body, create_only=True, stop=stop)
+        except ConflictError:
+            raise ConflictError(
+                f"{self.url_of(rel)} already exists; another writer published checkpoint {manifest.id} and it was not overwritten"
+            ) from None
+        except BaseException:
+            if self._manifest_landed(rel, body):
+                log.warning("checkpoint %s was published although the store's reply was lost", manifest.id)
+                return
+            raise
+
+    def discard_unpublished(self, ckpt_id: str) -> int:
+        """Best effort: delete every data object of checkpoint ``ckpt_id``, which has no manifest
+        (a sharded save that failed on some rank). Returns how many objects went; never raises."""
+        try:
+            return self.delete_orphan(ckpt_id)
+        except Exception as exc:  # the store may be the very thing that is failing; the objects are invisible
+            log.debug("could not remove the unpublished objects of %s: %s", ckpt_id, exc)
+            return 0
+
     def _manifest_landed(self, manifest_rel: str, body: bytes) -> bool:
         """After a failed manifest write: whether it landed after all (its reply was lost).
 
@@ -318,6 +351,7 @@ class RunStore:
         manifest: CheckpointManifest,
         dest: str | os.PathLike[str],
         callback: Callback | None = None,
+        only: Collection[str] | None = None,
     ) -> Path:
         """Download a checkpoint into ``dest`` and verify every object against the manifest.
 
@@ -328,9 +362,13 @@ class RunStore:
         Every target is checked to resolve inside ``dest`` (a manifest path cannot leave it,
         nor can a symlink already in ``dest``) before anything is written.
 
+        Args:
+            only: download just these manifest paths (the shards one rank of a sharded
+                checkpoint needs); every other file is left out.
+
         Returns:
             The local path to pass to ``trainer.fit(ckpt_path=...)``: the file for a one-file
-            checkpoint, else ``dest``.
+            checkpoint, ``dest/<folder>`` for a sharded one, else ``dest``.
 
         Raises:
             IntegrityError: an object is corrupt or truncated, or a path would leave ``dest``;
@@ -343,6 +381,8 @@ class RunStore:
         targets = [inside(dest, entry.path, what) for entry in manifest.files]
         dest.mkdir(parents=True, exist_ok=True)
         for entry, target in zip(manifest.files, targets):
+            if only is not None and entry.path not in only:
+                continue
             inside(dest, entry.path, what)  # again now that dest exists: a symlink in it must not lead out
             if target.is_file() and target.stat().st_size == entry.size and sha256_file(target)[0] == entry.sha256:
                 continue
@@ -353,6 +393,8 @@ class RunStore:
                 sha256=entry.sha256,
                 callback=callback,
             )
+        if manifest.sharded is not None:
+            return dest / manifest.sharded["folder"]
         if len(manifest.files) == 1:
             return targets[0]
         return dest

@@ -1,0 +1,213 @@
+"""Sharded (folder) checkpoints published from every node, and resumed per rank.
+
+Two "nodes" are two real torchrun invocations on 127.0.0.1 (c10d rendezvous, one process each,
+gloo), each in its own folder with its own checkpoint folder and download cache, training a tiny
+model with a strategy that saves DCP folders on CPU (tests/helpers/sharded.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from tests.helpers.sharded import torchrun_pair
+from trainctl_lightning import CheckpointSync
+from trainctl_lightning.checkpoint.resume import resume_path
+from trainctl_lightning.checkpoint.sharded import fetch_for_rank, needed_files, owner_of
+from trainctl_lightning.errors import IntegrityError
+from trainctl_lightning.store import RunStore, layout
+from trainctl_lightning.store.manifest import CheckpointManifest, FileEntry
+
+
+def _done(results: list, marker: str = "DONE") -> dict[int, str]:
+    """rank -> its final line, asserting both nodes exited 0."""
+    lines = {}
+    for result in results:
+        assert result.returncode == 0, result.stdout[-4000:]
+        found = re.search(rf"^RANK (\d) NODE \d WORLD 2 {marker}.*$", result.stdout, re.M)
+        assert found, result.stdout[-4000:]
+        lines[int(found.group(1))] = found.group(0)
+    assert sorted(lines) == [0, 1]
+    return lines
+
+
+def _manifest_files(store_dir: Path) -> dict[int, dict]:
+    out = {}
+    for path in sorted(store_dir.glob("checkpoints/*/MANIFEST.json")):
+        data = json.loads(path.read_text())
+        out[data["global_step"]] = data
+    return out
+
+
+def test_two_nodes_publish_their_own_shards_and_resume_from_them(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    _done(torchrun_pair(nodes, [f"file://{store_dir}", "ckpts", "4"]))
+
+    # each node's disk holds only its own rank's shards (rank zero's node: also .metadata and meta.pt)
+    local = [sorted(p.name for p in (n / "ckpts" / "epoch=0-step=4.ckpt").iterdir()) for n in nodes]
+    assert sorted(local, key=len) == [["__1_0.distcp"], [".metadata", "__0_0.distcp", "meta.pt"]]
+
+    manifests = _manifest_files(store_dir)
+    assert sorted(manifests) == [2, 4]
+    latest = manifests[4]
+    assert latest["sharded"] == {"folder": "epoch=0-step=4.ckpt", "format": "torch.distributed.checkpoint", "world_size": 2}
+    listed = {f["path"]: f for f in latest["files"]}
+    assert set(listed) == {f"epoch=0-step=4.ckpt/{n}" for n in (".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt")}
+    for path, entry in listed.items():
+        assert entry["rank"] == owner_of(path)
+        stored = store_dir / "checkpoints" / latest["id"] / path
+        assert entry["size"] == stored.stat().st_size
+        assert entry["sha256"] == __import__("hashlib").sha256(stored.read_bytes()).hexdigest()
+
+    lines = _done(torchrun_pair(nodes, [f"file://{store_dir}", "ckpts", "6", "resume"]))
+    for line in lines.values():
+        assert f"resumed={latest['id']} resumed_step=4" in line and "step=6" in line
+    manifest = RunStore(f"file://{store_dir}").get_checkpoint(latest["id"])
+    for node in nodes:  # each node downloaded exactly what its rank reads, each file verified
+        cached = sorted((node / "cache").rglob("*.distcp")) + sorted((node / "cache").rglob("meta.pt"))
+        assert cached and all(p.parent.name == "epoch=0-step=4.ckpt" for p in cached)
+    assert sorted(_manifest_files(store_dir)) == [2, 4, 6]
+    assert manifest.sharded is not None
+
+
+def test_a_rank_whose_upload_fails_leaves_no_manifest(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    # rank 1's first upload (step 2) goes through, every later one fails
+    results = torchrun_pair(nodes, [f"file://{store_dir}", "ckpts", "4"], env={"FAIL_UPLOAD_RANK": "1", "FAIL_UPLOAD_AFTER": "1"})
+    # every rank learns that step 4 was not published, so both nodes end failed (neither waits on the other)
+    assert [r.returncode for r in results] == [1, 1], [r.stdout[-3000:] for r in results]
+    output = "\n".join(r.stdout for r in results)
+    assert output.count("UploadError: CheckpointSync(") >= 2
+    assert "rank 1: OSError: injected upload failure" in output
+    store = RunStore(f"file://{store_dir}")
+    assert [m.global_step for m in store.list_checkpoints()] == [2]  # step 4: no manifest
+    assert store.latest_checkpoint().global_step == 2
+    # what the other ranks uploaded for step 4 was removed, not left as an orphan
+    assert not [p for p in (store_dir / "checkpoints").iterdir() if p.name.startswith("0000000004")]
+
+
+def _publish_fake_sharded(store: RunStore, tmp_path: Path, files: dict[str, bytes]) -> CheckpointManifest:
+    """A sharded checkpoint in the store, written as the ranks would (for the refusal tests)."""
+    import hashlib
+
+    ckpt_id = store.new_checkpoint_id("last.ckpt", 3)
+    entries = []
+    for rel, data in files.items():
+        local = tmp_path / "src" / rel
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(data)
+        store.objects.upload(local, layout.checkpoint_object(ckpt_id, rel))
+        entries.append(FileEntry(rel, len(data), hashlib.sha256(data).hexdigest(), rank=owner_of(rel)))
+    manifest = CheckpointManifest(
+        id=ckpt_id,
+        name="last.ckpt",
+        epoch=0,
+        global_step=3,
+        created_at="2025-01-01T00:00:00Z",
+        files=tuple(entries),
+        package_version="test",
+        sharded={"format": "torch.distributed.checkpoint", "folder": "last.ckpt", "world_size": 2},
+    )
+    store.commit_manifest(manifest)
+    return manifest
+
+
+def test_a_shard_whose_bytes_do_not_match_is_refused_in_one_line(tmp_path: Path) -> None:
+    store = RunStore(f"file://{tmp_path / 'store'}")
+    manifest = _publish_fake_sharded(store, tmp_path, {"last.ckpt/__1_0.distcp": b"shard of rank 1", "last.ckpt/meta.pt": b"m"})
+    (tmp_path / "store" / "checkpoints" / manifest.id / "last.ckpt" / "__1_0.distcp").write_bytes(b"shard of rank 9")
+    with pytest.raises(IntegrityError) as caught:
+        fetch_for_rank(store, manifest, tmp_path / "dest", rank=None, world_size=None)
+    message = str(caught.value)
+    assert "\n" not in message and "__1_0.distcp" in message and "checksum" in message
+    assert not (tmp_path / "dest" / "last.ckpt" / "__1_0.distcp").exists()
+
+
+def test_a_manifest_naming_a_shard_outside_its_folder_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store_dir = tmp_path / "store"
+    store = RunStore(f"file://{store_dir}")
+    manifest = _publish_fake_sharded(store, tmp_path, {"last.ckpt/__0_0.distcp": b"zero", "last.ckpt/meta.pt": b"m"})
+    path = store_dir / "checkpoints" / manifest.id / layout.CHECKPOINT_MANIFEST
+    data = json.loads(path.read_text())
+    data["files"][0]["path"] = "last.ckpt/../../../escaped.distcp"
+    path.write_text(json.dumps(data))
+    with pytest.raises(IntegrityError) as caught:
+        store.get_checkpoint(manifest.id)
+    assert "\n" not in str(caught.value) and "unsafe path" in str(caught.value)
+    assert resume_path(f"file://{store_dir}", cache_dir=tmp_path / "cache") is None  # never used
+    assert "skipping unreadable checkpoint" in caplog.text
+    assert not list(tmp_path.rglob("escaped.distcp"))
+    # a folder name that leaves the checkpoint is refused the same way
+    data["files"][0]["path"] = "last.ckpt/__0_0.distcp"
+    data["sharded"]["folder"] = ".."
+    path.write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match="unsafe"):
+        store.get_checkpoint(manifest.id)
+
+
+def test_a_rank_fetches_only_the_shards_it_reads() -> None:
+    """A tensor in several chunks (sharded) is read from the rank's own file; one stored whole
+    (replicated, deduplicated by DCP onto one file) from wherever it is."""
+    props = TensorProperties(dtype=torch.float32)
+    sharded = TensorStorageMetadata(
+        props,
+        torch.Size([4]),
+        [ChunkStorageMetadata(torch.Size([0]), torch.Size([2])), ChunkStorageMetadata(torch.Size([2]), torch.Size([2]))],
+    )
+    whole = TensorStorageMetadata(props, torch.Size([2]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([2]))])
+
+    class Info:
+        def __init__(self, relative_path: str) -> None:
+            self.relative_path = relative_path
+
+    metadata = Metadata(
+        state_dict_metadata={"w": sharded, "b": whole},
+        storage_data={
+            MetadataIndex("w", torch.Size([0])): Info("__0_0.distcp"),
+            MetadataIndex("w", torch.Size([2])): Info("__1_0.distcp"),
+            MetadataIndex("b", torch.Size([0])): Info("__2_0.distcp"),
+        },
+    )
+    files = [".metadata", "meta.pt", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+    manifest = CheckpointManifest(
+        id="x",
+        name="c",
+        epoch=0,
+        global_step=0,
+        created_at="2025-01-01T00:00:00Z",
+        files=tuple(FileEntry(f"c/{f}", 1, "0" * 64, rank=owner_of(f)) for f in files),
+        package_version="test",
+        sharded={"format": "torch.distributed.checkpoint", "folder": "c", "world_size": 4},
+    )
+    assert needed_files(manifest, metadata, 1) == {"c/.metadata", "c/meta.pt", "c/__1_0.distcp", "c/__2_0.distcp"}
+    assert needed_files(manifest, metadata, 3) == {"c/.metadata", "c/meta.pt", "c/__3_0.distcp", "c/__2_0.distcp"}
+
+
+def test_one_file_manifests_read_and_write_as_before() -> None:
+    manifest = CheckpointManifest(
+        id="0000000001-last-abcdef12",
+        name="last.ckpt",
+        epoch=0,
+        global_step=1,
+        created_at="2025-01-01T00:00:00Z",
+        files=(FileEntry("last.ckpt", 3, "a" * 64),),
+        package_version="test",
+    )
+    data = json.loads(manifest.to_json())
+    assert "sharded" not in data and "rank" not in data["files"][0]
+    data["future_field"] = {"ignored": True}
+    assert CheckpointManifest.from_json(json.dumps(data).encode(), "test") == manifest
+    assert CheckpointSync("file:///tmp/x")._sharded is None
