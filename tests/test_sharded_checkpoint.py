@@ -211,3 +211,59 @@ def test_one_file_manifests_read_and_write_as_before() -> None:
     data["future_field"] = {"ignored": True}
     assert CheckpointManifest.from_json(json.dumps(data).encode(), "test") == manifest
     assert CheckpointSync("file:///tmp/x")._sharded is None
+
+
+class _RunsCode:
+    """An object whose unpickling would run code: writes a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(self.marker),))
+
+
+def _dcp_files(tmp_path: Path, state: dict) -> dict[str, bytes]:
+    """The files DCP writes for ``state`` on one rank (no process group), as a checkpoint folder."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp-src"
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    return {f"last.ckpt/{p.name}": p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("rank", [0, None])
+def test_a_sharded_checkpoint_is_proven_code_free_before_anything_unpickles_it(tmp_path: Path, rank: int | None) -> None:
+    """DCP unpickles .metadata and loads non-tensor items with weights_only=False: a store that
+    holds code there (consistently listed in its manifest) is refused before either runs."""
+    marker = tmp_path / "code-ran"
+    store = RunStore(f"file://{tmp_path / 'store'}")
+    clean = _dcp_files(tmp_path / "clean", {"w": torch.ones(2), "step": 3, "hp": {"lr": 0.1}})
+    good = _publish_fake_sharded(store, tmp_path / "g", {**clean, "last.ckpt/meta.pt": _saved({"loops": {"x": 1}})})
+    fetch_for_rank(store, good, tmp_path / "ok", rank=rank, world_size=1)  # tensors and plain data: fine
+
+    hostile_item = _dcp_files(tmp_path / "item", {"w": torch.ones(2), "evil": _RunsCode(str(marker))})
+    hostile_meta = {**clean, "last.ckpt/meta.pt": _saved({"evil": _RunsCode(str(marker))})}
+    import pickle
+
+    forged_metadata = {**clean, "last.ckpt/.metadata": pickle.dumps(_RunsCode(str(marker)))}
+    for i, (files, words) in enumerate(
+        [
+            (hostile_item, "item 'evil' in __0_0.distcp holds more than tensors"),
+            (hostile_meta, "meta.pt holds more than tensors"),
+            (forged_metadata, "its DCP metadata names pathlib.Path.touch"),
+        ]
+    ):
+        manifest = _publish_fake_sharded(store, tmp_path / f"h{i}", files)
+        with pytest.raises(IntegrityError, match=re.escape(words)) as caught:
+            fetch_for_rank(store, manifest, tmp_path / f"dest{i}", rank=rank, world_size=1)
+        assert "\n" not in str(caught.value)
+        assert not marker.exists(), "code from the store ran"
+
+
+def _saved(obj: object) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

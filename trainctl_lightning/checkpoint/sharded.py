@@ -72,6 +72,8 @@ __all__ = [
     "needed_files",
     "new_group",
     "owner_of",
+    "read_metadata",
+    "verify_code_free",
 ]
 
 log = logging.getLogger(__name__)
@@ -342,27 +344,124 @@ def fetch_for_rank(store: RunStore, manifest: CheckpointManifest, dest: Path, ra
         IntegrityError: a file is corrupt or truncated, or a path would leave ``dest``; one line.
         StoreError: the store cannot be read.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
     assert manifest.sharded is not None
     folder = manifest.sharded["folder"]
     what = f"checkpoint {manifest.id} in {store.url}"
     for entry in manifest.files:
         inside(dest, entry.path, what)
     if rank is None or world_size != manifest.sharded["world_size"]:
-        return store.download_checkpoint(manifest, dest)
+        root = store.download_checkpoint(manifest, dest)
+        verify_code_free(dest / folder, read_metadata(dest / folder / DCP_METADATA, what), what)
+        return root
     zero = {e.path for e in manifest.files if not _is_shard(e.path)}
     store.download_checkpoint(manifest, dest, only=zero)
     if f"{folder}/{DCP_METADATA}" not in zero:
         raise IntegrityError(f"{what} lists no {folder}/{DCP_METADATA}: not a complete DCP checkpoint; refusing it")
-    metadata = FileSystemReader(str(dest / folder)).read_metadata()
+    metadata = read_metadata(dest / folder / DCP_METADATA, what)
     wanted = needed_files(manifest, metadata, rank)
     unknown = wanted - {e.path for e in manifest.files}
     if unknown:
         raise IntegrityError(
             f"{what}: its DCP metadata names {sorted(unknown)[0]!r}, which its manifest does not list; refusing it"
         )
-    return store.download_checkpoint(manifest, dest, only=wanted)
+    root = store.download_checkpoint(manifest, dest, only=wanted)
+    verify_code_free(dest / folder, metadata, what)
+    return root
+
+
+# DCP's metadata is a pickle: only these classes may appear in it (what torch's own writer puts there).
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.stateful": set(),
+    "torch._utils": {"_get_layout"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+def read_metadata(path: Path, what: str) -> Any:
+    """DCP's ``.metadata`` at ``path``, unpickled with only the classes torch's own writer uses
+    (dtypes, ``torch.Size``, DCP's metadata records): a metadata file that names anything else
+    (a function, a module, a class of someone's choosing) is refused in one line, unrun.
+
+    Raises:
+        IntegrityError: the file names something else, or does not unpickle.
+    """
+    import io
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            allowed = _METADATA_CLASSES.get(module)
+            if allowed is not None and name in allowed:
+                return super().find_class(module, name)
+            if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+                return getattr(torch, name)
+            raise IntegrityError(
+                f"{what}: its DCP metadata names {module}.{name}, which DCP's own writer never puts there; "
+                "refusing to load it (it could run code)"
+            )
+
+    try:
+        return _Restricted(io.BytesIO(path.read_bytes())).load()
+    except IntegrityError:
+        raise
+    except Exception as exc:
+        raise IntegrityError(f"{what}: its DCP metadata does not unpickle ({type(exc).__name__}: {exc}); refusing it") from None
+
+
+def verify_code_free(folder: Path, metadata: Any, what: str) -> None:
+    """Prove that loading the downloaded files of a sharded checkpoint runs no code from the store.
+
+    DCP loads the non-tensor items of a checkpoint (``BytesStorageMetadata``: step counters,
+    hyper-parameters, ...) with ``torch.load(weights_only=False)``, and Lightning loads ``meta.pt``
+    with the Trainer's ``weights_only``. So, before either runs, every such item present in the
+    downloaded files and ``meta.pt`` must load with ``torch.load(weights_only=True)``, which builds
+    only tensors and plain data.
+
+    Raises:
+        IntegrityError: one of them holds anything else (one line naming it).
+    """
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    def check(data: bytes | Path, name: str) -> None:
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        try:
+            torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise IntegrityError(
+                f"{what}: {name} holds more than tensors and plain data ({first[:200]}); refusing to load it, since "
+                "loading it could run code. If you wrote it yourself, download it (`trainctl ckpt download`) and load it "
+                "by hand"
+            ) from None
+
+    for index, info in (metadata.storage_data or {}).items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        path = inside(folder, safe_relpath(str(info.relative_path), what), what)
+        if not path.exists():
+            continue  # not downloaded for this rank: never read
+        if getattr(info, "transform_descriptors", None):
+            raise IntegrityError(f"{what}: item {index.fqn!r} is stored transformed ({info.transform_descriptors}); refusing it")
+        with open(path, "rb") as f:
+            f.seek(int(info.offset))
+            check(f.read(int(info.length)), f"item {index.fqn!r} in {info.relative_path}")
+    if (folder / META_FILE).exists():
+        check(folder / META_FILE, META_FILE)
 
 
 def install(strategy: Any, writer: ShardedWriter, fields: Callable[[dict[str, Any], str], dict[str, Any]]) -> Callable[[], None]:
