@@ -46,7 +46,9 @@ from trainctl_lightning.store.run import RunStore
 from trainctl_lightning.timeutil import utc_now
 
 SCRIPT = Path(__file__).parent / "scripts" / "multinode_train.py"
-_RANK_LINE = re.compile(r"RANK global_rank=(\d+) world_size=(\d+) node=(\d+) local_rank=(\d+) env=(\w+) trainctl_node=(\S+) pid=(\d+)")
+_RANK_LINE = re.compile(
+    r"RANK global_rank=(\d+) world_size=(\d+) node=(\d+) local_rank=(\d+) env=(\w+) trainctl_node=(\S+) pid=(\d+)"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +147,9 @@ def test_a_node_killed_mid_run_ends_every_node_within_the_bound(file_store: str)
     node1 = _state(jobs, 1)
     assert node1 is not None and node1.phase is JobPhase.FAILED and node1.failed_node == 1
     assert [i.id for i in LocalProvider().list()] == []
-    assert all(i.state.value == "terminated" for i in LocalProvider().list(include_terminated=True) if i.id in spec.node_instances)
+    assert all(
+        i.state.value == "terminated" for i in LocalProvider().list(include_terminated=True) if i.id in spec.node_instances
+    )
 
 
 # ---------------------------------------------------------------- the rendezvous record
@@ -208,7 +212,13 @@ def test_torchrun_accepts_the_command() -> None:
 
     record = Rendezvous(host="10.0.0.5", port=29400, rdzv_id="run-1", attempt=1, nodes=2)
     argv = torchrun_argv(
-        "py", ["py", "-u", "-m", "pkg.train", "--lr", "1"], nodes=2, nproc_per_node=4, rendezvous=record, lead=False, local_addr="10.0.0.6"
+        "py",
+        ["py", "-u", "-m", "pkg.train", "--lr", "1"],
+        nodes=2,
+        nproc_per_node=4,
+        rendezvous=record,
+        lead=False,
+        local_addr="10.0.0.6",
     )
     assert argv[:4] == ["py", "-u", "-m", "torch.distributed.run"]
     args = get_args_parser().parse_args(argv[4:])
@@ -275,7 +285,9 @@ def test_a_silent_peer_is_lost_after_the_bound_by_this_agents_clock(memory_url: 
 
 def test_the_run_names_the_node_that_failed_first() -> None:
     def peer(phase: JobPhase, ended_at: str, failed_node: int | None, error: str = "x") -> JobState:
-        return JobState(run_id="r", phase=phase, updated_at=ended_at, ended_at=ended_at, error=error, failed_node=failed_node, exit_code=1)
+        return JobState(
+            run_id="r", phase=phase, updated_at=ended_at, ended_at=ended_at, error=error, failed_node=failed_node, exit_code=1
+        )
 
     t1, t2 = "2026-01-01T00:00:01.000000Z", "2026-01-01T00:00:02.000000Z"
     # the lead failed after node 1 did by itself: node 1 is named
@@ -289,4 +301,6 @@ def test_the_run_names_the_node_that_failed_first() -> None:
     assert out[2:] == ("node 1 did not end within 85s of node 0", 1)
     # all succeeded; a cancel ends the run cancelled whatever the others did
     assert run_outcome(JobPhase.SUCCEEDED, None, 0, t1, None, {1: peer(JobPhase.SUCCEEDED, t1, None)}, 5)[0] is JobPhase.SUCCEEDED
-    assert run_outcome(JobPhase.CANCELLED, "stop", 143, t1, None, {1: peer(JobPhase.CANCELLED, t1, 1)}, 5)[0] is JobPhase.CANCELLED
+    assert (
+        run_outcome(JobPhase.CANCELLED, "stop", 143, t1, None, {1: peer(JobPhase.CANCELLED, t1, 1)}, 5)[0] is JobPhase.CANCELLED
+    )
