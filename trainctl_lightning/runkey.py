@@ -14,7 +14,8 @@ before anything in them is read (:func:`verify`)::
     trainctl-signed/1 <purpose> <hex HMAC-SHA256>\\n<body bytes>
 
 The MAC covers the envelope version, the purpose (``payload``: launcher to instance;
-``result``: instance to launcher), the run id and the body, so a payload cannot be replayed as
+``result``: instance to launcher; ``job``: the spec; ``rendezvous``: a multi-node run's
+meeting point, node 0 to the other nodes), the run id and the body, so a payload cannot be replayed as
 a result, nor an object of one run in another.
 
 What the key does not protect against: anything that can read the agent's or the job's
@@ -58,7 +59,7 @@ __all__ = [
 RUN_KEY_ENV = "TRAINCTL_RUN_KEY"
 
 _MAGIC = b"trainctl-signed/1"
-_PURPOSES = frozenset({"payload", "result", "job"})
+_PURPOSES = frozenset({"payload", "result", "job", "rendezvous"})
 #: The longest header we read: magic, a purpose, 64 hex digits and separators.
 _MAX_HEADER = 128
 

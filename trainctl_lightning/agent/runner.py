@@ -53,6 +53,24 @@ from trainctl_lightning.agent.jobproc import (
     remove_job_record,
     write_job_record,
 )
+from trainctl_lightning.agent.nodes import (
+    NODE_START_WAIT_S,
+    PeerFailure,
+    PeerWatch,
+    Rendezvous,
+    become_subreaper,
+    device_count,
+    end_orphans,
+    free_port,
+    peers_end_wait_s,
+    read_rendezvous,
+    rendezvous_id,
+    resolve_node,
+    run_outcome,
+    torchrun_argv,
+    torchrun_root_cause,
+    write_rendezvous,
+)
 from trainctl_lightning.agent.spot import (
     INTERRUPTION,
     SpotNotice,
@@ -63,7 +81,9 @@ from trainctl_lightning.agent.spot import (
 from trainctl_lightning.agent.watchdog import LauncherWatchdog
 from trainctl_lightning.errors import (
     AgentFailure,
+    AuthenticationError,
     ConflictError,
+    IntegrityError,
     RunNotFoundError,
     SetupError,
     SetupStopped,
@@ -82,7 +102,7 @@ from trainctl_lightning.jobs.spec import (
 from trainctl_lightning.jobs.store import JobStore, LogChunkWriter
 from trainctl_lightning.retry import RetryPolicy
 from trainctl_lightning.runkey import RUN_KEY_ENV
-from trainctl_lightning.store.layout import ATTEMPT_ENV, JOB, RECOVER_ENV, RUN_URL_ENV, run_id_of
+from trainctl_lightning.store.layout import ATTEMPT_ENV, JOB, NODE_ENV, RECOVER_ENV, RUN_URL_ENV, run_id_of
 from trainctl_lightning.timeutil import utc_now
 
 __all__ = [
@@ -238,6 +258,11 @@ class Agent:
         self._save_wait_noted = False
         self._key_error: str | None = None  # why the run's key could not be fetched, for the run's log
         self.attempt: Attempt | None = None  # a managed run's attempt this agent runs
+        # a multi-node run (JobSpec.nodes > 1): this agent's node, its peers, why it stopped (see .nodes)
+        self.node = 0
+        self.instance_id: str | None = None  # this node's own instance
+        self._peers: PeerWatch | None = None
+        self._peer_failure: PeerFailure | None = None
 
     # ------------------------------------------------------------ entry point
 
@@ -263,6 +288,12 @@ class Agent:
             self.spec = spec
         except Exception as exc:
             return self._fail_without_spec(exc)
+        self.instance_id = spec.instance_id
+        if spec.nodes > 1:
+            try:
+                self._join_nodes(spec)
+            except AgentFailure as exc:
+                return self._fail_without_spec(exc, what=f"node {self.node} of this {spec.nodes}-node run cannot start")
         previous = self._earlier_state() if spec.recover is not None else None
         number = current_attempt(previous) if spec.recover is not None else None
         self.pump = LogPump(self.jobs.log_writer(attempt=number), self.workdir / "logs" / f"{spec.run_id}.log")
@@ -276,11 +307,12 @@ class Agent:
             run_id=spec.run_id,
             phase=JobPhase.FETCHING,
             updated_at=now,
-            instance_id=spec.instance_id,
+            instance_id=self.instance_id,
             host=socket.gethostname(),
             queued_at=spec.created_at,
             started_at=now,
             heartbeat_interval_s=spec.heartbeat_interval_s,
+            node=self.node if spec.nodes > 1 else None,
         )
         if number is not None:
             self._begin_attempt(number, previous)
@@ -306,6 +338,8 @@ class Agent:
         outcome = self._after_notice(outcome)
         if self.attempt is not None:
             outcome = self._end_attempt(outcome)
+        if spec.nodes > 1:
+            outcome = self._end_node(outcome)
         self._finish(outcome)
         # RECOVERING: a replacement takes over the run. Locally the supervisor starts it on this instance;
         # on AWS this instance powers off and the run's Auto Scaling group starts a new one.
@@ -377,6 +411,14 @@ class Agent:
             if not script.is_file():
                 return Outcome(JobPhase.FAILED, None, f"script {spec.script!r} is not in the code at {code_root}")
             argv[2] = os.path.relpath(script, cwd)
+        if spec.nodes > 1:
+            try:
+                group_argv = self._torchrun_command(python, argv)
+            except AgentFailure as exc:
+                return Outcome(JobPhase.FAILED, None, one_line(exc))
+            if group_argv is None:  # stopped while waiting for the lead
+                return self._stopped(None)
+            argv = group_argv
         env = {
             **os.environ,
             **spec.env,
@@ -384,8 +426,12 @@ class Agent:
             RUN_ID_ENV: spec.run_id,
             "PYTHONUNBUFFERED": "1",
         }
-        if spec.instance_id:
-            env[INSTANCE_ID_ENV] = spec.instance_id
+        if self.instance_id:
+            env[INSTANCE_ID_ENV] = self.instance_id
+        if spec.nodes > 1:
+            env[NODE_ENV] = str(self.node)
+        else:  # the provider may set it for every agent; a single-node job runs as it always did
+            env.pop(NODE_ENV, None)
         if self.attempt is not None:  # a managed run: CheckpointSync resumes from the newest checkpoint
             env[RECOVER_ENV] = "1"
             env[ATTEMPT_ENV] = str(self.attempt.number)
@@ -455,6 +501,9 @@ class Agent:
                 log.info("run %s: stopping (%s)", spec.run_id, stopped[1])
                 returncode = self._stop_process(proc, spec.stop_grace_s)
                 break
+        if spec.nodes > 1:  # workers a killed torchrun left (in sessions of their own): adopted, ended here
+            if orphans := end_orphans(known=(proc.pid,)):
+                log.warning("run %s: ended %d worker process(es) torchrun left: %s", spec.run_id, len(orphans), orphans)
         reader.join(timeout=2.0)
         if reader.is_alive():  # a process the job left behind holds the pipe: its group goes too
             _signal_group(proc.pid, signal.SIGKILL)
@@ -465,6 +514,8 @@ class Agent:
             return Outcome(stopped[0], exit_code, stopped[1])
         if returncode == 0:
             return Outcome(JobPhase.SUCCEEDED, 0)
+        if spec.nodes > 1 and returncode > 0 and (cause := torchrun_root_cause(self.pump.tail(200) if self.pump else "")):
+            return Outcome(JobPhase.FAILED, exit_code, f"the job exited with code {exit_code}; torchrun's first failure: {cause}")
         if returncode == -signal.SIGKILL:
             return Outcome(
                 JobPhase.FAILED,
@@ -497,6 +548,138 @@ class Agent:
     def _stopped(self, exit_code: int | None) -> Outcome:
         assert self._stop_request is not None
         return Outcome(self._stop_request[0], exit_code, self._stop_request[1])
+
+    # ------------------------------------------------------------ multi-node runs (see .nodes)
+
+    def _join_nodes(self, spec: JobSpec) -> None:
+        """Find this agent's node; from here on its state and logs are the node's own.
+
+        Raises:
+            AgentFailure: the node cannot be told, or the run asks for what multi-node runs lack.
+        """
+        from trainctl_lightning.providers import get_provider
+
+        provider = get_provider(spec.provider)
+        self.node = resolve_node(spec, os.environ.get(NODE_ENV), provider.own_instance_id)
+        self.jobs = self.jobs.for_node(self.node)
+        if spec.node_instances:
+            self.instance_id = spec.node_instances[self.node]
+        elif self.node != 0:
+            self.instance_id = None  # not told which instance is this node's: it is not released from here
+        if spec.recover is not None:
+            raise AgentFailure(
+                f"a managed run (recover) across {spec.nodes} nodes is not supported yet: launch it without "
+                "--recover, or on one node"
+            )
+        self._peers = PeerWatch(self.jobs, self.node, spec.nodes, spec.heartbeat_interval_s)
+
+    def _torchrun_command(self, python: str, argv: list[str]) -> list[str] | None:
+        """The job under torchrun, once the nodes know where to meet; None if stopped meanwhile.
+
+        Raises:
+            AgentFailure: torch is missing, the lead cannot publish its address, or the record
+                found is not the lead's (one line).
+        """
+        from trainctl_lightning.providers import get_provider
+
+        spec = self.spec
+        assert spec is not None and self.pump is not None
+        provider = get_provider(spec.provider)
+        nproc = spec.nproc_per_node or device_count(python)
+        key = os.environ.get(RUN_KEY_ENV) or None
+        address = provider.node_address()
+        rdzv_id = rendezvous_id(spec, None)
+        if self.node == 0:
+            try:
+                record = Rendezvous(
+                    host=address, port=free_port(address), rdzv_id=rdzv_id, attempt=1, nodes=spec.nodes, written_at=utc_now()
+                )
+                self.jobs.objects.retry = _FINAL_RETRY
+                write_rendezvous(self.jobs, record, key, spec.run_id)
+            except (OSError, TrainctlError) as exc:
+                raise AgentFailure(f"node 0 could not publish where the nodes meet: {one_line(exc)}") from exc
+            finally:
+                self.jobs.objects.retry = _TICK_RETRY
+        else:
+            found = self._wait_for_rendezvous(key, rdzv_id)
+            if found is None:
+                return None
+            record = found
+        self.pump.note(
+            f"node {self.node} of {spec.nodes}: torchrun with {nproc} process(es), rendezvous {record.rdzv_id} at {record.endpoint}"
+        )
+        become_subreaper()
+        return torchrun_argv(
+            python, argv, nodes=spec.nodes, nproc_per_node=nproc, rendezvous=record, lead=self.node == 0, local_addr=address
+        )
+
+    def _wait_for_rendezvous(self, key: str | None, rdzv_id: str) -> Rendezvous | None:
+        """The lead's record for this attempt, waited for up to NODE_START_WAIT_S; None when this
+        agent was asked to stop meanwhile (a cancel, or the lead ended: the peer watch says so)."""
+        spec = self.spec
+        assert spec is not None
+        deadline = time.monotonic() + NODE_START_WAIT_S
+        while not self._stop_event.is_set():
+            try:
+                record = read_rendezvous(self.jobs, key, spec.run_id)
+            except (IntegrityError, AuthenticationError) as exc:
+                raise AgentFailure(one_line(exc)) from exc
+            except Exception as exc:  # the store is unreachable: ask again
+                log.warning("could not read the rendezvous record (will retry): %s", one_line(exc))
+                record = None
+            if record is not None and record.rdzv_id == rdzv_id and record.nodes == spec.nodes:
+                return record
+            if time.monotonic() > deadline:
+                raise AgentFailure(f"node 0 did not publish where the nodes meet within {NODE_START_WAIT_S:.0f}s")
+            self._stop_event.wait(0.2)
+        return None
+
+    def _end_node(self, outcome: Outcome) -> Outcome:
+        """This node's end as it is recorded. The lead first waits (bounded) for the other nodes to
+        end, then makes the run's outcome: which node failed first, and why."""
+        spec, state = self.spec, self._live_state()
+        assert spec is not None and self.pump is not None
+        if outcome.phase is not JobPhase.SUCCEEDED:
+            state.failed_node = self._peer_failure.node if self._peer_failure is not None else self.node
+        if self.node != 0:
+            return outcome
+        ended_at = utc_now()
+        with self._state_lock:  # the others see the lead's job has ended (phase unchanged until they have)
+            state.exit_code, state.error = (outcome.exit_code if outcome.exit_code is not None else 1), outcome.error
+            if outcome.phase is JobPhase.SUCCEEDED:
+                state.exit_code, state.error = 0, None
+        waited = self._wait_for_peers(peers_end_wait_s(spec))
+        phase, code, error, failed = run_outcome(
+            outcome.phase, outcome.error, outcome.exit_code, ended_at, self._peer_failure, waited, peers_end_wait_s(spec)
+        )
+        state.failed_node = failed
+        if failed is not None and failed != 0:
+            self.pump.note(error or f"node {failed} failed")
+        return Outcome(phase, code, error)
+
+    def _wait_for_peers(self, wait_s: float) -> dict[int, JobState | None]:
+        """Every other node's state once all have ended, or as they are after ``wait_s``; the lead's
+        heartbeat goes on meanwhile."""
+        spec = self.spec
+        assert spec is not None
+        deadline = time.monotonic() + wait_s
+        states: dict[int, JobState | None] = {}
+        next_beat = 0.0
+        while True:
+            for k in range(1, spec.nodes):
+                if (seen := states.get(k)) is not None and seen.phase.is_terminal():
+                    continue
+                try:
+                    states[k] = self.jobs.for_node(k).read_state()
+                except Exception as exc:  # damaged or unreachable: asked again until the deadline
+                    log.warning("could not read node %d's state: %s", k, one_line(exc))
+                    states.setdefault(k, None)
+            if all(s is not None and s.phase.is_terminal() for s in states.values()) or time.monotonic() > deadline:
+                return states
+            if time.monotonic() >= next_beat:
+                self._write_state()
+                next_beat = time.monotonic() + spec.heartbeat_interval_s
+            time.sleep(0.1)
 
     # ------------------------------------------------------------ managed runs
 
@@ -588,6 +771,7 @@ class Agent:
         next_ship, next_beat, next_cancel = now, now + spec.heartbeat_interval_s, now
         watchdog = LauncherWatchdog(self.jobs, spec.launcher_grace_s) if spec.launcher_grace_s else None
         next_watch = now + watchdog.interval_s if watchdog else float("inf")
+        next_peers = now if self._peers is not None else float("inf")
         while not self._done.is_set():
             now = time.monotonic()
             if now >= next_ship:
@@ -613,7 +797,13 @@ class Agent:
                     self.request_stop(JobPhase.CANCELLED, gone)
             if self._notice_deadline is not None and self._stop_request is None and now >= self._notice_deadline:
                 self.request_stop(JobPhase.PREEMPTED, self._notice_reason())
-            wake = min(next_ship, next_beat, next_cancel, next_watch)
+            if self._peers is not None and now >= next_peers:
+                next_peers = now + self._peers.poll_s
+                if self._stop_request is None and (failure := self._peers.check()):
+                    self._peer_failure = failure
+                    self.pump.note(f"{failure.reason}: stopping node {self.node}'s job")
+                    self.request_stop(JobPhase.FAILED, failure.reason)
+            wake = min(next_ship, next_beat, next_cancel, next_watch, next_peers)
             if self._notice_deadline is not None:
                 wake = min(wake, max(self._notice_deadline, now + 0.1))
             self._done.wait(max(0.01, wake - time.monotonic()))
@@ -670,8 +860,8 @@ class Agent:
             self.pump.note_local(msg)
             log.error(msg)
 
-    def _fail_without_spec(self, exc: Exception) -> int:
-        error = one_line(f"could not read the job at {self.run_url}: {exc}")
+    def _fail_without_spec(self, exc: Exception, what: str | None = None) -> int:
+        error = one_line(f"{what or f'could not read the job at {self.run_url}'}: {exc}")
         log.error(error)
         run_id = run_id_of(self.run_url)
         try:
@@ -685,6 +875,7 @@ class Agent:
                 error=error,
                 started_at=now,
                 ended_at=now,
+                node=self.node if self.spec is not None and self.spec.nodes > 1 else None,
             )
             self.jobs.write_state(state)
         except Exception as write_exc:
@@ -725,16 +916,16 @@ class Agent:
             return None
 
     def _release_instance(self, run_over: bool = True) -> None:
-        spec = self.spec
-        if spec is None or not (spec.terminate_instance_after and spec.instance_id):
+        spec, instance_id = self.spec, self.instance_id
+        if spec is None or not (spec.terminate_instance_after and instance_id):
             return
         try:
             from trainctl_lightning.providers import get_provider
 
-            get_provider(spec.provider).release_from_agent(spec.instance_id, run_over=run_over)
-            log.info("released instance %s (%s provider)", spec.instance_id, spec.provider)
+            get_provider(spec.provider).release_from_agent(instance_id, run_over=run_over)
+            log.info("released instance %s (%s provider)", instance_id, spec.provider)
         except Exception as exc:  # the job is over and recorded; a stuck instance is reported, not raised
-            log.error("could not release instance %s: %s", spec.instance_id, one_line(exc))
+            log.error("could not release instance %s: %s", instance_id, one_line(exc))
 
     def _install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: object) -> None:

@@ -55,7 +55,7 @@ from trainctl_lightning.providers.api import (
 )
 from trainctl_lightning.runkey import RUN_KEY_ENV
 from trainctl_lightning.store.files import atomic_file
-from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NAME
+from trainctl_lightning.store.layout import NODE_ENV, TAG_MANAGED_BY, TAG_NAME
 from trainctl_lightning.timeutil import utc_now
 
 __all__ = [
@@ -322,6 +322,7 @@ class LocalProvider(Provider):
             command, role = ["supervise", "--instance", instance.id], "supervisor"
         env = {**os.environ, **current.details.get("env", {}), **launch.forward_env, ROOT_ENV: str(self.root)}
         env.pop(RUN_KEY_ENV, None)  # never another run's key (a launch from inside a job)
+        env[NODE_ENV] = str(launch.node)  # a multi-node run's node (the agent ignores it otherwise)
         if launch.run_key:
             env[RUN_KEY_ENV] = launch.run_key  # the process environment: never written to disk or the store
         with self._locked(instance.id):
