@@ -115,9 +115,9 @@ def test_two_nodes_train_together_and_the_run_succeeds(project: Path, tmp_path: 
     assert status["training"]["global_step"] == 8
 
     # rank zero published the checkpoints and reported the metrics, once each
-    ckpts = json.loads(trainctl("ckpt", "ls", run_id, "--store", store, "--output", "json").stdout)["checkpoints"]
+    ckpts = json.loads(trainctl("ckpt", "ls", out["run_url"], "--output", "json").stdout)["checkpoints"]
     assert [c["global_step"] for c in ckpts] == [4, 8]
-    metrics = json.loads(trainctl("metrics", run_id, "--store", store, "--output", "json").stdout)
+    metrics = json.loads(trainctl("metrics", out["run_url"], "--output", "json").stdout)
     assert [r["step"] for r in metrics if "train_loss" in r["metrics"]] == list(range(8))
 
     instances = get_provider("local").list(include_terminated=True)
