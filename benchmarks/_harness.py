@@ -176,13 +176,16 @@ class WeedServer:
     """``weed mini`` on free loopback ports with its data in a temporary folder; ``stop()`` ends
     it and removes the folder (also on SIGKILL of the benchmark: PDEATHSIG, folder under /tmp)."""
 
-    def __init__(self, weed: str, bucket: str, timeout: float = 60.0) -> None:
+    def __init__(self, weed: str, bucket: str, access_key: str, secret_key: str, timeout: float = 60.0) -> None:
         import tempfile
         import time
-        import urllib.request
+
+        import boto3
 
         self.dir = tempfile.mkdtemp(prefix="trainctl-weed-")
-        ports = dict(zip(_WEED_PORTS, _free_ports(len(_WEED_PORTS))))
+        ports: dict[str, int] = {}
+        while not ports or any(p + 10000 > 65535 for p in ports.values()):  # some of its gRPC ports are port + 10000
+            ports = dict(zip(_WEED_PORTS, _free_ports(len(_WEED_PORTS))))
         args = [weed, "mini", f"-dir={self.dir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
         args += [f"-{k}={v}" for k, v in ports.items()]
         args += [
@@ -194,13 +197,24 @@ class WeedServer:
         ]
         os.makedirs(f"{self.dir}/data")
         self.log = open(f"{self.dir}/weed.log", "w")  # noqa: SIM115  # closed by stop()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig(), cwd=self.dir)
+        # weed mini makes these its one user's credentials: the clients here use the same (moto's dummy ones)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig(), cwd=self.dir, env=env
+        )
         self.pid = self.proc.pid
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         deadline = time.monotonic() + timeout
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+        )
         while True:
             try:
-                urllib.request.urlopen(f"{self.endpoint}/{bucket}", timeout=2).close()
+                client.head_bucket(Bucket=bucket)  # -bucket= creates it once the filer is up
                 break
             except Exception as exc:  # not up yet (connection refused, 404 until the bucket exists)
                 if self.proc.poll() is not None or time.monotonic() > deadline:
