@@ -196,7 +196,7 @@ class WeedServer:
             f"-s3.localSocket={self.dir}/s.sock",
         ]
         os.makedirs(f"{self.dir}/data")
-        self.log = open(f"{self.dir}/weed.log", "w")  # noqa: SIM115  # closed by stop()
+        self.log = open(f"{self.dir}/weed.log", "w")  # closed by stop()
         # weed mini makes these its one user's credentials: the clients here use the same (moto's dummy ones)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
         self.proc = subprocess.Popen(

@@ -388,11 +388,19 @@ def _report(res: dict[str, Any]) -> int:
     base, native = res["baseline"], res["native_local"]
     saves = res["saves"]
     native_excess = (native["loop_s"] - base["loop_s"]) / saves
-    print(f"\nstate {res['size_gb']:.3f} GB, {saves} saves every {res['every']} steps, concurrency {res['concurrency']}, "
-          f"S3 server: {res.get('server', '-')}, load {os.getloadavg()[0]:.1f}")
-    print(f"native local: stall/save {_med(native['save_calls_s']):.2f}s, excess/ckpt {native_excess:.2f}s, "
-          f"peak extra RSS {[round(p / 1e9, 2) for p in native['peak_extra_rss']]} GB")
-    summary: dict[str, Any] = {"size_gb": res["size_gb"], "server": res.get("server"), "native_local_excess_s": round(native_excess, 3)}
+    print(
+        f"\nstate {res['size_gb']:.3f} GB, {saves} saves every {res['every']} steps, concurrency {res['concurrency']}, "
+        f"S3 server: {res.get('server', '-')}, load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"native local: stall/save {_med(native['save_calls_s']):.2f}s, excess/ckpt {native_excess:.2f}s, "
+        f"peak extra RSS {[round(p / 1e9, 2) for p in native['peak_extra_rss']]} GB"
+    )
+    summary: dict[str, Any] = {
+        "size_gb": res["size_gb"],
+        "server": res.get("server"),
+        "native_local_excess_s": round(native_excess, 3),
+    }
     met: dict[str, bool | None] = {}
     for store in ("s3", "file"):
         r = res.get(store)
@@ -403,14 +411,24 @@ def _report(res: dict[str, Any]) -> int:
         excess = (t["loop_s"] - base["loop_s"]) / saves
         state = t["state_bytes"]
         peaks = [p / state for p in t["peak_extra_rss"]]
-        print(f"[{store}] time to safe {r['time_to_safe_s']:.2f}s (save -> fit returned {r['save_to_fit_return_s']:.2f}s)"
-              + (f", boto3 upload_file {r['boto3_upload_s']:.2f}s" if "boto3_upload_s" in r else ""))
-        print(f"[{store}] restore {r['restore_s']:.2f}s = {r['restore_mb_s']:.0f} MB/s"
-              + (f", boto3 download_file {r['boto3_download_s']:.2f}s = {r['boto3_download_mb_s']:.0f} MB/s" if "boto3_download_s" in r else "")
-              + f"; process start -> first step after resume {r['start_to_first_step_s']:.2f}s")
-        print(f"[{store}] sync: stall/save {_med(t['save_calls_s']):.3f}s, excess/ckpt {excess:.2f}s "
-              f"(server CPU/ckpt {server_cpu:.2f}s; without it {excess - server_cpu:.2f}s), end of fit {t['end_of_fit_s']:.2f}s, "
-              f"peak extra RSS per save {[round(p, 2) for p in peaks]} x state")
+        print(
+            f"[{store}] time to safe {r['time_to_safe_s']:.2f}s (save -> fit returned {r['save_to_fit_return_s']:.2f}s)"
+            + (f", boto3 upload_file {r['boto3_upload_s']:.2f}s" if "boto3_upload_s" in r else "")
+        )
+        print(
+            f"[{store}] restore {r['restore_s']:.2f}s = {r['restore_mb_s']:.0f} MB/s"
+            + (
+                f", boto3 download_file {r['boto3_download_s']:.2f}s = {r['boto3_download_mb_s']:.0f} MB/s"
+                if "boto3_download_s" in r
+                else ""
+            )
+            + f"; process start -> first step after resume {r['start_to_first_step_s']:.2f}s"
+        )
+        print(
+            f"[{store}] sync: stall/save {_med(t['save_calls_s']):.3f}s, excess/ckpt {excess:.2f}s "
+            f"(server CPU/ckpt {server_cpu:.2f}s; without it {excess - server_cpu:.2f}s), end of fit {t['end_of_fit_s']:.2f}s, "
+            f"peak extra RSS per save {[round(p, 2) for p in peaks]} x state"
+        )
         s = {
             "time_to_safe_s": round(r["time_to_safe_s"], 3),
             "restore_mb_s": round(r["restore_mb_s"], 1),
@@ -424,7 +442,9 @@ def _report(res: dict[str, Any]) -> int:
         if "boto3_upload_s" in r:
             s["time_to_safe_vs_boto3"] = _ratio(r["time_to_safe_s"], r["boto3_upload_s"])
             s["restore_vs_boto3"] = _ratio(r["restore_mb_s"], r["boto3_download_mb_s"])
-            met["time_to_safe"] = s["time_to_safe_vs_boto3"] is not None and s["time_to_safe_vs_boto3"] <= TARGETS["time_to_safe_vs_boto3"]
+            met["time_to_safe"] = (
+                s["time_to_safe_vs_boto3"] is not None and s["time_to_safe_vs_boto3"] <= TARGETS["time_to_safe_vs_boto3"]
+            )
             met["restore"] = s["restore_vs_boto3"] is not None and s["restore_vs_boto3"] >= TARGETS["restore_vs_boto3"]
             ratio = s["excess_minus_server_vs_native_local"]
             met["excess"] = ratio is not None and ratio <= TARGETS["excess_vs_native_local"]

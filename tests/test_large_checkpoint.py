@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,13 +21,13 @@ from trainctl_lightning.store import RunStore, layout
 PART = 5 * 2**20  # S3's smallest part: several parts and ranges from a small file
 
 
-def _data_ptrs(snapshot) -> set[int]:  # noqa: ANN001
+def _data_ptrs(snapshot) -> set[int]:
     return {buf.data_ptr() for buf in snapshot.buffers}
 
 
 def test_snapshots_reuse_the_same_host_buffers() -> None:
-    state = {"w": torch.randn(64, 64), "tied": None, "b": torch.randn(8)}
-    state["tied"] = state["w"]
+    w = torch.randn(64, 64)
+    state = {"w": w, "tied": w, "b": torch.randn(8)}
     pool = BufferPool()
     first = take_snapshot(state, pool)
     assert torch.equal(first.checkpoint["w"], state["w"])
@@ -84,11 +85,11 @@ def test_private_file_is_hashed_while_uploading_without_a_second_read(tmp_path: 
     assert read < 1.5 * len(data), f"read {read} bytes to publish {len(data)}: the file was read twice"
 
 
-def _store(s3, name: str) -> RunStore:  # noqa: ANN001
+def _store(s3: Any, name: str) -> RunStore:
     return RunStore(s3.url(name), s3.server.storage_options(), max_concurrency=3, part_size=PART)
 
 
-def test_parallel_multipart_upload_and_ranged_download_verified(tmp_path: Path, s3) -> None:  # noqa: ANN001
+def test_parallel_multipart_upload_and_ranged_download_verified(tmp_path: Path, s3: Any) -> None:
     data = os.urandom(3 * PART + 12345)
     local = tmp_path / "big.ckpt"
     local.write_bytes(data)
@@ -106,7 +107,7 @@ def test_parallel_multipart_upload_and_ranged_download_verified(tmp_path: Path, 
     assert Path(path).read_bytes() == data
 
 
-def test_a_corrupt_range_fails_the_download_and_leaves_nothing(tmp_path: Path, s3) -> None:  # noqa: ANN001
+def test_a_corrupt_range_fails_the_download_and_leaves_nothing(tmp_path: Path, s3: Any) -> None:
     data = bytearray(os.urandom(3 * PART + 777))
     local = tmp_path / "big.ckpt"
     local.write_bytes(data)
@@ -122,7 +123,7 @@ def test_a_corrupt_range_fails_the_download_and_leaves_nothing(tmp_path: Path, s
     assert list(dest.iterdir()) == [], "nothing (not even a partial file) is left at the target"
 
 
-def test_a_stopped_multipart_upload_is_aborted(tmp_path: Path, s3) -> None:  # noqa: ANN001
+def test_a_stopped_multipart_upload_is_aborted(tmp_path: Path, s3: Any) -> None:
     import threading
 
     local = tmp_path / "big.ckpt"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from typing import Any
 from trainctl_lightning.errors import StoreError
 
 __all__ = ["LOCAL_CHUNK", "can_transfer", "download_verified", "upload_hashed"]
+
+log = logging.getLogger(__name__)
 
 LOCAL_CHUNK = 8 * 2**20
 """Bytes read and written at a time between local files."""
@@ -172,8 +175,12 @@ def _upload_s3(
     except BaseException:
         try:
             _s3_call(fs, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-        except Exception:  # noqa: S110  # the store may be what failed; the original error is what matters
-            pass
+        except Exception as exc:  # the store may be what failed; the original error is what is raised
+            log.warning(
+                "could not abort the multipart upload of %s (%s): the store's lifecycle rules or `trainctl ckpt gc` remove its parts",
+                remote,
+                exc,
+            )
         raise
     finally:
         fs.invalidate_cache(remote)
