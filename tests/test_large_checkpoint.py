@@ -21,7 +21,7 @@ from trainctl_lightning.store import RunStore, layout
 PART = 5 * 2**20  # S3's smallest part: several parts and ranges from a small file
 
 
-def _data_ptrs(snapshot) -> set[int]:
+def _data_ptrs(snapshot: Any) -> set[int]:
     return {buf.data_ptr() for buf in snapshot.buffers}
 
 
