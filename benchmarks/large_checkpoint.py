@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child(args.child)
         return 0
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its server and cleans up
     size_gb = args.size_gb if args.size_gb is not None else (0.064 if args.quick else 2.0)
     saves = 2 if args.quick else args.saves
     every = args.every or (3 if args.quick else 6)
