@@ -118,3 +118,129 @@ def round_or_none(x: float | None, nd: int = 4) -> float | None:
     if x is None or not math.isfinite(x):
         return None
     return round(x, nd)
+
+
+# ---------------------------------------------------------------------------------------------
+# A fast S3 endpoint for multi-GB objects: SeaweedFS (Go), installed by scripts/bench_s3.sh
+# ---------------------------------------------------------------------------------------------
+
+_WEED_PORTS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "admin.port",
+    "admin.port.grpc",
+)
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pdeathsig() -> Any:
+    """A ``preexec_fn``: the server gets SIGKILL when the benchmark dies, so a killed run leaks no server."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or name is None:
+        return None
+    prctl = ctypes.CDLL(name, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
+class WeedServer:
+    """``weed mini`` on free loopback ports with its data in a temporary folder; ``stop()`` ends
+    it and removes the folder (also on SIGKILL of the benchmark: PDEATHSIG, folder under /tmp)."""
+
+    def __init__(self, weed: str, bucket: str, access_key: str, secret_key: str, timeout: float = 60.0) -> None:
+        import tempfile
+        import time
+
+        import boto3
+
+        self.dir = tempfile.mkdtemp(prefix="trainctl-weed-")
+        ports: dict[str, int] = {}
+        while not ports or any(p + 10000 > 65535 for p in ports.values()):  # some of its gRPC ports are port + 10000
+            ports = dict(zip(_WEED_PORTS, _free_ports(len(_WEED_PORTS))))
+        args = [weed, "mini", f"-dir={self.dir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
+        args += [f"-{k}={v}" for k, v in ports.items()]
+        args += [
+            "-webdav=false",
+            f"-bucket={bucket}",
+            "-master.volumeSizeLimitMB=1024",
+            f"-filer.localSocket={self.dir}/f.sock",
+            f"-s3.localSocket={self.dir}/s.sock",
+        ]
+        os.makedirs(f"{self.dir}/data")
+        self.log = open(f"{self.dir}/weed.log", "w")  # closed by stop()
+        # weed mini makes these its one user's credentials: the clients here use the same (moto's dummy ones)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig(), cwd=self.dir, env=env
+        )
+        self.pid = self.proc.pid
+        self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        deadline = time.monotonic() + timeout
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+        )
+        while True:
+            try:
+                client.head_bucket(Bucket=bucket)  # -bucket= creates it once the filer is up
+                break
+            except Exception as exc:  # not up yet (connection refused, 404 until the bucket exists)
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise ServerError(f"weed mini did not serve {self.endpoint}/{bucket} within {timeout:.0f}s: {exc}") from exc
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def find_weed() -> str | None:
+    """The ``weed`` binary scripts/bench_s3.sh installed (or $TRAINCTL_BENCH_WEED), else None."""
+    import glob
+
+    given = os.environ.get("TRAINCTL_BENCH_WEED")
+    if given:
+        return given
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = sorted(glob.glob(os.path.join(here, ".bench", "seaweedfs-*", "bin", "weed")))
+    return found[-1] if found else None

@@ -10,6 +10,10 @@
    once, while training goes on.
 3. ``RemoteStrategy(accelerator="gpu")`` on the local provider: fit runs in the agent's process on
    the GPU and comes back with the trained weights.
+4. Large states (``--large-gb``, default 1,4,10 GB; issue 15): the stall of a ``CheckpointSync``
+   save (``SnapshotCheckpointIO.save_checkpoint`` returning) against a raw pinned device-to-host
+   copy of the same bytes and against ``torch.distributed.checkpoint.async_save``'s blocking time,
+   measured in the same run. Targets: stall <= 1.5x the raw copy, and no worse than DCP's.
 
 Usage: ``PYTHONPATH=. python scripts/gpu_check.py [--accelerator cpu] [--out DIR]``. Prints its
 figures and a final JSON line; exit code 1 if a check failed.
@@ -18,6 +22,7 @@ figures and a final JSON line; exit code 1 if a check failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -175,11 +180,70 @@ def remote_fit(accelerator: str, work: Path) -> dict:
     }
 
 
+def large_stalls(work: Path, sizes_gb: list[float]) -> list[dict]:
+    """Issue 15's GPU targets: per size, the median of 3 saves (the first, warming the pool, is dropped)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from trainctl_lightning.checkpoint.io import SnapshotCheckpointIO
+    from trainctl_lightning.checkpoint.publisher import Publisher
+    from trainctl_lightning.store import RunStore
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    out = []
+    for gb in sizes_gb:
+        n = int(gb * 1e9) // 4 // 8
+        state = {f"w{i}": torch.randn(n, device="cuda") for i in range(8)}
+        torch.cuda.synchronize()
+        pinned = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in state.items()}
+        raw = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            for k, v in state.items():
+                pinned[k].copy_(v, non_blocking=True)
+            torch.cuda.synchronize()
+            raw.append(time.perf_counter() - t0)
+        del pinned
+        store = RunStore(f"file://{work / 'large-store'}")
+        io = SnapshotCheckpointIO(None, functools.partial(Publisher, store), session="gpucheck")
+        io.start_fit()
+        ours = []
+        for i in range(4):
+            t0 = time.perf_counter()
+            io.save_checkpoint({"state_dict": state}, str(work / "large" / f"s{i}.ckpt"))
+            ours.append(time.perf_counter() - t0)
+            io.wait_published(str(work / "large" / f"s{i}.ckpt"))
+        io.teardown()
+        shutil.rmtree(work / "large", ignore_errors=True)
+        shutil.rmtree(work / "large-store", ignore_errors=True)
+        theirs = []
+        for i in range(4):
+            t0 = time.perf_counter()
+            future = dcp.async_save({"state_dict": state}, checkpoint_id=str(work / f"dcp{i}"))
+            theirs.append(time.perf_counter() - t0)
+            future.result()
+            shutil.rmtree(work / f"dcp{i}", ignore_errors=True)
+        med = lambda xs: sorted(xs[1:])[len(xs[1:]) // 2]  # noqa: E731
+        r = {"gb": gb, "raw_d2h_s": med(raw), "sync_stall_s": med(ours), "dcp_async_save_block_s": med(theirs)}
+        r["vs_raw"] = r["sync_stall_s"] / r["raw_d2h_s"]
+        r["vs_dcp"] = r["sync_stall_s"] / r["dcp_async_save_block_s"]
+        r["met"] = r["vs_raw"] <= 1.5 and r["vs_dcp"] <= 1.0
+        print(json.dumps(r), flush=True)
+        out.append(r)
+        del state
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--large-gb", default="1,4,10", help="state sizes for the large-state stall check ('' to skip)")
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="trainctl-gpu-check-"))
     results: dict = {"torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
@@ -197,6 +261,10 @@ def main() -> int:
         ok &= r["weights_changed"] and r["global_step"] == 20 and r["phase"] == "succeeded"
         if opts.accelerator == "gpu":
             ok &= "used: True" in r["remote_gpu_line"]
+        if opts.accelerator == "gpu" and opts.large_gb:
+            large = large_stalls(work, [float(x) for x in opts.large_gb.split(",")])
+            results["large"] = large
+            ok &= all(r["met"] for r in large)
     finally:
         os.chdir("/")
         shutil.rmtree(work, ignore_errors=True)

@@ -84,7 +84,7 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, PublishJob
-from trainctl_lightning.checkpoint.snapshot import Snapshot, take_snapshot
+from trainctl_lightning.checkpoint.snapshot import BufferPool, Snapshot, take_snapshot
 from trainctl_lightning.errors import ConfigError, TrainctlError, UploadError
 from trainctl_lightning.retry import exception_chain
 
@@ -237,6 +237,9 @@ class SnapshotCheckpointIO(CheckpointIO):
         self._new_publisher = publisher
         self.publisher: Publisher | None = None
         self._slots = threading.BoundedSemaphore(max_pending_snapshots)
+        # Host buffers reused from one snapshot to the next (our own format only: a configured IO
+        # is handed the snapshot and might keep a reference to it after its save returns).
+        self.buffer_pool: BufferPool | None = BufferPool(max_pending_snapshots - 1) if self._own_format else None
         self._run: _WriterRun | None = None
         self._start_lock = threading.Lock()
         self._submit_lock = threading.Lock()  # a writer submitting vs. a flush abandoning it
@@ -324,7 +327,7 @@ class SnapshotCheckpointIO(CheckpointIO):
             # max_pending_snapshots=1 a failed write is always raised here, at the next save.
             self._raise_writer_error()
             meta = self._metadata(checkpoint, path)
-            snapshot = take_snapshot(checkpoint)
+            snapshot = take_snapshot(checkpoint, self.buffer_pool)
             self._clean_folder(Path(path).parent)
             reservation = self._reserve(path)
         except BaseException:
@@ -633,7 +636,10 @@ class SnapshotCheckpointIO(CheckpointIO):
                     self.inner.save_checkpoint(op.snapshot.checkpoint, op.given, storage_options=op.storage_options)
                     fd, placed = _private_copy(target)
             finally:
-                op.snapshot = None  # type: ignore[assignment]  # free host memory
+                # torch.save has returned: the buffers go back to the pool for the next save
+                # (without a pool, this frees the host memory).
+                op.snapshot.release()
+                op.snapshot = None  # type: ignore[assignment]
         except Exception as exc:
             # Nothing of this save stays behind, and the file it was to replace is untouched.
             _remove_placeholder(target, op.reservation)

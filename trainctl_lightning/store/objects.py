@@ -39,6 +39,7 @@ from trainctl_lightning.store.files import (
     create_exclusive,
     sha256_file,
 )
+from trainctl_lightning.store.transfer import can_transfer, download_verified, upload_hashed
 
 __all__ = ["ObjectStore", "explain_store_error", "validate_url"]
 
@@ -377,6 +378,63 @@ class ObjectStore:
             raise IntegrityError(f"uploaded {self.url_of(rel)} has {stored} bytes, expected {expected}; the upload was cut short")
         return stored
 
+    def upload_hashed(
+        self,
+        local: str | os.PathLike[str],
+        rel: str,
+        *,
+        size: int,
+        callback: Callback | None = None,
+        stop: threading.Event | None = None,
+    ) -> str:
+        """Upload ``size`` bytes of a local file to ``rel``, hashing them as they are read, in one pass.
+
+        For files nothing else writes (a checkpoint's private handle, ``/proc/self/fd/N``): the
+        SHA-256 returned is over exactly the bytes sent. On S3 the parts go up in parallel
+        (``max_concurrency`` at once, ``part_size`` each); other backends, and wrapped
+        filesystems, upload with fsspec and hash in a separate pass.
+
+        Returns the SHA-256. Raises:
+            IntegrityError: the stored object's size differs from ``size``.
+            StoreError: the upload failed for good.
+        """
+        if can_transfer(self.fs) is None:
+            digest, _ = sha256_file(local)
+            self.upload(local, rel, size=size, callback=callback, stop=stop)
+            return digest
+        remote = self.path(rel)
+
+        def put() -> str:
+            if callback is not None:
+                callback.set_size(size)
+            if self.is_local:
+                make_private_dir(os.path.dirname(remote))
+            fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return upload_hashed(
+                    self.fs,
+                    fd,
+                    remote,
+                    size,
+                    concurrency=self.max_concurrency,
+                    part_size=self.part_size,
+                    progress=None if callback is None else callback.relative_update,
+                    stop=stop,
+                )
+            finally:
+                os.close(fd)
+
+        digest = self.call(put, what=f"upload {self.url_of(rel)}", action="write to", stop=stop)
+
+        def stat() -> int:
+            self.fs.invalidate_cache(remote)
+            return int(self.fs.info(remote)["size"])
+
+        stored = self.call(stat, what=f"stat {self.url_of(rel)}", action="read", stop=stop)
+        if stored != size:
+            raise IntegrityError(f"uploaded {self.url_of(rel)} has {stored} bytes, expected {size}; the upload was cut short")
+        return digest
+
     def download(
         self,
         rel: str,
@@ -403,17 +461,44 @@ class ObjectStore:
         url = self.url_of(rel)
         label = label or url
         with atomic_file(target, mode) as tmp:
+            if can_transfer(self.fs) is None:  # another backend (or a wrapped one): fsspec, then a hashing pass
 
-            def get() -> None:
-                try:
-                    self.fs.get_file(remote, str(tmp), callback=callback or NoOpCallback())
-                except FileNotFoundError:
-                    raise IntegrityError(f"{label}: {url} is missing from the store") from None
+                def get() -> None:
+                    try:
+                        self.fs.get_file(remote, str(tmp), callback=callback or NoOpCallback())
+                    except FileNotFoundError:
+                        raise IntegrityError(f"{label}: {url} is missing from the store") from None
 
-            self.call(get, what=f"download {url}", action="download")
-            digest, got = sha256_file(tmp)
+                self.call(get, what=f"download {url}", action="download")
+                digest, got = sha256_file(tmp)
+            else:
+                digest, got = self.call(
+                    lambda: self._download_verified(remote, tmp, size, label, url, callback),
+                    what=f"download {url}",
+                    action="download",
+                )
             check_content(label, url, got, digest, size, sha256)
         return got
+
+    def _download_verified(
+        self, remote: str, tmp: Path, size: int, label: str, url: str, callback: Callback | None
+    ) -> tuple[str, int]:
+        """One attempt of a parallel ranged download into ``tmp``, hashed in order as ranges arrive."""
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            return download_verified(
+                self.fs,
+                remote,
+                fd,
+                size,
+                concurrency=self.max_concurrency,
+                part_size=self.part_size,
+                progress=None if callback is None else callback.relative_update,
+            )
+        except FileNotFoundError:
+            raise IntegrityError(f"{label}: {url} is missing from the store") from None
+        finally:
+            os.close(fd)
 
     def digest(self, rel: str, *, label: str = "", callback: Callback | None = None) -> tuple[str, int]:
         """SHA-256 and size of an object, read through from the store (nothing kept locally).

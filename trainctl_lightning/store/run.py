@@ -174,9 +174,14 @@ class RunStore:
         try:
             manifest_files = []
             for local, rel in entries:
+                if not verify_unchanged:  # a private file: hashed as it is read for the upload, one pass
+                    size = os.path.getsize(local)
+                    digest = self.objects.upload_hashed(local, f"{folder}/{rel}", size=size, callback=callback, stop=stop)
+                    manifest_files.append(FileEntry(path=rel, size=size, sha256=digest))
+                    continue
                 digest, size = sha256_file(local)
                 self.objects.upload(local, f"{folder}/{rel}", size=size, callback=callback, stop=stop)
-                if verify_unchanged and sha256_file(local)[0] != digest:
+                if sha256_file(local)[0] != digest:
                     raise IntegrityError(
                         f"local file {local} changed while it was uploaded; not publishing {ckpt_id}. "
                         "Checkpoint files must not be modified in place while CheckpointSync uploads them"

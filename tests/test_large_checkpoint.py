@@ -1,0 +1,138 @@
+"""Large checkpoints: reused snapshot buffers, one-pass hashed uploads, parallel verified downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tests.helpers.models import TinyRegressor, trainer_kwargs
+from trainctl_lightning import CheckpointSync
+from trainctl_lightning.checkpoint.snapshot import BufferPool, take_snapshot
+from trainctl_lightning.errors import IntegrityError, StoreError
+from trainctl_lightning.store import RunStore, layout
+
+PART = 5 * 2**20  # S3's smallest part: several parts and ranges from a small file
+
+
+def _data_ptrs(snapshot: Any) -> set[int]:
+    return {buf.data_ptr() for buf in snapshot.buffers}
+
+
+def test_snapshots_reuse_the_same_host_buffers() -> None:
+    w = torch.randn(64, 64)
+    state = {"w": w, "tied": w, "b": torch.randn(8)}
+    pool = BufferPool()
+    first = take_snapshot(state, pool)
+    assert torch.equal(first.checkpoint["w"], state["w"])
+    assert first.checkpoint["tied"].untyped_storage().data_ptr() == first.checkpoint["w"].untyped_storage().data_ptr()
+    ptrs = _data_ptrs(first)
+    first.release()
+    state["w"].add_(1.0)
+    second = take_snapshot(state, pool)
+    assert _data_ptrs(second) == ptrs, "the second snapshot should land in the first one's buffers"
+    assert torch.equal(second.checkpoint["w"], state["w"])
+    assert pool.allocated == 2
+    second.release()
+    # A state that changed shape: the old buffers are dropped, not kept beside the new ones.
+    third = take_snapshot({"w": torch.randn(32, 32)}, pool)
+    third.release()
+    assert pool.free_bytes() == 32 * 32 * 4
+
+
+def _fit_allocations(tmp_path: Path, url: str, saves: int) -> int:
+    sync = CheckpointSync(url)
+    trainer = Trainer(
+        **trainer_kwargs(max_steps=2 * saves, limit_val_batches=0),
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / f"ckpts{saves}", every_n_train_steps=2, save_top_k=-1), sync],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(TinyRegressor())
+    assert sync.last_flush is not None and sync.last_flush.ok and len(sync.last_flush.published) == saves
+    plugin = sync._io  # the plugin of that fit
+    assert plugin is not None and plugin.buffer_pool is not None
+    assert plugin.buffer_pool.free_bytes() > 0, "the buffers are kept for the next save"
+    return plugin.buffer_pool.allocated
+
+
+def test_host_buffers_do_not_grow_with_the_number_of_saves(tmp_path: Path, file_url: str) -> None:
+    two = _fit_allocations(tmp_path, file_url + "/a", 2)
+    six = _fit_allocations(tmp_path, file_url + "/b", 6)
+    assert two > 0 and six == two
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+def test_private_file_is_hashed_while_uploading_without_a_second_read(tmp_path: Path, file_url: str) -> None:
+    data = os.urandom(24 * 2**20)
+    local = tmp_path / "big.ckpt"
+    local.write_bytes(data)
+    store = RunStore(file_url)
+    before = _rchar()
+    manifest = store.publish_checkpoint([str(local)], verify_unchanged=False)
+    read = _rchar() - before
+    assert manifest.files[0].sha256 == hashlib.sha256(data).hexdigest()
+    assert read < 1.5 * len(data), f"read {read} bytes to publish {len(data)}: the file was read twice"
+
+
+def _store(s3: Any, name: str) -> RunStore:
+    return RunStore(s3.url(name), s3.server.storage_options(), max_concurrency=3, part_size=PART)
+
+
+def test_parallel_multipart_upload_and_ranged_download_verified(tmp_path: Path, s3: Any) -> None:
+    data = os.urandom(3 * PART + 12345)
+    local = tmp_path / "big.ckpt"
+    local.write_bytes(data)
+    store = _store(s3, "large")
+    fd = os.open(local, os.O_RDONLY)
+    try:
+        manifest = store.publish_checkpoint([(f"/proc/self/fd/{fd}", "big.ckpt")], name="big.ckpt", verify_unchanged=False)
+    finally:
+        os.close(fd)
+    assert manifest.files[0].sha256 == hashlib.sha256(data).hexdigest()
+    rel = layout.checkpoint_object(manifest.id, "big.ckpt")
+    parts = s3.server.client().head_object(Bucket=s3.bucket, Key=store.objects.path(rel).split("/", 1)[1], PartNumber=1)
+    assert parts.get("PartsCount") == 4, "uploaded as a multipart upload of part_size parts"
+    path = store.download_checkpoint(manifest, tmp_path / "dl")
+    assert Path(path).read_bytes() == data
+
+
+def test_a_corrupt_range_fails_the_download_and_leaves_nothing(tmp_path: Path, s3: Any) -> None:
+    data = bytearray(os.urandom(3 * PART + 777))
+    local = tmp_path / "big.ckpt"
+    local.write_bytes(data)
+    store = _store(s3, "corrupt")
+    manifest = store.publish_checkpoint([str(local)], verify_unchanged=False)
+    data[2 * PART + 5] ^= 0xFF  # one byte in the third range, same size
+    key = store.objects.path(layout.checkpoint_object(manifest.id, "big.ckpt")).split("/", 1)[1]
+    s3.server.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(data))
+    dest = tmp_path / "dl"
+    with pytest.raises(IntegrityError) as info:
+        store.download_checkpoint(manifest, dest)
+    assert "\n" not in str(info.value) and "checksum" in str(info.value)
+    assert list(dest.iterdir()) == [], "nothing (not even a partial file) is left at the target"
+
+
+def test_a_stopped_multipart_upload_is_aborted(tmp_path: Path, s3: Any) -> None:
+    import threading
+
+    local = tmp_path / "big.ckpt"
+    local.write_bytes(os.urandom(3 * PART))
+    store = _store(s3, "stopped")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StoreError):
+        store.objects.upload_hashed(str(local), "checkpoints/x/big.ckpt", size=3 * PART, stop=stop)
+    client = s3.server.client()
+    assert client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+    assert store.list_checkpoints() == []
