@@ -23,7 +23,7 @@ class GatedObjects(ObjectStore):
         self.started: dict[str, threading.Event] = {}
         self.fail: set[str] = set()
 
-    def upload(self, local, rel, **kwargs):
+    def _gate(self, rel):
         name = Path(rel).name
         self.started.setdefault(name, threading.Event()).set()
         if name in self.fail:
@@ -31,7 +31,14 @@ class GatedObjects(ObjectStore):
         gate = self.gates.get(name)
         if gate is not None:
             assert gate.wait(30)
+
+    def upload(self, local, rel, **kwargs):
+        self._gate(rel)
         return super().upload(local, rel, **kwargs)
+
+    def upload_hashed(self, local, rel, **kwargs):  # the publisher's one-pass path
+        self._gate(rel)
+        return super().upload_hashed(local, rel, **kwargs)
 
 
 class GatedStore(RunStore):

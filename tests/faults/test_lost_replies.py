@@ -153,7 +153,7 @@ def test_log_chunks_after_a_lost_reply_lose_nothing_and_repeat_nothing(
 def test_a_log_chunk_name_taken_by_another_object_moves_to_the_next_name(url: str, tmp_path: Path) -> None:
     jobs = JobStore(url)
     writer = jobs.log_writer()
-    jobs.objects.write(f"{layout.LOGS}/{writer.prefix}-{writer.seq:06d}.log", b"planted\n", create_only=True)
+    jobs.objects.write(writer.next_name(), b"planted\n", create_only=True)
     pump = LogPump(writer, tmp_path / "local.log")
     try:
         pump.feed(b"ours\n")

@@ -260,13 +260,20 @@ class LogChunkWriter:
         self.prefix = stamp if attempt is None else f"a{attempt:04d}-{part}-{stamp}"
         self.seq = 0
         self.bytes_written = 0
+        self._stamp: tuple[int, int] | None = None  # (seq, ms) of the chunk being written
+
+    def next_name(self) -> str:
+        """The object the next chunk goes to (the same until a write of it succeeds)."""
+        if self._stamp is None or self._stamp[0] != self.seq:
+            self._stamp = (self.seq, int(time.time() * 1000))
+        return f"{self.folder}/{self.prefix}-{self.seq:06d}-t{self._stamp[1]}.log"
 
     def write(self, data: bytes) -> None:
         if not data:
             return
         # The time suffix orders chunks of different nodes for `trainctl logs` (by the writer's clock);
-        # within one writer, the sequence number orders them.
-        stamp = int(time.time() * 1000)
-        self.objects.write(f"{self.folder}/{self.prefix}-{self.seq:06d}-t{stamp}.log", data, create_only=True)
+        # within one writer, the sequence number orders them. A chunk retried after a failed write
+        # (whose reply may have been lost) keeps its name: the store then finds the same bytes there.
+        self.objects.write(self.next_name(), data, create_only=True)
         self.seq += 1
         self.bytes_written += len(data)
