@@ -25,7 +25,7 @@ node 0, the lead, writes the run's own). Then:
   :func:`peers_end_wait_s`), with ``failed_node`` the node that failed first
   (:func:`run_outcome`).
 
-See ``docs/multi-node-agent.md``. Internal: not part of the public API.
+See ``docs/multi-node.md`` ("How the nodes meet and end"). Internal: not part of the public API.
 """
 
 from __future__ import annotations
@@ -256,11 +256,14 @@ def free_port(host: str) -> int:
 
 
 def device_count(python: str) -> int:
-    """Processes per node when the job does not say: the CUDA devices the job's torch sees, or 1.
+    """Processes per node when the job does not say: the CUDA devices the job's torch sees (asked only on a
+    machine with an NVIDIA or ROCm driver), or 1.
 
     Raises:
         AgentFailure: torch cannot be imported by the job's Python (torchrun comes with it).
     """
+    if not any(os.path.exists(dev) for dev in ("/dev/nvidiactl", "/dev/kfd")):
+        return 1  # no NVIDIA or ROCm driver here: no CUDA device torch could see (and no import of torch to wait for)
     probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
         done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
