@@ -15,6 +15,11 @@
    copy of the same bytes and against ``torch.distributed.checkpoint.async_save``'s blocking time,
    measured in the same run. Targets: stall <= 1.5x the raw copy, and no worse than DCP's.
 
+5. Lightning's real ``FSDPStrategy(state_dict_type="sharded")`` (issue 14: it refuses CPU, so CI
+   proves the folder path with a DDP strategy saving the same layout): ``benchmarks/gpu_fsdp_check.py``
+   in its own process, on up to 2 GPUs; the newest manifest lists every rank's shards and a second
+   fit resumes from it.
+
 Usage: ``PYTHONPATH=. python scripts/gpu_check.py [--accelerator cpu] [--out DIR]``. Prints its
 figures and a final JSON line; exit code 1 if a check failed.
 """
@@ -238,6 +243,19 @@ def large_stalls(work: Path, sizes_gb: list[float]) -> list[dict]:
     return out
 
 
+def fsdp_sharded(work: Path) -> dict:
+    """benchmarks/gpu_fsdp_check.py in a process of its own; its JSON line, with its exit code."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_fsdp_check.py"
+    env = {**os.environ, "CHECK_DIR": str(work / "fsdp")}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    report = json.loads(lines[-1]) if lines else {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    report["exit_code"] = done.returncode
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accelerator", default="gpu")
@@ -261,6 +279,11 @@ def main() -> int:
         ok &= r["weights_changed"] and r["global_step"] == 20 and r["phase"] == "succeeded"
         if opts.accelerator == "gpu":
             ok &= "used: True" in r["remote_gpu_line"]
+        if opts.accelerator == "gpu":
+            fsdp = fsdp_sharded(work)
+            print(json.dumps(fsdp))
+            results["fsdp_sharded"] = fsdp
+            ok &= fsdp["exit_code"] == 0
         if opts.accelerator == "gpu" and opts.large_gb:
             large = large_stalls(work, [float(x) for x in opts.large_gb.split(",")])
             results["large"] = large
