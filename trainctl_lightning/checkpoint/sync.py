@@ -96,6 +96,10 @@ class CheckpointSync(Callback):
     Remote copies of checkpoints that ``ModelCheckpoint`` rotates away are deleted once their
     replacement is published. A restarted run writing to the same URL keeps adding to it.
 
+    With a strategy that saves checkpoints as folders (FSDP ``state_dict_type="sharded"``,
+    ``ModelParallelStrategy``), every rank publishes its own shards and rank zero the manifest;
+    every option below means the same for them (``docs/sharded-checkpoints.md``).
+
     **Checkpoint now.** :meth:`request_checkpoint`, or ``SIGUSR1`` sent to the training process
     (what the trainctl agent does on a spot interruption notice), makes the next
     ``on_train_batch_end`` save ``<ModelCheckpoint dirpath>/<name>-step=<N>.ckpt`` and wait,
