@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -267,3 +269,107 @@ def _saved(obj: object) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def _output(results: list) -> str:
+    return "\n".join(r.stdout for r in results)
+
+
+def test_keep_last_keep_local_the_metrics_gate_and_checkpoint_now_for_folders(tmp_path: Path) -> None:
+    """keep_last prunes old sharded checkpoints in the store (manifest first), keep_local=False
+    deletes each node's folders once published, every manifest waits for the metrics of its
+    steps, and a SIGUSR1 (a spot notice) on rank zero saves a folder at once, from both nodes."""
+    store_dir = tmp_path / "store"
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    env = {"KEEP_LAST": "2", "KEEP_LOCAL": "0", "METRICS": "1", "SIGNAL_AT_STEP": "3"}
+    results = torchrun_pair(nodes, [f"file://{store_dir}", "ckpts", "8"], env=env)
+    _done(results)
+    output = _output(results)
+    requested = re.search(r"(preempt-step=\d+\.ckpt) \(step (\d+)\) published as \S+/checkpoints/(\S+),", output)
+    assert requested, output[-4000:]
+    gates = re.findall(r"^GATE (\S+) step=(\d+) missing=(.*)$", output, re.M)
+    # 4 saves by ModelCheckpoint, each written only after the metrics of its steps, and the requested
+    # one, which does not wait for the metrics of the step it was saved in (Lightning logs those after
+    # the batch-end hooks; it is published at once, as a single-file one is)
+    assert sorted(int(step) for name, step, _ in gates if name.startswith("epoch=")) == [2, 4, 6, 8], gates
+    assert [name for name, _, _ in gates if not name.startswith("epoch=")] == [requested.group(1)], gates
+    for name, step, missing in gates:
+        assert missing == "[]" or (name == requested.group(1) and missing == f"[{int(step) - 1}]"), gates
+    store = RunStore(f"file://{store_dir}")
+    assert [m.global_step for m in store.list_checkpoints()] == [6, 8]  # keep_last=2 of the 5 published
+    kept = {p.name for p in (store_dir / "checkpoints").iterdir()}
+    assert kept == {m.id for m in store.list_checkpoints()}, "the pruned ones are gone entirely"
+    for node in nodes:  # keep_local=False: every node deleted its own folders once published
+        assert not list((node / "ckpts").rglob("*.distcp")), sorted((node / "ckpts").rglob("*"))
+
+
+def test_on_s3_rotated_folders_are_deleted_remotely_and_each_rank_fetches_its_shards(tmp_path: Path, s3: Any) -> None:
+    """Against S3 (moto): two nodes publish their shards; ModelCheckpoint(save_top_k=1) rotating a
+    folder away deletes it on every node and in the store (mirror_deletes); each rank's resume
+    fetch gets, verified, what it reads, and the whole checkpoint loads."""
+    url = s3.url()
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    _done(torchrun_pair(nodes, [url, "ckpts", "4"], env={"SAVE_TOP_K": "1"}))
+    store = RunStore(url)
+    assert [m.global_step for m in store.list_checkpoints()] == [4]  # step 2 was rotated away
+    assert not store.find_orphans(older_than_s=0)
+    for node in nodes:
+        assert [p.name for p in (node / "ckpts").iterdir()] == ["epoch=0-step=4.ckpt"]
+    newest = store.latest_checkpoint()
+    assert newest is not None and newest.sharded is not None
+    for rank in (0, 1):  # what CheckpointSync(resume=True) does on each rank, against S3
+        folder = fetch_for_rank(store, newest, tmp_path / f"cache{rank}", rank=rank, world_size=2)
+        shards = sorted(p.name for p in Path(folder).glob("*.distcp"))
+        assert f"__{rank}_0.distcp" in shards
+    path = resume_path(url, cache_dir=tmp_path / "cache")
+    assert path is not None
+    state = _load_whole(path, tmp_path)
+    assert state["state_dict"] and state["optimizer_0"]
+
+
+def _load_whole(folder: str, tmp_path: Path) -> dict:
+    """Load a downloaded sharded checkpoint in one process (DCP's own converter), as a proof that
+    every shard is there and reads."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, tmp_path / "whole.pt")
+    return torch.load(tmp_path / "whole.pt", weights_only=True)
+
+
+def test_a_rank_killed_while_uploading_leaves_no_manifest_and_the_previous_one_resumable(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    started = time.monotonic()
+    # rank 1 SIGKILLs itself in its second upload: its shard of step 4
+    results = torchrun_pair(nodes, [f"file://{store_dir}", "ckpts", "6"], env={"KILL_UPLOAD_RANK": "1", "KILL_AT_UPLOAD": "2"})
+    elapsed = time.monotonic() - started
+    assert all(r.returncode != 0 for r in results), _output(results)[-4000:]
+    assert "RANK 1 KILLED uploading checkpoints/0000000004" in _output(results)
+    assert elapsed < 90, f"the surviving node took {elapsed:.0f}s to end"
+    store = RunStore(f"file://{store_dir}")
+    assert [m.global_step for m in store.list_checkpoints()] == [2]
+    assert not store.find_orphans(older_than_s=0), "rank zero removed what it had uploaded for step 4"
+    path = resume_path(f"file://{store_dir}", cache_dir=tmp_path / "cache")
+    assert path is not None and path.endswith("epoch=0-step=2.ckpt")
+    state = _load_whole(path, tmp_path)
+    assert "state_dict" in state and "optimizer_0" in state
+
+
+def test_a_store_outage_during_a_sharded_publish_is_bounded_and_training_goes_on(tmp_path: Path) -> None:
+    """Every object of step 4 is refused (a transient error, retried for RETRY_TIMEOUT seconds):
+    no manifest for it, training goes on and publishes step 6, and both nodes end with one
+    UploadError naming step 4."""
+    store_dir = tmp_path / "store"
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    started = time.monotonic()
+    results = torchrun_pair(nodes, [f"file://{store_dir}", "ckpts", "6"], env={"OUTAGE_STEP": "4", "RETRY_TIMEOUT": "2"})
+    elapsed = time.monotonic() - started
+    assert [r.returncode for r in results] == [1, 1], _output(results)[-4000:]
+    output = _output(results)
+    assert "injected outage" in output
+    failed = re.findall(r"FAILED UploadError: CheckpointSync\(.*not every sharded checkpoint was published: (.*)$", output, re.M)
+    assert len(failed) == 2 and all("epoch=0-step=4.ckpt" in f and "step=6" not in f for f in failed), failed
+    store = RunStore(f"file://{store_dir}")
+    assert [m.global_step for m in store.list_checkpoints()] == [2, 6]
+    assert not store.find_orphans(older_than_s=0)
+    assert elapsed < 60, f"{elapsed:.0f}s"

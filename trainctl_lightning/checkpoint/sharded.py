@@ -17,9 +17,18 @@ background thread, every rank, one job at a time in save order
     3. the rank hashes and uploads the files it wrote itself (:func:`owner_of`) to
        ``checkpoints/<id>/<folder>/``: no data goes through another node;
     4. a ``gather_object`` brings every rank's file list (path, size, sha256) or its error to rank
-       zero, which writes the manifest (create-only, last) only when every rank succeeded, and
+       zero, which writes the manifest (create-only, last) only when every rank succeeded (after
+       the metrics of the steps it covers are stored, when ``CheckpointSync`` gives a gate), and
        otherwise deletes what was uploaded and publishes nothing: the previous checkpoint stays
-       the newest complete one.
+       the newest complete one;
+    5. rank zero broadcasts the outcome; then, as ``Publisher`` does for single files: rank zero
+       deletes the remote copy of an older save of the same folder (``mirror_deletes``) and the
+       oldest checkpoints beyond ``keep_last``, manifest first; with ``keep_local=False`` every
+       rank deletes its local folder.
+
+A removal (``ModelCheckpoint`` rotating a folder away) is queued behind the saves made before
+it: every rank deletes its local folder, and rank zero the remote copy, unless a save made
+before it failed and nothing published since made up for it.
 
 All of these collectives run on a dedicated gloo process group (as DCP's ``async_save`` does),
 so they never interleave with the training loop's collectives. Each rank's thread runs the jobs
@@ -54,7 +63,7 @@ import torch
 
 from trainctl_lightning.checkpoint.publisher import FlushResult
 from trainctl_lightning.checkpoint.snapshot import take_snapshot
-from trainctl_lightning.errors import IntegrityError
+from trainctl_lightning.errors import IntegrityError, TrainctlError
 from trainctl_lightning.store import RunStore, layout
 from trainctl_lightning.store.files import inside, safe_relpath, sha256_file
 from trainctl_lightning.store.manifest import CheckpointManifest, FileEntry
@@ -65,6 +74,7 @@ __all__ = [
     "DCP_METADATA",
     "FOLDER_STATE_KEY",
     "META_FILE",
+    "ShardedJob",
     "ShardedWriter",
     "fetch_for_rank",
     "folder_state_key",
@@ -114,15 +124,25 @@ class _Remove:
 
 
 @dataclass
-class _Job:
+class ShardedJob:
+    """One save of a folder checkpoint, as this rank's writer tracks it."""
+
     seq: int
+    """Save order on this rank (the same on every rank)."""
     path: str
+    """Absolute path of the folder on this rank's disk."""
     state: dict[str, Any]
+    """The staged state for DCP (emptied once written)."""
     meta: dict[str, Any] | None
+    """Rank zero: what goes into ``meta.pt`` (None once written, and on other ranks)."""
     fields: dict[str, Any]
+    """Manifest fields read at save time (epoch, step, monitor, metrics)."""
     done: threading.Event = field(default_factory=threading.Event)
+    """Set once every rank knows whether it was published."""
     manifest: CheckpointManifest | None = None
+    """Rank zero: the manifest written."""
     error: str | None = None
+    """Why it was not published (every rank learns rank zero's verdict)."""
 
     @property
     def name(self) -> str:
@@ -141,6 +161,12 @@ class ShardedWriter:
         max_pending: staged checkpoints held in host memory at once; a save that finds them all
             in use waits until the oldest is written.
         on_published: rank zero: called with each manifest once it is written.
+        gate: rank zero: called with each job whose ranks all succeeded, just before its manifest
+            is written; it may block (``CheckpointSync``'s metrics gate).
+        mirror_deletes: rank zero deletes the remote copy of a folder that ``ModelCheckpoint``
+            removes or saves again, once its replacement is published.
+        keep_last: rank zero keeps at most this many newest complete checkpoints in the store.
+        keep_local: with False, every rank deletes its local folder once it is published.
     """
 
     def __init__(
@@ -154,8 +180,18 @@ class ShardedWriter:
         session: str,
         max_pending: int = 1,
         on_published: Callable[[CheckpointManifest], None] | None = None,
+        gate: Callable[[ShardedJob], None] | None = None,
+        mirror_deletes: bool = True,
+        keep_last: int | None = None,
+        keep_local: bool = True,
     ) -> None:
         self.store = store
+        self.gate = gate
+        self.mirror_deletes = mirror_deletes
+        self.keep_last = keep_last
+        self.keep_local = keep_local
+        self._lock = threading.Lock()
+        self._published: dict[str, tuple[int, CheckpointManifest]] = {}  # rank zero: local path -> newest published
         self.group = group
         self.rank = rank
         self.world_size = world_size
@@ -163,8 +199,8 @@ class ShardedWriter:
         self.session = session
         self.on_published = on_published
         self._slots = threading.BoundedSemaphore(max_pending)
-        self._queue: queue.Queue[_Job | _Remove | None] = queue.Queue()
-        self._jobs: list[_Job] = []
+        self._queue: queue.Queue[ShardedJob | _Remove | None] = queue.Queue()
+        self._jobs: list[ShardedJob] = []
         self._seq = 0
         self._thread = threading.Thread(target=self._loop, name=f"trainctl-sharded-{rank}", daemon=True)
         self._thread.start()
@@ -190,22 +226,40 @@ class ShardedWriter:
         except BaseException:
             self._slots.release()
             raise
-        self._seq += 1
-        job = _Job(self._seq, os.path.abspath(path), staged, meta, fields)
-        self._jobs.append(job)
+        with self._lock:
+            self._seq += 1
+            job = ShardedJob(self._seq, os.path.abspath(path), staged, meta, fields)
+            self._jobs.append(job)
         self._queue.put(job)
         self.blocking_s.append(time.perf_counter() - started)
 
+    @property
+    def saves_queued(self) -> int:
+        """How many saves this writer has been given (the sequence number of the latest)."""
+        return self._seq
+
+    def wait_published(self, path: str, timeout: float | None) -> ShardedJob | None:
+        """Wait (at most ``timeout`` seconds) for the newest save of ``path`` to be published or to
+        fail, on every rank alike; returns its job (None: no such save)."""
+        target = os.path.abspath(path)
+        with self._lock:
+            jobs = [j for j in self._jobs if j.path == target]
+        if not jobs:
+            return None
+        jobs[-1].done.wait(timeout)
+        return jobs[-1]
+
     def remove(self, path: str) -> None:
         """Delete this rank's copy of the folder ``path`` once the saves queued before are done
-        (``ModelCheckpoint`` rotated it away; its remote copy is kept)."""
+        (``ModelCheckpoint`` rotated it away), and on rank zero its remote copy (``mirror_deletes``)."""
         self._queue.put(_Remove(os.path.abspath(path)))
 
     def flush(self, timeout: float | None = None) -> FlushResult:
         """Wait for every queued job (at most ``timeout`` seconds) and stop the thread."""
         self._queue.put(None)
         self._thread.join(timeout)
-        jobs, self._jobs = self._jobs, []
+        with self._lock:
+            jobs, self._jobs = self._jobs, []
         return FlushResult(
             published=[j.name for j in jobs if j.done.is_set() and not j.error],
             failed=[f"{j.name} ({j.error})" for j in jobs if j.done.is_set() and j.error],
@@ -219,7 +273,7 @@ class ShardedWriter:
             if job is None:
                 return
             if isinstance(job, _Remove):
-                shutil.rmtree(job.path, ignore_errors=True)
+                self._removed(job.path)
                 continue
             try:
                 self._run(job)
@@ -228,8 +282,62 @@ class ShardedWriter:
                 log.error("trainctl: sharded checkpoint %s not published: %s", job.name, job.error)
             finally:
                 job.done.set()
+            if job.error is None:
+                self._after_publish(job)
 
-    def _run(self, job: _Job) -> None:
+    def _removed(self, path: str) -> None:
+        """``ModelCheckpoint`` removed ``path`` (every save queued before has ended here)."""
+        shutil.rmtree(path, ignore_errors=True)
+        if self.rank != 0 or not self.mirror_deletes:
+            return
+        with self._lock:
+            jobs = [j for j in self._jobs if j.done.is_set()]
+        recovered_at = max((j.seq for j in jobs if j.error is None), default=0)
+        failed = [j.name for j in jobs if j.error is not None and j.seq > recovered_at and j.path != path]
+        if failed:
+            log.warning(
+                "trainctl: keeping the remote copy of %s, which ModelCheckpoint rotated away, because %s, saved "
+                "before that, was not published",
+                os.path.basename(path),
+                ", ".join(failed),
+            )
+            return
+        published = self._published.pop(path, None)
+        if published is not None:
+            self._delete(published[1], why=f"ModelCheckpoint removed {os.path.basename(path)}")
+
+    def _after_publish(self, job: ShardedJob) -> None:
+        """A save every rank knows was published: mirror deletes and ``keep_last`` (rank zero), and
+        ``keep_local=False`` (every rank)."""
+        with self._lock:
+            newer = any(j.path == job.path and j.seq > job.seq for j in self._jobs)
+        if not self.keep_local and not newer:  # a newer save of the same folder is not ours to delete
+            shutil.rmtree(job.path, ignore_errors=True)
+        if self.rank != 0 or job.manifest is None:
+            return
+        stale = self._published.get(job.path)
+        self._published[job.path] = (job.seq, job.manifest)
+        if self.mirror_deletes and stale is not None:
+            self._delete(stale[1], why=f"{job.name} was saved again")
+        if not self.keep_last:
+            return
+        try:
+            complete = self.store.list_checkpoints()
+        except TrainctlError as exc:
+            log.warning("trainctl: keep_last: cannot list %s: %s", self.store.url, exc)
+            return
+        # the newest complete checkpoint is never among these: keep_last >= 1
+        for manifest in complete[: max(0, len(complete) - self.keep_last)]:
+            self._delete(manifest, why=f"keep_last={self.keep_last}")
+
+    def _delete(self, manifest: CheckpointManifest, why: str) -> None:
+        try:
+            self.store.delete_checkpoint(manifest)  # manifest first: it stops existing at once
+            log.info("trainctl: deleted remote checkpoint %s (%s)", manifest.id, why)
+        except Exception as exc:  # the next save tries retention again; the data stays complete
+            log.error("trainctl: could not delete remote checkpoint %s (%s): %s", manifest.id, why, exc)
+
+    def _run(self, job: ShardedJob) -> None:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
@@ -253,14 +361,22 @@ class ShardedWriter:
             log.error("trainctl: rank %d could not write or upload its part of %s: %s", self.rank, job.name, error)
         reports: list[Any] = [None] * self.world_size if self.rank == 0 else []
         mine = (self.rank, [(e.path, e.size, e.sha256) for e in entries], error)
-        dist.gather_object(mine, reports if self.rank == 0 else None, dst=0, group=self.group)
+        try:
+            dist.gather_object(mine, reports if self.rank == 0 else None, dst=0, group=self.group)
+        except Exception:
+            # A rank is gone (killed, its node lost): nothing will be published. Rank zero, the
+            # only one that could have written the manifest, removes what was uploaded (best
+            # effort); if rank zero is the one lost, `trainctl ckpt gc` removes the orphans.
+            if self.rank == 0:
+                self.store.discard_unpublished(ckpt_id)
+            raise
         if self.rank == 0:
             job.error = self._commit(job, ckpt_id, reports)
         outcome: list[Any] = [job.error]
         dist.broadcast_object_list(outcome, src=0, group=self.group)  # every rank learns whether it was published
         job.error = outcome[0]
 
-    def _commit(self, job: _Job, ckpt_id: str, reports: list[Any]) -> str | None:
+    def _commit(self, job: ShardedJob, ckpt_id: str, reports: list[Any]) -> str | None:
         """Rank zero: write the manifest when every rank reported its files, else discard; returns the error."""
         failed = [f"rank {r}: {why}" for r, _, why in reports if why]
         if failed:
@@ -271,6 +387,8 @@ class ShardedWriter:
             )
             self.store.discard_unpublished(ckpt_id)
             return "; ".join(failed)
+        if self.gate is not None:
+            self.gate(job)  # e.g. until the metrics of the steps it covers are stored
         files = sorted(
             (FileEntry(path=p, size=s, sha256=h, rank=r) for r, listed, _ in reports for p, s, h in listed),
             key=lambda e: e.path,
@@ -301,7 +419,7 @@ class ShardedWriter:
             self.on_published(manifest)
         return None
 
-    def _upload_own(self, job: _Job, ckpt_id: str) -> list[FileEntry]:
+    def _upload_own(self, job: ShardedJob, ckpt_id: str) -> list[FileEntry]:
         """Hash and upload the files of ``job``'s folder that this rank wrote."""
         folder = Path(job.path)
         entries = []

@@ -61,7 +61,7 @@ class _MetricsGate:
         self._open = False
         self._cond = threading.Condition()
 
-    def wait(self, job: PublishJob) -> None:
+    def wait(self, job: PublishJob | sharded.ShardedJob) -> None:
         with self._cond:
             ready = self._cond.wait_for(lambda: self._open or self._released >= job.seq, timeout=self.timeout_s)
         if not ready:
@@ -95,6 +95,10 @@ class CheckpointSync(Callback):
     atomically (data first, manifest last), so the store only ever shows complete checkpoints.
     Remote copies of checkpoints that ``ModelCheckpoint`` rotates away are deleted once their
     replacement is published. A restarted run writing to the same URL keeps adding to it.
+
+    With a strategy that saves checkpoints as folders (FSDP ``state_dict_type="sharded"``,
+    ``ModelParallelStrategy``), every rank publishes its own shards and rank zero the manifest;
+    every option below means the same for them (``docs/sharded-checkpoints.md``).
 
     **Checkpoint now.** :meth:`request_checkpoint`, or ``SIGUSR1`` sent to the training process
     (what the trainctl agent does on a spot interruption notice), makes the next
@@ -381,9 +385,14 @@ class CheckpointSync(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # The step before this one logged its metrics: store them, then let its checkpoints go.
-        gate, io = self._gate, self._io
-        if gate is not None and io is not None and gate.pending(io.saves_queued):
-            gate.release(io.saves_queued)
+        gate, saves = self._gate, self._saves_queued()
+        if gate is not None and gate.pending(saves):
+            gate.release(saves)
+
+    def _saves_queued(self) -> int:
+        if self._sharded is not None:
+            return self._sharded.saves_queued
+        return self._io.saves_queued if self._io is not None else 0
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -424,6 +433,8 @@ class CheckpointSync(Callback):
             self._restore_signal_handler()
             self._release_vote_group()
             if self._sharded is not None:
+                if self._gate is not None:  # the fit is over: its metrics are stored now, the rest may go
+                    self._gate.release(self._sharded.saves_queued, open_=True)
                 outcome = self._stop_sharded()
                 if not outcome.ok:  # every rank: each learnt the outcome of every save
                     self._end_error = UploadError(
@@ -450,6 +461,8 @@ class CheckpointSync(Callback):
         _lightning.clear_fit_checkpoint_choice(trainer)  # a fit that failed before restoring
         self._release_vote_group()
         if self._sharded is not None:
+            if self._gate is not None:
+                self._gate.release(self._sharded.saves_queued, open_=True)
             self._stop_sharded()  # outcome logged; the fit's own exception is what is raised
         if self._io is not None and exception is self._end_error:
             # Our own end-of-fit error makes Lightning run every on_exception hook, and
@@ -521,6 +534,9 @@ class CheckpointSync(Callback):
         step = trainer.global_step
         path = os.path.join(_checkpoint_dir(trainer), f"{name}-step={step}.ckpt")
         trainer.save_checkpoint(path)  # every rank calls it; rank zero writes through our CheckpointIO
+        if self._sharded is not None:
+            self._wait_sharded(trainer, path, step, requested_at)
+            return
         if not trainer.is_global_zero or self._io is None:
             return
         if self._gate is not None:  # this thread waits for it now: nothing else would release it
@@ -599,6 +615,7 @@ class CheckpointSync(Callback):
     def _start_sharded(self, trainer: pl.Trainer) -> None:
         """With a strategy that saves folders, every rank writes and publishes its own shards."""
         self._sharded_result = None
+        self._gate = None
         key = sharded.folder_state_key(trainer.strategy)
         if key is None:
             return
@@ -619,6 +636,9 @@ class CheckpointSync(Callback):
             part_size=self.part_size_mb * 2**20,
         )
         group = sharded.new_group(self.flush_timeout if self.flush_timeout is not None else 1800.0)
+        if trainer.is_global_zero:  # rank zero writes the manifests: they wait for the metrics, as single files do
+            reporters = [lg for lg in trainer.loggers if callable(getattr(lg, "flush_now", None))]  # MetricsReporter
+            self._gate = _MetricsGate(reporters) if reporters else None
         writer = sharded.ShardedWriter(
             store,
             group,
@@ -628,6 +648,10 @@ class CheckpointSync(Callback):
             session=self.session,
             max_pending=self.max_pending_snapshots,
             on_published=self._note_published,
+            gate=None if self._gate is None else self._gate.wait,
+            mirror_deletes=self.mirror_deletes,
+            keep_last=self.keep_last,
+            keep_local=self.keep_local,
         )
         self._sharded = writer
         self._sharded_uninstall = sharded.install(trainer.strategy, writer, self._metadata)
@@ -649,6 +673,29 @@ class CheckpointSync(Callback):
             log.error("trainctl: not every sharded checkpoint was published: %s", result.describe())
         self._sharded_result = result
         return result
+
+    def _wait_sharded(self, trainer: pl.Trainer, path: str, step: int, requested_at: float) -> None:
+        """Checkpoint now, folder strategies: every rank waits until the save every rank just queued
+        is published (each learns the outcome), at most ``request_timeout``; rank zero logs it."""
+        writer = self._sharded
+        assert writer is not None
+        if self._gate is not None:  # this thread waits for it now: nothing else would release it
+            self._gate.release(writer.saves_queued)
+        job = writer.wait_published(path, timeout=self.request_timeout)
+        if not trainer.is_global_zero:
+            return
+        elapsed = time.monotonic() - requested_at
+        if job is not None and job.done.is_set() and job.error is None and job.manifest is not None:
+            log.warning(
+                "trainctl: %s (step %d) published as %s, %.1fs after it was requested",
+                os.path.basename(path),
+                step,
+                self.store.url_of(layout.checkpoint_object(job.manifest.id)) if self.store else job.manifest.id,
+                elapsed,
+            )
+        else:
+            why = job.error if job is not None and job.error else f"not published within {self.request_timeout:g}s"
+            log.error("trainctl: requested checkpoint %s (step %d) is not in %s: %s", path, step, self.url, why)
 
     def _fetch_sharded(self, trainer: pl.Trainer, manifest: CheckpointManifest) -> str:
         """Every rank downloads (verified) what it needs of a sharded checkpoint; a failure on any
