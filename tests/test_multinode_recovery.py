@@ -98,8 +98,12 @@ def _ended(jobs: JobStore) -> JobState | None:
 
 
 def _all_released(spec: JobSpec) -> None:
-    states = {i.id: i.state.value for i in LocalProvider().list(include_terminated=True) if i.id in spec.node_instances}
-    assert states == dict.fromkeys(spec.node_instances, "terminated")
+    """The supervisor released every node's instance (once the lead's agent and its own work ended)."""
+
+    def states() -> dict[str, str]:
+        return {i.id: i.state.value for i in LocalProvider().list(include_terminated=True) if i.id in spec.node_instances}
+
+    wait_until(lambda: states() == dict.fromkeys(spec.node_instances, "terminated"), 30, 0.1, what="both instances released")
     wait_until(lambda: not live_agent_pids(), 30, 0.1, what="every agent, torchrun and worker gone")
 
 
