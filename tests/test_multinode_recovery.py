@@ -20,8 +20,8 @@ import pytest
 from tests.helpers import wait_until
 from tests.helpers.leftovers import assert_nothing_running, live_agent_pids
 from tests.helpers.provider_contract import FAST
-from trainctl_lightning.agent.nodes import attempt_of
-from trainctl_lightning.jobs.spec import EnvMode, JobPhase, JobSpec, JobState, RecoverPolicy, new_run_id
+from trainctl_lightning.agent.nodes import PeerFailure, attempt_of, attempt_outcome, of_attempt
+from trainctl_lightning.jobs.spec import Attempt, EnvMode, JobPhase, JobSpec, JobState, RecoverPolicy, new_run_id
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers.api import AgentLaunch, InstanceSpec
 from trainctl_lightning.providers.local import LocalProvider
@@ -159,3 +159,61 @@ def test_a_user_error_on_one_node_is_not_restarted(file_store: str) -> None:
     assert final.failed_node is not None and final.error is not None and "node " in final.error
     assert "user error: this script fails on node 1 on purpose" in jobs.for_node(1).read_logs().decode()
     _all_released(spec)
+
+
+# ---------------------------------------------------------------- how an attempt ended across nodes
+
+
+def _node_state(phase: JobPhase, attempt: int = 1, ended: str | None = None, error: str | None = None) -> JobState:
+    return JobState(
+        run_id="r",
+        phase=phase,
+        updated_at=utc_now(),
+        ended_at=utc_now(),
+        error=error,
+        attempts=[Attempt(number=n, ended=ended if n == attempt else "lost") for n in range(1, attempt + 1)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("own", "peer", "cause", "expected"),
+    [
+        # the lead's job failed first (its gloo connection reset), node 1 was lost: the attempt is lost
+        (
+            JobPhase.FAILED,
+            _node_state(JobPhase.FAILED, ended="lost", error="agent pid 7 died"),
+            None,
+            ("lost", 1, "node 1 lost: agent pid 7 died"),
+        ),
+        (JobPhase.FAILED, None, None, ("lost", 1, "node 1 lost: it did not end within 20s of node 0")),
+        (JobPhase.FAILED, _node_state(JobPhase.RUNNING), PeerFailure(1, "node 1 stopped reporting"), ("lost", 1, "node 1 lost")),
+        (
+            JobPhase.FAILED,
+            _node_state(JobPhase.PREEMPTED, error="spot notice"),
+            None,
+            ("preempted", 1, "node 1 preempted: spot notice"),
+        ),
+        (JobPhase.PREEMPTED, _node_state(JobPhase.FAILED, ended="failed"), None, ("preempted", 0, "node 0 preempted")),
+        # the script failed by itself somewhere: the run's failed-first node and error stand
+        (JobPhase.FAILED, _node_state(JobPhase.FAILED, ended="failed", error="exit 1"), None, ("failed", 1, "RUN ERROR")),
+        (JobPhase.CANCELLED, _node_state(JobPhase.CANCELLED, ended="cancelled"), None, ("cancelled", None, "RUN ERROR")),
+        (JobPhase.SUCCEEDED, _node_state(JobPhase.SUCCEEDED, ended="finished"), None, ("finished", None, None)),
+    ],
+)
+def test_a_lost_or_preempted_node_makes_the_attempt_lost_or_preempted(
+    own: JobPhase, peer: JobState | None, cause: PeerFailure | None, expected: tuple
+) -> None:
+    run_phase = own if own in (JobPhase.SUCCEEDED, JobPhase.CANCELLED) else JobPhase.FAILED
+    got = attempt_outcome(run_phase, "RUN ERROR", 1, own, "own error", cause, {1: peer}, 20.0)
+    ended, node, error = expected
+    assert (got.ended.value, got.node) == (ended, node)
+    if error in (None, "RUN ERROR"):  # the run's own end stands
+        assert got.error == error
+    else:
+        assert got.error is not None and got.error.startswith(error), got.error
+
+
+def test_a_peer_state_of_another_attempt_counts_as_not_written() -> None:
+    before = _node_state(JobPhase.FAILED, attempt=1, ended="lost")
+    assert attempt_of(before) == 1 and attempt_of(None) is None
+    assert of_attempt(before, 2) is None and of_attempt(before, 1) is before and of_attempt(before, None) is before
