@@ -20,6 +20,7 @@ import pytest
 from tests.helpers import wait_until
 from tests.helpers.leftovers import assert_nothing_running, live_agent_pids
 from tests.helpers.provider_contract import FAST
+from trainctl_lightning import launch as api
 from trainctl_lightning.agent.nodes import PeerFailure, attempt_of, attempt_outcome, of_attempt
 from trainctl_lightning.jobs.spec import Attempt, EnvMode, JobPhase, JobSpec, JobState, RecoverPolicy, new_run_id
 from trainctl_lightning.jobs.store import JobStore
@@ -159,6 +160,36 @@ def test_a_user_error_on_one_node_is_not_restarted(file_store: str) -> None:
     assert final.failed_node is not None and final.error is not None and "node " in final.error
     assert "user error: this script fails on node 1 on purpose" in jobs.for_node(1).read_logs().decode()
     _all_released(spec)
+
+
+def test_launched_with_recover_and_two_nodes_a_cancel_ends_every_node_and_no_attempt_follows(file_store: str) -> None:
+    run = api.launch(
+        str(SCRIPT),
+        args=["--nodes", "2", "--devices", "1", "--max-steps", "100000", "--step-s", "0.05"],
+        sync_code=False,
+        provider="local",
+        store=file_store,
+        detach=True,
+        nodes=2,
+        nproc_per_node=1,
+        recover=True,
+    )
+    assert isinstance(run, api.Run) and len(run.node_instances) == 2
+    wait_until(lambda: _training(run.job, 1), 180, 0.2, what="attempt 1 training on both nodes")
+    # one supervisor, on node 0's instance; node 1's agent was started by it, not by the launch
+    roles = [[a.get("role") for a in LocalProvider().describe(i).details["agents"]] for i in run.node_instances]
+    assert roles == [["supervisor", None], [None]]
+    run.cancel("cancelled by the test")
+    final = wait_until(lambda: _ended(run.job), 120, 0.2, what="the run's end")
+    assert final.phase is JobPhase.CANCELLED, final.error
+    assert [a.ended for a in final.attempts] == ["cancelled"]
+    assert {s.phase for s in run.node_states() if s} == {JobPhase.CANCELLED}
+    wait_until(
+        lambda: {i.state.value for i in LocalProvider().list(include_terminated=True)} == {"terminated"},
+        30,
+        0.1,
+        what="both instances released",
+    )
 
 
 # ---------------------------------------------------------------- how an attempt ended across nodes
