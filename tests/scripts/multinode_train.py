@@ -2,11 +2,13 @@
 with CheckpointSync and MetricsReporter to the run. Run by the agent under ``torchrun``; Lightning
 picks up TorchElasticEnvironment by itself.
 
-``python multinode_train.py [--nodes N] [--devices M] [--max-steps S] [--step-s SECONDS]``
+``python multinode_train.py [--nodes N] [--devices M] [--max-steps S] [--step-s SECONDS] [--fail-node K]``
 
 Each rank prints one ``RANK global_rank=.. world_size=.. node=.. ...`` line at the start of fit and a
 ``DONE`` line at its end (each in one write(2): ranks share their node's stdout pipe). ``--step-s``
-slows each step down, so that a test can kill a process mid-run.
+slows each step down, so that a test can kill a process mid-run; ``--fail-node K`` makes the
+script fail by itself on node K (``$TRAINCTL_NODE``) after its second step, a user error. The
+``RANK`` line ends with the global step fit starts from (above 0 when it resumed).
 """
 
 import argparse
@@ -28,18 +30,21 @@ def say(text: str) -> None:
 
 
 class Report(Callback):
-    def __init__(self, step_s: float) -> None:
+    def __init__(self, step_s: float, fail_node: int | None) -> None:
         self.step_s = step_s
+        self.fail_node = fail_node
 
     def on_train_start(self, trainer, pl_module):
         env = trainer.strategy.cluster_environment
         say(
             f"RANK global_rank={trainer.global_rank} world_size={trainer.world_size} node={trainer.node_rank} "
             f"local_rank={trainer.local_rank} env={type(env).__name__} trainctl_node={os.environ.get('TRAINCTL_NODE')} "
-            f"pid={os.getpid()}"
+            f"pid={os.getpid()} step={trainer.global_step}"
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.fail_node is not None and os.environ.get("TRAINCTL_NODE") == str(self.fail_node) and trainer.global_step >= 2:
+            raise RuntimeError(f"user error: this script fails on node {self.fail_node} on purpose")
         if self.step_s:
             time.sleep(self.step_s)
 
@@ -50,6 +55,7 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=6)
     parser.add_argument("--step-s", type=float, default=0.0)
+    parser.add_argument("--fail-node", type=int, default=None)
     args = parser.parse_args()
     url = os.environ["TRAINCTL_RUN_URL"]
     trainer = pl.Trainer(
@@ -64,7 +70,7 @@ if __name__ == "__main__":
             logger=[MetricsReporter(url, status_interval=0.5, flush_interval=0.2)],
         ),
         callbacks=[
-            Report(args.step_s),
+            Report(args.step_s, args.fail_node),
             ModelCheckpoint(dirpath="ckpts", every_n_train_steps=2, save_top_k=-1),
             CheckpointSync(url),
         ],

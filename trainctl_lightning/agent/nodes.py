@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from typing import TypeGuard
 
 from trainctl_lightning.errors import AgentFailure, IntegrityError
-from trainctl_lightning.jobs.spec import JobPhase, JobSpec, JobState
+from trainctl_lightning.jobs.spec import AttemptEnd, JobPhase, JobSpec, JobState
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.runkey import sign, verify
 from trainctl_lightning.store.layout import NODE_ENV, RENDEZVOUS
@@ -60,13 +60,17 @@ __all__ = [
     "RENDEZVOUS_FORMAT",
     "STALE_BEATS",
     "STALE_MIN_S",
+    "AttemptOutcome",
     "PeerFailure",
     "PeerWatch",
     "Rendezvous",
+    "attempt_of",
+    "attempt_outcome",
     "become_subreaper",
     "device_count",
     "end_orphans",
     "free_port",
+    "of_attempt",
     "peers_end_wait_s",
     "rendezvous_id",
     "resolve_node",
@@ -324,6 +328,19 @@ def torchrun_root_cause(output: str) -> str | None:
 # ---------------------------------------------------------------- watching the other nodes
 
 
+def attempt_of(state: JobState | None) -> int | None:
+    """The managed-run attempt a node's state is of (its newest recorded attempt); None: none recorded."""
+    return max((a.number for a in state.attempts), default=None) if state is not None else None
+
+
+def of_attempt(state: JobState | None, attempt: int | None) -> JobState | None:
+    """``state`` when it is of ``attempt`` (or no attempt is asked for); else None, as if the node had
+    not written yet: an earlier attempt's end is no news about this one."""
+    if attempt is None or state is None or attempt_of(state) == attempt:
+        return state
+    return None
+
+
 @dataclass(frozen=True)
 class PeerFailure:
     """A node that ended the run for everyone: its index and why (one line)."""
@@ -339,13 +356,24 @@ class PeerWatch:
     this agent's own clock (the time since the peer's ``updated_at`` last changed), so clock skew
     between instances does not matter; after a gap in this agent's own reads (the store was
     unreachable) the clocks restart, since the peer could not write either.
+
+    In a managed run (``attempt`` given) a peer's state counts only once it is of the same attempt
+    (:func:`of_attempt`): until the peer's new agent writes, the store still holds how it ended the
+    attempt before, which says nothing about this one.
     """
 
     def __init__(
-        self, jobs: JobStore, node: int, nodes: int, heartbeat_interval_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        jobs: JobStore,
+        node: int,
+        nodes: int,
+        heartbeat_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        attempt: int | None = None,
     ) -> None:
         self.jobs = jobs
         self.node = node
+        self.attempt = attempt
         self.peers = list(range(1, nodes)) if node == 0 else [0]
         self.stale_after_s = stale_after_s(heartbeat_interval_s)
         self.poll_s = max(0.2, min(heartbeat_interval_s, 5.0))
@@ -362,7 +390,7 @@ class PeerWatch:
         states: dict[int, JobState | None] = {}
         for k in self.peers:
             try:
-                states[k] = self.jobs.for_node(k).read_state()
+                states[k] = of_attempt(self.jobs.for_node(k).read_state(), self.attempt)
             except IntegrityError as exc:  # damaged: skipped, said; its heartbeat ages meanwhile
                 log.warning("node %d's state is damaged (skipped): %s", k, " ".join(str(exc).split()))
                 states[k] = None
@@ -448,6 +476,67 @@ def run_outcome(
     if own_cause is not None:  # only nodes that stopped because of another: the lead's view stands
         return JobPhase.FAILED, own_exit, own_error, own_cause.node
     return JobPhase.SUCCEEDED, own_exit, None, None
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """How a managed multi-node run's attempt ended across its nodes, as the lead records it."""
+
+    ended: AttemptEnd
+    node: int | None
+    """The node the end is put down to (None: it finished, or was cancelled as a whole)."""
+    error: str | None
+    """One line naming that node and why (None when it finished)."""
+
+
+def attempt_outcome(
+    run_phase: JobPhase,
+    run_error: str | None,
+    failed_node: int | None,
+    own_phase: JobPhase,
+    own_error: str | None,
+    own_cause: PeerFailure | None,
+    peers: dict[int, JobState | None],
+    waited_s: float,
+) -> AttemptOutcome:
+    """Why a managed multi-node run's attempt ended, from the run's end (:func:`run_outcome`) and
+    every node's: what decides whether the group is restarted.
+
+    One lost node (its agent gone without a final state: no state of this attempt that ended, or the
+    supervisor recorded its attempt ``lost``) or one preempted node makes the whole attempt lost or
+    preempted, whichever node's collective failed first: with a node gone, every other node's job
+    fails too (a reset connection, a c10d store that went away), often before the gone node's end
+    is known. Otherwise the run's end stands: a job failing by itself on some node is a failure
+    (``retry_user_errors`` decides), a cancel or the max runtime cancels.
+
+    Args:
+        run_phase, run_error, failed_node: what :func:`run_outcome` made of the run's end.
+        own_phase, own_error, own_cause: how the lead's own job ended, and the peer failure that
+            made it stop, if that is why.
+        peers: every other node's last state of this attempt (None: none of this attempt).
+        waited_s: how long the lead waited for them.
+    """
+    if run_phase is JobPhase.SUCCEEDED:
+        return AttemptOutcome(AttemptEnd.FINISHED, None, None)
+    if run_phase in (JobPhase.CANCELLED, JobPhase.TIMED_OUT) and own_cause is None:
+        return AttemptOutcome(AttemptEnd.CANCELLED, None, run_error)
+    lost: list[tuple[int, str]] = []
+    preempted: list[tuple[int, str]] = []
+    if own_phase is JobPhase.PREEMPTED:
+        preempted.append((0, f"preempted: {own_error or 'no reason recorded'}"))
+    for k, state in sorted(peers.items()):
+        newest = max(state.attempts, key=lambda a: a.number) if state is not None and state.attempts else None
+        if state is None or not state.phase.is_terminal():
+            lost.append((k, f"lost: it did not end within {waited_s:.0f}s of node 0 (its agent or instance is gone)"))
+        elif newest is not None and newest.ended == AttemptEnd.LOST.value:
+            lost.append((k, f"lost: {newest.error or state.error or 'no reason recorded'}"))
+        elif state.phase is JobPhase.PREEMPTED:
+            preempted.append((k, f"preempted: {state.error or 'no reason recorded'}"))
+    for ended, found in ((AttemptEnd.LOST, lost), (AttemptEnd.PREEMPTED, preempted)):
+        if found:
+            k, reason = found[0]
+            return AttemptOutcome(ended, k, f"node {k} {reason}")
+    return AttemptOutcome(AttemptEnd.FAILED, failed_node, run_error)
 
 
 # ---------------------------------------------------------------- torchrun's workers

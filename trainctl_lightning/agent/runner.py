@@ -55,13 +55,16 @@ from trainctl_lightning.agent.jobproc import (
 )
 from trainctl_lightning.agent.nodes import (
     NODE_START_WAIT_S,
+    AttemptOutcome,
     PeerFailure,
     PeerWatch,
     Rendezvous,
+    attempt_outcome,
     become_subreaper,
     device_count,
     end_orphans,
     free_port,
+    of_attempt,
     peers_end_wait_s,
     read_rendezvous,
     rendezvous_id,
@@ -263,6 +266,7 @@ class Agent:
         self.instance_id: str | None = None  # this node's own instance
         self._peers: PeerWatch | None = None
         self._peer_failure: PeerFailure | None = None
+        self._attempt_outcome: AttemptOutcome | None = None  # the lead's view of a managed attempt across nodes
 
     # ------------------------------------------------------------ entry point
 
@@ -316,6 +320,8 @@ class Agent:
         )
         if number is not None:
             self._begin_attempt(number, previous)
+        if spec.nodes > 1:  # only states of this attempt count (a managed run's peers may still show the last one's end)
+            self._peers = PeerWatch(self.jobs, self.node, spec.nodes, spec.heartbeat_interval_s, attempt=number)
         log.info("run %s: picked up from %s", spec.run_id, self.jobs.url)
         self._write_state()
         if spot_watch_enabled(spec.spot):
@@ -336,14 +342,16 @@ class Agent:
             if self._spot is not None:
                 self._spot.stop()
         outcome = self._after_notice(outcome)
+        if spec.nodes > 1:  # the run's end across nodes first: a managed run's restart is decided on it
+            outcome = self._end_node(outcome)
         if self.attempt is not None:
             outcome = self._end_attempt(outcome)
-        if spec.nodes > 1:
-            outcome = self._end_node(outcome)
         self._finish(outcome)
         # RECOVERING: a replacement takes over the run. Locally the supervisor starts it on this instance;
-        # on AWS this instance powers off and the run's Auto Scaling group starts a new one.
-        self._release_instance(run_over=outcome.phase is not JobPhase.RECOVERING)
+        # on AWS this instance powers off and the run's Auto Scaling group starts a new one. The instances
+        # of a managed multi-node run are all released by the supervisor that starts every node's attempts.
+        managed_nodes = spec.recover is not None and spec.nodes > 1
+        self._release_instance(run_over=outcome.phase is not JobPhase.RECOVERING and not managed_nodes)
         self.pump.close()
         return outcome.exit_code if outcome.exit_code is not None else 1
 
@@ -566,12 +574,6 @@ class Agent:
             self.instance_id = spec.node_instances[self.node]
         elif self.node != 0:
             self.instance_id = None  # not told which instance is this node's: it is not released from here
-        if spec.recover is not None:
-            raise AgentFailure(
-                f"a managed run (recover) across {spec.nodes} nodes is not supported yet: launch it without "
-                "--recover, or on one node"
-            )
-        self._peers = PeerWatch(self.jobs, self.node, spec.nodes, spec.heartbeat_interval_s)
 
     def _torchrun_command(self, python: str, argv: list[str]) -> list[str] | None:
         """The job under torchrun, once the nodes know where to meet; None if stopped meanwhile.
@@ -588,11 +590,17 @@ class Agent:
         nproc = spec.nproc_per_node or device_count(python)
         key = os.environ.get(RUN_KEY_ENV) or None
         address = provider.node_address()
-        rdzv_id = rendezvous_id(spec, None)
+        attempt = self.attempt.number if self.attempt is not None else None
+        rdzv_id = rendezvous_id(spec, attempt)
         if self.node == 0:
             try:
                 record = Rendezvous(
-                    host=address, port=free_port(address), rdzv_id=rdzv_id, attempt=1, nodes=spec.nodes, written_at=utc_now()
+                    host=address,
+                    port=free_port(address),
+                    rdzv_id=rdzv_id,
+                    attempt=attempt or 1,
+                    nodes=spec.nodes,
+                    written_at=utc_now(),
                 )
                 self.jobs.objects.retry = _FINAL_RETRY
                 write_rendezvous(self.jobs, record, key, spec.run_id)
@@ -601,7 +609,7 @@ class Agent:
             finally:
                 self.jobs.objects.retry = _TICK_RETRY
         else:
-            found = self._wait_for_rendezvous(key, rdzv_id)
+            found = self._wait_for_rendezvous(key, rdzv_id, attempt or 1)
             if found is None:
                 return None
             record = found
@@ -613,9 +621,10 @@ class Agent:
             python, argv, nodes=spec.nodes, nproc_per_node=nproc, rendezvous=record, lead=self.node == 0, local_addr=address
         )
 
-    def _wait_for_rendezvous(self, key: str | None, rdzv_id: str) -> Rendezvous | None:
+    def _wait_for_rendezvous(self, key: str | None, rdzv_id: str, attempt: int) -> Rendezvous | None:
         """The lead's record for this attempt, waited for up to NODE_START_WAIT_S; None when this
-        agent was asked to stop meanwhile (a cancel, or the lead ended: the peer watch says so)."""
+        agent was asked to stop meanwhile (a cancel, or the lead ended: the peer watch says so).
+        An earlier attempt's record (still there until the lead of this one replaces it) is never joined."""
         spec = self.spec
         assert spec is not None
         deadline = time.monotonic() + NODE_START_WAIT_S
@@ -627,7 +636,7 @@ class Agent:
             except Exception as exc:  # the store is unreachable: ask again
                 log.warning("could not read the rendezvous record (will retry): %s", one_line(exc))
                 record = None
-            if record is not None and record.rdzv_id == rdzv_id and record.nodes == spec.nodes:
+            if record is not None and (record.rdzv_id, record.attempt, record.nodes) == (rdzv_id, attempt, spec.nodes):
                 return record
             if time.monotonic() > deadline:
                 raise AgentFailure(f"node 0 did not publish where the nodes meet within {NODE_START_WAIT_S:.0f}s")
@@ -652,6 +661,12 @@ class Agent:
         phase, code, error, failed = run_outcome(
             outcome.phase, outcome.error, outcome.exit_code, ended_at, self._peer_failure, waited, peers_end_wait_s(spec)
         )
+        if self.attempt is not None:  # a managed run: a lost or preempted node makes the attempt lost or preempted
+            self._attempt_outcome = attempt_outcome(
+                phase, error, failed, outcome.phase, outcome.error, self._peer_failure, waited, peers_end_wait_s(spec)
+            )
+            if self._attempt_outcome.node is not None:
+                failed, error = self._attempt_outcome.node, self._attempt_outcome.error
         state.failed_node = failed
         if failed is not None and failed != 0:
             self.pump.note(error or f"node {failed} failed")
@@ -669,8 +684,8 @@ class Agent:
             for k in range(1, spec.nodes):
                 if (seen := states.get(k)) is not None and seen.phase.is_terminal():
                     continue
-                try:
-                    states[k] = self.jobs.for_node(k).read_state()
+                try:  # a managed run's peer that has not written this attempt yet has not ended it
+                    states[k] = of_attempt(self.jobs.for_node(k).read_state(), self.attempt.number if self.attempt else None)
                 except Exception as exc:  # damaged or unreachable: asked again until the deadline
                     log.warning("could not read node %d's state: %s", k, one_line(exc))
                     states.setdefault(k, None)
@@ -696,8 +711,14 @@ class Agent:
         spec, attempt = self.spec, self.attempt
         assert spec is not None and spec.recover is not None and attempt is not None and self.state is not None
         ended = end_of(outcome.phase)
+        if self._attempt_outcome is not None:  # the lead of a multi-node run: the attempt's end across nodes
+            ended = self._attempt_outcome.ended
         end_attempt(attempt, ended, outcome.error, spec.run_url)
-        restart = ended is AttemptEnd.PREEMPTED or (ended is AttemptEnd.FAILED and spec.recover.retry_user_errors)
+        if spec.nodes > 1 and self.node != 0:  # the lead decides for the whole group; this node's own end stands
+            return outcome
+        restart = ended in (AttemptEnd.PREEMPTED, AttemptEnd.LOST) or (
+            ended is AttemptEnd.FAILED and spec.recover.retry_user_errors
+        )
         if not restart:
             return outcome
         try:

@@ -306,6 +306,9 @@ class LocalProvider(Provider):
         run (a job spec with ``recover``), the supervisor that starts the agent of each attempt
         (:mod:`trainctl_lightning.agent.supervisor`).
 
+        A managed multi-node run has one supervisor, on node 0's instance: it starts every node's
+        agent for each attempt, so for a node ``launch.node >= 1`` of such a run nothing starts here.
+
         Raises:
             ProviderError: the instance is not running, or the agent did not start.
         """
@@ -319,6 +322,9 @@ class LocalProvider(Provider):
         command = ["run"]
         role = "agent"
         if _is_managed(launch.run_url):
+            if launch.node:
+                log.info("run %s: node %d's agents are started by the supervisor on node 0", launch.run_id, launch.node)
+                return
             command, role = ["supervise", "--instance", instance.id], "supervisor"
         env = {**os.environ, **current.details.get("env", {}), **launch.forward_env, ROOT_ENV: str(self.root)}
         env.pop(RUN_KEY_ENV, None)  # never another run's key (a launch from inside a job)
@@ -328,9 +334,12 @@ class LocalProvider(Provider):
         with self._locked(instance.id):
             self._spawn(instance.id, work, command, role, launch.run_id, launch.run_url, env)
 
-    def start_attempt(self, instance_id: str, run_id: str, run_url: str, attempt: int) -> tuple[int, int | None]:
+    def start_attempt(
+        self, instance_id: str, run_id: str, run_url: str, attempt: int, node: int | None = None
+    ) -> tuple[int, int | None]:
         """Start the agent of attempt ``attempt`` of a managed run (the supervisor calls this, with
-        the run's key and forwarded variables in its own environment); (pid, start time).
+        the run's key and forwarded variables in its own environment); (pid, start time). ``node``:
+        the agent's node of a multi-node run (``$TRAINCTL_NODE``).
 
         Raises:
             ProviderError: the instance is being stopped or terminated: no attempt may start.
@@ -342,6 +351,8 @@ class LocalProvider(Provider):
             if current.state is not InstanceState.RUNNING:
                 raise ProviderError(f"local instance {instance_id} is {current.state.value}: no attempt {attempt} starts on it")
             env = {**os.environ, ATTEMPT_ENV: str(attempt)}
+            if node is not None:
+                env[NODE_ENV] = str(node)
             agent = self._spawn(instance_id, Path(current.details["workdir"]), ["run"], "agent", run_id, run_url, env)
         return agent["pid"], agent["start_time"]
 
