@@ -152,6 +152,30 @@ def test_a_node_killed_mid_run_ends_every_node_within_the_bound(file_store: str)
     )
 
 
+def test_a_spot_notice_reaches_the_workers_and_every_rank_saves_now(file_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's job process is torchrun, which does not handle SIGUSR1 (it would die of it): the
+    agent signals that node's workers, and CheckpointSync's per-batch vote makes every rank save."""
+    from trainctl_lightning.testing import LocalIMDS
+
+    with LocalIMDS() as imds:
+        for name, value in {"TRAINCTL_SPOT": "1", "TRAINCTL_IMDS_ENDPOINT": imds.endpoint, "TRAINCTL_SPOT_POLL_S": "0.2"}.items():
+            monkeypatch.setenv(name, value)  # the agents inherit it: every node watches this service
+        jobs, spec = _launch(file_store, 2, 1, "--max-steps", "100000", "--step-s", "0.05")
+        wait_until(lambda: _ranks(jobs, 0) and _ranks(jobs, 1), 180, 0.2, what="both nodes training")
+        imds.rebalance()  # a rebalance recommendation: checkpoint now, no stop
+        store = RunStore(spec.run_url)
+        saved = wait_until(
+            lambda: [c for c in store.list_checkpoints() if c.name.startswith("preempt-step=")], 60, 0.2, what="a checkpoint now"
+        )
+        assert len(saved) >= 1
+        logs = jobs.read_logs().decode() + jobs.for_node(1).read_logs().decode()
+        assert "workers (pids" in logs and "sent SIGUSR1" in logs
+        assert all(_state(jobs, k).phase is JobPhase.RUNNING for k in (0, 1))  # nothing died of the signal
+        jobs.request_cancel("test over")
+        final = wait_until(lambda: _ended(jobs), 120, 0.2, what="the run's end")
+        assert final.phase is JobPhase.CANCELLED
+
+
 # ---------------------------------------------------------------- the rendezvous record
 
 

@@ -40,8 +40,10 @@ __all__ = [
     "DEATH_SIGNAL",
     "JOBS_DIR",
     "JobProcess",
+    "children_of",
     "die_with_parent",
     "process_start_time",
+    "processes",
     "read_job_records",
     "remove_job_record",
     "use_agent_umask",
@@ -67,24 +69,34 @@ def process_start_time(pid: int) -> int | None:
     return None if stat is None else int(stat[19])
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name; None if gone or a zombie."""
+def _stat(pid: int, zombies: bool = False) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name; None if gone or (unless
+    ``zombies``) a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read().decode(errors="replace")
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
-    return None if fields[0] in ("Z", "X") else fields
+    return None if fields[0] in ("Z", "X") and not zombies else fields
+
+
+def processes(zombies: bool = False) -> Iterator[tuple[int, int, int, int]]:
+    """(pid, parent pid, process group, session) of every live process, zombies too with ``zombies``
+    (a parent that reaps needs to find them)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat(int(entry), zombies)) is not None:
+            yield int(entry), int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def children_of(pid: int, zombies: bool = False) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    return [child for child, parent, _, _ in processes(zombies) if parent == pid]
 
 
 def _group_members(pgid: int) -> Iterator[int]:
     """Live processes whose process group is ``pgid``."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None and int(fields[2]) == pgid:
-                yield int(entry)
+    return (pid for pid, _, group, _ in processes() if group == pgid)
 
 
 def _has_env(pid: int, marker: bytes) -> bool:

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import TypeGuard
 
+from trainctl_lightning.agent.jobproc import children_of
 from trainctl_lightning.errors import AgentFailure, IntegrityError
 from trainctl_lightning.jobs.spec import AttemptEnd, JobPhase, JobSpec, JobState
 from trainctl_lightning.jobs.store import JobStore
@@ -553,22 +554,6 @@ def become_subreaper() -> bool:
     return ctypes.CDLL(libc, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def _children_of(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                raw = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
 def end_orphans(known: Iterable[int] = (), wait_s: float = 10.0) -> list[int]:
     """SIGKILL the process group of every child this agent adopted (what a killed torchrun left),
     and reap them; the pids that were ended. ``known``: children the caller reaps itself."""
@@ -576,7 +561,7 @@ def end_orphans(known: Iterable[int] = (), wait_s: float = 10.0) -> list[int]:
     ended: list[int] = []
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        children = [pid for pid in _children_of(os.getpid()) if pid not in skip]
+        children = [pid for pid in children_of(os.getpid(), zombies=True) if pid not in skip]
         if not children:
             break
         for pid in children:

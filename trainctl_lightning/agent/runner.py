@@ -27,6 +27,7 @@ Internal: not part of the public API; it may change without notice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -48,6 +49,7 @@ from trainctl_lightning.agent.attempts import (
 from trainctl_lightning.agent.environment import prepare_environment
 from trainctl_lightning.agent.jobproc import (
     JobProcess,
+    children_of,
     die_with_parent,
     process_start_time,
     remove_job_record,
@@ -756,16 +758,30 @@ class Agent:
         self._save_pending = True
 
     def _ask_job_to_save(self, proc: subprocess.Popen) -> None:
-        """SIGUSR1 to the job's own process (not its group: other ranks would die of it), once it handles it."""
-        assert self.pump is not None
-        handled = handles_signal(proc.pid, SAVE_NOW_SIGNAL)
-        if handled:
+        """SIGUSR1 to the job's own process (not its group: other ranks would die of it), once it handles it.
+
+        A multi-node job's process is torchrun, which does not handle SIGUSR1 (it would die of
+        it): this node's workers, torchrun's children, get it instead. CheckpointSync's ranks vote
+        on a request every batch, so a request that reaches any rank saves on every rank."""
+        assert self.pump is not None and self.spec is not None
+        targets = [proc.pid] if self.spec.nodes == 1 else children_of(proc.pid)
+        ready = [pid for pid in targets if handles_signal(pid, SAVE_NOW_SIGNAL)]
+        handled: bool | None = bool(ready) if targets else None
+        if ready:
             self._save_pending = False
-            try:
-                os.kill(proc.pid, SAVE_NOW_SIGNAL)
-            except ProcessLookupError:
+            sent = []
+            for pid in ready:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, SAVE_NOW_SIGNAL)
+                    sent.append(pid)
+            if not sent:
                 return
-            self.pump.note(f"sent SIGUSR1 to the job (pid {proc.pid}): CheckpointSync saves and publishes a checkpoint now")
+            who = (
+                f"the job (pid {sent[0]})"
+                if self.spec.nodes == 1
+                else f"node {self.node}'s workers (pids {', '.join(map(str, sent))})"
+            )
+            self.pump.note(f"sent SIGUSR1 to {who}: CheckpointSync saves and publishes a checkpoint now")
         elif not self._save_wait_noted:
             self._save_wait_noted = True
             why = "cannot tell whether the job handles SIGUSR1" if handled is None else "the job does not handle SIGUSR1 yet"

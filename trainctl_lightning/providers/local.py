@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from trainctl_lightning.agent.jobproc import JobProcess, read_job_records
+from trainctl_lightning.agent.jobproc import JobProcess, processes, read_job_records
 from trainctl_lightning.agent.jobproc import process_start_time as process_start_time
 from trainctl_lightning.errors import ConfigError, InstanceNotFoundError, ProviderError
 from trainctl_lightning.paths import PRIVATE_FILE_MODE, make_private_dir, trainctl_home
@@ -92,27 +92,12 @@ def process_alive(pid: int, start_time: int | None) -> bool:
     return start_time is not None and process_start_time(pid) == start_time
 
 
-def _processes() -> Iterator[tuple[int, int, int]]:
-    """(pid, parent pid, session id) of every live process."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                raw = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if fields[0] not in ("Z", "X"):
-            yield int(entry), int(fields[1]), int(fields[3])
-
-
 def _children(pids: set[int]) -> set[int]:
-    return {pid for pid, ppid, _ in _processes() if ppid in pids}
+    return {pid for pid, ppid, _, _ in processes() if ppid in pids}
 
 
 def _session_alive(sid: int) -> bool:
-    return any(s == sid for _, _, s in _processes())
+    return any(s == sid for _, _, _, s in processes())
 
 
 def _kill_group(pgid: int, sig: int) -> None:
