@@ -23,8 +23,10 @@ Per store (``s3`` and ``file``):
   ``trainer.save_checkpoint``), excess wall time per checkpoint against a run without
   checkpoints, with the S3 server's CPU over the same span (``/proc/<pid>/stat``) shown
   separately, for ``CheckpointSync`` and for native ``ModelCheckpoint`` to local disk; and the
-  peak extra RSS (sampled from ``/proc/self/status`` every 10 ms) above the RSS before the first
-  save, after each save, to show memory does not grow with the number of saves.
+  peak extra RSS (this process and its children, the uploader process: ``/proc/<pid>/status``
+  every 10 ms) above the RSS before the first save, after each save, to show memory does not grow
+  with the number of saves. On S3 the same run is repeated with ``upload_process=False`` (uploads
+  on threads of the training process), side by side.
 
 The last line is one JSON object with the figures, the ratios and whether each target of
 issue 15 was met. Exit code 0 whether or not targets are met.
@@ -63,12 +65,28 @@ TARGETS = {"time_to_safe_vs_boto3": 1.1, "restore_vs_boto3": 1.0, "excess_vs_nat
 # =============================================================================================
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+def _rss_of(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
+
+
+def _rss_bytes() -> int:
+    """This process's RSS plus its children's (the uploader process's): the memory the run costs."""
+    total = _rss_of("self")
+    children: list[str] = []
+    for task in os.listdir("/proc/self/task"):  # the uploader is started from a publisher thread
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children += f.read().split()
+        except OSError:
+            pass
+    return total + sum(_rss_of(pid) for pid in children)
 
 
 class _RssSampler:
@@ -211,8 +229,10 @@ def _child(spec_path: str) -> None:
             callbacks.append(
                 ModelCheckpoint(dirpath=os.path.join(workdir, "ckpts"), every_n_train_steps=every, save_top_k=-1, save_last=False)
             )
-        if kind == "sync":
-            sync = CheckpointSync(spec["url"], storage_options=store_opts, max_concurrency=spec["concurrency"])
+        if kind in ("sync", "sync_thread"):
+            sync = CheckpointSync(
+                spec["url"], storage_options=store_opts, max_concurrency=spec["concurrency"], upload_process=kind == "sync"
+            )
             callbacks.append(sync)
         sampler = _RssSampler()
         probe = Probe(sampler)
@@ -377,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.unlink(dl)
             os.unlink(keep)
             r["training"] = child("sync", store, steps=steps, every=every)
+            if store == "s3":  # the same run with the uploads on threads of the training process
+                r["training_thread"] = child("sync_thread", store, steps=steps, every=every)
             results[store] = r
     finally:
         if server is not None:
@@ -432,6 +454,15 @@ def _report(res: dict[str, Any]) -> int:
             f"(server CPU/ckpt {server_cpu:.2f}s; without it {excess - server_cpu:.2f}s), end of fit {t['end_of_fit_s']:.2f}s, "
             f"peak extra RSS per save {[round(p, 2) for p in peaks]} x state"
         )
+        thread = r.get("training_thread")
+        if thread is not None:
+            t_cpu = (thread["server_cpu_s"] or 0.0) / saves
+            t_excess = (thread["loop_s"] - base["loop_s"]) / saves
+            print(
+                f"[{store}] same run, uploads on threads (upload_process=False): stall/save {_med(thread['save_calls_s']):.3f}s, "
+                f"excess/ckpt {t_excess:.2f}s (server CPU/ckpt {t_cpu:.2f}s; without it {t_excess - t_cpu:.2f}s), "
+                f"peak extra RSS per save {[round(p / thread['state_bytes'], 2) for p in thread['peak_extra_rss']]} x state"
+            )
         s = {
             "time_to_safe_s": round(r["time_to_safe_s"], 3),
             "restore_mb_s": round(r["restore_mb_s"], 1),
@@ -442,6 +473,9 @@ def _report(res: dict[str, Any]) -> int:
             "peak_extra_rss_x_state": [round(p, 3) for p in peaks],
             "excess_minus_server_vs_native_local": _ratio(excess - server_cpu, native_excess),
         }
+        if thread is not None:
+            s["thread_excess_minus_server_s"] = round(t_excess - t_cpu, 3)
+            s["process_vs_thread_excess_minus_server"] = _ratio(excess - server_cpu, t_excess - t_cpu)
         if "boto3_upload_s" in r:
             s["time_to_safe_vs_boto3"] = _ratio(r["time_to_safe_s"], r["boto3_upload_s"])
             s["restore_vs_boto3"] = _ratio(r["restore_mb_s"], r["boto3_download_mb_s"])

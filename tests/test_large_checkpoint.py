@@ -13,6 +13,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.helpers.models import TinyRegressor, trainer_kwargs
+from tests.helpers.stores import s3_in_subprocess
 from trainctl_lightning import CheckpointSync
 from trainctl_lightning.checkpoint.snapshot import BufferPool, take_snapshot
 from trainctl_lightning.errors import IntegrityError, StoreError
@@ -136,3 +137,31 @@ def test_a_stopped_multipart_upload_is_aborted(tmp_path: Path, s3: Any) -> None:
     client = s3.server.client()
     assert client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
     assert store.list_checkpoints() == []
+
+
+def test_repeated_transfers_keep_no_whole_part_in_the_heap(tmp_path: Path) -> None:
+    """Parts travel in reused buffers outside the Python heap (an S3 server in another process, so
+    that only this client is measured): the heap's peak during a multipart upload and a ranged
+    download stays below one part, however many transfers are made."""
+    import tracemalloc
+
+    data = os.urandom(3 * PART + 4321)
+    local = tmp_path / "big.ckpt"
+    local.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    peaks = []
+    with s3_in_subprocess() as options:
+        store = RunStore("s3://trainctl-sub/heap", options, max_concurrency=3, part_size=PART)
+        store.objects.upload_hashed(str(local), "objs/warm", size=len(data))  # clients, connections, caches
+        tracemalloc.start()
+        try:
+            for i in range(3):
+                base = tracemalloc.get_traced_memory()[0]
+                tracemalloc.reset_peak()
+                assert store.objects.upload_hashed(str(local), f"objs/{i}", size=len(data)) == digest
+                store.objects.download(f"objs/{i}", tmp_path / f"dl{i}", size=len(data), sha256=digest)
+                peaks.append(tracemalloc.get_traced_memory()[1] - base)
+                assert (tmp_path / f"dl{i}").read_bytes() == data
+        finally:
+            tracemalloc.stop()
+    assert max(peaks) < PART, f"the heap held a whole part or more during a transfer: {peaks} bytes above the start"

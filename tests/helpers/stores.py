@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -75,3 +78,43 @@ class WrapSyncStore(Callback):
         if self.fs is None:
             self.fs = GatedFS(store.objects.fs)
         store.objects.fs = self.fs
+
+
+@contextlib.contextmanager
+def s3_in_subprocess() -> Iterator[dict[str, Any]]:
+    """moto's S3 server in its own process (``python -m trainctl_lightning.testing serve``), with
+    bucket ``trainctl-sub``; yields storage options. For measurements of this process only."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    from trainctl_lightning.testing import DUMMY_ENV
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainctl_lightning.testing", "serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **DUMMY_ENV},
+    )
+    try:
+        assert proc.stdout is not None
+        endpoint = proc.stdout.readline().strip()
+        assert endpoint.startswith("http"), f"the S3 server printed {endpoint!r}"
+        key, secret = DUMMY_ENV["AWS_ACCESS_KEY_ID"], DUMMY_ENV["AWS_SECRET_ACCESS_KEY"]
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret
+        )
+        client.create_bucket(Bucket="trainctl-sub")
+        yield {"key": key, "secret": secret, "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()  # the server stops when its stdin closes
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -38,9 +38,12 @@ from typing import Any
 
 from fsspec.callbacks import Callback
 
+from trainctl_lightning.checkpoint.uploader import UploaderProcess
+from trainctl_lightning.checkpoint.uploader import supported as uploader_supported
 from trainctl_lightning.errors import TrainctlError
 from trainctl_lightning.store import RunStore, layout
 from trainctl_lightning.store.manifest import CheckpointManifest
+from trainctl_lightning.store.transfer import can_transfer
 
 __all__ = ["FlushResult", "PublishJob", "PublishState", "Publisher"]
 
@@ -157,6 +160,9 @@ class Publisher:
         gate: called (on a worker thread) with each job once its data is up, just before its
             manifest is written; it may block (CheckpointSync holds a checkpoint there until the
             metrics of the steps it covers are in the store).
+        upload_process: on S3, run the uploads in an uploader process
+            (:mod:`trainctl_lightning.checkpoint.uploader`) instead of on threads of this process;
+            it starts with the first upload and ends with :meth:`close`. Ignored elsewhere.
     """
 
     def __init__(
@@ -171,8 +177,13 @@ class Publisher:
         existing: list[CheckpointManifest] | None = None,
         on_published: Callable[[CheckpointManifest], None] | None = None,
         gate: Callable[[PublishJob], None] | None = None,
+        upload_process: bool = False,
     ) -> None:
         self.store = store
+        self.uploader: UploaderProcess | None = None
+        if upload_process and can_transfer(store.objects.fs) == "s3" and uploader_supported():
+            self.uploader = UploaderProcess()
+            store.objects.uploader = self.uploader
         self._gate = gate
         self.mirror_deletes = mirror_deletes
         self.keep_last = keep_last
@@ -423,6 +434,10 @@ class Publisher:
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=5)
+        if self.uploader is not None:
+            if self.store.objects.uploader is self.uploader:
+                self.store.objects.uploader = None
+            self.uploader.close()
         return result
 
 

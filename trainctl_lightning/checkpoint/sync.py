@@ -142,6 +142,10 @@ class CheckpointSync(Callback):
         retry_timeout: seconds to keep retrying a transient store error for one checkpoint.
         flush_timeout: seconds to wait at the end of fit for uploads still in flight; what has
             not made it by then is named in the error.
+        upload_process: upload checkpoints to S3 from a separate uploader process, so that the
+            upload's Python work does not compete with training for the GIL (started with the
+            first upload, ended when the fit ends, and with this process if it dies). Default
+            (None): on for S3 stores on Linux and macOS; other stores upload on threads.
         check_store: write a probe object at setup to fail fast on a bad URL or credentials.
         request_timeout: seconds a requested checkpoint may hold training up while it is
             published (a spot notice leaves about 120).
@@ -179,6 +183,7 @@ class CheckpointSync(Callback):
         check_store: bool = True,
         request_timeout: float = 90.0,
         resume: bool | None = None,
+        upload_process: bool | None = None,
     ) -> None:
         url = url if url is not None else os.environ.get(RUN_URL_ENV)
         if url is not None:
@@ -205,8 +210,11 @@ class CheckpointSync(Callback):
                 f"CheckpointSync(resume={resume!r}): must be True, False or None "
                 f"(None: resume only in a managed run, where ${RECOVER_ENV}=1)"
             )
+        if upload_process is not None and not isinstance(upload_process, bool):
+            raise ConfigError(f"CheckpointSync(upload_process={upload_process!r}): must be True, False or None (None: on for S3)")
         self.url: str | None = url
         self.resume = resume
+        self.upload_process = upload_process
         self.storage_options = dict(storage_options or {})
         self.keep_last = keep_last
         self.mirror_deletes = mirror_deletes
@@ -732,6 +740,7 @@ class CheckpointSync(Callback):
             existing=self._existing,
             on_published=self._note_published,
             gate=None if self._gate is None else self._gate.wait,
+            upload_process=self.upload_process is not False,
         )
 
     def _note_published(self, manifest: Any) -> None:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import fsspec
 from fsspec.callbacks import Callback, NoOpCallback
@@ -41,10 +41,16 @@ from trainctl_lightning.store.files import (
 )
 from trainctl_lightning.store.transfer import can_transfer, download_verified, upload_hashed
 
-__all__ = ["ObjectStore", "explain_store_error", "validate_url"]
+__all__ = ["ObjectStore", "Uploader", "explain_store_error", "validate_url"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Uploader(Protocol):
+    """Runs :func:`~trainctl_lightning.store.transfer.upload_hashed` elsewhere (another process)."""
+
+    def upload(self, store: dict[str, Any], fd: int, remote: str, size: int, *, stop: threading.Event | None = None) -> str: ...
 
 
 def validate_url(url: str) -> str:
@@ -116,6 +122,9 @@ class ObjectStore:
         self._is_s3 = bool({"s3", "s3a"} & protocols)
         self.url = self.url_of()
         self._bucket_seen = False  # an empty listing on S3 checks once that the bucket exists
+        self.uploader: Uploader | None = None
+        """Where :meth:`upload_hashed` runs S3 uploads: None here, on threads of this process;
+        CheckpointSync sets an uploader process (``trainctl_lightning.checkpoint.uploader``)."""
 
     def __repr__(self) -> str:  # storage_options may hold secrets: never shown
         return f"{type(self).__name__}({self.url!r})"
@@ -411,6 +420,18 @@ class ObjectStore:
                 make_private_dir(os.path.dirname(remote))
             fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
             try:
+                if self.uploader is not None and can_transfer(self.fs) == "s3":
+                    spec = {
+                        "url": self.url,
+                        "storage_options": self._storage_options,
+                        "max_concurrency": self.max_concurrency,
+                        "part_size": self.part_size,
+                    }
+                    digest = self.uploader.upload(spec, fd, remote, size, stop=stop)
+                    self.fs.invalidate_cache(remote)
+                    if callback is not None:
+                        callback.relative_update(size)
+                    return digest
                 return upload_hashed(
                     self.fs,
                     fd,

@@ -24,10 +24,14 @@ Internal: not part of the public API; it may change without notice.
 
 from __future__ import annotations
 
-import collections
+import asyncio
+import contextlib
 import hashlib
+import io
 import logging
+import mmap
 import os
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -116,6 +120,79 @@ def _s3_call(fs: Any, method: str, **kwargs: Any) -> Any:
     return sync(fs.loop, fs._call_s3, method, **kwargs)
 
 
+class _PartBuffers:
+    """``count`` reusable part buffers of ``size`` bytes each, in anonymous memory maps.
+
+    The parts of one transfer take turns in these instead of a fresh ``bytes`` per part: the
+    memory is bounded (``count * size``), touched once, and goes back to the system when the
+    transfer ends (an unmapped region, not a freed heap block that the allocator may keep).
+    """
+
+    def __init__(self, count: int, size: int) -> None:
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(count):
+            self._free.put(mmap.mmap(-1, size))
+
+    def take(self) -> mmap.mmap:
+        return self._free.get()
+
+    def give(self, buf: mmap.mmap) -> None:
+        self._free.put(buf)
+
+
+class _PartBody(io.RawIOBase):
+    """A read-only, seekable file over one part's bytes in a reused buffer.
+
+    Given as an ``upload_part`` Body, the HTTP client streams it in small chunks; a ``bytes`` Body
+    of a whole part is copied whole, twice, by asyncio's socket transport (``data[n:]``, then
+    into its send buffer) on every part: that was most of the upload's extra memory.
+    """
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._view)}[whence]
+        self._pos = min(max(0, base + offset), len(self._view))
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        b[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        data = bytes(self._view[self._pos : end])
+        self._pos = end
+        return data
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` (``os.preadv``: no intermediate ``bytes``)."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            raise StoreError(f"the checkpoint file is {offset + got} bytes, shorter than the {offset + len(view)} expected")
+        got += n
+
+
 def _upload_s3(
     fs: Any,
     fd: int,
@@ -136,36 +213,52 @@ def _upload_s3(
             progress(size)
         return digest.hexdigest()
     upload_id = _s3_call(fs, "create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
-    room = threading.BoundedSemaphore(concurrency + 2)  # parts read but not yet sent: bounded memory
+    buffers = _PartBuffers(concurrency + 2, part_size)  # parts read but not yet sent: bounded memory
 
-    def send(number: int, data: bytes) -> dict[str, Any]:
+    def send(number: int, buf: mmap.mmap, n: int) -> dict[str, Any]:
         try:
             _stopped(stop)
-            reply = _s3_call(fs, "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data)
+            with memoryview(buf) as whole, whole[:n] as view:
+                body = _PartBody(view)
+                try:
+                    reply = _s3_call(
+                        fs,
+                        "upload_part",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,
+                        ContentLength=n,
+                    )
+                finally:
+                    body._view = memoryview(b"")  # the buffer is reused: nothing may read it through this body now
             if progress is not None:
-                progress(len(data))
+                progress(n)
             return {"PartNumber": number, "ETag": reply["ETag"]}
         finally:
-            room.release()
+            buffers.give(buf)
 
     try:
         futures: list[Future[dict[str, Any]]] = []
         with ThreadPoolExecutor(concurrency, thread_name_prefix="trainctl-upload-part") as pool:
             try:
                 for number, offset in enumerate(range(0, size, part_size), start=1):
-                    room.acquire()
+                    buf = buffers.take()
                     failed = next((f for f in futures if f.done() and f.exception() is not None), None)
                     if failed is not None:
-                        room.release()
+                        buffers.give(buf)
                         failed.result()  # raises: no point reading further
-                    _stopped(stop)
+                    n = min(part_size, size - offset)
                     try:
-                        data = _read_exact(fd, offset, min(part_size, size - offset))
+                        _stopped(stop)
+                        with memoryview(buf) as whole, whole[:n] as view:
+                            _read_into(fd, view, offset)
+                            digest.update(view)  # in file order, on this thread, as the part is read
                     except BaseException:
-                        room.release()
+                        buffers.give(buf)
                         raise
-                    digest.update(data)  # in file order, on this thread, as the part is read
-                    futures.append(pool.submit(send, number, data))
+                    futures.append(pool.submit(send, number, buf, n))
                 parts = [f.result() for f in futures]
             except BaseException:
                 for f in futures:
@@ -214,36 +307,91 @@ def download_verified(
         if progress is not None:
             progress(len(data))
         return digest.hexdigest(), len(data)
-    from fsspec.asyn import sync
+    return _download_s3(fs, remote, out_fd, size, concurrency, part_size, progress)
 
-    def fetch(offset: int, n: int) -> bytes:
-        data = bytes(sync(fs.loop, fs._cat_file, remote, start=offset, end=offset + n))
-        if len(data) != n:
-            raise StoreError(f"a ranged read of {remote} at {offset} returned {len(data)} bytes, not {n}: the object changed")
-        _write_all(out_fd, data, offset)
-        return data
 
-    got = 0
-    ranges = collections.deque((offset, min(part_size, size - offset)) for offset in range(0, size, part_size))
-    pending: collections.deque[Future[bytes]] = collections.deque()
-    with ThreadPoolExecutor(concurrency, thread_name_prefix="trainctl-download-range") as pool:
+def _download_s3(
+    fs: Any, remote: str, out_fd: int, size: int, concurrency: int, part_size: int, progress: Progress | None
+) -> tuple[str, int]:
+    """The ranged reads run as tasks on s3fs's event loop (``concurrency`` at once), each streamed
+    into a reused part buffer; this thread writes each range to its place and hashes the ranges in
+    file order as they complete, so the network never waits on the disk or the hash."""
+    bucket, key, version = fs.split_path(remote)
+    ranges = [(offset, min(part_size, size - offset)) for offset in range(0, size, part_size)]
+    free = [mmap.mmap(-1, part_size) for _ in range(min(concurrency + 2, len(ranges)))]  # bounded memory
+    done: queue.Queue[tuple[int, mmap.mmap, int] | BaseException] = queue.Queue()
+    room: asyncio.Semaphore | None = None
+
+    def give_back(buf: mmap.mmap) -> None:  # on the loop
+        free.append(buf)
+        assert room is not None
+        room.release()
+
+    async def fetch(index: int, buf: mmap.mmap) -> None:
+        offset, n = ranges[index]
         try:
-            while ranges or pending:
-                while ranges and len(pending) < concurrency + 2:
-                    pending.append(pool.submit(fetch, *ranges.popleft()))
-                data = pending.popleft().result()  # the next range in order: hash it as soon as it is there
-                digest.update(data)
-                got += len(data)
-                if progress is not None:
-                    progress(len(data))
-        except BaseException:
-            for f in pending:
-                f.cancel()
+            extra = {"VersionId": version} if version else {}
+            reply = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}", **extra)
+            body = reply["Body"]
+            try:
+                got = 0
+                with memoryview(buf) as view:
+                    while got < n:
+                        k = await body.readinto(view[got:n])  # straight into the buffer: no bytes per range
+                        if k == 0:
+                            break
+                        got += k
+            finally:
+                body.close()
+            if got != n:
+                raise StoreError(f"a ranged read of {remote} at {offset} returned {got} bytes, not {n}: the object changed")
+        except BaseException as exc:
+            done.put(exc)
             raise
+        done.put((index, buf, n))
+
+    async def run_all() -> None:
+        nonlocal room
+        room = asyncio.Semaphore(len(free))
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for index in range(len(ranges)):
+                await room.acquire()
+                tasks.append(asyncio.ensure_future(fetch(index, free.pop())))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    runner = asyncio.run_coroutine_threadsafe(run_all(), fs.loop)
+    digest = hashlib.sha256()
+    got = 0
+    arrived: dict[int, tuple[mmap.mmap, int]] = {}
+    try:
+        for index, (offset, _) in enumerate(ranges):
+            while index not in arrived:
+                item = done.get()
+                if isinstance(item, BaseException):
+                    raise item
+                arrived[item[0]] = item[1:]
+            buf, n = arrived.pop(index)
+            with memoryview(buf) as whole, whole[:n] as view:
+                _write_all(out_fd, view, offset)
+                digest.update(view)  # the next range in order: hashed as soon as it is there
+            fs.loop.call_soon_threadsafe(give_back, buf)
+            got += n
+            if progress is not None:
+                progress(n)
+        runner.result()
+    finally:
+        if not runner.done():
+            runner.cancel()
+            with contextlib.suppress(BaseException):  # the error being raised is the one that counts
+                runner.result(timeout=30)
     return digest.hexdigest(), got
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)

@@ -1,0 +1,218 @@
+"""The uploader process: checkpoint uploads run outside the training interpreter.
+
+An upload's Python work (reading parts, SHA-256, botocore's request signing and checksums,
+aiohttp's event loop) competes with the training loop for the GIL and a core when it runs on
+threads of the training process. :class:`UploaderProcess` runs it in one long-lived child process
+instead, for the same reason torch.distributed.checkpoint's process-based async checkpointer
+does:
+
+* started lazily on the first upload (``python -m trainctl_lightning.checkpoint.uploader``, not
+  ``multiprocessing``'s spawn, which would import the user's ``__main__`` script again), ended by
+  :meth:`UploaderProcess.close` (CheckpointSync's teardown); ``PR_SET_PDEATHSIG`` ends it when
+  the training process dies, even by SIGKILL;
+* each job goes over a private socket pair: the checkpoint file as a file descriptor
+  (``SCM_RIGHTS``: the child reads the same private inode), the store's URL and
+  ``storage_options`` (credentials) pickled on that socket only, never in argv, the environment
+  or a log line;
+* the child runs :func:`~trainctl_lightning.store.transfer.upload_hashed` (one pass, parts hashed
+  as read) and replies with the SHA-256, or with the error as one line;
+* the training process keeps everything else: retries, the size check, the manifest (last).
+
+A child that dies mid-upload fails that upload with one line naming it; the next upload starts a
+fresh child. Nothing is deleted on the way: an incomplete multipart upload it leaves is removed by
+the store's lifecycle rules or ``trainctl ckpt gc``.
+
+Internal: not part of the public API; it may change without notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recvfds, sendfds
+from typing import Any
+
+from trainctl_lightning.errors import StoreError
+
+__all__ = ["UploaderProcess", "supported"]
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.2
+
+
+def supported() -> bool:
+    """Whether this platform can pass file descriptors to a child (Linux, macOS)."""
+    return sys.platform.startswith("linux") or sys.platform == "darwin"
+
+
+class UploaderProcess:
+    """One child process that uploads checkpoint files for this process, one at a time.
+
+    Thread-safe: concurrent :meth:`upload` calls take turns (each upload is itself parallel).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None
+        self._sock: socket.socket | None = None
+        self.started = 0
+        """Child processes started so far (tests and benchmarks read it)."""
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's pid, or None."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def upload(
+        self,
+        store: dict[str, Any],
+        fd: int,
+        remote: str,
+        size: int,
+        *,
+        stop: threading.Event | None = None,
+    ) -> str:
+        """Upload ``size`` bytes of ``fd`` to the backend path ``remote`` in the child; returns their SHA-256.
+
+        Args:
+            store: ``url``, ``storage_options``, ``max_concurrency`` and ``part_size`` of the store.
+
+        Raises:
+            StoreError: the child died, was stopped, or the upload failed there (one line).
+        """
+        with self._lock:
+            conn = self._ensure()
+            try:
+                conn.send({"store": store, "remote": remote, "size": size})
+                assert self._sock is not None
+                sendfds(self._sock, [fd])
+                while not conn.poll(_POLL_S):
+                    if stop is not None and stop.is_set():
+                        self._end("the publisher is closing")
+                        raise StoreError("transfer stopped: the publisher is closing (the uploader process was ended)")
+                    if self._proc is None or self._proc.poll() is not None:
+                        break
+                reply = conn.recv()
+            except (EOFError, OSError) as exc:
+                code = None
+                if self._proc is not None:
+                    try:
+                        code = self._proc.wait(timeout=5)  # its socket closed: it is ending, or ended
+                    except subprocess.TimeoutExpired:
+                        code = None
+                self._end("it failed")
+                why = (
+                    f"exit code {code}" if code is not None and code >= 0 else f"signal {-code}" if code is not None else str(exc)
+                )
+                raise StoreError(
+                    f"the uploader process ended ({why}) while uploading {remote}; "
+                    "this upload failed and the next one starts a fresh process"
+                ) from None
+        if reply[0] == "ok":
+            return str(reply[1])
+        if reply[2]:  # transient there: the caller's retry policy runs the upload again
+            raise ConnectionError(f"upload of {remote} failed in the uploader process: {reply[1]}")
+        raise StoreError(f"upload of {remote} failed in the uploader process: {reply[1]}")
+
+    def close(self) -> None:
+        """End the child (idempotent); a running upload fails."""
+        with self._lock:
+            self._end(None)
+
+    # ------------------------------------------------------------------ internals
+    def _ensure(self) -> Connection:
+        if self._conn is not None and self._proc is not None and self._proc.poll() is None:
+            return self._conn
+        self._end(None)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            from trainctl_lightning.agent.jobproc import die_with_parent
+
+            env = dict(os.environ)
+            env["TRAINCTL_UPLOADER_FD"] = str(child.fileno())
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "trainctl_lightning.checkpoint.uploader"],
+                pass_fds=[child.fileno()],
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(),
+                env=env,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.started += 1
+        self._sock = parent
+        self._conn = Connection(os.dup(parent.fileno()))
+        log.debug("trainctl: uploader process %d started", self._proc.pid)
+        return self._conn
+
+    def _end(self, why: str | None) -> None:
+        conn, self._conn = self._conn, None
+        sock, self._sock = self._sock, None
+        proc, self._proc = self._proc, None
+        if conn is not None:
+            conn.close()  # the child's recv sees EOF and exits
+        if sock is not None:
+            sock.close()
+        if proc is None:
+            return
+        if why is not None and proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- the child
+def _serve(fd: int) -> None:
+    from trainctl_lightning.retry import is_transient
+    from trainctl_lightning.store.objects import ObjectStore
+    from trainctl_lightning.store.transfer import upload_hashed
+
+    sock = socket.socket(fileno=fd)
+    conn = Connection(os.dup(fd))
+    stores: dict[str, ObjectStore] = {}
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return  # the training process closed its end: done
+        (data_fd,) = recvfds(sock, 1)
+        try:
+            spec = job["store"]
+            key = repr(sorted((k, repr(v)) for k, v in spec.items()))
+            store = stores.get(key)
+            if store is None:
+                store = stores[key] = ObjectStore(
+                    spec["url"], spec["storage_options"], max_concurrency=spec["max_concurrency"], part_size=spec["part_size"]
+                )
+            digest = upload_hashed(
+                store.fs,
+                data_fd,
+                job["remote"],
+                job["size"],
+                concurrency=store.max_concurrency,
+                part_size=store.part_size,
+            )
+            reply: tuple[str, str, bool] = ("ok", digest, False)
+        except Exception as exc:  # sent back as one line: the training process retries it or reports it
+            reply = ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", is_transient(exc))
+        finally:
+            os.close(data_fd)
+        conn.send(reply)
+
+
+if __name__ == "__main__":
+    _serve(int(os.environ.pop("TRAINCTL_UPLOADER_FD")))
