@@ -111,6 +111,7 @@ def test_a_killed_uploader_fails_that_upload_and_the_next_starts_fresh(tmp_path:
 
         thread = threading.Thread(target=upload)
         thread.start()
+        wait_until(lambda: uploader.in_flight is not None, what="the job handed to the stopped child")
         os.kill(pid, signal.SIGKILL)
         thread.join(30)
         assert len(errors) == 1 and isinstance(errors[0], StoreError), errors

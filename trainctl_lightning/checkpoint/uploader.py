@@ -64,6 +64,8 @@ class UploaderProcess:
         self._sock: socket.socket | None = None
         self.started = 0
         """Child processes started so far (tests and benchmarks read it)."""
+        self.in_flight: str | None = None
+        """The remote path the child is uploading now (handed over), or None."""
 
     @property
     def pid(self) -> int | None:
@@ -94,6 +96,7 @@ class UploaderProcess:
                 conn.send({"store": store, "remote": remote, "size": size})
                 assert self._sock is not None
                 sendfds(self._sock, [fd])
+                self.in_flight = remote
                 while not conn.poll(_POLL_S):
                     if stop is not None and stop.is_set():
                         self._end("the publisher is closing")
@@ -116,6 +119,8 @@ class UploaderProcess:
                     f"the uploader process ended ({why}) while uploading {remote}; "
                     "this upload failed and the next one starts a fresh process"
                 ) from None
+            finally:
+                self.in_flight = None
         if reply[0] == "ok":
             return str(reply[1])
         if reply[2]:  # transient there: the caller's retry policy runs the upload again
