@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -123,6 +125,45 @@ def test_a_killed_uploader_fails_that_upload_and_the_next_starts_fresh(tmp_path:
     finally:
         uploader.close()
     assert uploader.pid is None and _uploader_children() == []
+
+
+def test_starting_the_uploader_shares_no_memory_with_the_training_process(tmp_path: Path, s3: Any) -> None:
+    """The uploader is not a fork of the training process (issue 15's RSS spike of 2.7x the state).
+
+    A fork shares every page of the trainer's memory copy-on-write with the child until it runs
+    ``exec``: the child's RSS is the trainer's for that while, and the pages stay write-protected
+    in the trainer, so the training loop's next write to each takes a fault (a copy while the
+    child still holds it). Measured here: the faults this thread takes rewriting a buffer it had
+    already written, after an upload started the uploader process.
+    """
+    store = RunStore(s3.url("vfork"), s3.server.storage_options(), max_concurrency=2, part_size=PART)
+    local = tmp_path / "small.ckpt"
+    local.write_bytes(os.urandom(1000))
+    size = 32 * 2**20
+    pages = size // mmap.PAGESIZE
+    state = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # like the trainer's heap: private
+    state.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per page, not per 2 MB
+
+    def write_every_page(value: int) -> int:
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        for offset in range(0, size, mmap.PAGESIZE):
+            state[offset] = value
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+    uploader = UploaderProcess()
+    try:
+        assert write_every_page(1) >= pages  # first touch: one fault per page (the yardstick)
+        assert write_every_page(2) < pages // 10  # written pages: no faults
+        assert _upload(uploader, store, local, "objs/x") == hashlib.sha256(local.read_bytes()).hexdigest()
+        assert uploader.started == 1
+        faults = write_every_page(3)
+    finally:
+        uploader.close()
+        state.close()
+    assert faults < pages // 10, (
+        f"{faults} of {pages} pages written before the uploader started were write-protected by then: "
+        "the training process was forked"
+    )
 
 
 def test_the_uploader_dies_with_a_killed_training_process(tmp_path: Path, s3: Any) -> None:

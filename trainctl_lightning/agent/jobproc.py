@@ -42,6 +42,7 @@ __all__ = [
     "JobProcess",
     "children_of",
     "die_with_parent",
+    "die_with_parent_now",
     "process_start_time",
     "processes",
     "read_job_records",
@@ -145,6 +146,21 @@ def die_with_parent() -> Callable[[], None] | None:
                 os.kill(os.getpid(), sig)
 
     return preexec
+
+
+def die_with_parent_now(parent: int) -> None:
+    """Called by a child at its start: get :data:`DEATH_SIGNAL` when ``parent`` (its creator) dies (Linux).
+
+    For a child started without a ``preexec_fn`` (:func:`die_with_parent` makes ``subprocess``
+    fork the whole parent: a copy of its page tables, and every page of its memory shared
+    copy-on-write with the child until ``exec``), so that ``subprocess`` can use ``vfork``. If
+    ``parent`` already died before the call, nobody would signal this process: it signals itself.
+    As with :func:`die_with_parent`, the signal is tied to the thread that started the child.
+    """
+    if sys.platform.startswith("linux") and (libc_name := ctypes.util.find_library("c")) is not None:
+        ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), DEATH_SIGNAL)
 
 
 @dataclass
