@@ -108,6 +108,30 @@ def test_parallel_multipart_upload_and_ranged_download_verified(tmp_path: Path, 
     assert Path(path).read_bytes() == data
 
 
+def test_ranged_reads_on_threads_where_the_filesystem_maps_to_a_client_else_on_the_loop(tmp_path: Path, s3: Any) -> None:
+    import s3fs
+
+    from trainctl_lightning.store import transfer
+
+    data = os.urandom(3 * PART + 4321)
+    s3.server.client().put_object(Bucket=s3.bucket, Key="ranged/obj", Body=data)
+    plain = s3fs.S3FileSystem(**s3.server.storage_options(), skip_instance_cache=True)
+    extra = s3fs.S3FileSystem(  # s3fs adds these to its requests: not mapped, the loop's path is used
+        **s3.server.storage_options(), s3_additional_kwargs={"ExpectedBucketOwner": "123456789012"}, skip_instance_cache=True
+    )
+    assert transfer._thread_client(plain, 3) is not None and transfer._thread_client(extra, 3) is None
+    for i, fs in enumerate((plain, extra)):
+        fd = os.open(tmp_path / f"dl{i}", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            got = transfer.download_verified(fs, f"{s3.bucket}/ranged/obj", fd, len(data), concurrency=3, part_size=PART)
+        finally:
+            os.close(fd)
+        assert got == (hashlib.sha256(data).hexdigest(), len(data)) and (tmp_path / f"dl{i}").read_bytes() == data
+    store = _store(s3, "ranged")
+    with pytest.raises(IntegrityError, match="is missing from the store"):  # the client's NoSuchKey, as s3fs raises it
+        store.objects.download("objs/absent", tmp_path / "absent", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
 def test_a_corrupt_range_fails_the_download_and_leaves_nothing(tmp_path: Path, s3: Any) -> None:
     data = bytearray(os.urandom(3 * PART + 777))
     local = tmp_path / "big.ckpt"
@@ -153,6 +177,7 @@ def test_repeated_transfers_keep_no_whole_part_in_the_heap(tmp_path: Path) -> No
     with s3_in_subprocess() as options:
         store = RunStore("s3://trainctl-sub/heap", options, max_concurrency=3, part_size=PART)
         store.objects.upload_hashed(str(local), "objs/warm", size=len(data))  # clients, connections, caches
+        store.objects.download("objs/warm", tmp_path / "warm", size=len(data), sha256=digest)  # the download's client
         tracemalloc.start()
         try:
             for i in range(3):

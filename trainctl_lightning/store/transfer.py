@@ -11,7 +11,9 @@ and a separate hashing pass):
     ``part_size``), so the SHA-256 the manifest records is over exactly the bytes sent, and the
     file is never read a second time. At most ``concurrency + 2`` parts are in memory.
 :func:`download_verified`
-    Parallel ranged reads (``concurrency`` at once), each written to its place in a temporary file
+    Parallel ranged reads (``concurrency`` at once; on S3 with a botocore client on threads, as
+    boto3's ``download_file`` does, built from the s3fs filesystem's own credentials, endpoint and
+    configuration, else as tasks on s3fs's loop), each written to its place in a temporary file
     with ``os.pwrite``; the SHA-256 is taken in order as the ranges complete, so when the last
     range lands the whole object is verified; the temporary file is renamed over the target only
     then. At most ``concurrency + 2`` ranges are in memory.
@@ -33,6 +35,7 @@ import mmap
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -307,7 +310,160 @@ def download_verified(
         if progress is not None:
             progress(len(data))
         return digest.hexdigest(), len(data)
+    client = _thread_client(fs, concurrency) if _DOWNLOAD_ON_THREADS else None
+    if client is not None:
+        return _download_s3_threads(fs, client, remote, out_fd, size, concurrency, part_size, progress)
     return _download_s3(fs, remote, out_fd, size, concurrency, part_size, progress)
+
+
+_DOWNLOAD_ON_THREADS = True
+"""Ranged reads with a botocore client on threads where the filesystem maps to one, else as tasks
+on s3fs's loop. Measured side by side on a 2-core machine (2 GB, a fresh process per download,
+SeaweedFS on loopback): 540 MB/s on threads against 469 MB/s on the loop (boto3 ``download_file``:
+596 MB/s); aiohttp's path costs more CPU per byte. Benchmarks may switch it to compare."""
+_READ_CHUNK = 256 * 2**10
+"""Bytes read from a response body at a time (as boto3's s3transfer does)."""
+_clients: weakref.WeakKeyDictionary[Any, tuple[int, Any]] = weakref.WeakKeyDictionary()
+_clients_lock = threading.Lock()
+
+
+def _thread_client(fs: Any, concurrency: int) -> Any | None:
+    """A (thread-safe) botocore S3 client with ``fs``'s endpoint, credentials and configuration, or None.
+
+    Built as s3fs builds its own aiobotocore client (``S3FileSystem.set_session``): the same
+    keys or the same default credential chain and profile, ``client_kwargs`` and ``config_kwargs``
+    (timeouts included), unsigned when ``anon``. None where that cannot be mapped faithfully: an
+    injected session, region discovery per bucket (no endpoint or region given), session options
+    other than ``profile``, ``s3_additional_kwargs`` (which s3fs adds to its requests), or an s3fs
+    without the attributes this reads.
+    """
+    needed = ("_session_is_owned", "s3_additional_kwargs", "kwargs", "client_kwargs", "cache_regions", "_prepare_config_kwargs")
+    if not all(hasattr(fs, name) for name in needed):
+        return None
+    if not fs._session_is_owned or fs.s3_additional_kwargs or set(fs.kwargs) - {"profile"}:
+        return None
+    client_kwargs = dict(fs.client_kwargs)
+    if fs.cache_regions and not (client_kwargs.get("region_name") or client_kwargs.get("endpoint_url") or fs.endpoint_url):
+        return None
+    with _clients_lock:
+        cached = _clients.get(fs)
+        if cached is not None and cached[0] >= concurrency:
+            return cached[1]
+    import botocore.session
+    from botocore.config import Config
+
+    init_kwargs = {
+        "aws_access_key_id": fs.key,
+        "aws_secret_access_key": fs.secret,
+        "aws_session_token": fs.token,
+        "endpoint_url": fs.endpoint_url,
+    }
+    init_kwargs = {k: v for k, v in init_kwargs.items() if v is not None and v != client_kwargs.get(k)}
+    if "use_ssl" not in client_kwargs:
+        init_kwargs["use_ssl"] = fs.use_ssl
+    config_kwargs = fs._prepare_config_kwargs()
+    if fs.anon:
+        from botocore import UNSIGNED
+
+        secret_keys = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+        init_kwargs = {k: v for k, v in init_kwargs.items() if k not in secret_keys}
+        client_kwargs = {k: v for k, v in client_kwargs.items() if k not in secret_keys}
+        config_kwargs["signature_version"] = UNSIGNED
+    config_kwargs["max_pool_connections"] = max(concurrency, config_kwargs.get("max_pool_connections") or 0)
+    session = botocore.session.Session(**fs.kwargs)
+    client = session.create_client("s3", config=Config(**config_kwargs), **init_kwargs, **client_kwargs)
+    with _clients_lock:
+        _clients[fs] = (concurrency, client)
+    return client
+
+
+def _write_in_order(
+    ranges: list[tuple[int, int]],
+    done: queue.Queue[tuple[int, mmap.mmap, int] | BaseException],
+    give_back: Callable[[mmap.mmap], None],
+    out_fd: int,
+    progress: Progress | None,
+) -> tuple[str, int]:
+    """Write each range that arrives in ``done`` to its place; hash them in file order as they complete."""
+    digest = hashlib.sha256()
+    got = 0
+    arrived: dict[int, tuple[mmap.mmap, int]] = {}
+    for index, (offset, _) in enumerate(ranges):
+        while index not in arrived:
+            item = done.get()
+            if isinstance(item, BaseException):
+                raise item
+            arrived[item[0]] = item[1:]
+        buf, n = arrived.pop(index)
+        with memoryview(buf) as whole, whole[:n] as view:
+            _write_all(out_fd, view, offset)
+            digest.update(view)  # the next range in order: hashed as soon as it is there
+        give_back(buf)
+        got += n
+        if progress is not None:
+            progress(n)
+    return digest.hexdigest(), got
+
+
+def _download_s3_threads(
+    fs: Any, client: Any, remote: str, out_fd: int, size: int, concurrency: int, part_size: int, progress: Progress | None
+) -> tuple[str, int]:
+    """The ranged reads run on ``concurrency`` threads with a botocore client (as boto3's
+    ``download_file`` does), each streamed into a reused part buffer; this thread writes and hashes
+    them in file order as they complete."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    bucket, key, version = fs.split_path(remote)
+    extra: dict[str, Any] = {"VersionId": version} if version else {}
+    extra.update(fs.req_kw)
+    ranges = [(offset, min(part_size, size - offset)) for offset in range(0, size, part_size)]
+    done: queue.Queue[tuple[int, mmap.mmap, int] | BaseException] = queue.Queue()
+    failed = threading.Event()
+
+    def fetch(index: int, buf: mmap.mmap) -> None:
+        offset, n = ranges[index]
+        try:
+            if failed.is_set():
+                raise StoreError(f"the download of {remote} failed")
+            reply = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}", **extra)
+            body = reply["Body"]
+            try:
+                got = 0
+                with memoryview(buf) as view:
+                    while got < n:
+                        chunk = body.read(min(_READ_CHUNK, n - got))  # small reads: no whole range in the heap
+                        if not chunk:
+                            break
+                        view[got : got + len(chunk)] = chunk
+                        got += len(chunk)
+            finally:
+                body.close()
+            if got != n:
+                raise StoreError(f"a ranged read of {remote} at {offset} returned {got} bytes, not {n}: the object changed")
+        except BaseException as exc:
+            failed.set()
+            # As s3fs raises it (FileNotFoundError for a missing object, ...), the ClientError as cause.
+            done.put(translate_boto_error(exc) if isinstance(exc, ClientError) else exc)
+            return
+        done.put((index, buf, n))
+
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="trainctl-download-range") as pool:
+        following = iter(range(len(ranges)))
+
+        def give_back(buf: mmap.mmap) -> None:  # a range is written: its buffer takes the next one
+            index = next(following, None)
+            if index is not None and not failed.is_set():
+                pool.submit(fetch, index, buf)
+
+        try:
+            for _ in range(min(concurrency + 2, len(ranges))):
+                give_back(mmap.mmap(-1, part_size))  # bounded memory: these buffers take turns
+            return _write_in_order(ranges, done, give_back, out_fd, progress)
+        except BaseException:
+            failed.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _download_s3(
@@ -364,31 +520,15 @@ def _download_s3(
                 task.cancel()
 
     runner = asyncio.run_coroutine_threadsafe(run_all(), fs.loop)
-    digest = hashlib.sha256()
-    got = 0
-    arrived: dict[int, tuple[mmap.mmap, int]] = {}
     try:
-        for index, (offset, _) in enumerate(ranges):
-            while index not in arrived:
-                item = done.get()
-                if isinstance(item, BaseException):
-                    raise item
-                arrived[item[0]] = item[1:]
-            buf, n = arrived.pop(index)
-            with memoryview(buf) as whole, whole[:n] as view:
-                _write_all(out_fd, view, offset)
-                digest.update(view)  # the next range in order: hashed as soon as it is there
-            fs.loop.call_soon_threadsafe(give_back, buf)
-            got += n
-            if progress is not None:
-                progress(n)
+        result = _write_in_order(ranges, done, lambda buf: fs.loop.call_soon_threadsafe(give_back, buf), out_fd, progress)
         runner.result()
     finally:
         if not runner.done():
             runner.cancel()
             with contextlib.suppress(BaseException):  # the error being raised is the one that counts
                 runner.result(timeout=30)
-    return digest.hexdigest(), got
+    return result
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
