@@ -23,7 +23,8 @@ Per store (``s3`` and ``file``):
   ``trainer.save_checkpoint``), excess wall time per checkpoint against a run without
   checkpoints, with the S3 server's CPU over the same span (``/proc/<pid>/stat``) shown
   separately, for ``CheckpointSync`` and for native ``ModelCheckpoint`` to local disk; and the
-  peak extra RSS (this process and its children, the uploader process: ``/proc/<pid>/status``
+  peak extra RSS (this process and its children, the uploader process, whose share at the peak
+  is shown: ``/proc/<pid>/status``
   every 10 ms) above the RSS before the first save, after each save, to show memory does not grow
   with the number of saves. On S3 the same run is repeated with ``upload_process=False`` (uploads
   on threads of the training process), side by side.
@@ -76,9 +77,8 @@ def _rss_of(pid: str) -> int:
     return 0
 
 
-def _rss_bytes() -> int:
-    """This process's RSS plus its children's (the uploader process's): the memory the run costs."""
-    total = _rss_of("self")
+def _rss_parts() -> tuple[int, int]:
+    """This process's RSS and its children's (the uploader process's)."""
     children: list[str] = []
     for task in os.listdir("/proc/self/task"):  # the uploader is started from a publisher thread
         try:
@@ -86,25 +86,40 @@ def _rss_bytes() -> int:
                 children += f.read().split()
         except OSError:
             pass
-    return total + sum(_rss_of(pid) for pid in children)
+    return _rss_of("self"), sum(_rss_of(pid) for pid in children)
+
+
+def _rss_bytes() -> int:
+    """This process's RSS plus its children's (the uploader process's): the memory the run costs."""
+    return sum(_rss_parts())
 
 
 class _RssSampler:
-    """Peak RSS between marks, sampled from /proc every 10 ms on a thread."""
+    """Peak RSS between marks, sampled from /proc every 10 ms on a thread (with the children's share at the peak)."""
 
     def __init__(self) -> None:
-        self.peak = _rss_bytes()
+        self.peak, self.peak_children = 0, 0
+        self._sample()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        own, children = _rss_parts()
+        if own + children > self.peak:
+            self.peak, self.peak_children = own + children, children
+
     def _run(self) -> None:
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, _rss_bytes())
+            self._sample()
 
-    def take(self) -> int:
-        peak, self.peak = max(self.peak, _rss_bytes()), _rss_bytes()
-        return peak
+    def take(self) -> tuple[int, int]:
+        """(peak, children's RSS at that peak) since the last call; starts the next span."""
+        self._sample()
+        taken = (self.peak, self.peak_children)
+        self.peak, self.peak_children = 0, 0
+        self._sample()
+        return taken
 
     def close(self) -> None:
         self._stop.set()
@@ -156,6 +171,7 @@ def _child(spec_path: str) -> None:
             self.save_starts: list[float] = []
             self.save_calls: list[float] = []
             self.peaks: list[int] = []
+            self.peak_children: list[int] = []
 
         def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
             inner = trainer.save_checkpoint
@@ -185,7 +201,9 @@ def _child(spec_path: str) -> None:
                 self.rss0 = _rss_bytes()
                 self.sampler.take()
             if self.sampler is not None and self.save_starts and len(self.peaks) < len(self.save_starts):
-                self.peaks.append(self.sampler.take())  # the peak over the save before this step and the steps since
+                peak, children = self.sampler.take()  # the peak over the save before this step and the steps since
+                self.peaks.append(peak)
+                self.peak_children.append(children)
 
     kind = spec["kind"]
     workdir = spec["workdir"]
@@ -252,6 +270,7 @@ def _child(spec_path: str) -> None:
             save_calls_s=probe.save_calls,
             rss_before_saves=probe.rss0,
             peak_extra_rss=[p - probe.rss0 for p in probe.peaks],
+            uploader_rss_at_peak=probe.peak_children,
             state_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
         )
         if sync is not None:
@@ -453,6 +472,7 @@ def _report(res: dict[str, Any]) -> int:
             f"[{store}] sync: stall/save {_med(t['save_calls_s']):.3f}s, excess/ckpt {excess:.2f}s "
             f"(server CPU/ckpt {server_cpu:.2f}s; without it {excess - server_cpu:.2f}s), end of fit {t['end_of_fit_s']:.2f}s, "
             f"peak extra RSS per save {[round(p, 2) for p in peaks]} x state"
+            f" (of which the uploader process {[round(c / state, 2) for c in t['uploader_rss_at_peak']]})"
         )
         thread = r.get("training_thread")
         if thread is not None:
@@ -471,6 +491,7 @@ def _report(res: dict[str, Any]) -> int:
             "excess_s": round(excess, 3),
             "server_cpu_per_ckpt_s": round(server_cpu, 3),
             "peak_extra_rss_x_state": [round(p, 3) for p in peaks],
+            "uploader_rss_at_peak_x_state": [round(c / state, 3) for c in t["uploader_rss_at_peak"]],
             "excess_minus_server_vs_native_local": _ratio(excess - server_cpu, native_excess),
         }
         if thread is not None:
