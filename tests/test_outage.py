@@ -181,7 +181,9 @@ def test_endpoint_outage_mid_upload_is_ridden_out(outage_s3: LocalS3, tmp_path, 
         if r.name == "trainctl_lightning.retry"
         and r.levelno == logging.WARNING
         and r.getMessage().startswith(f"upload s3://{BUCKET}/runs/outage/checkpoints/")
-        and outage.stopping_at <= r.created <= outage.up_at + 1.0
+        # +5 s: with the uploader process the error reaches this process's retry layer only once the
+        # child's parallel parts have all failed, which under load can come a few seconds late
+        and outage.stopping_at <= r.created <= outage.up_at + 5.0
     ]
     if not sdk_retries:
         assert retried, "the retry layer never saw the outage: " + "\n".join(r.getMessage() for r in caplog.records)

@@ -45,7 +45,7 @@ from trainctl_lightning.store import RunStore, layout
 from trainctl_lightning.store.manifest import CheckpointManifest
 from trainctl_lightning.store.transfer import can_transfer
 
-__all__ = ["FlushResult", "PublishJob", "PublishState", "Publisher"]
+__all__ = ["FlushResult", "PublishJob", "PublishState", "Publisher", "delete_remote", "keep_newest"]
 
 log = logging.getLogger(__name__)
 
@@ -384,20 +384,10 @@ class Publisher:
                 published.name,
             )
             return
-        try:
-            complete = self.store.list_checkpoints()
-        except TrainctlError as exc:
-            log.warning("trainctl: keep_last: cannot list %s: %s", self.store.url, exc)
-            return
-        for manifest in complete[: max(0, len(complete) - self.keep_last)]:
-            self._delete(manifest, why=f"keep_last={self.keep_last}")
+        keep_newest(self.store, self.keep_last)
 
     def _delete(self, manifest: CheckpointManifest, why: str) -> None:
-        try:
-            self.store.delete_checkpoint(manifest)
-            log.info("trainctl: deleted remote checkpoint %s (%s)", manifest.id, why)
-        except Exception as exc:
-            log.error("trainctl: could not delete remote checkpoint %s (%s): %s", manifest.id, why, exc)
+        delete_remote(self.store, manifest, why)
 
     # ------------------------------------------------------------------ flush
     def pending(self) -> list[PublishJob]:
@@ -472,3 +462,25 @@ def _show_progress(publisher: Publisher, jobs: list[PublishJob], deadline: float
             if not left or (deadline is not None and time.monotonic() >= deadline):
                 return
             left[0].done.wait(0.2)
+
+
+def keep_newest(store: RunStore, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` (>= 1) complete checkpoints of ``store``: never the
+    newest complete one. A listing that fails deletes nothing (the next save tries again)."""
+    try:
+        complete = store.list_checkpoints()
+    except TrainctlError as exc:
+        log.warning("trainctl: keep_last: cannot list %s: %s", store.url, exc)
+        return
+    for manifest in complete[: max(0, len(complete) - keep_last)]:
+        delete_remote(store, manifest, why=f"keep_last={keep_last}")
+
+
+def delete_remote(store: RunStore, manifest: CheckpointManifest, why: str) -> None:
+    """Delete a published checkpoint (manifest first: it stops existing at once), logging, not
+    raising, a failure: the data stays complete and the next save tries retention again."""
+    try:
+        store.delete_checkpoint(manifest)
+        log.info("trainctl: deleted remote checkpoint %s (%s)", manifest.id, why)
+    except Exception as exc:
+        log.error("trainctl: could not delete remote checkpoint %s (%s): %s", manifest.id, why, exc)

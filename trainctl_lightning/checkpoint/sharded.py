@@ -61,9 +61,9 @@ from typing import Any
 
 import torch
 
-from trainctl_lightning.checkpoint.publisher import FlushResult
+from trainctl_lightning.checkpoint.publisher import FlushResult, delete_remote, keep_newest
 from trainctl_lightning.checkpoint.snapshot import take_snapshot
-from trainctl_lightning.errors import IntegrityError, TrainctlError
+from trainctl_lightning.errors import IntegrityError
 from trainctl_lightning.store import RunStore, layout
 from trainctl_lightning.store.files import inside, safe_relpath, sha256_file
 from trainctl_lightning.store.manifest import CheckpointManifest, FileEntry
@@ -319,23 +319,11 @@ class ShardedWriter:
         self._published[job.path] = (job.seq, job.manifest)
         if self.mirror_deletes and stale is not None:
             self._delete(stale[1], why=f"{job.name} was saved again")
-        if not self.keep_last:
-            return
-        try:
-            complete = self.store.list_checkpoints()
-        except TrainctlError as exc:
-            log.warning("trainctl: keep_last: cannot list %s: %s", self.store.url, exc)
-            return
-        # the newest complete checkpoint is never among these: keep_last >= 1
-        for manifest in complete[: max(0, len(complete) - self.keep_last)]:
-            self._delete(manifest, why=f"keep_last={self.keep_last}")
+        if self.keep_last:
+            keep_newest(self.store, self.keep_last)
 
     def _delete(self, manifest: CheckpointManifest, why: str) -> None:
-        try:
-            self.store.delete_checkpoint(manifest)  # manifest first: it stops existing at once
-            log.info("trainctl: deleted remote checkpoint %s (%s)", manifest.id, why)
-        except Exception as exc:  # the next save tries retention again; the data stays complete
-            log.error("trainctl: could not delete remote checkpoint %s (%s): %s", manifest.id, why, exc)
+        delete_remote(self.store, manifest, why)
 
     def _run(self, job: ShardedJob) -> None:
         import torch.distributed as dist

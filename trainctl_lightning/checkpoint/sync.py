@@ -550,17 +550,23 @@ class CheckpointSync(Callback):
         if self._gate is not None:  # this thread waits for it now: nothing else would release it
             self._gate.release(self._io.saves_queued)
         job = self._io.wait_published(path, timeout=self.request_timeout)
-        elapsed = time.monotonic() - requested_at
-        if job is not None and job.state is PublishState.PUBLISHED and job.manifest is not None:
+        published = job is not None and job.state is PublishState.PUBLISHED
+        self._report_requested(path, step, requested_at, job.manifest if published and job else None, job.error if job else None)
+
+    def _report_requested(
+        self, path: str, step: int, requested_at: float, manifest: CheckpointManifest | None, error: str | None
+    ) -> None:
+        """One log line on a requested checkpoint: where it was published and how long it took, or why not."""
+        if manifest is not None:
             log.warning(
                 "trainctl: %s (step %d) published as %s, %.1fs after it was requested",
                 os.path.basename(path),
                 step,
-                self.store.url_of(layout.checkpoint_object(job.manifest.id)) if self.store else job.manifest.id,
-                elapsed,
+                self.store.url_of(layout.checkpoint_object(manifest.id)) if self.store else manifest.id,
+                time.monotonic() - requested_at,
             )
         else:
-            why = job.error if job is not None and job.error else f"not published within {self.request_timeout:g}s"
+            why = error or f"not published within {self.request_timeout:g}s"
             log.error("trainctl: requested checkpoint %s (step %d) is not in %s: %s", path, step, self.url, why)
 
     def _anyone_requested(self, trainer: pl.Trainer, mine: bool) -> bool:
@@ -692,18 +698,8 @@ class CheckpointSync(Callback):
         job = writer.wait_published(path, timeout=self.request_timeout)
         if not trainer.is_global_zero:
             return
-        elapsed = time.monotonic() - requested_at
-        if job is not None and job.done.is_set() and job.error is None and job.manifest is not None:
-            log.warning(
-                "trainctl: %s (step %d) published as %s, %.1fs after it was requested",
-                os.path.basename(path),
-                step,
-                self.store.url_of(layout.checkpoint_object(job.manifest.id)) if self.store else job.manifest.id,
-                elapsed,
-            )
-        else:
-            why = job.error if job is not None and job.error else f"not published within {self.request_timeout:g}s"
-            log.error("trainctl: requested checkpoint %s (step %d) is not in %s: %s", path, step, self.url, why)
+        published = job is not None and job.done.is_set() and job.error is None
+        self._report_requested(path, step, requested_at, job.manifest if published and job else None, job.error if job else None)
 
     def _fetch_sharded(self, trainer: pl.Trainer, manifest: CheckpointManifest) -> str:
         """Every rank downloads (verified) what it needs of a sharded checkpoint; a failure on any
