@@ -9,8 +9,8 @@ demo: setup
 	.venv/bin/python examples/quickstart.py
 
 # Lint, format check and type check first (seconds), then the suite on 4 workers: most tests wait
-# on subprocesses and stores, so 6 workers keep 2 cores busy (4 left them a third idle). PYTEST_ARGS overrides the workers too.
-PYTEST_ARGS ?= -n 6
+# on subprocesses and stores, so 4 workers keep 2 cores busy (6 were slower: 10m20s against 9m09s). PYTEST_ARGS overrides the workers too.
+PYTEST_ARGS ?= -n 4
 test: setup
 	.venv/bin/ruff check trainctl_lightning tests benchmarks examples scripts
 	.venv/bin/ruff format --check trainctl_lightning tests benchmarks examples scripts
