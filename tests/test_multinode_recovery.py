@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_until
-from tests.helpers.leftovers import assert_nothing_running, live_agent_pids
+from tests.helpers.leftovers import end_local_instances_then_assert_nothing_running, live_agent_pids
 from tests.helpers.provider_contract import FAST
 from trainctl_lightning import launch as api
 from trainctl_lightning.agent.nodes import PeerFailure, attempt_of, attempt_outcome, of_attempt
@@ -40,9 +40,7 @@ _START_STEP = re.compile(r"RANK global_rank=(\d+) .* step=(\d+)")
 @pytest.fixture(autouse=True)
 def _nothing_left():
     yield
-    for instance in LocalProvider().list():
-        LocalProvider().terminate(instance.id)
-    assert_nothing_running()
+    end_local_instances_then_assert_nothing_running()
 
 
 def _launch(store: str, policy: RecoverPolicy, *args: str) -> tuple[JobStore, JobSpec]:

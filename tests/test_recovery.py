@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import wait_until
 from tests.helpers.cli import TRAINCTL, Running, trainctl
-from tests.helpers.leftovers import assert_nothing_running, live_agent_pids
+from tests.helpers.leftovers import assert_nothing_running, end_local_instances_then_assert_nothing_running, live_agent_pids
 from trainctl_lightning import launch as api
 from trainctl_lightning.agent.attempts import PRICE_ENV
 from trainctl_lightning.errors import ConfigError
@@ -44,9 +44,7 @@ def imds(monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(autouse=True)
 def _nothing_left():
     yield
-    for instance in LocalProvider().list():
-        LocalProvider().terminate(instance.id)
-    assert_nothing_running()
+    end_local_instances_then_assert_nothing_running()
 
 
 def _launch(store: str, *args: str, **options) -> api.Run:

@@ -38,3 +38,12 @@ def assert_nothing_running(wait_s: float = 15) -> None:
         time.sleep(0.2)
     assert live_agent_pids() == []
     assert [i.id for i in get_provider("local").list()] == []
+
+
+def end_local_instances_then_assert_nothing_running() -> None:
+    """What a local-provider test leaves: terminate every instance still up (a failed test may
+    leave one), then require that no agent or job of this test is alive and no instance is left."""
+    provider = get_provider("local")
+    for instance in provider.list():
+        provider.terminate(instance.id)
+    assert_nothing_running()
