@@ -132,6 +132,36 @@ def test_ranged_reads_on_threads_where_the_filesystem_maps_to_a_client_else_on_t
         store.objects.download("objs/absent", tmp_path / "absent", size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
+def test_the_ranged_read_client_is_the_filesystems_own_not_an_equal_ones(
+    tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two s3fs filesystems built alike are equal (fsspec compares their arguments), yet each
+    resolves its endpoint from the environment it was made in: the one that is asked must be the
+    one whose client reads. (A client cached for an equal filesystem from an earlier test, made
+    while the environment named a server since stopped, met a refused connection.)"""
+    import s3fs
+
+    from trainctl_lightning.store import transfer
+    from trainctl_lightning.testing import LocalS3
+
+    data = os.urandom(2 * PART + 99)
+    s3.server.client().put_object(Bucket=s3.bucket, Key="ranged/obj", Body=data)
+    with LocalS3() as gone:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", gone.endpoint)
+        earlier = s3fs.S3FileSystem(skip_instance_cache=True)
+        assert transfer._thread_client(earlier, 2) is not None
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.server.endpoint)
+    now = s3fs.S3FileSystem(skip_instance_cache=True)
+    assert now == earlier and now is not earlier  # equal arguments, different endpoints
+    fd = os.open(tmp_path / "dl", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        got = transfer.download_verified(now, f"{s3.bucket}/ranged/obj", fd, len(data), concurrency=2, part_size=PART)
+    finally:
+        os.close(fd)
+    assert got == (hashlib.sha256(data).hexdigest(), len(data)) and (tmp_path / "dl").read_bytes() == data
+    del earlier
+
+
 def test_a_corrupt_range_fails_the_download_and_leaves_nothing(tmp_path: Path, s3: Any) -> None:
     data = bytearray(os.urandom(3 * PART + 777))
     local = tmp_path / "big.ckpt"

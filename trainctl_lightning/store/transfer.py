@@ -323,7 +323,11 @@ SeaweedFS on loopback): 540 MB/s on threads against 469 MB/s on the loop (boto3 
 596 MB/s); aiohttp's path costs more CPU per byte. Benchmarks may switch it to compare."""
 _READ_CHUNK = 256 * 2**10
 """Bytes read from a response body at a time (as boto3's s3transfer does)."""
-_clients: weakref.WeakKeyDictionary[Any, tuple[int, Any]] = weakref.WeakKeyDictionary()
+_clients: dict[int, tuple[int, Any]] = {}
+"""id(filesystem) -> (concurrency, client), dropped when the filesystem is collected. By identity, not
+a ``WeakKeyDictionary``: fsspec filesystems built with the same arguments compare equal, yet each
+resolves its endpoint and credentials from the environment it was made in, so an equal one's
+client may name another endpoint (one since stopped: a refused connection)."""
 _clients_lock = threading.Lock()
 
 
@@ -346,7 +350,7 @@ def _thread_client(fs: Any, concurrency: int) -> Any | None:
     if fs.cache_regions and not (client_kwargs.get("region_name") or client_kwargs.get("endpoint_url") or fs.endpoint_url):
         return None
     with _clients_lock:
-        cached = _clients.get(fs)
+        cached = _clients.get(id(fs))
         if cached is not None and cached[0] >= concurrency:
             return cached[1]
     import botocore.session
@@ -373,8 +377,15 @@ def _thread_client(fs: Any, concurrency: int) -> Any | None:
     session = botocore.session.Session(**fs.kwargs)
     client = session.create_client("s3", config=Config(**config_kwargs), **init_kwargs, **client_kwargs)
     with _clients_lock:
-        _clients[fs] = (concurrency, client)
+        if id(fs) not in _clients:
+            weakref.finalize(fs, _forget_client, id(fs))
+        _clients[id(fs)] = (concurrency, client)
     return client
+
+
+def _forget_client(key: int) -> None:
+    # No lock: the collector may run this on a thread that holds it; a dict pop is atomic.
+    _clients.pop(key, None)
 
 
 def _write_in_order(
