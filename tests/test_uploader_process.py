@@ -61,9 +61,11 @@ def _spec(store: RunStore) -> dict[str, Any]:
 def _upload(uploader: UploaderProcess, store: RunStore, local: Path, rel: str) -> str:
     fd = os.open(local, os.O_RDONLY)
     try:
-        return uploader.upload(_spec(store), fd, store.objects.path(rel), local.stat().st_size)
+        digest, size = uploader.upload(_spec(store), fd, store.objects.path(rel), local.stat().st_size)
     finally:
         os.close(fd)
+    assert size == local.stat().st_size
+    return digest
 
 
 def test_checkpoint_sync_uploads_from_a_child_that_ends_with_the_fit(

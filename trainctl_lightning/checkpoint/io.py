@@ -87,6 +87,7 @@ from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, Publ
 from trainctl_lightning.checkpoint.snapshot import BufferPool, Snapshot, take_snapshot
 from trainctl_lightning.errors import ConfigError, TrainctlError, UploadError
 from trainctl_lightning.retry import exception_chain
+from trainctl_lightning.store.transfer import Growing, can_transfer
 
 __all__ = ["PENDING_MARKER", "SnapshotCheckpointIO"]
 
@@ -155,6 +156,8 @@ class _WriterRun:
     """seq -> local path of every save accepted but not yet written and handed to the publisher."""
     abandoned: bool = False
     """A flush stopped waiting for this writer: it submits and removes nothing more."""
+    streams: dict[int, PublishJob] = field(default_factory=dict)
+    """seq -> the publish job of a save whose upload started with its write, until the write ends."""
 
 
 class _WriteNotifier(CheckpointIO):
@@ -234,6 +237,11 @@ class SnapshotCheckpointIO(CheckpointIO):
         """True while a fit runs; outside one, a save is written and published before it returns."""
         self.raise_outside_fit = True
         """Whether such a save raises UploadError when it cannot be published (else: logged)."""
+        self.stream_uploads = True
+        """Our own format to S3 or a local disk: the upload starts with the write and reads the
+        file as it grows (``torch.save`` only appends), so the checkpoint is safe about when the
+        slower of the two ends, not when both have run one after the other. False: the upload
+        starts once the file is written (benchmarks compare the two)."""
         self._new_publisher = publisher
         self.publisher: Publisher | None = None
         self._slots = threading.BoundedSemaphore(max_pending_snapshots)
@@ -463,6 +471,8 @@ class SnapshotCheckpointIO(CheckpointIO):
                 # published by a publisher that is closing, and would be reported by nobody.
                 run.abandoned = True
                 unwritten = [os.path.basename(path) for path in run.unwritten.values()]
+                for seq in list(run.streams):  # their uploads stop; they are named as unwritten below
+                    run.publisher.withdraw(run.streams.pop(seq), "a flush stopped waiting for its write")
             if unwritten:
                 log.error(
                     "trainctl: stopped waiting after %ss while %s was still being written to local disk; it is not published",
@@ -627,7 +637,7 @@ class SnapshotCheckpointIO(CheckpointIO):
             try:
                 op.snapshot.wait_ready()
                 if self._own_format:
-                    fd = self._write_own(op, target)
+                    fd = self._write_own(op, target, run)
                     if fd is not None:
                         stat = os.fstat(fd)
                         placed = (stat.st_dev, stat.st_ino)
@@ -643,6 +653,7 @@ class SnapshotCheckpointIO(CheckpointIO):
         except Exception as exc:
             # Nothing of this save stays behind, and the file it was to replace is untouched.
             _remove_placeholder(target, op.reservation)
+            self._end_stream(op, run, None, f"not written to {target.parent}: {_describe_os_error(exc)}")
             self._write_failed(op, run, exc)
             return
         finally:
@@ -657,19 +668,68 @@ class SnapshotCheckpointIO(CheckpointIO):
         with self._submit_lock:
             run.unwritten.pop(op.seq, None)
             if fd is None:
+                self._end_stream(op, run, None, f"{target.name} was removed or replaced while it was written")
                 return  # replaced by someone else meanwhile: see _write_own
             if run.abandoned:
                 os.close(fd)
+                self._end_stream(op, run, None, "a flush stopped waiting for its write")
                 log.error(
                     "trainctl: %s was written to %s after the flush stopped waiting for it; it is not published",
                     target.name,
                     target.parent,
                 )
                 return
-            log.debug("trainctl: %s (save #%d) is on disk; publishing it", op.path, op.seq)
-            job = _fd_job(op.seq, op.path, fd, op.meta, placed)
-            run.publisher.submit(job)
+            stream = self._end_stream(op, run, fd, None)
+            if stream is not None:
+                os.close(fd)  # the job reads through its own descriptor
+                job = stream
+                log.debug("trainctl: %s (save #%d) is on disk; its upload is under way", op.path, op.seq)
+            else:
+                log.debug("trainctl: %s (save #%d) is on disk; publishing it", op.path, op.seq)
+                job = _fd_job(op.seq, op.path, fd, op.meta, placed)
+                run.publisher.submit(job)
         self._track(job)
+
+    def _start_stream(self, op: _Save, run: _WriterRun, fd: int) -> Growing | None:
+        """Submit the upload of the file ``fd`` is being written to, to run alongside the write
+        (on S3 and local disks, with /proc); returns what the writer tells it, or None."""
+        if (
+            not self.stream_uploads
+            or can_transfer(run.publisher.store.objects.fs) is None
+            or not os.path.isdir(_PROC_FD)
+            or op.snapshot.nbytes <= 0
+        ):
+            return None
+        with self._submit_lock:
+            if run.abandoned:
+                return None
+            stat = os.fstat(fd)
+            job_fd = os.dup(fd)
+            growth = Growing(job_fd, op.snapshot.nbytes)
+            job = PublishJob(
+                seq=op.seq,
+                local_path=op.path,
+                staged_path=f"{_PROC_FD}/{job_fd}",
+                meta=op.meta,
+                fd=job_fd,
+                placed=(stat.st_dev, stat.st_ino),
+                growth=growth,
+            )
+            run.streams[op.seq] = job
+            run.publisher.submit(job)
+        return growth
+
+    def _end_stream(self, op: _Save, run: _WriterRun, fd: int | None, failed: str | None) -> PublishJob | None:
+        """The write of a save whose upload started with it has ended: committed (``fd``, its
+        file in place), or ``failed`` (the job is withdrawn; the writer reports the save)."""
+        job = run.streams.pop(op.seq, None)
+        if job is None or job.growth is None:
+            return None
+        if failed is not None:
+            run.publisher.withdraw(job, failed)
+            return None
+        job.growth.commit()
+        return job
 
     def _track(self, job: PublishJob) -> None:
         with self._written_lock:
@@ -678,7 +738,7 @@ class SnapshotCheckpointIO(CheckpointIO):
             while len(self._submitted) > _TRACKED_PATHS:
                 self._submitted.popitem(last=False)
 
-    def _write_own(self, op: _Save, target: Path) -> int | None:
+    def _write_own(self, op: _Save, target: Path, run: _WriterRun) -> int | None:
         """``torch.save`` to an unnamed file, renamed over the target; returns a read fd on it
         (None: the path was removed or replaced by someone else since the save, who wins, as
         they would have after a synchronous save)."""
@@ -699,8 +759,18 @@ class SnapshotCheckpointIO(CheckpointIO):
             # so that a failed write keeps its errno (torch wraps it in a RuntimeError).
             with open(tmp, "wb", opener=opener) as out:
                 fd = os.dup(out.fileno())
-                torch.save(op.snapshot.checkpoint, out)
-                out.flush()
+                growth = self._start_stream(op, run, fd)
+                if growth is None:
+                    torch.save(op.snapshot.checkpoint, out)
+                    out.flush()
+                else:
+                    appended = _AppendOnly(out)
+                    torch.save(op.snapshot.checkpoint, appended)  # type: ignore[arg-type]  # a writable file-like
+                    out.flush()
+                    if appended.moved:  # not seen so far: torch.save's zip writer only appends
+                        self._end_stream(op, run, None, "torch.save moved in the file: it is uploaded once written")
+                    else:
+                        growth.end(os.fstat(out.fileno()).st_size)  # the upload's last part can go now
                 os.fsync(out.fileno())
             if not named:
                 tmp.unlink(missing_ok=True)
@@ -812,6 +882,29 @@ class SnapshotCheckpointIO(CheckpointIO):
 _UNNAMED_OK: dict[int, bool] = {}  # st_dev -> whether an O_TMPFILE file can be given a name there
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
+
+
+class _AppendOnly:
+    """What ``torch.save`` writes through while the file is uploaded as it grows: its writes go
+    straight to the file, in order; a seek (``torch.save`` seeks only past data it skips, under
+    ``torch.serialization.skip_data``) is noted, and the upload then waits for the whole file."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+        self.moved = False
+
+    def write(self, data: Any) -> int:
+        return int(self._out.write(data))
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.moved = True
+        return int(self._out.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._out.tell())
 
 
 def _link_unnamed(fd: int, name: Path) -> None:

@@ -43,7 +43,7 @@ from trainctl_lightning.checkpoint.uploader import supported as uploader_support
 from trainctl_lightning.errors import TrainctlError
 from trainctl_lightning.store import RunStore, layout
 from trainctl_lightning.store.manifest import CheckpointManifest
-from trainctl_lightning.store.transfer import can_transfer
+from trainctl_lightning.store.transfer import Growing, can_transfer
 
 __all__ = ["FlushResult", "PublishJob", "PublishState", "Publisher", "delete_remote", "keep_newest"]
 
@@ -84,6 +84,11 @@ class PublishJob:
     """Open read descriptor on the content (closed once the job ends), or None."""
     placed: tuple[int, int] | None = None
     """(st_dev, st_ino) of the file at ``local_path`` that this content was (None: that of ``staged_path``)."""
+    growth: Growing | None = None
+    """Set while the file is still being written: it is uploaded as it grows (``size`` is an
+    estimate until the write ends), and published only once the write succeeds."""
+    withdrawn: bool = False
+    """The save's write did not succeed after the job was submitted: the writer reports it, not the publisher."""
 
     @property
     def name(self) -> str:
@@ -204,8 +209,12 @@ class Publisher:
 
     # ----------------------------------------------------------- producer side
     def submit(self, job: PublishJob) -> None:
+        """Publish ``job`` in the background; with ``job.growth``, while its file is still being written."""
         with self._lock:
-            job.size = os.fstat(job.fd).st_size if job.fd is not None else os.path.getsize(job.staged_path)
+            if job.growth is not None:
+                job.size = job.growth.expected
+            else:
+                job.size = os.fstat(job.fd).st_size if job.fd is not None else os.path.getsize(job.staged_path)
             for other in self._jobs:
                 if other.local_path == job.local_path and other.state is PublishState.QUEUED:
                     other.state = PublishState.SKIPPED
@@ -222,6 +231,18 @@ class Publisher:
                     job.error = "rotated away by ModelCheckpoint before its upload started"
             if self.mirror_deletes:
                 self._pending_removals.append((local_path, after_seq))
+        self._run_removals()
+
+    def withdraw(self, job: PublishJob, why: str) -> None:
+        """A job submitted while its file was being written (``job.growth``) whose write did not
+        succeed: it is dropped from what this publisher reports and decides on (the writer reports
+        the save), and its upload stops and removes what it sent."""
+        with self._lock:
+            job.withdrawn = True
+            if job in self._jobs:
+                self._jobs.remove(job)
+        if job.growth is not None:
+            job.growth.fail(why)
         self._run_removals()
 
     def write_failed(self, job: PublishJob) -> None:
@@ -277,13 +298,19 @@ class Publisher:
                 stop=self._stop,
                 verify_unchanged=False,  # staged files are private: nothing else can write them
                 before_manifest=None if self._gate is None else functools.partial(self._gate, job),
+                growth=job.growth,
             )
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
+            if job.withdrawn:  # its write failed or was given up: the writer has reported that
+                log.debug("trainctl: the upload of %s stopped with its write: %s", job.name, reason)
+                self._finish(job, PublishState.FAILED, reason)
+                return
             log.error("trainctl: could not publish checkpoint %s to %s: %s", job.name, self.store.url, reason)
             self._finish(job, PublishState.FAILED, reason)
             return
         job.manifest = manifest
+        job.size = manifest.files[0].size if manifest.files else job.size
         log.info("trainctl: published %s as %s", job.name, self.store.url_of(layout.checkpoint_object(manifest.id)))
         if self._on_published is not None:
             self._on_published(manifest)

@@ -19,7 +19,10 @@ does:
   ``storage_options`` (credentials) pickled on that socket only, never in argv, the environment
   or a log line;
 * the child runs :func:`~trainctl_lightning.store.transfer.upload_hashed` (one pass, parts hashed
-  as read) and replies with the SHA-256, or with the error as one line;
+  as read) and replies with the SHA-256 and size, or with the error as one line;
+* a file still being written (a :class:`~trainctl_lightning.store.transfer.Growing`) is read by
+  the child as it grows (its size, through the shared descriptor); this process tells it on the
+  same socket when the write has ended, with the final size, or failed;
 * the training process keeps everything else: retries, the size check, the manifest (last).
 
 A child that dies mid-upload fails that upload with one line naming it; the next upload starts a
@@ -42,12 +45,15 @@ from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
 from trainctl_lightning.errors import StoreError
+from trainctl_lightning.store.transfer import Growing, Growth
 
 __all__ = ["UploaderProcess", "supported"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+_GROWTH_POLL_S = 0.01
+"""How often a write's end is looked for while the child reads the file as it grows."""
 
 
 def supported() -> bool:
@@ -82,26 +88,39 @@ class UploaderProcess:
         store: dict[str, Any],
         fd: int,
         remote: str,
-        size: int,
+        size: int | None,
         *,
         stop: threading.Event | None = None,
-    ) -> str:
-        """Upload ``size`` bytes of ``fd`` to the backend path ``remote`` in the child; returns their SHA-256.
+        growth: Growing | None = None,
+    ) -> tuple[str, int]:
+        """Upload the bytes of ``fd`` to the backend path ``remote`` in the child; returns (SHA-256, size).
 
         Args:
             store: ``url``, ``storage_options``, ``max_concurrency`` and ``part_size`` of the store.
+            size: the file's size; None with ``growth`` (the file is read as it is written).
 
         Raises:
             StoreError: the child died, was stopped, or the upload failed there (one line).
         """
         with self._lock:
             conn = self._ensure()
+            told = growth is None  # whether the child knows how the write ended
             try:
-                conn.send({"store": store, "remote": remote, "size": size})
+                expected = growth.expected if growth is not None else size
+                conn.send({"store": store, "remote": remote, "size": size, "growing": growth is not None, "expected": expected})
                 assert self._sock is not None
                 sendfds(self._sock, [fd])
                 self.in_flight = remote
-                while not conn.poll(_POLL_S):
+                while not conn.poll(_POLL_S if told else _GROWTH_POLL_S):
+                    if not told:
+                        assert growth is not None
+                        final, error = growth.outcome()
+                        if error is not None:
+                            conn.send(("failed", error))
+                            told = True
+                        elif final is not None:
+                            conn.send(("ended", final))
+                            told = True
                     if stop is not None and stop.is_set():
                         self._end("the publisher is closing")
                         raise StoreError("transfer stopped: the publisher is closing (the uploader process was ended)")
@@ -126,7 +145,7 @@ class UploaderProcess:
             finally:
                 self.in_flight = None
         if reply[0] == "ok":
-            return str(reply[1])
+            return str(reply[1]), int(reply[3])
         if reply[2]:  # transient there: the caller's retry policy runs the upload again
             raise ConnectionError(f"upload of {remote} failed in the uploader process: {reply[1]}")
         raise StoreError(f"upload of {remote} failed in the uploader process: {reply[1]}")
@@ -188,6 +207,24 @@ class UploaderProcess:
 
 
 # --------------------------------------------------------------------------- the child
+class _Told(Growth):
+    """The child's view of a file the training process is still writing: how the write ended
+    comes on the job's socket."""
+
+    def __init__(self, fd: int, expected: int, conn: Connection) -> None:
+        super().__init__(fd, expected)
+        self._conn = conn
+        self._final: int | None = None
+
+    def _ended(self, timeout: float) -> int | None:
+        if self._final is None and self._conn.poll(timeout):
+            kind, value = self._conn.recv()
+            if kind == "failed":
+                raise StoreError(str(value))
+            self._final = int(value)
+        return self._final
+
+
 def _serve(fd: int) -> None:
     from trainctl_lightning.retry import is_transient
     from trainctl_lightning.store.objects import ObjectStore
@@ -201,7 +238,10 @@ def _serve(fd: int) -> None:
             job = conn.recv()
         except EOFError:
             return  # the training process closed its end: done
+        if not isinstance(job, dict):
+            continue  # how an earlier job's write ended, sent after this side had replied: stale
         (data_fd,) = recvfds(sock, 1)
+        reply: tuple[str, str, bool, int]
         try:
             spec = job["store"]
             key = repr(sorted((k, repr(v)) for k, v in spec.items()))
@@ -210,17 +250,18 @@ def _serve(fd: int) -> None:
                 store = stores[key] = ObjectStore(
                     spec["url"], spec["storage_options"], max_concurrency=spec["max_concurrency"], part_size=spec["part_size"]
                 )
-            digest = upload_hashed(
+            digest, size = upload_hashed(
                 store.fs,
                 data_fd,
                 job["remote"],
                 job["size"],
                 concurrency=store.max_concurrency,
                 part_size=store.part_size,
+                growth=_Told(data_fd, int(job["expected"]), conn) if job.get("growing") else None,
             )
-            reply: tuple[str, str, bool] = ("ok", digest, False)
+            reply = ("ok", digest, False, size)
         except Exception as exc:  # sent back as one line: the training process retries it or reports it
-            reply = ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", is_transient(exc))
+            reply = ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", is_transient(exc), 0)
         finally:
             os.close(data_fd)
         conn.send(reply)

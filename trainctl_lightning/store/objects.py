@@ -39,7 +39,7 @@ from trainctl_lightning.store.files import (
     create_exclusive,
     sha256_file,
 )
-from trainctl_lightning.store.transfer import can_transfer, download_verified, upload_hashed
+from trainctl_lightning.store.transfer import Growing, can_transfer, download_verified, upload_hashed
 
 __all__ = ["ObjectStore", "Uploader", "explain_store_error", "validate_url"]
 
@@ -50,7 +50,16 @@ T = TypeVar("T")
 class Uploader(Protocol):
     """Runs :func:`~trainctl_lightning.store.transfer.upload_hashed` elsewhere (another process)."""
 
-    def upload(self, store: dict[str, Any], fd: int, remote: str, size: int, *, stop: threading.Event | None = None) -> str: ...
+    def upload(
+        self,
+        store: dict[str, Any],
+        fd: int,
+        remote: str,
+        size: int | None,
+        *,
+        stop: threading.Event | None = None,
+        growth: Growing | None = None,
+    ) -> tuple[str, int]: ...
 
 
 def validate_url(url: str) -> str:
@@ -392,30 +401,44 @@ class ObjectStore:
         local: str | os.PathLike[str],
         rel: str,
         *,
-        size: int,
+        size: int | None,
         callback: Callback | None = None,
         stop: threading.Event | None = None,
-    ) -> str:
-        """Upload ``size`` bytes of a local file to ``rel``, hashing them as they are read, in one pass.
+        growth: Growing | None = None,
+    ) -> tuple[str, int]:
+        """Upload a local file to ``rel``, hashing its bytes as they are read, in one pass.
 
         For files nothing else writes (a checkpoint's private handle, ``/proc/self/fd/N``): the
         SHA-256 returned is over exactly the bytes sent. On S3 the parts go up in parallel
         (``max_concurrency`` at once, ``part_size`` each); other backends, and wrapped
         filesystems, upload with fsspec and hash in a separate pass.
 
-        Returns the SHA-256. Raises:
-            IntegrityError: the stored object's size differs from ``size``.
-            StoreError: the upload failed for good.
+        Args:
+            size: the file's size; None with ``growth``.
+            growth: the file is still being written (append-only): on S3 and local disks it is
+                uploaded as it grows, elsewhere once written. Its size is known when it ends.
+
+        Returns:
+            (SHA-256, size). Raises:
+            IntegrityError: the stored object's size differs from the file's.
+            StoreError: the upload failed for good, or the write that ``growth`` follows failed.
         """
         if can_transfer(self.fs) is None:
+            if growth is not None:
+                growth.wait_committed()
+                size = os.path.getsize(local)
+            assert size is not None
             digest, _ = sha256_file(local)
             self.upload(local, rel, size=size, callback=callback, stop=stop)
-            return digest
+            return digest, size
         remote = self.path(rel)
+        expected = size if size is not None else growth.expected if growth is not None else 0
+        if size is None and growth is None:
+            raise ValueError("upload_hashed needs size or growth")
 
-        def put() -> str:
+        def put() -> tuple[str, int]:
             if callback is not None:
-                callback.set_size(size)
+                callback.set_size(expected)
             if self.is_local:
                 make_private_dir(os.path.dirname(remote))
             fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
@@ -427,11 +450,11 @@ class ObjectStore:
                         "max_concurrency": self.max_concurrency,
                         "part_size": self.part_size,
                     }
-                    digest = self.uploader.upload(spec, fd, remote, size, stop=stop)
+                    result = self.uploader.upload(spec, fd, remote, size, stop=stop, growth=growth)
                     self.fs.invalidate_cache(remote)
                     if callback is not None:
-                        callback.relative_update(size)
-                    return digest
+                        callback.relative_update(result[1])
+                    return result
                 return upload_hashed(
                     self.fs,
                     fd,
@@ -441,20 +464,23 @@ class ObjectStore:
                     part_size=self.part_size,
                     progress=None if callback is None else callback.relative_update,
                     stop=stop,
+                    growth=growth,
                 )
             finally:
                 os.close(fd)
 
-        digest = self.call(put, what=f"upload {self.url_of(rel)}", action="write to", stop=stop)
+        digest, sent = self.call(put, what=f"upload {self.url_of(rel)}", action="write to", stop=stop)
+        if size is not None and sent != size:
+            raise IntegrityError(f"read {sent} bytes of {local} to upload to {self.url_of(rel)}, expected {size}")
 
         def stat() -> int:
             self.fs.invalidate_cache(remote)
             return int(self.fs.info(remote)["size"])
 
         stored = self.call(stat, what=f"stat {self.url_of(rel)}", action="read", stop=stop)
-        if stored != size:
-            raise IntegrityError(f"uploaded {self.url_of(rel)} has {stored} bytes, expected {size}; the upload was cut short")
-        return digest
+        if stored != sent:
+            raise IntegrityError(f"uploaded {self.url_of(rel)} has {stored} bytes, expected {sent}; the upload was cut short")
+        return digest, sent
 
     def download(
         self,

@@ -35,6 +35,7 @@ from trainctl_lightning.store import layout
 from trainctl_lightning.store.files import check_content, inside, safe_name, safe_relpath, sha256_file
 from trainctl_lightning.store.manifest import CheckpointManifest, FileEntry
 from trainctl_lightning.store.objects import ObjectStore
+from trainctl_lightning.store.transfer import Growing
 from trainctl_lightning.timeutil import utc_now
 
 __all__ = ["LocalFile", "RunStore", "package_version", "run_urls_in"]
@@ -133,6 +134,7 @@ class RunStore:
         stop: threading.Event | None = None,
         verify_unchanged: bool = True,
         before_manifest: Callable[[], None] | None = None,
+        growth: Growing | None = None,
     ) -> CheckpointManifest:
         """Upload local checkpoint files as one checkpoint: data objects first, manifest last.
 
@@ -151,6 +153,9 @@ class RunStore:
                 if it changed meanwhile (skip only for files nothing else can write).
             before_manifest: called once the data is up, just before the manifest is written
                 (CheckpointSync waits there until the metrics the checkpoint covers are stored).
+            growth: the one file is still being written (append-only, private: needs
+                ``verify_unchanged=False``); it is uploaded as it grows, and the manifest is
+                written only once the write has succeeded as a whole (:meth:`Growing.commit`).
 
         Returns:
             The manifest as written.
@@ -163,6 +168,8 @@ class RunStore:
         entries = _expand_local(files)
         if not entries:
             raise ConfigError("publish_checkpoint needs at least one local file")
+        if growth is not None and (verify_unchanged or len(entries) != 1):
+            raise ConfigError("publish_checkpoint: a growing file is published alone, as a private file (verify_unchanged=False)")
         name = name or Path(entries[0][1]).name
         ckpt_id = checkpoint_id or self.new_checkpoint_id(name, global_step)
         folder = layout.checkpoint_object(ckpt_id)
@@ -175,8 +182,14 @@ class RunStore:
             manifest_files = []
             for local, rel in entries:
                 if not verify_unchanged:  # a private file: hashed as it is read for the upload, one pass
-                    size = os.path.getsize(local)
-                    digest = self.objects.upload_hashed(local, f"{folder}/{rel}", size=size, callback=callback, stop=stop)
+                    digest, size = self.objects.upload_hashed(
+                        local,
+                        f"{folder}/{rel}",
+                        size=None if growth is not None else os.path.getsize(local),
+                        callback=callback,
+                        stop=stop,
+                        growth=growth,
+                    )
                     manifest_files.append(FileEntry(path=rel, size=size, sha256=digest))
                     continue
                 digest, size = sha256_file(local)
@@ -201,6 +214,8 @@ class RunStore:
                 source={"host": socket.gethostname(), "pid": os.getpid(), **(source or {})},
             )
             body = manifest.to_json()
+            if growth is not None:
+                growth.wait_committed()  # the data is up; the save itself must have succeeded too
             if before_manifest is not None:
                 before_manifest()
             try:

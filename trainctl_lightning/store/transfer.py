@@ -10,6 +10,11 @@ and a separate hashing pass):
     and handed to ``concurrency`` threads that upload the parts in parallel (S3 multipart, part size
     ``part_size``), so the SHA-256 the manifest records is over exactly the bytes sent, and the
     file is never read a second time. At most ``concurrency + 2`` parts are in memory.
+
+    With a :class:`Growth`, the file is still being written (``torch.save``'s zip writer only
+    appends): each part is read as soon as the file has grown past it, so the upload runs
+    alongside the write and ends shortly after it, instead of starting when it ends. Its size is
+    known only then; the upload returns it with the SHA-256.
 :func:`download_verified`
     Parallel ranged reads (``concurrency`` at once; on S3 with a botocore client on threads, as
     boto3's ``download_file`` does, built from the s3fs filesystem's own credentials, endpoint and
@@ -42,7 +47,7 @@ from typing import Any
 
 from trainctl_lightning.errors import StoreError
 
-__all__ = ["LOCAL_CHUNK", "can_transfer", "download_verified", "upload_hashed"]
+__all__ = ["LOCAL_CHUNK", "Growing", "Growth", "can_transfer", "download_verified", "upload_hashed"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,11 @@ LOCAL_CHUNK = 8 * 2**20
 """Bytes read and written at a time between local files."""
 
 Progress = Callable[[int], None]
+
+MAX_PARTS = 10_000
+"""S3's most parts per multipart upload."""
+_GROWTH_POLL_S = 0.005
+"""How often a reader looks at the size of a file that is being written."""
 
 
 def can_transfer(fs: Any) -> str | None:
@@ -67,27 +77,156 @@ def _stopped(stop: threading.Event | None) -> None:
         raise StoreError("transfer stopped: the publisher is closing")
 
 
+# ----------------------------------------------------------------------------- growth
+class Growth:
+    """A file that is still being written, and only appended to, read by an upload as it grows.
+
+    Bytes below the file's size (``fstat``) are final: the kernel raises a file's size only past
+    bytes already copied in, and the writer never goes back. Subclasses say when the write has
+    ended (:meth:`_ended`): the upload's last part waits for that.
+
+    Args:
+        fd: a descriptor on the file (its size is read from it).
+        expected: about how large the file will be (it sets the part size within S3's part limit).
+    """
+
+    def __init__(self, fd: int, expected: int) -> None:
+        self.fd = fd
+        self.expected = expected
+
+    def wait(self, need: int, stop: threading.Event | None = None) -> tuple[int, bool]:
+        """Block until the file holds ``need`` bytes or its write has ended.
+
+        Returns:
+            (bytes written, whether the write has ended: then that is the final size).
+
+        Raises:
+            StoreError: the write failed (nothing of it may be published), or ``stop`` was set.
+        """
+        while True:
+            final = self._ended(0.0)
+            if final is not None:
+                return final, True
+            size = os.fstat(self.fd).st_size
+            if size >= need:
+                return size, False
+            _stopped(stop)
+            final = self._ended(_GROWTH_POLL_S)
+            if final is not None:
+                return final, True
+
+    def _ended(self, timeout: float) -> int | None:
+        """The final size once the write has ended (waiting up to ``timeout`` s for it), else None.
+
+        Raises:
+            StoreError: the write failed.
+        """
+        raise NotImplementedError
+
+
+class Growing(Growth):
+    """The writer's side, in the writing process: :meth:`end` when every byte is written, then
+    :meth:`commit` when the file is safely in place (or :meth:`fail` at any point). Thread-safe."""
+
+    def __init__(self, fd: int, expected: int) -> None:
+        super().__init__(fd, expected)
+        self._cond = threading.Condition()
+        self._final: int | None = None
+        self._committed = False
+        self._error: str | None = None
+
+    def end(self, size: int) -> None:
+        """Every byte is written: the file is ``size`` bytes and will not change."""
+        with self._cond:
+            self._final = size
+            self._cond.notify_all()
+
+    def commit(self) -> None:
+        """The write succeeded as a whole (flushed to disk and in place): it may be published."""
+        with self._cond:
+            self._committed = True
+            self._cond.notify_all()
+
+    def fail(self, why: str) -> None:
+        """The write failed or was given up (``why``: one line): nothing of it may be published."""
+        with self._cond:
+            if not self._committed:
+                self._error = why
+            self._cond.notify_all()
+
+    def outcome(self) -> tuple[int | None, str | None]:
+        """(final size or None, error or None), now."""
+        with self._cond:
+            return self._final, self._error
+
+    def wait_committed(self, timeout: float | None = None) -> None:
+        """Block until :meth:`commit`.
+
+        Raises:
+            StoreError: the write failed, or ``timeout`` passed first.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._committed or self._error is not None, timeout):
+                raise StoreError(f"the checkpoint's write did not finish within {timeout:.0f}s; it is not published")
+            if self._error is not None:
+                raise StoreError(self._error)
+
+    def _ended(self, timeout: float) -> int | None:
+        with self._cond:
+            if self._final is None and self._error is None and timeout > 0:
+                self._cond.wait(timeout)
+            if self._error is not None:
+                raise StoreError(self._error)
+            return self._final
+
+
+class _Written(Growth):
+    """A file that is complete: ``size`` bytes."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__(fd, size)
+        self.size = size
+
+    def wait(self, need: int, stop: threading.Event | None = None) -> tuple[int, bool]:
+        return self.size, True
+
+
+def part_size_for(size: int, part_size: int) -> int:
+    """``part_size``, or larger (whole MiB) where ``size`` bytes would need more than S3's 10,000 parts."""
+    least = -(-size // MAX_PARTS)
+    return max(part_size, -(-least // 2**20) * 2**20)
+
+
 # ----------------------------------------------------------------------------- upload
 def upload_hashed(
     fs: Any,
     fd: int,
     remote: str,
-    size: int,
+    size: int | None,
     *,
     concurrency: int,
     part_size: int,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
-) -> str:
-    """Upload ``size`` bytes read from ``fd`` (from offset 0) to ``remote``; returns their SHA-256.
+    growth: Growth | None = None,
+) -> tuple[str, int]:
+    """Upload the bytes read from ``fd`` (from offset 0) to ``remote``; returns (SHA-256, size).
+
+    Args:
+        size: the file's size; None with ``growth``: the file is being written, and is read as it grows.
 
     Raises:
-        StoreError: ``stop`` was set, or the file is shorter than ``size``.
+        StoreError: ``stop`` was set, the file is shorter than ``size``, or the write that
+            ``growth`` follows failed.
         OSError, botocore errors: from the store, for the caller's retry policy.
     """
+    if growth is None:
+        if size is None:
+            raise ValueError("upload_hashed needs the size of a file that is not growing")
+        growth = _Written(fd, size)
     if can_transfer(fs) == "local":
-        return _upload_local(fd, remote, size, progress, stop)
-    return _upload_s3(fs, fd, remote, size, concurrency, part_size, progress, stop)
+        return _upload_local(fd, remote, growth, progress, stop)
+    return _upload_s3(fs, fd, remote, growth, concurrency, part_size, progress, stop)
 
 
 def _read_exact(fd: int, offset: int, n: int) -> bytes:
@@ -97,14 +236,19 @@ def _read_exact(fd: int, offset: int, n: int) -> bytes:
     return data
 
 
-def _upload_local(fd: int, remote: str, size: int, progress: Progress | None, stop: threading.Event | None) -> str:
+def _upload_local(
+    fd: int, remote: str, growth: Growth, progress: Progress | None, stop: threading.Event | None
+) -> tuple[str, int]:
     digest = hashlib.sha256()
     out = os.open(remote, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         offset = 0
-        while offset < size:
+        while True:
             _stopped(stop)
-            data = _read_exact(fd, offset, min(LOCAL_CHUNK, size - offset))
+            there, _ = growth.wait(offset + LOCAL_CHUNK, stop)
+            if offset >= there:  # the write has ended, and all of it is here
+                break
+            data = _read_exact(fd, offset, min(LOCAL_CHUNK, there - offset))
             digest.update(data)
             view = memoryview(data)
             while view:
@@ -114,7 +258,7 @@ def _upload_local(fd: int, remote: str, size: int, progress: Progress | None, st
                 progress(len(data))
     finally:
         os.close(out)
-    return digest.hexdigest()
+    return digest.hexdigest(), offset
 
 
 def _s3_call(fs: Any, method: str, **kwargs: Any) -> Any:
@@ -200,21 +344,24 @@ def _upload_s3(
     fs: Any,
     fd: int,
     remote: str,
-    size: int,
+    growth: Growth,
     concurrency: int,
     part_size: int,
     progress: Progress | None,
     stop: threading.Event | None,
-) -> str:
+) -> tuple[str, int]:
     bucket, key, _ = fs.split_path(remote)
     digest = hashlib.sha256()
-    if size <= part_size:
-        data = _read_exact(fd, 0, size)
+    # A file that may end up larger than expected gets room: its size is known only at the end.
+    part_size = part_size_for(growth.expected if isinstance(growth, _Written) else 2 * growth.expected, part_size)
+    there, ended = growth.wait(part_size + 1, stop)  # one part or less: one PUT
+    if ended and there <= part_size:
+        data = _read_exact(fd, 0, there)
         digest.update(data)
         _s3_call(fs, "put_object", Bucket=bucket, Key=key, Body=data)
         if progress is not None:
-            progress(size)
-        return digest.hexdigest()
+            progress(there)
+        return digest.hexdigest(), there
     upload_id = _s3_call(fs, "create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
     buffers = _PartBuffers(concurrency + 2, part_size)  # parts read but not yet sent: bounded memory
 
@@ -242,17 +389,29 @@ def _upload_s3(
         finally:
             buffers.give(buf)
 
+    offset = 0
     try:
         futures: list[Future[dict[str, Any]]] = []
         with ThreadPoolExecutor(concurrency, thread_name_prefix="trainctl-upload-part") as pool:
             try:
-                for number, offset in enumerate(range(0, size, part_size), start=1):
+                number = 0
+                while True:
+                    if not ended and there < offset + part_size:
+                        there, ended = growth.wait(offset + part_size, stop)  # the file grows past this part
+                    n = min(part_size, there - offset)
+                    if n <= 0:
+                        break
+                    number += 1
+                    if number > MAX_PARTS:
+                        raise StoreError(
+                            f"{remote} is larger than {MAX_PARTS} parts of {part_size} bytes: far larger than the "
+                            f"{growth.expected} bytes expected; set a larger part_size on the store"
+                        )
                     buf = buffers.take()
                     failed = next((f for f in futures if f.done() and f.exception() is not None), None)
                     if failed is not None:
                         buffers.give(buf)
                         failed.result()  # raises: no point reading further
-                    n = min(part_size, size - offset)
                     try:
                         _stopped(stop)
                         with memoryview(buf) as whole, whole[:n] as view:
@@ -262,6 +421,7 @@ def _upload_s3(
                         buffers.give(buf)
                         raise
                     futures.append(pool.submit(send, number, buf, n))
+                    offset += n
                 parts = [f.result() for f in futures]
             except BaseException:
                 for f in futures:
@@ -280,7 +440,7 @@ def _upload_s3(
         raise
     finally:
         fs.invalidate_cache(remote)
-    return digest.hexdigest()
+    return digest.hexdigest(), offset
 
 
 # --------------------------------------------------------------------------- download
