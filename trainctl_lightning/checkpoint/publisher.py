@@ -197,6 +197,7 @@ class Publisher:
         self._lock = threading.RLock()
         self._queue: queue.Queue[PublishJob | None] = queue.Queue()
         self._jobs: list[PublishJob] = []
+        self._withdrawn: list[PublishJob] = []  # see withdraw: waited for, never reported
         # local path -> (seq, manifest) of the newest version this session published
         self._published: dict[str, tuple[int, CheckpointManifest]] = {}
         self._pending_removals: list[tuple[str, int]] = []  # (local path, last seq saved before it)
@@ -241,6 +242,7 @@ class Publisher:
             job.withdrawn = True
             if job in self._jobs:
                 self._jobs.remove(job)
+            self._withdrawn.append(job)  # a flush still waits for its upload to stop
         if job.growth is not None:
             job.growth.fail(why)
         self._run_removals()
@@ -281,6 +283,9 @@ class Publisher:
                 job.state = PublishState.UPLOADING
         if skipped:
             self._finish(job, PublishState.SKIPPED, job.error)
+            return
+        if job.withdrawn:  # its write failed before its upload began
+            self._finish(job, PublishState.FAILED, "withdrawn: its write did not succeed")
             return
         meta = job.meta
         try:
@@ -431,9 +436,13 @@ class Publisher:
         pending = self.pending()
         if pending and progress:
             _show_progress(self, pending, deadline, self.store.url)
-        for job in pending:
+        with self._lock:
+            stopping = list(self._withdrawn)  # uploads that stop and remove what they sent
+        for job in pending + stopping:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             job.done.wait(left)
+        with self._lock:
+            self._withdrawn = [j for j in self._withdrawn if not j.done.is_set()]
         with self._lock:
             jobs, self._jobs = self._jobs, [j for j in self._jobs if not j.state.is_terminal()]
         self._run_removals()
