@@ -16,6 +16,8 @@ Per store (``s3`` and ``file``):
   ``save_checkpoint`` called -> the manifest written (the publisher's "published" log line),
   and -> ``fit`` returned. For S3 it is compared with boto3's ``TransferManager.upload_file``
   of the same bytes (the file ``torch.save`` wrote) with the same concurrency and part size.
+  The same save is also timed with the upload starting only once the file is written
+  (``stream_uploads=False``, as before the upload ran alongside the write), side by side.
 * **restore**: a fresh process that calls ``resume_path`` (the code ``trainctl ckpt download``
   runs) and then ``trainer.fit(ckpt_path=...)``: download throughput, and the time from process
   start to the first training step; against boto3's ``download_file`` of the same object.
@@ -271,6 +273,13 @@ def _child(spec_path: str) -> None:
                 spec["url"], storage_options=store_opts, max_concurrency=spec["concurrency"], upload_process=kind == "sync"
             )
             callbacks.append(sync)
+            if not spec.get("stream", True):
+
+                class AfterWrite(Callback):
+                    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+                        trainer.strategy.checkpoint_io.stream_uploads = False  # type: ignore[union-attr]
+
+                callbacks.append(AfterWrite())
         sampler = _RssSampler()
         probe = Probe(sampler)
         model = BigModel()
@@ -418,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             r["time_to_safe_s"] = one["time_to_safe_s"][0]
             r["save_to_fit_return_s"] = one["save_to_fit_return_s"]
             r["bytes"] = os.path.getsize(keep)
+            r["time_to_safe_after_write_s"] = child("sync", store, steps=1, every=1, stream=False)["time_to_safe_s"][0]
             if store == "s3":
                 t0 = time.perf_counter()
                 client.upload_file(keep, BUCKET, "boto3/same-bytes.ckpt", Config=config)
@@ -477,6 +487,7 @@ def _report(res: dict[str, Any]) -> int:
         print(
             f"[{store}] time to safe {r['time_to_safe_s']:.2f}s (save -> fit returned {r['save_to_fit_return_s']:.2f}s)"
             + (f", boto3 upload_file {r['boto3_upload_s']:.2f}s" if "boto3_upload_s" in r else "")
+            + f"; uploading once written instead: {r['time_to_safe_after_write_s']:.2f}s"
         )
         print(
             f"[{store}] restore {r['restore_s']:.2f}s = {r['restore_mb_s']:.0f} MB/s"
@@ -504,6 +515,7 @@ def _report(res: dict[str, Any]) -> int:
             )
         s = {
             "time_to_safe_s": round(r["time_to_safe_s"], 3),
+            "time_to_safe_upload_after_write_s": round(r["time_to_safe_after_write_s"], 3),
             "restore_mb_s": round(r["restore_mb_s"], 1),
             "start_to_first_step_s": round(r["start_to_first_step_s"], 3),
             "stall_s": round(_med(t["save_calls_s"]) or 0.0, 4),

@@ -88,6 +88,34 @@ def test_checkpoint_sync_uploads_from_a_child_that_ends_with_the_fit(
         assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == manifest.files[0].sha256
 
 
+def test_the_uploader_is_started_and_connected_before_the_first_upload(
+    tmp_path: Path, s3: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The publisher starts the child with a run's first save: its imports, its S3 client and a
+    request to the bucket are done while that checkpoint is being written, not after."""
+    from trainctl_lightning.checkpoint.publisher import Publisher
+
+    store = RunStore(s3.url("warm"), s3.server.storage_options(), part_size=PART)
+    caplog.set_level(logging.INFO, logger="werkzeug")  # moto's server: one line per request it serves
+
+    def heads() -> int:
+        return sum(f'"HEAD /{s3.bucket} ' in r.getMessage() for r in caplog.records if r.name == "werkzeug")
+
+    assert heads() == 0
+    publisher = Publisher(store, upload_process=True)
+    try:
+        uploader = publisher.uploader
+        assert uploader is not None and uploader.started == 1 and uploader.pid is not None
+        wait_until(lambda: heads() == 1, timeout=30, what="the uploader's request to the bucket, before any upload")
+        local = tmp_path / "big.ckpt"
+        local.write_bytes(os.urandom(PART + 1))
+        assert _upload(uploader, store, local, "objs/first") == hashlib.sha256(local.read_bytes()).hexdigest()
+        assert uploader.started == 1, "the first upload used the child started ahead of it"
+    finally:
+        publisher.close()
+    assert _uploader_children() == []
+
+
 def test_upload_process_option_is_checked() -> None:
     with pytest.raises(ConfigError, match="upload_process='yes'"):
         CheckpointSync("s3://bucket/run", upload_process="yes")  # type: ignore[arg-type]

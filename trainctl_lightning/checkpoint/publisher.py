@@ -167,7 +167,8 @@ class Publisher:
             metrics of the steps it covers are in the store).
         upload_process: on S3, run the uploads in an uploader process
             (:mod:`trainctl_lightning.checkpoint.uploader`) instead of on threads of this process;
-            it starts with the first upload and ends with :meth:`close`. Ignored elsewhere.
+            it starts with this publisher (a run's first save) and ends with :meth:`close`.
+            Ignored elsewhere.
     """
 
     def __init__(
@@ -189,6 +190,7 @@ class Publisher:
         if upload_process and can_transfer(store.objects.fs) == "s3" and uploader_supported():
             self.uploader = UploaderProcess()
             store.objects.uploader = self.uploader
+            self.uploader.start(store.objects.uploader_spec())  # ready by the time the first part is written
         self._gate = gate
         self.mirror_deletes = mirror_deletes
         self.keep_last = keep_last

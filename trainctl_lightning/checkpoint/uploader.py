@@ -6,10 +6,13 @@ threads of the training process. :class:`UploaderProcess` runs it in one long-li
 instead, for the same reason torch.distributed.checkpoint's process-based async checkpointer
 does:
 
-* started lazily on the first upload (``python -m trainctl_lightning.checkpoint.uploader``, not
-  ``multiprocessing``'s spawn, which would import the user's ``__main__`` script again), ended by
-  :meth:`UploaderProcess.close` (CheckpointSync's teardown); ``PR_SET_PDEATHSIG`` ends it when
-  the training process dies, even by SIGKILL;
+* started ahead of the first upload (:meth:`UploaderProcess.start`, when the publisher starts with
+  a run's first save; ``python -m trainctl_lightning.checkpoint.uploader``, not
+  ``multiprocessing``'s spawn, which would import the user's ``__main__`` script again), so that
+  its imports and its connection to the store are ready by the time the first part is written;
+  started again by an upload that finds it gone; ended by :meth:`UploaderProcess.close`
+  (CheckpointSync's teardown); ``PR_SET_PDEATHSIG`` ends it when the training process dies, even
+  by SIGKILL;
 * started with ``vfork`` (no ``preexec_fn``; the child sets ``PR_SET_PDEATHSIG`` itself), never a
   ``fork`` of the training process: a fork shares the trainer's whole memory copy-on-write with
   the child until ``exec`` (its RSS is the trainer's meanwhile, and pages the training loop writes
@@ -82,6 +85,18 @@ class UploaderProcess:
         """The running child's pid, or None."""
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
+
+    def start(self, store: dict[str, Any]) -> None:
+        """Start the child now, without waiting for it: it imports what it needs and opens ``store``
+        (the argument of :meth:`upload`) while the first checkpoint is being written. A failure
+        here is logged; the first upload starts the child again and reports its own error."""
+        with self._lock:
+            try:
+                conn = self._ensure()
+                conn.send({"warm": store})
+            except (OSError, ValueError) as exc:
+                log.warning("trainctl: could not start the uploader process ahead of the first upload: %s", exc)
+                self._end("it failed to start")
 
     def upload(
         self,
@@ -225,6 +240,16 @@ class _Told(Growth):
         return self._final
 
 
+def _warm(store: Any) -> None:
+    """Create ``store``'s S3 client and open a connection to its bucket (one HEAD request), as the
+    first upload would: credentials, endpoint, configuration and the connection pool, ready."""
+    from fsspec.asyn import sync
+
+    fs = store.fs
+    bucket = fs.split_path(store.path(""))[0]
+    sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)
+
+
 def _serve(fd: int) -> None:
     from trainctl_lightning.retry import is_transient
     from trainctl_lightning.store.objects import ObjectStore
@@ -240,16 +265,26 @@ def _serve(fd: int) -> None:
             return  # the training process closed its end: done
         if not isinstance(job, dict):
             continue  # how an earlier job's write ended, sent after this side had replied: stale
-        (data_fd,) = recvfds(sock, 1)
-        reply: tuple[str, str, bool, int]
-        try:
-            spec = job["store"]
+
+        def open_store(spec: dict[str, Any]) -> ObjectStore:
             key = repr(sorted((k, repr(v)) for k, v in spec.items()))
             store = stores.get(key)
             if store is None:
                 store = stores[key] = ObjectStore(
                     spec["url"], spec["storage_options"], max_concurrency=spec["max_concurrency"], part_size=spec["part_size"]
                 )
+            return store
+
+        if "warm" in job:  # ahead of the first upload: the client and its connection pool, ready
+            try:
+                _warm(open_store(job["warm"]))
+            except Exception:  # the first upload meets the same error and reports it
+                pass
+            continue
+        (data_fd,) = recvfds(sock, 1)
+        reply: tuple[str, str, bool, int]
+        try:
+            store = open_store(job["store"])
             digest, size = upload_hashed(
                 store.fs,
                 data_fd,

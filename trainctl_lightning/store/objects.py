@@ -396,6 +396,15 @@ class ObjectStore:
             raise IntegrityError(f"uploaded {self.url_of(rel)} has {stored} bytes, expected {expected}; the upload was cut short")
         return stored
 
+    def uploader_spec(self) -> dict[str, Any]:
+        """What an uploader process needs to open this store (credentials included: for its socket only)."""
+        return {
+            "url": self.url,
+            "storage_options": self._storage_options,
+            "max_concurrency": self.max_concurrency,
+            "part_size": self.part_size,
+        }
+
     def upload_hashed(
         self,
         local: str | os.PathLike[str],
@@ -444,13 +453,7 @@ class ObjectStore:
             fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 if self.uploader is not None and can_transfer(self.fs) == "s3":
-                    spec = {
-                        "url": self.url,
-                        "storage_options": self._storage_options,
-                        "max_concurrency": self.max_concurrency,
-                        "part_size": self.part_size,
-                    }
-                    result = self.uploader.upload(spec, fd, remote, size, stop=stop, growth=growth)
+                    result = self.uploader.upload(self.uploader_spec(), fd, remote, size, stop=stop, growth=growth)
                     self.fs.invalidate_cache(remote)
                     if callback is not None:
                         callback.relative_update(result[1])
