@@ -220,3 +220,74 @@ def test_repeated_transfers_keep_no_whole_part_in_the_heap(tmp_path: Path) -> No
         finally:
             tracemalloc.stop()
     assert max(peaks) < PART, f"the heap held a whole part or more during a transfer: {peaks} bytes above the start"
+
+
+class _KeepAliveObjects:
+    """A minimal S3-like server that keeps connections open (HTTP/1.1), as S3 does and moto's does
+    not: it serves ranged GETs of one object and counts the connections it accepted."""
+
+    def __init__(self, data: bytes) -> None:
+        import http.server
+        import socketserver
+
+        owner = self
+        self.data = data
+        self.connections = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                owner.connections += 1
+
+            def do_GET(self) -> None:
+                first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+                body = owner.data[int(first) : int(last) + 1]
+                self.send_response(206)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Range", f"bytes {first}-{last}/{len(owner.data)}")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> _KeepAliveObjects:
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("into", [True, False], ids=["into-the-buffer", "in-chunks"])
+def test_ranged_reads_reuse_their_connections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, into: bool) -> None:
+    """Each range is read to its end and its connection goes back to the pool: a download opens at
+    most ``concurrency`` connections, and the next one none (a body closed before its end would
+    close its connection, and each range would open a new one)."""
+    from trainctl_lightning.store import transfer
+    from trainctl_lightning.store.objects import ObjectStore
+
+    monkeypatch.setattr(transfer, "_READ_INTO", into)
+    data = os.urandom(6 * PART + 11)
+    digest = hashlib.sha256(data).hexdigest()
+    with _KeepAliveObjects(data) as server:
+        options = {"client_kwargs": {"endpoint_url": server.endpoint}, "key": "testing", "secret": "testing"}
+        store = ObjectStore("s3://trainctl-keepalive", options, max_concurrency=3, part_size=PART)
+        counts = []
+        for i in range(2):
+            before = server.connections
+            store.download("obj", tmp_path / f"dl{i}", size=len(data), sha256=digest)
+            counts.append(server.connections - before)
+            assert (tmp_path / f"dl{i}").read_bytes() == data
+    assert 1 <= counts[0] <= 3 and counts[1] == 0, f"connections opened per download of 7 ranges: {counts}"
