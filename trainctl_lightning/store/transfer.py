@@ -587,8 +587,8 @@ def _read_body(body: Any, view: memoryview) -> int:
     closing the body would close the connection, and every range would open a new one. Else in
     ``_READ_CHUNK`` reads.
     """
-    raw = getattr(body, "_raw_stream", None)
-    fp = getattr(raw, "_fp", None)
+    raw: Any = getattr(body, "_raw_stream", None)
+    fp: Any = getattr(raw, "_fp", None)
     headers = getattr(raw, "headers", None)
     plain = headers is not None and not headers.get("content-encoding") and not headers.get("transfer-encoding")
     got = 0
