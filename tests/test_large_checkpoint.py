@@ -132,6 +132,38 @@ def test_ranged_reads_on_threads_where_the_filesystem_maps_to_a_client_else_on_t
         store.objects.download("objs/absent", tmp_path / "absent", size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
+def test_uploads_on_threads_where_the_filesystem_maps_to_a_client_else_on_the_loop(tmp_path: Path, s3: Any) -> None:
+    import s3fs
+
+    from trainctl_lightning.store import transfer
+
+    data = os.urandom(3 * PART + 4321)
+    local = tmp_path / "big.ckpt"
+    local.write_bytes(data)
+    plain = s3fs.S3FileSystem(**s3.server.storage_options(), skip_instance_cache=True)
+    extra = s3fs.S3FileSystem(  # s3fs adds these to its requests: not mapped, the loop's path is used
+        **s3.server.storage_options(), s3_additional_kwargs={"ExpectedBucketOwner": "123456789012"}, skip_instance_cache=True
+    )
+    assert transfer._thread_client(plain, 3) is not None and transfer._thread_client(extra, 3) is None
+    client = s3.server.client()
+    for i, fs in enumerate((plain, extra)):
+        for size in (len(data), PART // 2):  # multipart, and one PUT
+            fd = os.open(local, os.O_RDONLY)
+            try:
+                got = transfer.upload_hashed(fs, fd, f"{s3.bucket}/up/{i}-{size}", size, concurrency=3, part_size=PART)
+            finally:
+                os.close(fd)
+            assert got == (hashlib.sha256(data[:size]).hexdigest(), size)
+            assert client.get_object(Bucket=s3.bucket, Key=f"up/{i}-{size}")["Body"].read() == data[:size]
+    assert client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+    with pytest.raises(FileNotFoundError):  # the client's NoSuchBucket, as s3fs raises it
+        fd = os.open(local, os.O_RDONLY)
+        try:
+            transfer.upload_hashed(plain, fd, "no-such-bucket-here/x", len(data), concurrency=3, part_size=PART)
+        finally:
+            os.close(fd)
+
+
 def test_the_ranged_read_client_is_the_filesystems_own_not_an_equal_ones(
     tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
