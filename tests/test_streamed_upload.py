@@ -19,7 +19,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.helpers import wait_until
-from tests.helpers.faults import FailingDisk
+from tests.helpers.faults import FailingDisk, HeldDisk
 from tests.helpers.models import TinyRegressor, trainer_kwargs
 from trainctl_lightning import CheckpointSync
 from trainctl_lightning.checkpoint.uploader import UploaderProcess
@@ -200,3 +200,30 @@ def test_a_disk_that_fills_up_mid_checkpoint_publishes_nothing_of_it(tmp_path: P
     assert client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])]
     assert not [k for k in keys if "step=4" in k], keys
+
+
+def test_a_write_that_outlasts_the_flush_is_named_and_its_upload_removed(tmp_path: Path, s3: Any) -> None:
+    """A write that stalls after its first parts went up: the flush names the save as still being
+    written, the upload that ran alongside it stops and removes its parts, nothing is published;
+    the write completing later leaves its file, unpublished."""
+    ckpts = tmp_path / "c"
+    url = s3.url("held")
+    sync = CheckpointSync(url, storage_options=s3.server.storage_options(), part_size_mb=5, flush_timeout=3)
+    trainer = Trainer(
+        **trainer_kwargs(max_steps=2, limit_val_batches=0),
+        callbacks=[ModelCheckpoint(dirpath=ckpts, every_n_train_steps=2, save_top_k=-1), sync],
+    )
+    disk = HeldDisk(ckpts, after_bytes=PART + PART // 2)  # the checkpoint is ~9.6 MB
+    try:
+        with disk, pytest.raises(UploadError, match=r"still being written to local disk .*: epoch=0-step=2\.ckpt"):
+            trainer.fit(TinyRegressor(width=120_000))
+        assert disk.held.is_set()
+        result = sync.last_flush
+        assert result is not None and result.unwritten == ["epoch=0-step=2.ckpt"] and result.failed == []
+        client = s3.server.client()
+        assert client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == [], "the parts sent were removed"
+    finally:
+        disk.release()
+    wait_until(lambda: (ckpts / "epoch=0-step=2.ckpt").stat().st_size > PART * 3 // 2, timeout=30, what="the held write to end")
+    assert RunStore(url, s3.server.storage_options()).list_checkpoints() == []
+    assert [o["Key"] for o in s3.server.client().list_objects_v2(Bucket=s3.bucket).get("Contents", [])] == []

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["FailingDisk"]
+__all__ = ["FailingDisk", "HeldDisk"]
 
 
 class _FailingFile:
@@ -118,3 +118,70 @@ class FailingDisk:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         builtins.open = self._real_open
+
+
+class _HeldFile:
+    """A real file whose writes wait for ``go`` once ``budget`` bytes have gone in."""
+
+    def __init__(self, real: Any, budget: int, go: threading.Event, held: threading.Event) -> None:
+        self._real = real
+        self._budget = budget
+        self._go = go
+        self._held = held
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) > self._budget and not self._go.is_set():
+            written = int(self._real.write(view[: self._budget])) if self._budget else 0
+            self._budget = 0
+            self._held.set()
+            self._go.wait(60)
+            return written + int(self._real.write(view[written:]))
+        self._budget -= min(self._budget, len(view))
+        return int(self._real.write(data))
+
+    def __enter__(self) -> _HeldFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._real.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class HeldDisk:
+    """While active, files opened for writing under ``folder`` stop accepting bytes after
+    ``after_bytes`` until :meth:`release` (a disk that stalls: a slow network volume, a hung NFS).
+
+    Attributes:
+        held: set once a write is waiting.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], after_bytes: int) -> None:
+        self.folder = os.path.abspath(folder)
+        self.after_bytes = after_bytes
+        self.held = threading.Event()
+        self._go = threading.Event()
+        self._real_open: Any = None
+
+    def release(self) -> None:
+        self._go.set()
+
+    def _open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = self._real_open(file, mode, *args, **kwargs)
+        if not isinstance(file, (str, bytes, os.PathLike)) or not any(c in mode for c in "wax+"):
+            return handle
+        if not os.path.abspath(os.fsdecode(file)).startswith(self.folder + os.sep):
+            return handle
+        return _HeldFile(handle, self.after_bytes, self._go, self.held)
+
+    def __enter__(self) -> HeldDisk:
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        self._real_open = builtins.open
+        builtins.open = self._open
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        builtins.open = self._real_open
+        self.release()

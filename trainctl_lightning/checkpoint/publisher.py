@@ -49,6 +49,10 @@ __all__ = ["FlushResult", "PublishJob", "PublishState", "Publisher", "delete_rem
 
 log = logging.getLogger(__name__)
 
+_WITHDRAWN_GRACE_S = 10.0
+"""How long a flush waits, past its deadline if need be, for a withdrawn upload to abort (remove
+its parts) before the uploader process is ended."""
+
 
 class PublishState(str, Enum):
     QUEUED = "queued"
@@ -438,10 +442,13 @@ class Publisher:
         pending = self.pending()
         if pending and progress:
             _show_progress(self, pending, deadline, self.store.url)
-        with self._lock:
-            stopping = list(self._withdrawn)  # uploads that stop and remove what they sent
-        for job in pending + stopping:
+        for job in pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            job.done.wait(left)
+        with self._lock:
+            stopping = list(self._withdrawn)
+        for job in stopping:  # uploads that stop and remove what they sent: a moment, past the deadline too
+            left = None if deadline is None else max(_WITHDRAWN_GRACE_S, deadline - time.monotonic())
             job.done.wait(left)
         with self._lock:
             self._withdrawn = [j for j in self._withdrawn if not j.done.is_set()]
