@@ -190,3 +190,51 @@ def test_a_failed_write_blocks_remote_rotation_until_a_newer_save_is_published(s
     result = pub.close(timeout=30)
     assert [m.name for m in store.list_checkpoints()] == ["a.ckpt", "d.ckpt"]
     assert result.failed == ["b.ckpt (not written to local disk: No space left on device ([Errno 28]))"]
+
+
+def _growing_job(tmp_path: Path, name: str, step: int) -> PublishJob:
+    """A save whose upload starts with its write (the file is there; its write is still to end)."""
+    from trainctl_lightning.store.transfer import Growing
+
+    visible = tmp_path / f".writing-{step}-{name}"
+    visible.write_bytes(os.urandom(4096))
+    fd = os.open(visible, os.O_RDONLY)
+    return PublishJob(
+        seq=next(_seq),
+        local_path=str(tmp_path / name),
+        staged_path=f"/proc/self/fd/{fd}",
+        meta={"global_step": step, "created_at": utc_now()},
+        fd=fd,
+        growth=Growing(fd, 4096),
+    )
+
+
+@pytest.mark.parametrize("write", ["fails", "succeeds"])
+def test_a_save_being_written_supersedes_the_queued_older_one_only_once_written(store, tmp_path, write):
+    """last.ckpt saved at step 1 waits in the queue; its next save (step 2) is being written, its
+    upload submitted with it. Should that write fail, step 1 is still the newest complete last.ckpt:
+    it is published. Once the write succeeds, step 2 supersedes it, as a finished save always did."""
+    store.gates["busy.ckpt"] = threading.Event()
+    pub = Publisher(store, workers=1)
+    pub.submit(_job(tmp_path, "busy.ckpt", 0))  # holds the worker
+    assert store.started.setdefault("busy.ckpt", threading.Event()).wait(10)
+    older = _job(tmp_path, "last.ckpt", 1)
+    pub.submit(older)
+    newer = _growing_job(tmp_path, "last.ckpt", 2)
+    pub.submit(newer)
+    assert older.state is PublishState.QUEUED, "a save still being written supersedes nothing"
+    assert newer.growth is not None
+    newer.growth.end(4096)
+    if write == "fails":
+        pub.withdraw(newer, "not written to /ckpts: No space left on device ([Errno 28])")
+    else:
+        pub.committed(newer)
+    store.gates["busy.ckpt"].set()
+    result = pub.close(timeout=30)
+    steps = [(m.name, m.global_step) for m in store.list_checkpoints() if m.name == "last.ckpt"]
+    if write == "fails":
+        assert older.state is PublishState.PUBLISHED and steps == [("last.ckpt", 1)]
+        assert result.failed == [], "the failed write is the writer's to report, once"
+    else:
+        assert older.state is PublishState.SKIPPED and newer.state is PublishState.PUBLISHED, (older, newer)
+        assert steps == [("last.ckpt", 2)]

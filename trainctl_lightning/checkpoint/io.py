@@ -728,7 +728,7 @@ class SnapshotCheckpointIO(CheckpointIO):
         if failed is not None:
             run.publisher.withdraw(job, failed)
             return None
-        job.growth.commit()
+        run.publisher.committed(job)
         return job
 
     def _track(self, job: PublishJob) -> None:

@@ -219,15 +219,27 @@ class Publisher:
         """Publish ``job`` in the background; with ``job.growth``, while its file is still being written."""
         with self._lock:
             if job.growth is not None:
-                job.size = job.growth.expected
+                job.size = job.growth.expected  # it supersedes older saves once written: see committed
             else:
                 job.size = os.fstat(job.fd).st_size if job.fd is not None else os.path.getsize(job.staged_path)
-            for other in self._jobs:
-                if other.local_path == job.local_path and other.state is PublishState.QUEUED:
-                    other.state = PublishState.SKIPPED
-                    other.error = f"superseded by a newer save of {job.name}"
+                self._supersede(job)
             self._jobs.append(job)
         self._queue.put(job)
+
+    def committed(self, job: PublishJob) -> None:
+        """The write of ``job`` (submitted with ``growth``) has succeeded: it may be published, and
+        it supersedes the queued older saves of its path (not before: until then the older one is
+        the newest complete checkpoint of that path)."""
+        with self._lock:
+            self._supersede(job)
+        if job.growth is not None:
+            job.growth.commit()
+
+    def _supersede(self, job: PublishJob) -> None:
+        for other in self._jobs:
+            if other.local_path == job.local_path and other.seq < job.seq and other.state is PublishState.QUEUED:
+                other.state = PublishState.SKIPPED
+                other.error = f"superseded by a newer save of {job.name}"
 
     def local_removed(self, local_path: str, after_seq: int) -> None:
         """ModelCheckpoint removed ``local_path``; mirror that once it is safe."""
