@@ -5,9 +5,11 @@ metrics are in the store; killing one node's job ends the run with nothing left.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -125,6 +127,8 @@ def test_two_nodes_train_together_and_the_run_succeeds(project: Path, tmp_path: 
     assert {i.state for i in instances} == {InstanceState.TERMINATED}
     assert sorted(i.tags[TAG_NODE] for i in instances) == ["0", "1"]
     assert_nothing_running()
+    # torchrun's own files went where the agent removes them, not into /tmp/torchelastic_* (kept forever)
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*", f"{run_id}*"))
 
 
 def test_killing_one_nodes_job_ends_the_run_on_every_node(project: Path, tmp_path: Path) -> None:

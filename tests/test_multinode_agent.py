@@ -241,6 +241,7 @@ def test_torchrun_accepts_the_command() -> None:
         rendezvous=record,
         lead=False,
         local_addr="10.0.0.6",
+        log_dir="/work/runs/run-1/torchelastic",
     )
     assert argv[:4] == ["py", "-u", "-m", "torch.distributed.run"]
     args = get_args_parser().parse_args(argv[4:])
@@ -248,6 +249,7 @@ def test_torchrun_accepts_the_command() -> None:
     assert (args.rdzv_id, args.local_addr, args.max_restarts, args.module) == ("run-1", "10.0.0.6", 0, True)
     assert args.rdzv_conf == f"is_host=0,join_timeout={int(NODE_START_WAIT_S)}"
     assert (args.training_script, args.training_script_args) == ("pkg.train", ["--lr", "1"])
+    assert args.log_dir == "/work/runs/run-1/torchelastic"
 
 
 def test_torchrun_root_cause_is_one_phrase() -> None:

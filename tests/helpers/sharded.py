@@ -106,7 +106,7 @@ def torchrun_pair(
             sys.executable, "-m", "torch.distributed.run",
             "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=sharded-test", "--local-addr=127.0.0.1",
-            "--max-restarts=0", str(SCRIPT), *args,
+            "--max-restarts=0", f"--log-dir={cwd / 'torchelastic'}", str(SCRIPT), *args,
         ]  # fmt: skip
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     done = []

@@ -284,11 +284,21 @@ def device_count(python: str) -> int:
 
 
 def torchrun_argv(
-    python: str, job_argv: list[str], *, nodes: int, nproc_per_node: int, rendezvous: Rendezvous, lead: bool, local_addr: str
+    python: str,
+    job_argv: list[str],
+    *,
+    nodes: int,
+    nproc_per_node: int,
+    rendezvous: Rendezvous,
+    lead: bool,
+    local_addr: str,
+    log_dir: str,
 ) -> list[str]:
     """The job under torchrun: ``job_argv`` is ``JobSpec.command``'s (``[python, -u, script, *args]``
     or ``[python, -u, -m, module, *args]``); torchrun takes the same tail (``-m`` is its own flag),
-    and runs its workers with ``$PYTHONUNBUFFERED`` from the agent instead of ``-u``."""
+    and runs its workers with ``$PYTHONUNBUFFERED`` from the agent instead of ``-u``. ``log_dir``
+    is where torchrun keeps its per-run files (its error files): without it, it makes a
+    ``/tmp/torchelastic_*`` folder per run and never removes it; the agent removes this one."""
     tail = job_argv[2:] if job_argv[1:2] == ["-u"] else job_argv[1:]
     return [
         python,
@@ -303,6 +313,7 @@ def torchrun_argv(
         f"--rdzv-conf=is_host={1 if lead else 0},join_timeout={int(NODE_START_WAIT_S)}",
         f"--local-addr={local_addr}",
         "--max-restarts=0",
+        f"--log-dir={log_dir}",
         *tail,
     ]
 

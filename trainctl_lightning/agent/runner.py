@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -469,6 +470,8 @@ class Agent:
             return self._supervise_process(proc, argv)
         finally:
             remove_job_record(self.workdir, spec.run_id)
+            if spec.nodes > 1:
+                shutil.rmtree(self._torchrun_log_dir(spec), ignore_errors=True)  # its workers have ended with it
 
     def _supervise_process(self, proc: subprocess.Popen, argv: list[str]) -> Outcome:
         spec = self.spec
@@ -620,8 +623,19 @@ class Agent:
         )
         become_subreaper()
         return torchrun_argv(
-            python, argv, nodes=spec.nodes, nproc_per_node=nproc, rendezvous=record, lead=self.node == 0, local_addr=address
+            python,
+            argv,
+            nodes=spec.nodes,
+            nproc_per_node=nproc,
+            rendezvous=record,
+            lead=self.node == 0,
+            local_addr=address,
+            log_dir=str(self._torchrun_log_dir(spec)),
         )
+
+    def _torchrun_log_dir(self, spec: JobSpec) -> Path:
+        """torchrun's own files for this run (removed when the job ends; see torchrun_argv)."""
+        return self.workdir / "runs" / spec.run_id / "torchelastic"
 
     def _wait_for_rendezvous(self, key: str | None, rdzv_id: str, attempt: int) -> Rendezvous | None:
         """The lead's record for this attempt, waited for up to NODE_START_WAIT_S; None when this
