@@ -186,6 +186,7 @@ def test_only_fit_resumes(file_url, tmp_path):
     assert trainer.ckpt_path is None, "validate with no ckpt_path uses the model as it is"
 
 
+@pytest.mark.slow
 def test_every_ddp_rank_resumes_from_the_same_checkpoint(file_url, tmp_path):
     def run(ckpt_dir: Path, max_steps: int) -> str:
         script = Path(__file__).parent / "scripts" / "ddp_resume_train.py"

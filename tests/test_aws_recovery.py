@@ -245,6 +245,7 @@ def test_the_instance_deletes_its_group_when_the_run_is_over(provider, ec2, auto
     assert nothing_left(ec2, autoscaling, iam)
 
 
+@pytest.mark.slow
 def test_gc_deletes_the_group_of_an_ended_run_and_keeps_a_live_one(provider, ec2, autoscaling, iam, store_url, s3) -> None:
     ended = provider.create(recover_spec(store_url, run_id="ended-1"))
     live = provider.create(recover_spec(store_url, run_id="live-1"))

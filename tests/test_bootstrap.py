@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import fsspec
+import pytest
 
 from tests.helpers.wheels import build_wheel
 from trainctl_lightning.jobs.dist import ship_trainctl
@@ -90,6 +91,7 @@ def queued_job(store_url: str, run_id: str) -> JobStore:
     return jobs
 
 
+@pytest.mark.slow
 def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_agent(tmp_path: Path, s3) -> None:
     store_url = f"s3://{s3.bucket}/store"
     shipped = ship_trainctl(store_url)
@@ -133,6 +135,7 @@ def test_boot_script_installs_the_shipped_wheel_into_a_fresh_venv_and_runs_the_a
     assert log.rstrip().endswith("dry run: shutdown -h now trainctl: job ended")
 
 
+@pytest.mark.slow
 def test_boot_script_refuses_a_wheel_replaced_in_the_store_and_powers_off(tmp_path: Path, s3) -> None:
     """Anyone who can write the store can replace the wheel; the instance installs it as root only
     if its SHA-256 is the launcher's, else it installs nothing, runs no agent and powers off."""

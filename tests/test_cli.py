@@ -25,6 +25,7 @@ def cli_store(request, tmp_path):
     return f"file://{tmp_path}/store/run", {}
 
 
+@pytest.mark.slow
 def test_upload_ls_download_verify_round_trip(cli_store, tmp_path):
     url, env = cli_store
     first = _lightning_like_ckpt(tmp_path / "epoch=0-step=5.ckpt", 5)
@@ -75,6 +76,7 @@ def test_verify_names_the_corrupt_object_and_exits_1(file_url, tmp_path):
     assert not (tmp_path / "dl" / "x.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_with_what_to_do(tmp_path, s3):
     cases = [
         (("ckpt", "ls", "nosuch://bucket/run"), "unknown storage protocol 'nosuch'"),
@@ -94,6 +96,7 @@ def test_errors_are_one_line_with_what_to_do(tmp_path, s3):
         assert message in out.stderr and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_output(tmp_path, s3):
     secret = "sEcReT-do-not-print-123"
     env = {**s3.env(), "AWS_SECRET_ACCESS_KEY": secret}

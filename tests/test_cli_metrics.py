@@ -200,6 +200,7 @@ def test_runs_ls_and_metrics_on_a_local_run(trained):
     assert table.returncode == 0 and "train_loss" in table.stdout and "val_loss" in table.stdout
 
 
+@pytest.mark.slow
 def test_runs_ls_and_metrics_on_s3(s3, tmp_path):
     url = s3.url("exp1")
     train(url, tmp_path)
@@ -390,6 +391,7 @@ def test_monitor_ctrl_c_exits_130_quietly(file_url, tmp_path):
 
 
 # ------------------------------------------------------------------ errors
+@pytest.mark.slow
 def test_errors_are_one_line(trained, tmp_path):
     one_line_error(
         trainctl("plot", trained, "-m", "nope", "-o", str(tmp_path / "x.png")),

@@ -34,6 +34,7 @@ def states(cwd: Path) -> dict[str, str]:
     return {i["id"]: i["state"] for i in json.loads(trainctl("ls", "--all", "--output", "json", cwd=cwd).stdout)["instances"]}
 
 
+@pytest.mark.slow
 def test_gc_terminates_an_instance_whose_run_ended_and_keeps_the_others(project: Path, tmp_path: Path, gate: Gate) -> None:
     store = f"file://{tmp_path}/store"
     env = {"TRAINCTL_STORE": store}

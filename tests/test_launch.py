@@ -152,6 +152,7 @@ def test_launch_with_an_s3_store(project: Path, s3, monkeypatch: pytest.MonkeyPa
     assert_nothing_running()
 
 
+@pytest.mark.slow
 def test_a_failing_script_gives_its_exit_code_and_error_tail(project: Path, tmp_path: Path) -> None:
     store = f"file://{tmp_path}/store"
     result = trainctl("launch", "train.py", "--output", "json", "--", "--fail", cwd=project, env={"TRAINCTL_STORE": store})
@@ -165,6 +166,7 @@ def test_a_failing_script_gives_its_exit_code_and_error_tail(project: Path, tmp_
     assert_nothing_running()
 
 
+@pytest.mark.slow
 def test_python_api_create_train_monitor_terminate(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(project)
     store = f"file://{tmp_path}/store"
@@ -335,6 +337,7 @@ def test_with_nothing_configured_launch_uses_the_local_provider_and_the_default_
     assert_nothing_running()
 
 
+@pytest.mark.slow
 def test_instance_commands_create_ls_stop_terminate(project: Path) -> None:
     plan = json.loads(trainctl("create", "--dry-run", "--tag", "team=vision", "--output", "json", cwd=project).stdout)
     assert plan["dry_run"] and plan["tags"]["team"] == "vision"

@@ -31,6 +31,7 @@ def _run(script: str, *args: str, env: dict[str, str] | None = None, **kw) -> su
     )
 
 
+@pytest.mark.slow
 def test_sigterm_saves_publishes_and_exits(s3, tmp_path):
     url = s3.url()
     proc = _run("sigterm_train.py", url, str(tmp_path / "c"), env=s3.env())
@@ -58,6 +59,7 @@ def test_sigterm_saves_publishes_and_exits(s3, tmp_path):
     assert local <= {m.name for m in store.list_checkpoints()}
 
 
+@pytest.mark.slow
 def test_only_global_rank_zero_uploads_and_reports_under_ddp(file_url, tmp_path):
     proc = _run("ddp_train.py", file_url, str(tmp_path / "c"), env={"PYTHONUNBUFFERED": "1"})
     try:

@@ -166,6 +166,7 @@ def test_a_failing_run_reports_failed_with_the_error(file_url):
     assert len(read_metrics(file_url)) >= 4, "what was logged before the failure is kept"
 
 
+@pytest.mark.slow
 def test_a_killed_run_shows_stale(s3, tmp_path):
     url = s3.url()
     proc = subprocess.Popen(

@@ -525,6 +525,7 @@ def test_gc_keeps_runless_instances_where_jobs_can_still_start(provider):
     assert classify(bare, boot_grace_s=0, runless_is_garbage=True).garbage
 
 
+@pytest.mark.slow
 def test_gc_cli_lists_then_terminates_an_orphan(provider, ec2, ami, set_up, store_url, s3):
     orphan = provider.create(run_spec(store_url, run_id="orphan-1"))  # its run was never written
     _state(store_url, "earlier-1", JobPhase.SUCCEEDED)  # the store itself is there and readable

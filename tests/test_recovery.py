@@ -112,6 +112,7 @@ def _notice_and_wait(run: api.Run, imds: LocalIMDS, attempts: int) -> int:
     return at
 
 
+@pytest.mark.slow
 def test_three_interruptions_and_the_steps_stay_continuous(file_store: str, imds: LocalIMDS) -> None:
     run = _launch(file_store, "--max-steps", "300", "--every", "10", recover=True, max_restarts=3)
     wait_until(lambda: _training(run, 1, 15), 120, 0.2, what="attempt 1 training")
@@ -150,6 +151,7 @@ def test_three_interruptions_and_the_steps_stay_continuous(file_store: str, imds
     assert "DONE step=300" in logs
 
 
+@pytest.mark.slow
 def test_max_restarts_reached_gives_a_clear_final_state(file_store: str) -> None:
     run = _launch(file_store, "--max-steps", "100000", recover=True, max_restarts=1)
     for number in (1, 2):
@@ -193,6 +195,7 @@ def test_terminate_ends_the_supervisor_and_the_run(file_store: str) -> None:
     assert not live_agent_pids()
 
 
+@pytest.mark.slow
 def test_recovery_goes_on_with_the_launcher_gone(file_store: str, tmp_path: Path) -> None:
     project = tmp_path / "project"
     for rel in ("tests/__init__.py", "tests/helpers/__init__.py", "tests/helpers/models.py", "tests/scripts/recover_train.py"):
@@ -265,6 +268,7 @@ def _first_attempt_age_s(run: api.Run) -> float:
     return time.time() - parse_time(first).timestamp()
 
 
+@pytest.mark.slow
 def test_max_hours_stops_a_managed_run_when_an_attempt_ends(file_store: str, imds: LocalIMDS) -> None:
     """max_hours is checked when an attempt ends: a preemption past it ends the run failed."""
     policy = RecoverPolicy(max_hours=0.001)  # 3.6 s
@@ -280,6 +284,7 @@ def test_max_hours_stops_a_managed_run_when_an_attempt_ends(file_store: str, imd
     assert "(max_hours=0.001)" in run.logs()
 
 
+@pytest.mark.slow
 def test_max_cost_stops_a_managed_run_after_a_lost_attempt(file_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """max_cost with the price the supervisor is given: a lost attempt past it ends the run failed."""
     monkeypatch.setenv(PRICE_ENV, "3600")  # 1 per second
@@ -369,6 +374,7 @@ def test_runs_ls_and_monitor_show_recovering(file_store: str) -> None:
     assert "finished" in monitor.stdout
 
 
+@pytest.mark.slow
 def test_the_final_weights_equal_an_uninterrupted_run(file_store: str, imds: LocalIMDS, tmp_path: Path) -> None:
     """Fixed seed, resumable loader: a managed run interrupted by a notice and by a hard kill
     (the replacement resumes from the newest published checkpoint, taken at a step's end)
@@ -419,6 +425,7 @@ def test_the_final_weights_equal_an_uninterrupted_run(file_store: str, imds: Loc
     ), "it trained"
 
 
+@pytest.mark.slow
 def test_a_killed_supervisor_then_terminate_leaves_nothing(file_store: str) -> None:
     """The supervisor SIGKILLed: the current attempt's agent goes on (it is a process of its own);
     no replacement will follow it, and ``terminate`` ends the agent and the job, and says so."""

@@ -149,6 +149,7 @@ def final_state_dict(url: str) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- fit
 
 
+@pytest.mark.slow
 def test_fit_runs_remotely_and_returns_with_the_trained_weights(models, store, tmp_path, capfd) -> None:
     metrics_url = f"file://{tmp_path}/metrics"
     model = models.Regressor()
@@ -188,6 +189,7 @@ def test_fit_runs_remotely_and_returns_with_the_trained_weights(models, store, t
     assert_nothing_running()
 
 
+@pytest.mark.slow
 def test_checkpoint_sync_best_url_then_validate_and_test(models, store, tmp_path) -> None:
     sync_url = f"file://{tmp_path}/synced"
     model = models.Regressor()
@@ -239,6 +241,7 @@ def _download(url: str, tmp_path: Path) -> Path:
     return run.download_checkpoint(run.get_checkpoint(rest.split("/", 1)[0]), tmp_path / "downloaded")
 
 
+@pytest.mark.slow
 def test_a_remote_exception_is_raised_here_with_the_remote_traceback(models, store) -> None:
     model = models.Regressor(fail_at_step=2)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -257,6 +260,7 @@ def test_a_remote_exception_is_raised_here_with_the_remote_traceback(models, sto
     assert_nothing_running()
 
 
+@pytest.mark.slow
 def test_fit_twice_on_a_kept_instance_then_on_a_fresh_one(models, store, tmp_path) -> None:
     strategy = RemoteStrategy(store=store, keep_alive=True, stream=False)
     trainer = pl.Trainer(strategy=strategy, **TRAINER_KWARGS)
@@ -341,6 +345,7 @@ def _current_run(strategy: RemoteStrategy):
 # ----------------------------------------------------------------------------- __main__ by value
 
 
+@pytest.mark.slow
 def test_classes_from_main_travel_by_value(tmp_path: Path, store: str) -> None:
     """The example script defines its model in __main__: nothing to import on the instance."""
     work = tmp_path / "example"
@@ -360,6 +365,7 @@ def test_classes_from_main_travel_by_value(tmp_path: Path, store: str) -> None:
     assert_nothing_running()
 
 
+@pytest.mark.slow
 def test_the_notebook_example_runs_as_a_script(tmp_path: Path) -> None:
     work = tmp_path / "notebook"
     work.mkdir()
@@ -579,6 +585,7 @@ def test_predict_returns_the_predictions_computed_remotely(models, store, monkey
 
 
 # ----------------------------------------------------------------------------- managed runs
+@pytest.mark.slow
 def test_fit_with_recover_comes_back_after_a_preemption(models, store, monkeypatch) -> None:
     """RemoteStrategy(recover=True): a spot notice ends the first attempt (its worker leaves no
     result), the supervisor starts the next one, CheckpointSync resumes it from the newest

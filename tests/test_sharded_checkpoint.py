@@ -52,6 +52,7 @@ def _manifest_files(store_dir: Path) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_two_nodes_publish_their_own_shards_and_resume_from_them(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     nodes = [tmp_path / "node0", tmp_path / "node1"]
@@ -84,6 +85,7 @@ def test_two_nodes_publish_their_own_shards_and_resume_from_them(tmp_path: Path)
     assert manifest.sharded is not None
 
 
+@pytest.mark.slow
 def test_a_rank_whose_upload_fails_leaves_no_manifest(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     nodes = [tmp_path / "node0", tmp_path / "node1"]
@@ -275,6 +277,7 @@ def _output(results: list) -> str:
     return "\n".join(r.stdout for r in results)
 
 
+@pytest.mark.slow
 def test_keep_last_keep_local_the_metrics_gate_and_checkpoint_now_for_folders(tmp_path: Path) -> None:
     """keep_last prunes old sharded checkpoints in the store (manifest first), keep_local=False
     deletes each node's folders once published, every manifest waits for the metrics of its
@@ -304,6 +307,7 @@ def test_keep_last_keep_local_the_metrics_gate_and_checkpoint_now_for_folders(tm
         assert not list((node / "ckpts").rglob("*.distcp")), sorted((node / "ckpts").rglob("*"))
 
 
+@pytest.mark.slow
 def test_on_s3_rotated_folders_are_deleted_remotely_and_each_rank_fetches_its_shards(tmp_path: Path, s3: Any) -> None:
     """Against S3 (moto): two nodes publish their shards; ModelCheckpoint(save_top_k=1) rotating a
     folder away deletes it on every node and in the store (mirror_deletes); each rank's resume
@@ -337,6 +341,7 @@ def _load_whole(folder: str, tmp_path: Path) -> dict:
     return torch.load(tmp_path / "whole.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_a_rank_killed_while_uploading_leaves_no_manifest_and_the_previous_one_resumable(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     nodes = [tmp_path / "node0", tmp_path / "node1"]
@@ -356,6 +361,7 @@ def test_a_rank_killed_while_uploading_leaves_no_manifest_and_the_previous_one_r
     assert "state_dict" in state and "optimizer_0" in state
 
 
+@pytest.mark.slow
 def test_a_store_outage_during_a_sharded_publish_is_bounded_and_training_goes_on(tmp_path: Path) -> None:
     """Every object of step 4 is refused (a transient error, retried for RETRY_TIMEOUT seconds):
     no manifest for it, training goes on and publishes step 6, and both nodes end with one

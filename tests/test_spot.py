@@ -187,6 +187,7 @@ def _wait_checkpoint(url: str, prefix: str, timeout: float) -> tuple[CheckpointM
     )
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_and_publishes_now_and_chains_to_the_previous_handler(s3, tmp_path: Path) -> None:
     url = s3.url()
     proc = _train(url, str(tmp_path / "c"), "--max-steps", "60", "--chain", env=s3.env())
@@ -210,6 +211,7 @@ def test_sigusr1_saves_and_publishes_now_and_chains_to_the_previous_handler(s3, 
     assert "PREVIOUS HANDLER" in text and "HANDLER RESTORED" in text
 
 
+@pytest.mark.slow
 def test_request_checkpoint_from_the_training_loop(file_url: str, tmp_path: Path) -> None:
     proc = _train(file_url, str(tmp_path / "c"), "--max-steps", "12", "--request-at", "5")
     out, _ = proc.communicate(timeout=120)
@@ -221,6 +223,7 @@ def test_request_checkpoint_from_the_training_loop(file_url: str, tmp_path: Path
     assert "HANDLER RESTORED" in out
 
 
+@pytest.mark.slow
 def test_sigusr1_to_rank_zero_alone_saves_on_every_rank_under_ddp(file_url: str, tmp_path: Path) -> None:
     # the agent signals the job's main process only: rank zero shares the request with the others
     proc = _train(file_url, str(tmp_path / "c"), "--ddp", "--max-steps", "40")
@@ -261,6 +264,7 @@ def _stop_agent(agent: subprocess.Popen) -> None:
     agent.communicate(timeout=30)
 
 
+@pytest.mark.slow
 def test_notice_mid_training_publishes_a_checkpoint_marks_preempted_and_resume_continues(
     s3, imds: LocalIMDS, tmp_path: Path, workdir: Path
 ) -> None:

@@ -284,6 +284,7 @@ class RankZeroExperiment(Callback):
             (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"options": sorted(options)}))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ddp_spawn_with_two_processes_reports_rank_zero_once(tmp_path: Path) -> None:
     results = {}

@@ -188,6 +188,7 @@ def test_a_failed_upload_keeps_the_previous_checkpoint_in_the_store_and_stops_lo
     assert _step_of(ckpts / "epoch=2.ckpt") == 3 * STEPS_PER_EPOCH
 
 
+@pytest.mark.slow
 def test_sigkill_mid_publish_leaves_the_newest_complete_checkpoint_to_resume_from(file_url, tmp_path):
     """A deterministic kill at the worst moment (the random ones are in test_crash_safety.py):
     the second checkpoint's data is in the store and complete on local disk, its manifest not
