@@ -159,6 +159,12 @@ class _PublishedTimes(logging.Handler):
             self.times.append(time.perf_counter())
 
 
+def _cpu_with_children() -> float:
+    """CPU seconds of this process and of its children that have ended (the uploader, once reaped)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _child(spec_path: str) -> None:
     spec = load_child_spec(spec_path)
     t_process = spec["t_process"]  # time.time() just before the parent started this process
@@ -199,6 +205,9 @@ def _child(spec_path: str) -> None:
 
             def timed(*args: Any, **kwargs: Any) -> Any:
                 t0 = time.perf_counter()
+                if not self.save_starts:  # the CPU spent from here on, this process's and its children's
+                    self.cpu_at_save = _cpu_with_children()
+                    self.server_cpu_at_save = proc_cpu_s(spec["server_pid"]) if spec["server_pid"] else None
                 self.save_starts.append(t0)
                 try:
                     return inner(*args, **kwargs)
@@ -248,6 +257,31 @@ def _child(spec_path: str) -> None:
             default_root_dir=workdir,
         )
 
+    if kind in ("download", "boto3_download"):  # the transfer alone, in a fresh process: client made first
+        dest = os.path.join(workdir, "dl")
+        server0 = proc_cpu_s(spec["server_pid"])
+        if kind == "download":
+            from trainctl_lightning.store import RunStore
+
+            store = RunStore(spec["url"], store_opts, max_concurrency=spec["concurrency"])
+            manifest = store.latest_checkpoint()
+            assert manifest is not None
+            cpu0, t0 = _cpu_with_children(), time.perf_counter()
+            store.download_checkpoint(manifest, dest)
+        else:
+            client, config = _boto3(spec["endpoint"], spec["concurrency"], spec["part"])
+            os.makedirs(dest)
+            cpu0, t0 = _cpu_with_children(), time.perf_counter()
+            client.download_file(BUCKET, spec["key"], os.path.join(dest, "same-bytes.ckpt"), Config=config)
+        result["download_s"] = time.perf_counter() - t0
+        result["cpu_s"] = _cpu_with_children() - cpu0
+        server1 = proc_cpu_s(spec["server_pid"])
+        result["server_cpu_s"] = None if server0 is None or server1 is None else server1 - server0
+        result["bytes"] = sum(os.path.getsize(os.path.join(dest, f)) for f in os.listdir(dest))
+        shutil.rmtree(dest)
+        with open(spec["result"], "w") as f:
+            json.dump(result, f)
+        return
     if kind == "restore":
         from trainctl_lightning import resume_path
 
@@ -307,6 +341,11 @@ def _child(spec_path: str) -> None:
                 raise RuntimeError(f"sync: not every checkpoint was published: {flush!r}")
             result["time_to_safe_s"] = [t - s for s, t in zip(probe.save_starts, published.times)]
             result["save_to_fit_return_s"] = returned - probe.save_starts[0]
+            # from the first save to fit's return: this process (snapshot, write) and the uploader
+            # process (reaped by then), and the S3 server
+            result["client_cpu_from_save_s"] = _cpu_with_children() - probe.cpu_at_save
+            if server_cpu is not None and probe.server_cpu_at_save is not None:
+                result["server_cpu_from_save_s"] = server_cpu - probe.server_cpu_at_save
             if spec.get("keep_file"):  # the same bytes for the boto3 baseline
                 name = sorted(os.listdir(os.path.join(workdir, "ckpts")))[-1]
                 os.replace(os.path.join(workdir, "ckpts", name), spec["keep_file"])
@@ -428,21 +467,29 @@ def main(argv: list[str] | None = None) -> int:
             r["save_to_fit_return_s"] = one["save_to_fit_return_s"]
             r["bytes"] = os.path.getsize(keep)
             r["time_to_safe_after_write_s"] = child("sync", store, steps=1, every=1, stream=False)["time_to_safe_s"][0]
+            r["client_cpu_from_save_s"] = one.get("client_cpu_from_save_s")
+            r["server_cpu_from_save_s"] = one.get("server_cpu_from_save_s")
             if store == "s3":
+                cpu0, server0 = time.process_time(), proc_cpu_s(server_pid)
                 t0 = time.perf_counter()
                 client.upload_file(keep, BUCKET, "boto3/same-bytes.ckpt", Config=config)
                 r["boto3_upload_s"] = time.perf_counter() - t0
+                r["boto3_upload_cpu_s"] = time.process_time() - cpu0
+                server1 = proc_cpu_s(server_pid)
+                r["boto3_upload_server_cpu_s"] = None if server0 is None or server1 is None else server1 - server0
             restore = child("restore", store, url=one["url"], resume_steps=2)
             r["restore_s"] = restore["download_s"]
             r["restore_mb_s"] = restore["bytes"] / restore["download_s"] / 1e6
             r["start_to_first_step_s"] = restore["start_to_first_step_s"]
-            if store == "s3":
-                dl = os.path.join(top, "boto3-download.ckpt")
-                t0 = time.perf_counter()
-                client.download_file(BUCKET, "boto3/same-bytes.ckpt", dl, Config=config)
-                r["boto3_download_s"] = time.perf_counter() - t0
-                r["boto3_download_mb_s"] = r["bytes"] / r["boto3_download_s"] / 1e6
-                os.unlink(dl)
+            if store == "s3":  # the transfers alone, each in a fresh process, alternating, 2 rounds
+                fetched: dict[str, list[dict[str, Any]]] = {"download": [], "boto3_download": []}
+                for rnd in range(2):
+                    for kind in ("download", "boto3_download") if rnd == 0 else ("boto3_download", "download"):
+                        fetched[kind].append(child(kind, store, url=one["url"], key="boto3/same-bytes.ckpt", part=part))
+                for kind, runs in fetched.items():
+                    r[f"{kind}_mb_s"] = [x["bytes"] / x["download_s"] / 1e6 for x in runs]
+                    r[f"{kind}_cpu_s"] = [x["cpu_s"] for x in runs]
+                    r[f"{kind}_server_cpu_s"] = [x["server_cpu_s"] for x in runs]
             os.unlink(keep)
             r["training"] = child("sync", store, steps=steps, every=every)
             if store == "s3":  # the same run with the uploads on threads of the training process
@@ -484,19 +531,29 @@ def _report(res: dict[str, Any]) -> int:
         excess = (t["loop_s"] - base["loop_s"]) / saves
         state = t["state_bytes"]
         peaks = [p / state for p in t["peak_extra_rss"]]
+        gb = r["bytes"] / 1e9
         print(
             f"[{store}] time to safe {r['time_to_safe_s']:.2f}s (save -> fit returned {r['save_to_fit_return_s']:.2f}s)"
             + (f", boto3 upload_file {r['boto3_upload_s']:.2f}s" if "boto3_upload_s" in r else "")
             + f"; uploading once written instead: {r['time_to_safe_after_write_s']:.2f}s"
         )
-        print(
-            f"[{store}] restore {r['restore_s']:.2f}s = {r['restore_mb_s']:.0f} MB/s"
-            + (
-                f", boto3 download_file {r['boto3_download_s']:.2f}s = {r['boto3_download_mb_s']:.0f} MB/s"
-                if "boto3_download_s" in r
-                else ""
+        if r.get("client_cpu_from_save_s") is not None and "boto3_upload_cpu_s" in r:
+            print(
+                f"[{store}] CPU per GB from the save to safe: ours {r['client_cpu_from_save_s'] / gb:.2f}s "
+                f"(snapshot, write, hash, upload), boto3 upload_file {r['boto3_upload_cpu_s'] / gb:.2f}s; "
+                f"the S3 server meanwhile {(r.get('server_cpu_from_save_s') or 0) / gb:.2f}s and "
+                f"{(r.get('boto3_upload_server_cpu_s') or 0) / gb:.2f}s"
             )
-            + f"; process start -> first step after resume {r['start_to_first_step_s']:.2f}s"
+        if "download_mb_s" in r:
+            print(
+                f"[{store}] download alone (fresh processes, 2 rounds): ours {[round(x) for x in r['download_mb_s']]} MB/s "
+                f"({_med(r['download_cpu_s']) / gb:.2f} CPU-s/GB), boto3 download_file {[round(x) for x in r['boto3_download_mb_s']]} MB/s "
+                f"({_med(r['boto3_download_cpu_s']) / gb:.2f} CPU-s/GB); S3 server "
+                f"{_med(r['download_server_cpu_s']) / gb:.2f} / {_med(r['boto3_download_server_cpu_s']) / gb:.2f} CPU-s/GB"
+            )
+        print(
+            f"[{store}] resume_path (listing, download, verification) {r['restore_s']:.2f}s = {r['restore_mb_s']:.0f} MB/s"
+            f"; process start -> first step after resume {r['start_to_first_step_s']:.2f}s"
         )
         print(
             f"[{store}] sync: stall/save {_med(t['save_calls_s']):.3f}s, excess/ckpt {excess:.2f}s "
@@ -516,7 +573,7 @@ def _report(res: dict[str, Any]) -> int:
         s = {
             "time_to_safe_s": round(r["time_to_safe_s"], 3),
             "time_to_safe_upload_after_write_s": round(r["time_to_safe_after_write_s"], 3),
-            "restore_mb_s": round(r["restore_mb_s"], 1),
+            "resume_path_mb_s": round(r["restore_mb_s"], 1),
             "start_to_first_step_s": round(r["start_to_first_step_s"], 3),
             "stall_s": round(_med(t["save_calls_s"]) or 0.0, 4),
             "excess_s": round(excess, 3),
@@ -528,9 +585,15 @@ def _report(res: dict[str, Any]) -> int:
         if thread is not None:
             s["thread_excess_minus_server_s"] = round(t_excess - t_cpu, 3)
             s["process_vs_thread_excess_minus_server"] = _ratio(excess - server_cpu, t_excess - t_cpu)
+        if r.get("client_cpu_from_save_s") is not None:
+            s["client_cpu_per_gb_from_save_s"] = round(r["client_cpu_from_save_s"] / gb, 3)
         if "boto3_upload_s" in r:
+            s["boto3_upload_cpu_per_gb_s"] = round(r["boto3_upload_cpu_s"] / gb, 3)
+            s["server_cpu_per_gb_during_upload_s"] = round((r.get("boto3_upload_server_cpu_s") or 0) / gb, 3)
             s["time_to_safe_vs_boto3"] = _ratio(r["time_to_safe_s"], r["boto3_upload_s"])
-            s["restore_vs_boto3"] = _ratio(r["restore_mb_s"], r["boto3_download_mb_s"])
+            s["download_mb_s"] = [round(x, 1) for x in r["download_mb_s"]]
+            s["boto3_download_mb_s"] = [round(x, 1) for x in r["boto3_download_mb_s"]]
+            s["restore_vs_boto3"] = _ratio(_med(r["download_mb_s"]), _med(r["boto3_download_mb_s"]))
             met["time_to_safe"] = (
                 s["time_to_safe_vs_boto3"] is not None and s["time_to_safe_vs_boto3"] <= TARGETS["time_to_safe_vs_boto3"]
             )
