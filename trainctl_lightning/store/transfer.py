@@ -571,10 +571,11 @@ def _write_in_order(
     ranges: list[tuple[int, int]],
     done: queue.Queue[tuple[int, mmap.mmap, int] | BaseException],
     give_back: Callable[[mmap.mmap], None],
-    out_fd: int,
+    out_fd: int | None,
     progress: Progress | None,
 ) -> tuple[str, int]:
-    """Write each range that arrives in ``done`` to its place; hash them in file order as they complete."""
+    """Write each range that arrives in ``done`` to its place (unless ``out_fd`` is None: written
+    already); hash them in file order as they complete."""
     digest = hashlib.sha256()
     got = 0
     arrived: dict[int, tuple[mmap.mmap, int]] = {}
@@ -586,7 +587,8 @@ def _write_in_order(
             arrived[item[0]] = item[1:]
         buf, n = arrived.pop(index)
         with memoryview(buf) as whole, whole[:n] as view:
-            _write_all(out_fd, view, offset)
+            if out_fd is not None:
+                _write_all(out_fd, view, offset)
             digest.update(view)  # the next range in order: hashed as soon as it is there
         give_back(buf)
         got += n
@@ -630,14 +632,24 @@ def _read_body(body: Any, view: memoryview) -> int:
 
 
 _READ_INTO = True
+_WRITE_ON_FETCH = True
+"""Each range is written to its place by the thread that fetched it, as soon as it is there (out of
+order, as boto3's ``download_file`` does); the hash still goes in order over the buffers. Writing
+them all from the one hashing thread, in order, held the whole download to that thread's pace
+once the kernel throttled writes of dirty pages: measured side by side on a 2-core machine (2 GB,
+fresh processes, SeaweedFS on loopback, 3 rounds each): medians 263-327 MB/s written in order
+against 376-460 MB/s written by the fetching threads, boto3 378-384 MB/s."""
+_SPARE_RANGES = 2
+"""Ranges fetched ahead of the oldest one not yet hashed (beyond ``concurrency``): 8 instead of 2
+measured no faster (400 against 400 MB/s, 1 GB)."""
 
 
 def _download_s3_threads(
     fs: Any, client: Any, remote: str, out_fd: int, size: int, concurrency: int, part_size: int, progress: Progress | None
 ) -> tuple[str, int]:
     """The ranged reads run on ``concurrency`` threads with a botocore client (as boto3's
-    ``download_file`` does), each streamed into a reused part buffer; this thread writes and hashes
-    them in file order as they complete."""
+    ``download_file`` does), each streamed into a reused part buffer and written to its place by
+    its thread; this thread hashes them in file order as they complete."""
     from botocore.exceptions import ClientError
     from s3fs.errors import translate_boto_error
 
@@ -662,6 +674,9 @@ def _download_s3_threads(
                 body.close()
             if got != n:
                 raise StoreError(f"a ranged read of {remote} at {offset} returned {got} bytes, not {n}: the object changed")
+            if _WRITE_ON_FETCH:
+                with memoryview(buf) as view, view[:n] as part:
+                    _write_all(out_fd, part, offset)
         except BaseException as exc:
             failed.set()
             # As s3fs raises it (FileNotFoundError for a missing object, ...), the ClientError as cause.
@@ -678,9 +693,9 @@ def _download_s3_threads(
                 pool.submit(fetch, index, buf)
 
         try:
-            for _ in range(min(concurrency + 2, len(ranges))):
+            for _ in range(min(concurrency + _SPARE_RANGES, len(ranges))):
                 give_back(mmap.mmap(-1, part_size))  # bounded memory: these buffers take turns
-            return _write_in_order(ranges, done, give_back, out_fd, progress)
+            return _write_in_order(ranges, done, give_back, None if _WRITE_ON_FETCH else out_fd, progress)
         except BaseException:
             failed.set()
             pool.shutdown(wait=True, cancel_futures=True)
