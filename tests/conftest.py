@@ -15,15 +15,6 @@ from trainctl_lightning.testing import DUMMY_ENV, LocalS3
 BUCKET = "trainctl-test"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests marked ``slow`` (real subprocesses, torchrun, Trainer fits: 12 s and more each on
-    2 cores) run first, in their collection order, then the rest. With the Makefile's
-    ``--maxschedchunk 1``, pytest-xdist hands them out one by one as workers free up (longest
-    first), so the suite does not end on one long test running alone while the other workers idle.
-    """
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """No test reads real AWS config, or writes outside its temp dirs."""
