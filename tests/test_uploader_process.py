@@ -231,3 +231,49 @@ time.sleep(600)
             return True
 
     wait_until(gone, timeout=30, what=f"the uploader process {child} to end after its parent was SIGKILLed")
+
+
+def test_an_outage_during_an_upload_in_the_child_is_retried_by_this_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without SDK retries, the child meets the refused connection and replies with it as a
+    transient error; this process's retry policy runs the upload again until the endpoint is back."""
+    from trainctl_lightning.retry import RetryPolicy
+    from trainctl_lightning.testing import LocalS3
+
+    caplog.set_level(logging.WARNING, logger="trainctl_lightning.retry")
+    server = LocalS3().start()
+    try:
+        server.create_bucket("trainctl-outage-child")
+        options = {**server.storage_options(), "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 1}}}
+        retry = RetryPolicy(deadline_s=60.0, initial_backoff_s=0.1, max_backoff_s=0.5)
+        store = RunStore("s3://trainctl-outage-child/run", options, retry=retry, max_concurrency=2, part_size=PART)
+        uploader = UploaderProcess()
+        store.objects.uploader = uploader
+        local = tmp_path / "big.ckpt"
+        data = os.urandom(2 * PART + 7)
+        local.write_bytes(data)
+        result: list[Any] = []
+        try:
+            uploader.start(store.objects.uploader_spec())
+            server.stop()  # the endpoint goes away before the upload begins
+            thread = threading.Thread(
+                target=lambda: result.append(store.objects.upload_hashed(str(local), "objs/x", size=len(data)))
+            )
+            thread.start()
+            wait_until(
+                lambda: any(r.getMessage().startswith("upload s3://trainctl-outage-child") for r in caplog.records),
+                timeout=30,
+                what="this process's retry layer to see the child's failed attempt",
+            )
+            server.start()  # same port: the endpoint comes back
+            thread.join(60)
+        finally:
+            uploader.close()
+        assert result == [(hashlib.sha256(data).hexdigest(), len(data))]
+        assert uploader.started == 1, "the child rode the outage out: its transient error was retried, it was not restarted"
+        assert server.client().get_object(Bucket="trainctl-outage-child", Key="run/objs/x")["Body"].read() == data
+    finally:
+        if server.running:
+            server.stop()
+    assert _uploader_children() == []
