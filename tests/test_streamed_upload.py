@@ -227,3 +227,25 @@ def test_a_write_that_outlasts_the_flush_is_named_and_its_upload_removed(tmp_pat
     wait_until(lambda: (ckpts / "epoch=0-step=2.ckpt").stat().st_size > PART * 3 // 2, timeout=30, what="the held write to end")
     assert RunStore(url, s3.server.storage_options()).list_checkpoints() == []
     assert [o["Key"] for o in s3.server.client().list_objects_v2(Bucket=s3.bucket).get("Contents", [])] == []
+
+
+def test_torch_save_only_appends_which_is_what_the_upload_relies_on(tmp_path: Path) -> None:
+    """The upload reads a checkpoint while ``torch.save`` writes it, trusting every byte below the
+    file's size to be final. ``torch.save`` writes through ``_AppendOnly``, which notes any seek:
+    none in a checkpoint's save (if a torch release starts seeking, this fails and says so); under
+    ``skip_data`` it does seek, is noted, and the upload then waits for the whole file."""
+    import torch
+
+    from trainctl_lightning.checkpoint.io import _AppendOnly
+
+    state = {"state_dict": {"w": torch.randn(256, 256), "b": torch.zeros(3, dtype=torch.int64)}, "epoch": 1}
+    with open(tmp_path / "a.ckpt", "wb") as out:
+        appended = _AppendOnly(out)
+        torch.save(state, appended)
+    assert not appended.moved, "torch.save moved in the file: uploading while it writes is no longer safe"
+    loaded = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert torch.equal(loaded["state_dict"]["w"], state["state_dict"]["w"])
+    with open(tmp_path / "b.ckpt", "wb") as out, torch.serialization.skip_data():
+        appended = _AppendOnly(out)
+        torch.save(state, appended)
+    assert appended.moved

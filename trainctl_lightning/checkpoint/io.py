@@ -472,7 +472,9 @@ class SnapshotCheckpointIO(CheckpointIO):
                 run.abandoned = True
                 unwritten = [os.path.basename(path) for path in run.unwritten.values()]
                 for seq in list(run.streams):  # their uploads stop; they are named as unwritten below
-                    run.publisher.withdraw(run.streams.pop(seq), "a flush stopped waiting for its write")
+                    stream = run.streams.pop(seq, None)  # (the writer may be ending it now: one of us does)
+                    if stream is not None:
+                        run.publisher.withdraw(stream, "a flush stopped waiting for its write")
             if unwritten:
                 log.error(
                     "trainctl: stopped waiting after %ss while %s was still being written to local disk; it is not published",
