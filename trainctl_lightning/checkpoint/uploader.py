@@ -241,13 +241,10 @@ class _Told(Growth):
 
 
 def _warm(store: Any) -> None:
-    """Create ``store``'s S3 client and open a connection to its bucket (one HEAD request), as the
-    first upload would: credentials, endpoint, configuration and the connection pool, ready."""
-    from fsspec.asyn import sync
+    """Make ``store``'s upload client and open a connection to its bucket, as the first upload would."""
+    from trainctl_lightning.store.transfer import warm_up
 
-    fs = store.fs
-    bucket = fs.split_path(store.path(""))[0]
-    sync(fs.loop, fs._call_s3, "head_bucket", Bucket=bucket)
+    warm_up(store.fs, store.path(""), store.max_concurrency)
 
 
 def _serve(fd: int) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 
 from trainctl_lightning.errors import StoreError
 
-__all__ = ["LOCAL_CHUNK", "Growing", "Growth", "can_transfer", "download_verified", "upload_hashed"]
+__all__ = ["LOCAL_CHUNK", "Growing", "Growth", "can_transfer", "download_verified", "upload_hashed", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,17 @@ def part_size_for(size: int, part_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- upload
+def warm_up(fs: Any, remote_dir: str, concurrency: int) -> None:
+    """Make the S3 client that uploads to ``remote_dir`` will use, and send one request (HEAD of
+    its bucket), as the first upload would: credentials, endpoint, configuration, connection pool."""
+    bucket = fs.split_path(remote_dir)[0]
+    client = _thread_client(fs, concurrency) if _UPLOAD_ON_THREADS else None
+    if client is not None:
+        client.head_bucket(Bucket=bucket)
+    else:
+        _s3_call(fs, "head_bucket", Bucket=bucket)
+
+
 def upload_hashed(
     fs: Any,
     fd: int,
