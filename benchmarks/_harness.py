@@ -186,7 +186,15 @@ class WeedServer:
         ports: dict[str, int] = {}
         while not ports or any(p + 10000 > 65535 for p in ports.values()):  # some of its gRPC ports are port + 10000
             ports = dict(zip(_WEED_PORTS, _free_ports(len(_WEED_PORTS))))
-        args = [weed, "mini", f"-dir={self.dir}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
+        args = [
+            weed,
+            f"-logdir={self.dir}",
+            "mini",
+            f"-dir={self.dir}/data",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-admin.ui=false",
+        ]
         args += [f"-{k}={v}" for k, v in ports.items()]
         args += [
             "-webdav=false",

@@ -286,7 +286,10 @@ class RankZeroExperiment(Callback):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ddp_spawn_with_two_processes_reports_rank_zero_once(tmp_path: Path) -> None:
+def test_ddp_spawn_with_two_processes_reports_rank_zero_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning's spawn launcher hands rank zero's weights back through a tempfile.mkdtemp() folder
+    # it never removes (_collect_rank_zero_results): the spawned processes make it in this test's folder.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     results = {}
     for kind in ("csv", "ours"):
         out = tmp_path / kind / "ranks"
