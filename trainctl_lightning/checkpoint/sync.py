@@ -144,7 +144,7 @@ class CheckpointSync(Callback):
             not made it by then is named in the error.
         upload_process: upload checkpoints to S3 from a separate uploader process, so that the
             upload's Python work does not compete with training for the GIL (started with the
-            first upload, ended when the fit ends, and with this process if it dies). Default
+            first save, ended when the fit ends, and with this process if it dies). Default
             (None): on for S3 stores on Linux and macOS; other stores upload on threads.
         check_store: write a probe object at setup to fail fast on a bad URL or credentials.
         request_timeout: seconds a requested checkpoint may hold training up while it is
