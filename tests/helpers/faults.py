@@ -17,16 +17,32 @@ import os
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["FailingDisk", "HeldDisk"]
 
 
-class _FailingFile:
+class _WrappedFile:
+    """A real file, its ``write`` replaced by the subclass; everything else goes to the file."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __enter__(self) -> _WrappedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._real.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _FailingFile(_WrappedFile):
     """A real file whose writes fail once ``budget`` bytes have gone in."""
 
     def __init__(self, real: Any, error: int, budget: int, path: str) -> None:
-        self._real = real
+        super().__init__(real)
         self._error = error
         self._budget = budget
         self._path = path
@@ -41,17 +57,41 @@ class _FailingFile:
         self._budget -= size
         return int(self._real.write(data))
 
-    def __enter__(self) -> _FailingFile:
+
+_D = TypeVar("_D", bound="_DiskUnder")
+
+
+class _DiskUnder:
+    """While active (``with``), files opened for writing below ``folder`` go through :meth:`_open_here`."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = os.path.abspath(folder)
+        self._real_open: Any = None
+
+    def _open_here(self, path: str, open_real: Any) -> Any:
+        """Open ``path`` (below the folder, for writing): ``open_real()`` opens the real file."""
+        raise NotImplementedError
+
+    def _open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        real_open = self._real_open
+        if not isinstance(file, (str, bytes, os.PathLike)) or not any(c in mode for c in "wax+"):
+            return real_open(file, mode, *args, **kwargs)
+        path = os.path.abspath(os.fsdecode(file))
+        if not path.startswith(self.folder + os.sep):
+            return real_open(file, mode, *args, **kwargs)
+        return self._open_here(path, lambda: real_open(file, mode, *args, **kwargs))
+
+    def __enter__(self: _D) -> _D:
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        self._real_open = builtins.open
+        builtins.open = self._open
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._real.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        builtins.open = self._real_open
 
 
-class FailingDisk:
+class FailingDisk(_DiskUnder):
     """While active, the ``nth`` file opened for writing under ``folder`` and every later one fail.
 
     Args:
@@ -83,7 +123,7 @@ class FailingDisk:
     ) -> None:
         if at not in ("write", "open"):
             raise ValueError(f"FailingDisk(at={at!r}): 'write' or 'open'")
-        self.folder = os.path.abspath(folder)
+        super().__init__(folder)
         self.error = error
         self.nth = nth
         self.at = at
@@ -91,15 +131,8 @@ class FailingDisk:
         self.opened: list[str] = []
         self.failed: list[str] = []
         self._lock = threading.Lock()
-        self._real_open: Any = None
 
-    def _open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        real_open = self._real_open
-        if not isinstance(file, (str, bytes, os.PathLike)) or not any(c in mode for c in "wax+"):
-            return real_open(file, mode, *args, **kwargs)
-        path = os.path.abspath(os.fsdecode(file))
-        if not path.startswith(self.folder + os.sep):
-            return real_open(file, mode, *args, **kwargs)
+    def _open_here(self, path: str, open_real: Any) -> Any:
         with self._lock:
             self.opened.append(path)
             failing = len(self.opened) >= self.nth
@@ -107,24 +140,15 @@ class FailingDisk:
                 self.failed.append(path)
         if failing and self.at == "open":
             raise OSError(self.error, os.strerror(self.error), path)
-        handle = real_open(file, mode, *args, **kwargs)
+        handle = open_real()
         return _FailingFile(handle, self.error, self.after_bytes, path) if failing else handle
 
-    def __enter__(self) -> FailingDisk:
-        Path(self.folder).mkdir(parents=True, exist_ok=True)
-        self._real_open = builtins.open
-        builtins.open = self._open
-        return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
-        builtins.open = self._real_open
-
-
-class _HeldFile:
+class _HeldFile(_WrappedFile):
     """A real file whose writes wait for ``go`` once ``budget`` bytes have gone in."""
 
     def __init__(self, real: Any, budget: int, go: threading.Event, held: threading.Event) -> None:
-        self._real = real
+        super().__init__(real)
         self._budget = budget
         self._go = go
         self._held = held
@@ -140,17 +164,8 @@ class _HeldFile:
         self._budget -= min(self._budget, len(view))
         return int(self._real.write(data))
 
-    def __enter__(self) -> _HeldFile:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._real.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-
-class HeldDisk:
+class HeldDisk(_DiskUnder):
     """While active, files opened for writing under ``folder`` stop accepting bytes after
     ``after_bytes`` until :meth:`release` (a disk that stalls: a slow network volume, a hung NFS).
 
@@ -159,29 +174,17 @@ class HeldDisk:
     """
 
     def __init__(self, folder: str | os.PathLike[str], after_bytes: int) -> None:
-        self.folder = os.path.abspath(folder)
+        super().__init__(folder)
         self.after_bytes = after_bytes
         self.held = threading.Event()
         self._go = threading.Event()
-        self._real_open: Any = None
 
     def release(self) -> None:
         self._go.set()
 
-    def _open(self, file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        handle = self._real_open(file, mode, *args, **kwargs)
-        if not isinstance(file, (str, bytes, os.PathLike)) or not any(c in mode for c in "wax+"):
-            return handle
-        if not os.path.abspath(os.fsdecode(file)).startswith(self.folder + os.sep):
-            return handle
-        return _HeldFile(handle, self.after_bytes, self._go, self.held)
-
-    def __enter__(self) -> HeldDisk:
-        Path(self.folder).mkdir(parents=True, exist_ok=True)
-        self._real_open = builtins.open
-        builtins.open = self._open
-        return self
+    def _open_here(self, path: str, open_real: Any) -> Any:
+        return _HeldFile(open_real(), self.after_bytes, self._go, self.held)
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
-        builtins.open = self._real_open
+        super().__exit__(kind, value, tb)
         self.release()
