@@ -201,12 +201,26 @@ def part_size_for(size: int, part_size: int) -> int:
 def warm_up(fs: Any, remote_dir: str, concurrency: int) -> None:
     """Make the S3 client that uploads to ``remote_dir`` will use, and send one request (HEAD of
     its bucket), as the first upload would: credentials, endpoint, configuration, connection pool."""
-    bucket = fs.split_path(remote_dir)[0]
+    _upload_requests(fs, concurrency)("head_bucket", Bucket=fs.split_path(remote_dir)[0])
+
+
+def _upload_requests(fs: Any, concurrency: int) -> Callable[..., Any]:
+    """``call(method, **kwargs)``: S3 requests for uploads, from a botocore client on threads where
+    ``fs`` maps to one (``_UPLOAD_ON_THREADS``), else on s3fs's loop; errors as s3fs raises them."""
     client = _thread_client(fs, concurrency) if _UPLOAD_ON_THREADS else None
-    if client is not None:
-        client.head_bucket(Bucket=bucket)
-    else:
-        _s3_call(fs, "head_bucket", Bucket=bucket)
+
+    def call(method: str, **kwargs: Any) -> Any:
+        if client is None:
+            return _s3_call(fs, method, **kwargs)
+        from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
+
+        try:
+            return getattr(client, method)(**kwargs)
+        except ClientError as exc:  # as s3fs raises it (PermissionError, FileNotFoundError...), the ClientError as cause
+            raise translate_boto_error(exc) from exc
+
+    return call
 
 
 def upload_hashed(
@@ -365,19 +379,7 @@ def _upload_s3(
     digest = hashlib.sha256()
     # A file that may end up larger than expected gets room: its size is known only at the end.
     part_size = part_size_for(growth.expected if isinstance(growth, _Written) else 2 * growth.expected, part_size)
-    client = _thread_client(fs, concurrency) if _UPLOAD_ON_THREADS else None
-
-    def call(method: str, **kwargs: Any) -> Any:
-        if client is None:
-            return _s3_call(fs, method, **kwargs)
-        from botocore.exceptions import ClientError
-        from s3fs.errors import translate_boto_error
-
-        try:
-            return getattr(client, method)(**kwargs)
-        except ClientError as exc:  # as s3fs raises it (PermissionError, FileNotFoundError...), the ClientError as cause
-            raise translate_boto_error(exc) from exc
-
+    call = _upload_requests(fs, concurrency)
     there, ended = growth.wait(part_size + 1, stop)  # one part or less: one PUT
     if ended and there <= part_size:
         data = _read_exact(fd, 0, there)
