@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from tests.helpers import wait_until
 from tests.helpers.aws import moto_ami, not_terminated, placement_groups, raw_instances
 from trainctl_lightning.errors import ConfigError, ProviderError
-from trainctl_lightning.gc import collect_garbage
+from trainctl_lightning.gc import collect_garbage, store_clock
 from trainctl_lightning.jobs.spec import JobPhase, JobSpec, JobState
 from trainctl_lightning.jobs.store import JobStore
 from trainctl_lightning.providers.api import InstanceSpec, InstanceState
@@ -29,7 +30,7 @@ from trainctl_lightning.providers.aws import NODE_STEPS, RUN_SECURITY_GROUP, TAG
 from trainctl_lightning.providers.aws_cluster import CLUSTER_PURPOSE, TAG_CREATED_AT
 from trainctl_lightning.store.layout import TAG_MANAGED_BY, TAG_NODE, TAG_PURPOSE, TAG_RUN_ID, TAG_STORE, run_url_in
 from trainctl_lightning.testing import LocalIMDS
-from trainctl_lightning.timeutil import utc_now
+from trainctl_lightning.timeutil import parse_time, utc_now
 
 RUN_ID = "ddp-20250101-120000-ab12"
 
@@ -279,6 +280,10 @@ def test_gc_deletes_the_groups_once_every_node_ended_itself(provider: AWSProvide
     JobStore(run_url_in(store_url, RUN_ID)).write_state(JobState(run_id=RUN_ID, phase=JobPhase.SUCCEEDED, updated_at=utc_now()))
     ec2.terminate_instances(InstanceIds=[instances[0].id])
     assert placement_groups(ec2) and cluster_groups(ec2)
+    # gc ages the groups on the store's clock, whose modified times have whole seconds (S3's too):
+    # within the second of their creation tag they read as 0-1 s young, still inside any grace
+    created = max(parse_time(r["created_at"]) for r in provider.list_cluster_resources())
+    wait_until(lambda: store_clock(store_url) >= created, timeout=10, what="the store's clock to pass the groups' creation")
     listed = collect_garbage(provider, boot_grace_s=0)
     assert all(c.garbage and not c.deleted for c in listed.cluster) and len(listed.cluster) == 2
     assert placement_groups(ec2) and cluster_groups(ec2)  # listing deletes nothing
