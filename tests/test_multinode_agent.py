@@ -126,6 +126,8 @@ def test_two_nodes_train_as_one_job_and_the_run_succeeds(file_store: str) -> Non
     # the lead published where the nodes met, signed; both instances released themselves
     raw = jobs.objects.read(RENDEZVOUS)
     assert raw is not None and raw.startswith(b"trainctl-signed/1 rendezvous ")
+    # each agent releases its instance after writing its final state, then exits
+    wait_until(lambda: not live_agent_pids(), 60, 0.1, what="every agent, torchrun and worker gone")
     assert [i.id for i in LocalProvider().list()] == []
 
 
