@@ -178,3 +178,70 @@ def test_max_concurrency_and_part_size_reach_the_s3_multipart_upload(s3, tmp_pat
     assert head["ETag"].strip('"').endswith("-3"), f"not a three-part multipart upload: ETag {head['ETag']}"
     first = client.head_object(Bucket=bucket, Key=key, PartNumber=1)
     assert first["ContentLength"] == part
+
+
+@pytest.mark.parametrize("zip_crc32", [False, True])
+def test_zip_crc32_decides_whether_checkpoint_files_carry_zip_checksums_and_both_resume(file_url, tmp_path, zip_crc32):
+    import zipfile
+
+    import torch
+
+    from trainctl_lightning import resume_path
+
+    folder = tmp_path / "c"
+    kwargs = {} if not zip_crc32 else {"zip_crc32": True}
+    trainer = pl.Trainer(
+        **trainer_kwargs(max_steps=2, limit_val_batches=0),
+        callbacks=[CheckpointSync(file_url, **kwargs), _every_step(folder, n=2)],
+    )
+    trainer.fit(TinyRegressor())
+
+    local = folder / STEP2
+    with zipfile.ZipFile(local) as archive:
+        bad = archive.testzip()  # the first record whose CRC-32 does not match (None: all do)
+    if zip_crc32:
+        assert bad is None
+    else:
+        assert bad is not None and bad.endswith("data.pkl"), "torch.save wrote each record's CRC-32 anyway"
+    assert torch.serialization.get_crc32_options() is True, "the process-wide option was not put back"
+
+    path = resume_path(file_url, cache_dir=tmp_path / "cache")  # downloaded and verified by its SHA-256
+    assert path is not None and os.path.basename(path) == STEP2
+    resumed = pl.Trainer(**trainer_kwargs(max_steps=3, limit_val_batches=0))
+    resumed.fit(TinyRegressor(), ckpt_path=path)
+    assert resumed.global_step == 3
+
+
+def test_zip_crc32_is_checked_before_training():
+    from trainctl_lightning import ConfigError
+
+    with pytest.raises(ConfigError, match=r"CheckpointSync\(zip_crc32='no'\): must be True or False"):
+        CheckpointSync("file:///tmp/x", zip_crc32="no")  # type: ignore[arg-type]
+
+
+def test_the_zip_crc32_option_is_put_back_once_torch_save_has_opened_its_writer():
+    """The option is read once, when torch.save opens its zip writer. In torch releases where it is
+    process-wide (not per thread, as in newer ones), another thread's torch.save sees ours only
+    until the checkpoint's first byte is written: by then it is back to what it was."""
+    import io
+    import zipfile
+
+    import torch
+
+    from trainctl_lightning.checkpoint.io import _ZipCrc32
+
+    seen: list[bool] = []
+
+    class File(io.BytesIO):
+        def write(self, data):  # type: ignore[override]
+            seen.append(torch.serialization.get_crc32_options())
+            return super().write(data)
+
+    ours = File()
+    with _ZipCrc32(False) as crc:
+        assert torch.serialization.get_crc32_options() is False
+        torch.save({"w": torch.ones(1000)}, crc.writer(ours))
+    assert seen and all(seen), "the option was still ours while the file was written"
+    with zipfile.ZipFile(io.BytesIO(ours.getvalue())) as archive:
+        assert archive.testzip() is not None, "written with the CRC-32s after all"
+    assert torch.serialization.get_crc32_options() is True
