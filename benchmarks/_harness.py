@@ -252,3 +252,47 @@ def find_weed() -> str | None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found = sorted(glob.glob(os.path.join(here, ".bench", "seaweedfs-*", "bin", "weed")))
     return found[-1] if found else None
+
+
+class ShapedLink:
+    """The loopback traffic to and from one TCP port held to ``mb_s`` MB/s each way, with ``tc``
+    (Linux, root or CAP_NET_ADMIN): a store whose network link, not this machine's CPU, is the
+    limit, as for an instance uploading to a remote S3.
+
+    An ``htb`` root on ``lo`` whose unclassified traffic goes straight through, as before; what goes
+    to the port (``dport``) is sent through one class of that rate and what comes from it
+    (``sport``) through another. ``close()`` removes the root again (also at exit of this process,
+    and on SIGTERM where the caller turns that into ``sys.exit``).
+    """
+
+    def __init__(self, port: int, mb_s: float, dev: str = "lo") -> None:
+        import atexit
+
+        if not shutil.which("tc"):
+            raise ServerError("--link-mb-s needs the `tc` command (iproute2); install it or leave the option out")
+        self.dev = dev
+        rate = f"{max(1, round(mb_s * 8))}mbit"
+        shape = ["htb", "rate", rate, "burst", "1mb", "cburst", "1mb", "quantum", "200000"]
+        steps = [["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb"]]  # default 0: unclassified goes direct
+        for minor, match in ((10, "dport"), (20, "sport")):
+            steps.append(["class", "add", "dev", dev, "parent", "1:", "classid", f"1:{minor}", *shape])
+            steps.append(
+                ["filter", "add", "dev", dev, "protocol", "ip", "parent", "1:0", "prio", "1", "u32"]
+                + ["match", "ip", match, str(port), "0xffff", "flowid", f"1:{minor}"]
+            )
+        self._added = False
+        for step in steps:
+            out = subprocess.run(["tc", *step], capture_output=True, text=True)
+            if out.returncode != 0:
+                self.close()
+                raise ServerError(
+                    f"could not shape {dev} with tc ({' '.join(step[:2])}: {out.stderr.strip()}); "
+                    "--link-mb-s needs root or CAP_NET_ADMIN, the htb qdisc and u32 filter, and no other root qdisc on the device"
+                )
+            self._added = True
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self._added:
+            subprocess.run(["tc", "qdisc", "del", "dev", self.dev, "root"], capture_output=True)
+            self._added = False

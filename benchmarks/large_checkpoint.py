@@ -40,6 +40,11 @@ Usage::
     .venv/bin/python benchmarks/large_checkpoint.py     # 2 GB state
     .venv/bin/python benchmarks/large_checkpoint.py --size-gb 1 --saves 3
     .venv/bin/python benchmarks/large_checkpoint.py --quick   # 64 MB smoke run; figures mean little
+    .venv/bin/python benchmarks/large_checkpoint.py --stores s3 --link-mb-s 80   # link-bound store (tc, root)
+
+On this 2-core machine the S3 server shares the CPU with the client, so by default time to safe
+and restore are bound by CPU; ``--link-mb-s`` holds the link to the server to a given rate with
+``tc`` instead, as for an instance uploading to a remote store.
 """
 
 from __future__ import annotations
@@ -56,10 +61,24 @@ import threading
 import time
 from typing import Any
 
-from _harness import WeedServer, find_weed, load_child_spec, proc_cpu_s, run_child, start_server, stop_server
+from _harness import (
+    ServerError,
+    ShapedLink,
+    WeedServer,
+    find_weed,
+    load_child_spec,
+    proc_cpu_s,
+    run_child,
+    start_server,
+    stop_server,
+)
 
 BUCKET = "trainctl-bench"
 LAYERS = 4
+DOWNLOAD_ROUNDS = 3
+"""Downloads alone, per client, alternating which goes first. One download's speed here depends on
+what ran just before it (the page cache, the server's state): single runs of either client vary by
+up to 1.8x on 1 GB, so the medians of several are compared."""
 TARGETS = {"time_to_safe_vs_boto3": 1.1, "restore_vs_boto3": 1.0, "excess_vs_native_local": 0.5}
 
 
@@ -382,12 +401,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="parts uploaded/downloaded at once, both clients")
     parser.add_argument("--stores", default="s3,file", help="comma-separated subset of s3,file")
     parser.add_argument("--server", choices=("weed", "moto"), default="weed")
+    parser.add_argument(
+        "--link-mb-s",
+        type=float,
+        default=None,
+        help="hold the link to the S3 server to this many MB/s each way with tc (Linux, root): a store "
+        "whose network, not this machine's CPU, is the limit",
+    )
     parser.add_argument("--quick", action="store_true", help="64 MB, 2 saves: a smoke run")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.link_mb_s is not None and not args.link_mb_s > 0:
+        parser.error(f"--link-mb-s must be a positive number of MB/s, got {args.link_mb_s}")
     if args.child:
         _child(args.child)
         return 0
@@ -415,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     weed = find_weed() if args.server == "weed" else None
     server: Any = None
     moto = None
+    link: ShapedLink | None = None
     results: dict[str, Any] = {"size_gb": size_gb, "saves": saves, "every": every, "concurrency": args.concurrency}
     try:
         if "s3" in stores:
@@ -426,6 +455,13 @@ def main(argv: list[str] | None = None) -> int:
                     print("no weed binary (run scripts/bench_s3.sh); falling back to moto, which caps throughput")
                 moto, endpoint = start_server(env)
                 server_pid, results["server"] = moto.pid, "moto"
+            if args.link_mb_s is not None:
+                try:
+                    link = ShapedLink(int(endpoint.rsplit(":", 1)[1]), args.link_mb_s)
+                except ServerError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
+                results["link_mb_s"] = args.link_mb_s
             client, config = _boto3(endpoint, args.concurrency, part)
             if results["server"] == "moto":
                 client.create_bucket(Bucket=BUCKET)
@@ -481,9 +517,9 @@ def main(argv: list[str] | None = None) -> int:
             r["restore_s"] = restore["download_s"]
             r["restore_mb_s"] = restore["bytes"] / restore["download_s"] / 1e6
             r["start_to_first_step_s"] = restore["start_to_first_step_s"]
-            if store == "s3":  # the transfers alone, each in a fresh process, alternating, 2 rounds
+            if store == "s3":  # the transfers alone, each in a fresh process, alternating
                 fetched: dict[str, list[dict[str, Any]]] = {"download": [], "boto3_download": []}
-                for rnd in range(2):
+                for rnd in range(DOWNLOAD_ROUNDS):
                     for kind in ("download", "boto3_download") if rnd == 0 else ("boto3_download", "download"):
                         fetched[kind].append(child(kind, store, url=one["url"], key="boto3/same-bytes.ckpt", part=part))
                 for kind, runs in fetched.items():
@@ -496,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["training_thread"] = child("sync_thread", store, steps=steps, every=every)
             results[store] = r
     finally:
+        if link is not None:
+            link.close()
         if server is not None:
             server.stop()
         if moto is not None:
@@ -510,7 +548,9 @@ def _report(res: dict[str, Any]) -> int:
     native_excess = (native["loop_s"] - base["loop_s"]) / saves
     print(
         f"\nstate {res['size_gb']:.3f} GB, {saves} saves every {res['every']} steps, concurrency {res['concurrency']}, "
-        f"S3 server: {res.get('server', '-')}, load {os.getloadavg()[0]:.1f}"
+        f"S3 server: {res.get('server', '-')}"
+        + (f" behind a link of {res['link_mb_s']:g} MB/s each way (tc)" if res.get("link_mb_s") else "")
+        + f", load {os.getloadavg()[0]:.1f}"
     )
     print(
         f"native local: stall/save {_med(native['save_calls_s']):.2f}s, excess/ckpt {native_excess:.2f}s, "
@@ -519,6 +559,7 @@ def _report(res: dict[str, Any]) -> int:
     summary: dict[str, Any] = {
         "size_gb": res["size_gb"],
         "server": res.get("server"),
+        "link_mb_s": res.get("link_mb_s"),
         "native_local_excess_s": round(native_excess, 3),
     }
     met: dict[str, bool | None] = {}
@@ -546,7 +587,7 @@ def _report(res: dict[str, Any]) -> int:
             )
         if "download_mb_s" in r:
             print(
-                f"[{store}] download alone (fresh processes, 2 rounds): ours {[round(x) for x in r['download_mb_s']]} MB/s "
+                f"[{store}] download alone (fresh processes, {len(r['download_mb_s'])} rounds): ours {[round(x) for x in r['download_mb_s']]} MB/s "
                 f"({_med(r['download_cpu_s']) / gb:.2f} CPU-s/GB), boto3 download_file {[round(x) for x in r['boto3_download_mb_s']]} MB/s "
                 f"({_med(r['boto3_download_cpu_s']) / gb:.2f} CPU-s/GB); S3 server "
                 f"{_med(r['download_server_cpu_s']) / gb:.2f} / {_med(r['boto3_download_server_cpu_s']) / gb:.2f} CPU-s/GB"
