@@ -164,6 +164,56 @@ def test_uploads_on_threads_where_the_filesystem_maps_to_a_client_else_on_the_lo
             os.close(fd)
 
 
+def test_over_plain_http_each_part_is_checked_once_by_its_signed_payload_hash_not_also_by_a_crc(
+    tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over plain HTTP botocore signs every payload (SigV4 over its SHA-256, which S3 checks); a
+    CRC-32 beside it would check the same bytes twice. Over HTTPS the CRC-32 stays (the payload is
+    then unsigned), and so does any checksum setting the user made."""
+    import s3fs
+
+    from trainctl_lightning.store import transfer
+
+    data = os.urandom(2 * PART + 99)
+    local = tmp_path / "big.ckpt"
+    local.write_bytes(data)
+    fs = s3fs.S3FileSystem(**s3.server.storage_options(), skip_instance_cache=True)
+    client = transfer._thread_client(fs, 3)
+    assert client is not None
+    sent: list[dict[str, str]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append({k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()})
+
+    client.meta.events.register("before-send.s3.UploadPart", record)
+    fd = os.open(local, os.O_RDONLY)
+    try:
+        transfer.upload_hashed(fs, fd, f"{s3.bucket}/once/obj", len(data), concurrency=3, part_size=PART)
+    finally:
+        os.close(fd)
+    assert len(sent) == 3
+    parts = [data[i : i + PART] for i in range(0, len(data), PART)]
+    for headers, part in zip(sorted(sent, key=lambda h: int(h["Content-Length"]), reverse=True), parts):
+        assert headers["X-Amz-Content-SHA256"] == hashlib.sha256(part).hexdigest(), "the payload was not signed"
+        assert not any(k.lower().startswith("x-amz-checksum-") for k in headers), headers
+    assert s3.server.client().get_object(Bucket=s3.bucket, Key="once/obj")["Body"].read() == data
+
+    def setting(**kwargs: Any) -> str:
+        made = s3fs.S3FileSystem(key="k", secret="s", skip_instance_cache=True, **kwargs)
+        made_client = transfer._thread_client(made, 3)
+        assert made_client is not None
+        return str(made_client.meta.config.request_checksum_calculation)
+
+    assert setting(endpoint_url=s3.server.endpoint) == "when_required"
+    assert setting(endpoint_url="https://s3.example.com") == "when_supported"
+    assert (
+        setting(endpoint_url=s3.server.endpoint, config_kwargs={"request_checksum_calculation": "when_supported"})
+        == "when_supported"
+    )
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    assert setting(endpoint_url=s3.server.endpoint) == "when_supported"
+
+
 def test_the_ranged_read_client_is_the_filesystems_own_not_an_equal_ones(
     tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -567,6 +567,19 @@ def _thread_client(fs: Any, concurrency: int) -> Any | None:
         config_kwargs["signature_version"] = UNSIGNED
     config_kwargs["max_pool_connections"] = max(concurrency, config_kwargs.get("max_pool_connections") or 0)
     session = botocore.session.Session(**fs.kwargs)
+    endpoint = client_kwargs.get("endpoint_url") or fs.endpoint_url
+    if (
+        isinstance(endpoint, str)
+        and endpoint.lower().startswith("http://")
+        and not fs.anon
+        and "request_checksum_calculation" not in config_kwargs
+        and not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION")
+        and not session.get_scoped_config().get("request_checksum_calculation")
+    ):
+        # Over plain HTTP botocore signs each request's payload (SigV4 over its SHA-256, which the
+        # store checks); its default CRC-32 beside that checks the same bytes again, for about 0.5
+        # CPU-s per GB. Over HTTPS it keeps the CRC-32 and leaves the payload unsigned instead.
+        config_kwargs["request_checksum_calculation"] = "when_required"
     client = session.create_client("s3", config=Config(**config_kwargs), **init_kwargs, **client_kwargs)
     with _clients_lock:
         if id(fs) not in _clients:
