@@ -175,6 +175,46 @@ def test_two_writers_racing_for_one_manifest_one_wins(store_url, tmp_path):
     assert sorted(results) == ["lost", "lost", "lost", "won"]
 
 
+def test_create_only_writes_have_one_winner_on_the_moto_stand_in_too(s3, tmp_path, monkeypatch):
+    """S3 makes a conditional PUT atomic; moto's threaded server checks, then stores, in two steps
+    (two create-only writers once both won in CI). LocalS3 serializes moto's object writes, so the
+    tests check our code, not moto's race: here with moto's window widened on purpose."""
+    import time
+
+    from moto.s3.responses import S3Response
+
+    checksum = S3Response._get_checksum
+
+    def slow(self, *args, **kwargs):  # runs between moto's existence check and its store
+        time.sleep(0.02)
+        return checksum(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Response, "_get_checksum", slow)
+    store = RunStore(s3.url("race"), s3.server.storage_options())
+
+    def race(rel: str) -> list[str]:
+        results: list[str] = []
+        barrier = threading.Barrier(4)
+
+        def write(i: int) -> None:
+            barrier.wait()
+            try:
+                store.objects.write(rel, b"%d" % i, create_only=True)
+                results.append("won")
+            except ConflictError:
+                results.append("lost")
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sorted(results)
+
+    for attempt in range(3):
+        assert race(f"race/{attempt}") == ["lost", "lost", "lost", "won"]
+
+
 def test_same_name_published_twice_gets_two_ids_and_latest_wins(store_url, tmp_path):
     store = RunStore(store_url)
     a = store.publish_checkpoint([_ckpt_file(tmp_path, "last.ckpt")], global_step=10)

@@ -38,6 +38,30 @@ DUMMY_ENV = {
 }
 
 
+_moto_writes_lock = threading.Lock()
+
+
+def _serialize_moto_object_writes() -> None:
+    """Make moto's object writes atomic, as S3's are: a conditional PUT (``If-None-Match: *``,
+    ``If-Match``) and a multipart completion check and then store in two steps, and moto's threaded
+    server runs requests at once, so two create-only writes of one key could both succeed (seen
+    once in CI). S3 guarantees one winner; our create-only writes rely on it. Idempotent; applies
+    to every moto server in this process."""
+    from moto.s3.responses import S3Response
+
+    for name in ("put_object", "_key_response_post"):
+        method = getattr(S3Response, name)
+        if getattr(method, "_trainctl_serialized", False):
+            continue
+
+        def serialized(self: Any, *args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            with _moto_writes_lock:
+                return _method(self, *args, **kwargs)
+
+        serialized._trainctl_serialized = True  # type: ignore[attr-defined]
+        setattr(S3Response, name, serialized)
+
+
 class LocalS3:
     """moto's S3 (and EC2, IAM, SSM...) server on 127.0.0.1.
 
@@ -58,6 +82,8 @@ class LocalS3:
 
     def start(self) -> LocalS3:
         from moto.server import ThreadedMotoServer
+
+        _serialize_moto_object_writes()
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         deadline = time.monotonic() + 10
