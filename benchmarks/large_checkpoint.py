@@ -276,19 +276,22 @@ def _child(spec_path: str) -> None:
             default_root_dir=workdir,
         )
 
-    if kind in ("download", "boto3_download"):  # the transfer alone, in a fresh process: client made first
+    if kind in ("download", "boto3_download"):  # the transfer alone, in a fresh process: client made and one request sent first
         dest = os.path.join(workdir, "dl")
         server0 = proc_cpu_s(spec["server_pid"])
         if kind == "download":
             from trainctl_lightning.store import RunStore
+            from trainctl_lightning.store.transfer import warm_up
 
             store = RunStore(spec["url"], store_opts, max_concurrency=spec["concurrency"])
             manifest = store.latest_checkpoint()
             assert manifest is not None
+            warm_up(store.objects.fs, store.objects.path(""), spec["concurrency"])  # its client made, as boto3's is
             cpu0, t0 = _cpu_with_children(), time.perf_counter()
             store.download_checkpoint(manifest, dest)
         else:
             client, config = _boto3(spec["endpoint"], spec["concurrency"], spec["part"])
+            client.head_bucket(Bucket=BUCKET)  # one request before the clock, as our warm-up sends
             os.makedirs(dest)
             cpu0, t0 = _cpu_with_children(), time.perf_counter()
             client.download_file(BUCKET, spec["key"], os.path.join(dest, "same-bytes.ckpt"), Config=config)
