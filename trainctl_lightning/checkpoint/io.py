@@ -87,7 +87,7 @@ from trainctl_lightning.checkpoint.publisher import FlushResult, Publisher, Publ
 from trainctl_lightning.checkpoint.snapshot import BufferPool, Snapshot, take_snapshot
 from trainctl_lightning.errors import ConfigError, TrainctlError, UploadError
 from trainctl_lightning.retry import exception_chain
-from trainctl_lightning.store.transfer import Growing, can_transfer
+from trainctl_lightning.store.transfer import WRITE_CHUNK, Growing, can_transfer
 
 __all__ = ["PENDING_MARKER", "SnapshotCheckpointIO"]
 
@@ -771,7 +771,7 @@ class SnapshotCheckpointIO(CheckpointIO):
                 growth = self._start_stream(op, run, fd)
                 if growth is None:
                     with _ZipCrc32(self.zip_crc32) as crc:
-                        torch.save(op.snapshot.checkpoint, crc.writer(out))  # a writable file-like
+                        torch.save(op.snapshot.checkpoint, crc.writer(_AppendOnly(out)))  # a writable file-like
                     out.flush()
                 else:
                     appended = _AppendOnly(out)
@@ -949,16 +949,20 @@ class _ZipCrc32:
 
 
 class _AppendOnly:
-    """What ``torch.save`` writes through while the file is uploaded as it grows: its writes go
-    straight to the file, in order; a seek (``torch.save`` seeks only past data it skips, under
-    ``torch.serialization.skip_data``) is noted, and the upload then waits for the whole file."""
+    """What ``torch.save`` writes through: its writes go straight to the file, in order, in pieces
+    of at most ``WRITE_CHUNK`` bytes. While the file is uploaded as it grows, a seek (``torch.save``
+    seeks only past data it skips, under ``torch.serialization.skip_data``) is noted, and the upload
+    then waits for the whole file."""
 
     def __init__(self, out: Any) -> None:
         self._out = out
         self.moved = False
 
     def write(self, data: Any) -> int:
-        return int(self._out.write(data))
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), WRITE_CHUNK):  # a whole tensor at once: see WRITE_CHUNK
+            self._out.write(view[start : start + WRITE_CHUNK])
+        return len(view)
 
     def flush(self) -> None:
         self._out.flush()
