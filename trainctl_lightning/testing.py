@@ -42,11 +42,12 @@ _moto_writes_lock = threading.Lock()
 
 
 def _serialize_moto_object_writes() -> None:
-    """Make moto's object writes atomic, as S3's are: a conditional PUT (``If-None-Match: *``,
-    ``If-Match``) and a multipart completion check and then store in two steps, and moto's threaded
+    """Make moto's conditional object writes atomic, as S3's are: a PUT or a multipart completion
+    with ``If-None-Match``/``If-Match`` checks, then stores, in two steps, and moto's threaded
     server runs requests at once, so two create-only writes of one key could both succeed (seen
-    once in CI). S3 guarantees one winner; our create-only writes rely on it. Idempotent; applies
-    to every moto server in this process."""
+    once in CI). S3 guarantees one winner; our create-only writes rely on it. Only conditional
+    writes take the lock: the others stay concurrent, as on S3. Idempotent; applies to every moto
+    server in this process."""
     from moto.s3.responses import S3Response
 
     for name in ("put_object", "_key_response_post"):
@@ -55,6 +56,9 @@ def _serialize_moto_object_writes() -> None:
             continue
 
         def serialized(self: Any, *args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            headers = getattr(self, "headers", None) or {}
+            if not (headers.get("If-None-Match") or headers.get("If-Match")):
+                return _method(self, *args, **kwargs)
             with _moto_writes_lock:
                 return _method(self, *args, **kwargs)
 
