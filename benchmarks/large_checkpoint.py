@@ -20,7 +20,8 @@ Per store (``s3`` and ``file``):
   (``stream_uploads=False``, as before the upload ran alongside the write), side by side.
 * **restore**: a fresh process that calls ``resume_path`` (the code ``trainctl ckpt download``
   runs) and then ``trainer.fit(ckpt_path=...)``: download throughput, and the time from process
-  start to the first training step; against boto3's ``download_file`` of the same object.
+  start to the first training step. The download alone is compared with boto3's ``download_file``
+  of the same object (the checkpoint as published), each in fresh processes, alternating.
 * **training cost** (``--saves`` checkpoints every K steps): stall per save (time inside
   ``trainer.save_checkpoint``), excess wall time per checkpoint against a run without
   checkpoints, with the S3 server's CPU over the same span (``/proc/<pid>/stat``) shown
@@ -520,11 +521,17 @@ def main(argv: list[str] | None = None) -> int:
             r["restore_s"] = restore["download_s"]
             r["restore_mb_s"] = restore["bytes"] / restore["download_s"] / 1e6
             r["start_to_first_step_s"] = restore["start_to_first_step_s"]
-            if store == "s3":  # the transfers alone, each in a fresh process, alternating
+            if store == "s3":  # the transfers alone, each in a fresh process, alternating, of the same object
+                from trainctl_lightning.store import RunStore, layout
+
+                run = RunStore(one["url"], {"client_kwargs": {"endpoint_url": endpoint}})
+                ours = run.latest_checkpoint()
+                assert ours is not None
+                key = run.objects.path(layout.checkpoint_object(ours.id, ours.files[0].path)).split("/", 1)[1]
                 fetched: dict[str, list[dict[str, Any]]] = {"download": [], "boto3_download": []}
                 for rnd in range(DOWNLOAD_ROUNDS):
-                    for kind in ("download", "boto3_download") if rnd == 0 else ("boto3_download", "download"):
-                        fetched[kind].append(child(kind, store, url=one["url"], key="boto3/same-bytes.ckpt", part=part))
+                    for kind in ("download", "boto3_download") if rnd % 2 == 0 else ("boto3_download", "download"):
+                        fetched[kind].append(child(kind, store, url=one["url"], key=key, part=part))
                 for kind, runs in fetched.items():
                     r[f"{kind}_mb_s"] = [x["bytes"] / x["download_s"] / 1e6 for x in runs]
                     r[f"{kind}_cpu_s"] = [x["cpu_s"] for x in runs]
