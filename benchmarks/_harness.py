@@ -7,6 +7,7 @@ moto's S3 server as a separate process, so that it does not share the training l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -204,6 +205,7 @@ class WeedServer:
             f"-s3.localSocket={self.dir}/s.sock",
         ]
         os.makedirs(f"{self.dir}/data")
+        self._ports = set(ports.values()) | {p + 10000 for p in ports.values()}  # gRPC ports not set are port + 10000
         self.log = open(f"{self.dir}/weed.log", "w")  # closed by stop()
         # weed mini makes these its one user's credentials: the clients here use the same (moto's dummy ones)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
@@ -240,6 +242,16 @@ class WeedServer:
                 self.proc.wait()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        # weed puts its gRPC sockets in the temp folder, named by port, and now and then leaves them
+        import glob
+        import re
+        import tempfile
+
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), "seaweedfs-*-grpc-*.sock")):
+            found = re.search(r"-grpc-(\d+)\.sock$", path)
+            if found and int(found.group(1)) in self._ports:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 def find_weed() -> str | None:
