@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -150,37 +151,42 @@ def test_backend_create_only_write_never_replaces(store_url):
     assert store.objects.fs.cat_file(store.objects.path(rel)) == b"first"
 
 
+def _race_create_only(store: RunStore, rel: str, data: Callable[[int], bytes], writers: int = 4) -> list[str]:
+    """``writers`` threads released at once, each a create-only write of ``data(i)`` to ``rel``:
+    their outcomes, sorted ("lost" for a ConflictError, "won" otherwise)."""
+    results: list[str] = []
+    barrier = threading.Barrier(writers)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        try:
+            store.objects.write(rel, data(i), create_only=True)
+            results.append("won")
+        except ConflictError:
+            results.append("lost")
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(results)
+
+
 def test_two_writers_racing_for_one_manifest_one_wins(store_url, tmp_path):
     if store_url.startswith("memory://"):
         pytest.skip("memory:// checks then writes (documented); atomic create is an S3 and local-disk guarantee")
     store = RunStore(store_url)
     manifest = store.publish_checkpoint([_ckpt_file(tmp_path, "r.ckpt")], global_step=1)
     rel = f"checkpoints/0000000002-race-00000000/{MANIFEST_NAME}"
-    results: list[str] = []
-    barrier = threading.Barrier(4)
-
-    def write(i: int) -> None:
-        barrier.wait()
-        try:
-            store.objects.write(rel, manifest.to_json().replace(b'"r.ckpt"', f'"w{i}"'.encode(), 1), create_only=True)
-            results.append("won")
-        except ConflictError:
-            results.append("lost")
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == ["lost", "lost", "lost", "won"]
+    results = _race_create_only(store, rel, lambda i: manifest.to_json().replace(b'"r.ckpt"', f'"w{i}"'.encode(), 1))
+    assert results == ["lost", "lost", "lost", "won"]
 
 
 def test_create_only_writes_have_one_winner_on_the_moto_stand_in_too(s3, tmp_path, monkeypatch):
     """S3 makes a conditional PUT atomic; moto's threaded server checks, then stores, in two steps
     (two create-only writers once both won in CI). LocalS3 serializes moto's object writes, so the
     tests check our code, not moto's race: here with moto's window widened on purpose."""
-    import time
-
     from moto.s3.responses import S3Response
 
     checksum = S3Response._get_checksum
@@ -191,28 +197,8 @@ def test_create_only_writes_have_one_winner_on_the_moto_stand_in_too(s3, tmp_pat
 
     monkeypatch.setattr(S3Response, "_get_checksum", slow)
     store = RunStore(s3.url("race"), s3.server.storage_options())
-
-    def race(rel: str) -> list[str]:
-        results: list[str] = []
-        barrier = threading.Barrier(4)
-
-        def write(i: int) -> None:
-            barrier.wait()
-            try:
-                store.objects.write(rel, b"%d" % i, create_only=True)
-                results.append("won")
-            except ConflictError:
-                results.append("lost")
-
-        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return sorted(results)
-
     for attempt in range(3):
-        assert race(f"race/{attempt}") == ["lost", "lost", "lost", "won"]
+        assert _race_create_only(store, f"race/{attempt}", lambda i: b"%d" % i) == ["lost", "lost", "lost", "won"]
 
 
 def test_same_name_published_twice_gets_two_ids_and_latest_wins(store_url, tmp_path):
