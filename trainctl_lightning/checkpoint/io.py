@@ -769,15 +769,11 @@ class SnapshotCheckpointIO(CheckpointIO):
             with open(tmp, "wb", opener=opener) as out:
                 fd = os.dup(out.fileno())
                 growth = self._start_stream(op, run, fd)
-                if growth is None:
-                    with _ZipCrc32(self.zip_crc32) as crc:
-                        torch.save(op.snapshot.checkpoint, crc.writer(_AppendOnly(out)))  # a writable file-like
-                    out.flush()
-                else:
-                    appended = _AppendOnly(out)
-                    with _ZipCrc32(self.zip_crc32) as crc:
-                        torch.save(op.snapshot.checkpoint, crc.writer(appended))
-                    out.flush()
+                appended = _AppendOnly(out)
+                with _ZipCrc32(self.zip_crc32) as crc:
+                    torch.save(op.snapshot.checkpoint, crc.writer(appended))  # a writable file-like
+                out.flush()
+                if growth is not None:
                     if appended.moved:  # not seen so far: torch.save's zip writer only appends
                         self._end_stream(op, run, None, "torch.save moved in the file: it is uploaded once written")
                     else:

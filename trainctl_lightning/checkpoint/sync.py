@@ -218,10 +218,10 @@ class CheckpointSync(Callback):
             )
         if upload_process is not None and not isinstance(upload_process, bool):
             raise ConfigError(f"CheckpointSync(upload_process={upload_process!r}): must be True, False or None (None: on for S3)")
-        self.url: str | None = url
-        self.resume = resume
         if not isinstance(zip_crc32, bool):
             raise ConfigError(f"CheckpointSync(zip_crc32={zip_crc32!r}): must be True or False")
+        self.url: str | None = url
+        self.resume = resume
         self.upload_process = upload_process
         self.zip_crc32 = zip_crc32
         self.storage_options = dict(storage_options or {})
